@@ -1,0 +1,118 @@
+"""``smtpgate serve | lint | plugins``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from . import log as logsetup
+from .config import Policy, PolicyError, load_policy
+from .plugin import Context
+from .plugins import installed, load_plugins
+
+__all__ = ["main"]
+
+DEFAULT_POLICY = Path("policies/default.toml")
+
+
+def _default_policy() -> Path:
+    """``policies/default.toml`` of the current directory, else the one
+    beside the installed package (an editable install or a checkout)."""
+    if DEFAULT_POLICY.exists():
+        return DEFAULT_POLICY
+    beside = Path(__file__).resolve().parent.parent / DEFAULT_POLICY
+    return beside if beside.exists() else DEFAULT_POLICY
+
+
+def _load(path: str | None, **overrides: object) -> Policy:
+    policy = load_policy(path or _default_policy())
+    policy = policy.with_overrides(**overrides)
+    load_plugins(policy, Context(policy.gateway))  # validates every plugin table
+    return policy
+
+
+def _report(exc: PolicyError) -> int:
+    for problem in exc.problems:
+        print(problem, file=sys.stderr)
+    return 2
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import run  # the server's imports are not needed by lint
+
+    logsetup.configure(args.log_format, args.log_level)
+    try:
+        policy = _load(args.policy, listen=args.listen, upstream=args.upstream)
+    except PolicyError as exc:
+        return _report(exc)
+    workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
+    try:
+        return run(policy, workers)
+    except OSError as exc:
+        print(f"smtpgate: cannot listen on {policy.gateway.listen}: {exc.strerror}", file=sys.stderr)
+        return 1
+
+
+def cmd_lint(args: argparse.Namespace) -> int:
+    status = 0
+    for path in args.files:
+        try:
+            _load(path)
+        except PolicyError as exc:
+            status = _report(exc)
+        else:
+            print(f"{path}: ok")
+    return status
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    try:
+        policy = _load(args.policy)
+    except PolicyError as exc:
+        return _report(exc)
+    registry = load_plugins(policy, Context(policy.gateway))
+    enabled = {p.name for p in registry.plugins}
+    print(f"policy {policy.source} (order of evaluation):")
+    for i, p in enumerate(registry.plugins, 1):
+        print(f"  {i}. {p.name}: hooks {', '.join(p.hooks) or '(none)'}; from {p.origin}")
+    others = sorted(set(installed()) - enabled)
+    if others:
+        print("installed, not enabled:")
+        for name in others:
+            ep = installed()[name]
+            print(f"  {name}: from {ep.value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smtpgate", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--policy", help="policy file (default: policies/default.toml)")
+    serve.add_argument("--listen", help="HOST:PORT to listen on (overrides gateway.listen)")
+    serve.add_argument("--upstream", help="HOST:PORT or maildir:DIR (overrides gateway.upstream)")
+    serve.add_argument("--workers", type=int, help="processes sharing the port (default: one per core)")
+    serve.add_argument("--log-format", choices=("text", "json"), default="text")
+    serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    serve.set_defaults(func=cmd_serve)
+
+    lint = sub.add_parser("lint", help="validate policy files")
+    lint.add_argument("files", nargs="+")
+    lint.set_defaults(func=cmd_lint)
+
+    plugins = sub.add_parser("plugins", help="list plugins, their hooks and origin")
+    plugins.add_argument("--policy", help="policy file (default: policies/default.toml)")
+    plugins.set_defaults(func=cmd_plugins)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,361 @@
+"""Policy files: TOML in, typed and validated settings out.
+
+Every table is described once, by a frozen dataclass with defaults; a table
+is checked against it (unknown keys, wrong types, bad values) and every
+problem is reported as ``FILE: key.path: what was expected``, all of them at
+once, before anything listens.  Plugins' tables use the same machinery with
+each plugin's own ``Options`` dataclass (see :mod:`gateway.plugins`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import socket
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .address import is_domain
+
+__all__ = [
+    "PolicyError",
+    "Problem",
+    "Policy",
+    "GatewaySettings",
+    "DNSSettings",
+    "Endpoint",
+    "load_policy",
+    "ip_in",
+    "parse_table",
+]
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def ip_in(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, networks: tuple[Network, ...]) -> bool:
+    """Whether ``ip`` is in any of ``networks`` (IPv4-mapped IPv6 included)."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks)
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    key: str
+    expected: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.key}: {self.expected}"
+
+
+class PolicyError(Exception):
+    """A policy file is wrong; ``problems`` lists every finding."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("\n".join(map(str, problems)))
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where to listen or forward: ``host:port``, or ``maildir:DIR``."""
+
+    host: str = ""
+    port: int = 0
+    maildir: Path | None = None
+
+    @classmethod
+    def parse(cls, text: str, *, maildir_ok: bool) -> Endpoint:
+        if text.startswith("maildir:"):
+            if not maildir_ok:
+                raise ValueError("expected HOST:PORT")
+            if not text[len("maildir:") :]:
+                raise ValueError("expected maildir:DIR with a directory")
+            return cls(maildir=Path(text[len("maildir:") :]))
+        host, sep, port = text.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(
+                "expected HOST:PORT" + (" or maildir:DIR" if maildir_ok else "")
+            )
+        return cls(host=host, port=int(port))
+
+    def __str__(self) -> str:
+        if self.maildir is not None:
+            return f"maildir:{self.maildir}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """The ``[gateway]`` table.  Key names are the public contract."""
+
+    #: Name in the greeting, the EHLO reply and our headers.
+    hostname: str = field(default_factory=socket.getfqdn)
+    listen: str = "127.0.0.1:2525"
+    #: The next hop: ``HOST:PORT`` of an MTA, or ``maildir:DIR``.
+    upstream: str = "maildir:maildir"
+    local_domains: tuple[str, ...] = ()
+    trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    #: Hosts allowed to send XCLIENT to us (e.g. a front proxy, tests).
+    xclient_hosts: tuple[str, ...] = ()
+    proxy_protocol: bool = False
+    max_message_size: int = 10_240_000
+    max_recipients: int = 1000
+    max_line_length: int = 2048
+    max_connections: int = 1000
+    max_connections_per_ip: int = 50
+    max_errors: int = 20
+    command_timeout: float = 300.0
+    data_timeout: float = 300.0
+    upstream_timeout: float = 120.0
+    upstream_connect_timeout: float = 10.0
+    hook_timeout: float = 30.0
+    shutdown_timeout: float = 30.0
+    bare_newline: Literal["reject", "normalize"] = "reject"
+
+    def check(self) -> dict[str, str]:
+        """Checks beyond types; returns ``{key: expected}`` for each problem."""
+        bad: dict[str, str] = {}
+        if not is_domain(self.hostname) or self.hostname.startswith("["):
+            bad["hostname"] = "expected a fully qualified host name"
+        for key, maildir_ok in (("listen", False), ("upstream", True)):
+            try:
+                Endpoint.parse(getattr(self, key), maildir_ok=maildir_ok)
+            except ValueError as exc:
+                bad[key] = str(exc)
+        for i, domain in enumerate(self.local_domains):
+            if not is_domain(domain) or domain.startswith("["):
+                bad[f"local_domains[{i}]"] = f"expected a domain name, got {domain!r}"
+        for key in ("trusted_networks", "xclient_hosts"):
+            for i, net in enumerate(getattr(self, key)):
+                try:
+                    ipaddress.ip_network(net, strict=False)
+                except ValueError:
+                    bad[f"{key}[{i}]"] = f"expected an address or network, got {net!r}"
+        for key in (
+            "max_message_size",
+            "max_recipients",
+            "max_line_length",
+            "max_connections",
+            "max_connections_per_ip",
+            "max_errors",
+        ):
+            if getattr(self, key) < 1:
+                bad[key] = "expected a positive integer"
+        if self.max_line_length < 512:
+            bad["max_line_length"] = "expected at least 512 (RFC 5321 §4.5.3.1.4)"
+        for f in dataclasses.fields(self):
+            if f.name.endswith("_timeout") and getattr(self, f.name) <= 0:
+                bad[f.name] = "expected a positive number of seconds"
+        return bad
+
+    @property
+    def listen_endpoint(self) -> Endpoint:
+        return Endpoint.parse(self.listen, maildir_ok=False)
+
+    @property
+    def upstream_endpoint(self) -> Endpoint:
+        return Endpoint.parse(self.upstream, maildir_ok=True)
+
+    @property
+    def trusted(self) -> tuple[Network, ...]:
+        return tuple(ipaddress.ip_network(n, strict=False) for n in self.trusted_networks)
+
+    @property
+    def xclient(self) -> tuple[Network, ...]:
+        return tuple(ipaddress.ip_network(n, strict=False) for n in self.xclient_hosts)
+
+    @property
+    def local_domain_set(self) -> frozenset[str]:
+        return frozenset(d.lower() for d in self.local_domains)
+
+
+@dataclass(frozen=True)
+class DNSSettings:
+    """The ``[dns]`` table, shared by every DNS-using plugin."""
+
+    #: ``"IP"`` or ``"IP:PORT"``; empty means the system resolver.
+    nameservers: tuple[str, ...] = ()
+    timeout: float = 5.0
+
+    def check(self) -> dict[str, str]:
+        bad: dict[str, str] = {}
+        for i, ns in enumerate(self.nameservers):
+            host, port = ns, "53"
+            if ns.startswith("["):
+                host, _, port = ns[1:].partition("]:")
+            elif ns.count(":") == 1:
+                host, _, port = ns.partition(":")
+            try:
+                ipaddress.ip_address(host)
+                if not port.isdigit() or not 0 < int(port) < 65536:
+                    raise ValueError
+            except ValueError:
+                bad[f"nameservers[{i}]"] = f"expected \"IP\" or \"IP:PORT\", got {ns!r}"
+        if self.timeout <= 0:
+            bad["timeout"] = "expected a positive number of seconds"
+        return bad
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A loaded policy: core settings plus the raw plugin tables, in order."""
+
+    source: str
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
+    dns: DNSSettings = field(default_factory=DNSSettings)
+    #: ``{name: table}`` in the order the file lists them.
+    plugins: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def with_overrides(self, **gateway: Any) -> Policy:
+        """A copy with some ``[gateway]`` keys replaced (command-line flags)."""
+        values = {k: v for k, v in gateway.items() if v is not None}
+        if not values:
+            return self
+        new = dataclasses.replace(self.gateway, **values)
+        _raise_if(
+            [Problem(f"--{k}", f"gateway.{k}", e) for k, e in new.check().items()]
+        )
+        return dataclasses.replace(self, gateway=new)
+
+
+_TOP = {"gateway", "dns", "plugins"}
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read and validate a policy file; raises :class:`PolicyError`."""
+    name = str(path)
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise PolicyError([Problem(name, "(file)", "no such file")]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyError([Problem(name, "(syntax)", f"valid TOML: {exc}")]) from None
+    return policy_from_dict(data, name)
+
+
+def policy_from_dict(data: Mapping[str, Any], source: str) -> Policy:
+    problems = [
+        Problem(source, key, f"unknown table or key (expected one of: {', '.join(sorted(_TOP))})")
+        for key in data
+        if key not in _TOP
+    ]
+    gateway, p1 = parse_table(GatewaySettings, data.get("gateway", {}), "gateway", source)
+    dns, p2 = parse_table(DNSSettings, data.get("dns", {}), "dns", source)
+    problems += p1 + p2
+    plugins = data.get("plugins", {})
+    if not isinstance(plugins, dict):
+        problems.append(Problem(source, "plugins", "expected a table of [plugins.NAME] tables"))
+        plugins = {}
+    for name, table in plugins.items():
+        if not isinstance(table, dict):
+            problems.append(Problem(source, f"plugins.{name}", "expected a table"))
+    _raise_if(problems)
+    assert gateway is not None and dns is not None
+    return Policy(source, gateway, dns, plugins)
+
+
+def _raise_if(problems: list[Problem]) -> None:
+    if problems:
+        raise PolicyError(problems)
+
+
+T = typing.TypeVar("T")
+
+
+def parse_table(
+    cls: type[T], table: Any, prefix: str, source: str, *, extra: frozenset[str] = frozenset()
+) -> tuple[T | None, list[Problem]]:
+    """Build dataclass ``cls`` from a TOML table, collecting every problem.
+
+    Keys in ``extra`` are allowed and skipped (``enabled`` in plugin tables).
+    A class may define ``check() -> {key: expected}`` for checks beyond types.
+    """
+    if not isinstance(table, dict):
+        return None, [Problem(source, prefix, "expected a table")]
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    problems: list[Problem] = []
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        path = f"{prefix}.{key}"
+        if key in extra:
+            continue
+        if key not in fields:
+            known = ", ".join(sorted(fields)) or "no keys"
+            problems.append(Problem(source, path, f"unknown key (expected one of: {known})"))
+            continue
+        try:
+            values[key] = _coerce(value, hints[key])
+        except TypeError as exc:
+            problems.append(Problem(source, path, str(exc)))
+    if problems:
+        return None, problems
+    obj = cls(**values)
+    check = getattr(obj, "check", None)
+    if check is not None:
+        problems = [Problem(source, f"{prefix}.{k}", e) for k, e in check().items()]
+    return (None if problems else obj), problems
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """Check ``value`` against a type hint; lists become tuples."""
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError(f"expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError(f"expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise TypeError(f"expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError(f"expected a string, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value in choices:
+            return value
+        raise TypeError(f"expected one of {', '.join(map(repr, choices))}, got {value!r}")
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise TypeError(f"expected a list, got {value!r}")
+        item = args[0]
+        out = []
+        for i, v in enumerate(value):
+            try:
+                out.append(_coerce(v, item))
+            except TypeError as exc:
+                raise TypeError(f"item {i}: {exc}") from None
+        return tuple(out)
+    if origin is dict:
+        key_t, val_t = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise TypeError(f"expected a table, got {value!r}")
+        return {_coerce(k, key_t): _coerce(v, val_t) for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(hint):
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg)
+            except TypeError as exc:
+                errors.append(str(exc))
+        raise TypeError(" or ".join(errors))
+    raise TypeError(f"unsupported option type {hint!r}")  # a plugin author's bug

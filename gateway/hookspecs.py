@@ -1,0 +1,157 @@
+"""Every hook a plugin can implement: the plugin author's manual.
+
+A plugin is a class registered under the entry-point group
+``smtpgate.plugins``.  The gateway builds one instance per policy with the
+plugin's options (its ``[plugins.NAME]`` table, validated against the class's
+``Options`` dataclass) and the shared :class:`~gateway.plugin.Context`, then
+calls the methods marked with :data:`gateway.hookimpl`::
+
+    from dataclasses import dataclass
+    from gateway import Plugin, Verdict, Reply, hookimpl
+
+    class NoBob(Plugin):
+        @dataclass(frozen=True)
+        class Options:
+            text: str = "Bob is not welcome here"
+
+        @hookimpl
+        async def rcpt(self, session, envelope, recipient):
+            if recipient.address.local.lower() == "bob":
+                return Verdict.reject(Reply(550, "5.7.1", self.options.text))
+            return None
+
+How the gateway calls hooks
+---------------------------
+* Every hook may be ``def`` or ``async def``.  All implementations of one
+  stage run concurrently, each under the policy's ``hook_timeout``.
+* Each returns a :class:`~gateway.Verdict` or ``None`` (continue).  The
+  gateway combines them: the most severe action wins (reject > defer > tag >
+  accept > continue), ties go to the plugin listed first in the policy; the
+  headers and scores of every verdict are kept.
+* A hook that raises or overruns its budget counts as ``451 4.3.0``: the
+  client retries later, the traceback is logged with the plugin's name, and
+  the session and the gateway go on.  A crashed check never lets mail pass.
+* A refused command never reaches the next hop.  Replies to commands that
+  pass come from the next hop (Postfix), verbatim.
+* An implementation may accept fewer arguments than the spec names; pass
+  them by these names.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from .session import Envelope, Message, Recipient, Session
+    from .verdict import Verdict
+
+hookspec = pluggy.HookspecMarker("smtpgate")
+
+__all__ = ["connect", "helo", "mail", "rcpt", "data", "vrfy", "expn", "disconnect"]
+
+
+# --- connection ---------------------------------------------------------------
+
+
+@hookspec
+def connect(session: Session) -> Verdict | None:
+    """A client connected (or an authorised host sent XCLIENT).
+
+    Runs before the greeting, and again after every XCLIENT with the new
+    client identity.
+
+    :param session: the client's address, name and port; ``helo`` is ``None``.
+    :returns: ``None`` to greet the client; a DEFER or REJECT verdict to
+        refuse it: its reply replaces the greeting and answers every later
+        command but QUIT (RFC 5321 §3.1).  With ``disconnect=True`` the
+        gateway closes the connection after the reply.  TAG verdicts stay on
+        the session and their headers go on every message of the session.
+    """
+
+
+@hookspec
+def helo(session: Session, hostname: str) -> Verdict | None:
+    """HELO or EHLO, with the argument as the client sent it.
+
+    :param session: ``session.helo`` still holds the previous name, if any;
+        ``session.esmtp`` says whether this is EHLO.
+    :param hostname: the argument (never empty: the gateway answers a bare
+        HELO with 501 itself).
+    :returns: ``None`` to accept; a DEFER or REJECT verdict refuses the
+        command, and the client stays without a HELO (MAIL gets 503).
+    """
+
+
+# --- transaction --------------------------------------------------------------
+
+
+@hookspec
+def mail(session: Session, envelope: Envelope) -> Verdict | None:
+    """MAIL FROM, after syntax and size checks.
+
+    :param envelope: ``envelope.sender`` is the parsed reverse-path
+        (``is_null`` for ``<>``), ``envelope.mail_params`` the ESMTP
+        parameters; no recipients yet.
+    :returns: ``None`` to pass the command to the next hop; DEFER/REJECT to
+        refuse it (the transaction does not start); TAG verdicts are kept on
+        the envelope and their headers added to this transaction's message.
+    """
+
+
+@hookspec
+def rcpt(session: Session, envelope: Envelope, recipient: Recipient) -> Verdict | None:
+    """RCPT TO, after syntax and the recipient limit.
+
+    :param recipient: the parsed address and its ESMTP parameters.
+        ``envelope.recipients`` holds the recipients accepted so far.
+    :returns: ``None`` to pass the command to the next hop, whose reply
+        decides; DEFER/REJECT to refuse this recipient only; TAG verdicts are
+        kept on the envelope.
+    """
+
+
+@hookspec
+def data(session: Session, envelope: Envelope, message: Message) -> Verdict | None:
+    """End of DATA: the whole message has arrived, nothing is forwarded yet.
+
+    :param message: ``message.raw`` is the message as the client sent it
+        (dot-stuffing undone, CRLF line ends); ``message.headers`` is parsed
+        on first use.
+    :returns: ``None`` or TAG to forward the message (with every header of
+        the session's and the transaction's TAG verdicts prepended); the
+        client's reply is then the next hop's reply.  DEFER/REJECT to refuse
+        the message: the next hop never sees it.
+    """
+
+
+# --- other commands -----------------------------------------------------------
+
+
+@hookspec
+def vrfy(session: Session, argument: str) -> Verdict | None:
+    """VRFY.  The gateway never passes VRFY to the next hop.
+
+    :returns: a verdict whose reply answers the client.  With no verdict the
+        gateway answers ``502 5.5.1 VRFY command is disabled``.  A plugin
+        that wants to allow VRFY returns ``Verdict(Action.ACCEPT, reply)``.
+    """
+
+
+@hookspec
+def expn(session: Session, argument: str) -> Verdict | None:
+    """EXPN.  The gateway never passes EXPN to the next hop.
+
+    :returns: as :func:`vrfy`; the default is ``502 5.5.1 EXPN command is
+        disabled``.
+    """
+
+
+@hookspec
+def disconnect(session: Session) -> None:
+    """The client is gone (QUIT, timeout, reset, or refused).
+
+    For bookkeeping only (counters, caches): the return value is ignored and
+    an exception is logged, never sent anywhere.
+    """

@@ -1,0 +1,103 @@
+"""One log line per decision, Postfix-like text or JSON, on stderr."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+from .replies import Reply
+from .session import Envelope, Session
+
+__all__ = ["decision", "configure"]
+
+_decisions = logging.getLogger("smtpgate.decision")
+
+
+def decision(
+    session: Session,
+    stage: str,
+    action: str,
+    reply: Reply | None,
+    *,
+    envelope: Envelope | None = None,
+    rcpt: str | None = None,
+    plugin: str = "",
+    result: str = "",
+    level: int = logging.INFO,
+) -> None:
+    """Log what was decided for one command, with everything needed to find
+    the mail in the next hop's log too (Postfix's own ``client=`` form)."""
+    if not _decisions.isEnabledFor(level):
+        return
+    fields: dict[str, Any] = {
+        "session": session.id,
+        "stage": stage,
+        "action": action,
+        "client": session.client,
+        "helo": session.helo or "",
+    }
+    if envelope is not None:
+        fields["from"] = envelope.sender.mailbox
+        fields["txn"] = envelope.id
+    if rcpt is not None:
+        fields["to"] = rcpt
+    if plugin:
+        fields["plugin"] = plugin
+    if result:
+        fields["result"] = result
+    if reply is not None:
+        fields["reply"] = str(reply)
+    _decisions.log(level, "%s", _text(fields), extra={"fields": fields})
+
+
+def _text(fields: dict[str, Any]) -> str:
+    parts = [f"{fields['session']}: {fields['stage']} {fields['action']}:"]
+    parts.append(f"client={fields['client']}")
+    parts.append(f"helo=<{fields['helo']}>")
+    if "from" in fields:
+        parts.append(f"from=<{fields['from']}>")
+    if "to" in fields:
+        parts.append(f"to=<{fields['to']}>")
+    for key in ("plugin", "result"):
+        if key in fields:
+            parts.append(f"{key}={fields[key]}")
+    if "reply" in fields:
+        parts.append(f'reply="{fields["reply"]}"')
+    return " ".join(parts)
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line, for log pipelines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        fields = getattr(record, "fields", None)
+        if fields:
+            out.update(fields)
+        else:
+            out["message"] = record.getMessage()
+        if record.exc_info:
+            out["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def configure(fmt: str = "text", level: str = "info") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JSONFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s smtpgate[%(process)d] %(levelname)s %(message)s")
+        )
+    root = logging.getLogger("smtpgate")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False

@@ -1,0 +1,179 @@
+"""Finding, configuring and ordering plugins: the plugin manager factory.
+
+Built-in plugins and third-party ones are found the same way, through the
+entry-point group ``smtpgate.plugins``.  The policy decides which run (a
+``[plugins.NAME]`` table enables a plugin unless it says ``enabled = false``;
+plugins with ``default_enabled`` run unless disabled) and in which order:
+the order of the tables in the file, which is also the order in which ties
+between verdicts are broken.  Nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .config import Policy, PolicyError, Problem, parse_table
+from .plugin import Context
+
+__all__ = ["GROUP", "Registry", "LoadedPlugin", "HookCall", "load_plugins", "installed"]
+
+GROUP = "smtpgate.plugins"
+STAGES = tuple(hookspecs.__all__)
+
+
+@dataclass(frozen=True)
+class HookCall:
+    """One plugin's implementation of one stage, ready to call."""
+
+    plugin: str
+    function: Callable[..., Any]
+    argnames: tuple[str, ...]
+    is_async: bool
+
+
+@dataclass(frozen=True)
+class LoadedPlugin:
+    name: str
+    instance: Any
+    origin: str
+    hooks: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Registry:
+    """The enabled plugins of one policy, and per stage the calls to make,
+    in policy order, computed once at start-up rather than per session."""
+
+    manager: pluggy.PluginManager
+    plugins: tuple[LoadedPlugin, ...]
+    calls: Mapping[str, tuple[HookCall, ...]]
+
+
+def installed() -> dict[str, EntryPoint]:
+    """Every plugin installed in this environment, by name."""
+    return {ep.name: ep for ep in entry_points(group=GROUP)}
+
+
+def _origin(ep: EntryPoint) -> str:
+    dist = ep.dist
+    where = f"{dist.name} {dist.version}" if dist is not None else "unknown distribution"
+    return f"{ep.value} ({where})"
+
+
+def load_plugins(
+    policy: Policy,
+    context: Context | None = None,
+    *,
+    extra: Mapping[str, type] | None = None,
+) -> Registry:
+    """Build the plugin manager for ``policy``.
+
+    :param extra: plugin classes by name, used in addition to (and before)
+        the installed entry points; for tests and embedding.
+    Raises :class:`PolicyError` naming the file and key for an unknown
+    plugin, a bad option, or a hook implementation that matches no hook.
+    """
+    context = context or Context(policy.gateway)
+    problems: list[Problem] = []
+    classes: dict[str, type | None] = {}
+
+    def load(name: str) -> type | None:
+        # Imported on demand: a plugin the policy disables is never imported.
+        if name not in classes:
+            try:
+                classes[name] = available[name][0]()
+            except Exception as exc:
+                problems.append(Problem(policy.source, f"plugins.{name}",
+                                        f"an importable plugin ({available[name][1]}: {exc!r})"))
+                classes[name] = None
+        return classes[name]
+
+    available: dict[str, tuple[Callable[[], type], str]] = {
+        name: (ep.load, _origin(ep)) for name, ep in installed().items()
+    }
+    for name, cls in (extra or {}).items():
+        available[name] = ((lambda c=cls: c), f"{cls.__module__}.{cls.__qualname__}")
+
+    order = [name for name in policy.plugins]
+    tables = dict(policy.plugins)
+    for name in available:
+        if name not in tables and getattr(load(name), "default_enabled", False):
+            order.append(name)
+            tables[name] = {}
+
+    pm = pluggy.PluginManager("smtpgate")
+    pm.add_hookspecs(hookspecs)
+    loaded: list[LoadedPlugin] = []
+    for name in order:
+        table = tables[name]
+        enabled = table.get("enabled", True)
+        if not isinstance(enabled, bool):
+            problems.append(Problem(policy.source, f"plugins.{name}.enabled", "expected true or false"))
+            continue
+        if name not in available:
+            known = ", ".join(sorted(available)) or "none"
+            problems.append(
+                Problem(policy.source, f"plugins.{name}", f"an installed plugin (installed: {known})")
+            )
+            continue
+        if not enabled:
+            continue
+        origin = available[name][1]
+        cls = load(name)
+        if cls is None:
+            continue
+        options_cls = getattr(cls, "Options", None)
+        if options_cls is None:
+            problems.append(Problem(policy.source, f"plugins.{name}", f"{origin} has no Options class"))
+            continue
+        options, found = parse_table(
+            options_cls, table, f"plugins.{name}", policy.source, extra=frozenset({"enabled"})
+        )
+        problems += found
+        if options is None:
+            continue
+        instance = cls(options, context, name)
+        try:
+            pm.register(instance, name=name)
+        except pluggy.PluginValidationError as exc:
+            problems.append(Problem(policy.source, f"plugins.{name}", f"valid hook implementations: {exc}"))
+            continue
+        loaded.append(LoadedPlugin(name, instance, origin, ()))
+    if not problems:
+        try:
+            pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            problems.append(Problem(policy.source, "plugins", f"hooks that exist: {exc}"))
+    if problems:
+        raise PolicyError(problems)
+
+    calls: dict[str, tuple[HookCall, ...]] = {}
+    position = {p.name: i for i, p in enumerate(loaded)}
+    for stage in STAGES:
+        impls = getattr(pm.hook, stage).get_hookimpls()
+        calls[stage] = tuple(
+            sorted(
+                (
+                    HookCall(
+                        impl.plugin_name,
+                        impl.function,
+                        tuple(impl.argnames),
+                        inspect.iscoroutinefunction(impl.function),
+                    )
+                    for impl in impls
+                ),
+                key=lambda c: position[c.plugin],
+            )
+        )
+    plugins = tuple(
+        LoadedPlugin(p.name, p.instance, p.origin, tuple(s for s in STAGES if any(c.plugin == p.name for c in calls[s])))
+        for p in loaded
+    )
+    return Registry(pm, plugins, calls)

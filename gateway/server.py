@@ -1,0 +1,188 @@
+"""Listeners, worker processes, signals and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from . import replies
+from .config import Policy, ip_in
+from .plugin import Context
+from .plugins import Registry, load_plugins
+from .replies import Reply
+from .smtp import SMTPSession
+from .upstream import Upstream, make_upstream
+
+if TYPE_CHECKING:
+    from .session import IPAddress
+
+__all__ = ["Gateway", "serve", "run", "bind"]
+
+log = logging.getLogger("smtpgate.server")
+
+
+class Gateway:
+    """What every session of one process shares: settings, plugins,
+    connection counts, and the set of open sessions for shutdown."""
+
+    def __init__(self, policy: Policy, registry: Registry | None = None):
+        self.policy = policy
+        self.settings = policy.gateway
+        self.context = Context(policy.gateway)
+        self.registry = registry or load_plugins(policy, self.context)
+        self._trusted = self.settings.trusted
+        self._xclient = self.settings.xclient
+        self._per_ip: Counter[str] = Counter()
+        self._total = 0
+        self.sessions: set[SMTPSession] = set()
+        self.closing = False
+
+    def new_upstream(self) -> Upstream:
+        return make_upstream(self.settings)
+
+    def protocol(self) -> SMTPSession:
+        session = SMTPSession(self)
+        self.sessions.add(session)
+        return session
+
+    def forget(self, session: SMTPSession) -> None:
+        self.sessions.discard(session)
+
+    def is_trusted(self, ip: IPAddress) -> bool:
+        return ip_in(ip, self._trusted)
+
+    def may_xclient(self, ip: IPAddress | None) -> bool:
+        return ip is not None and ip_in(ip, self._xclient)
+
+    def admit(self, ip: str) -> Reply | None:
+        """Count a new client; the reply to refuse it with if over a limit.
+
+        Limits are per worker process: with N workers the kernel spreads
+        connections over them, so the totals allowed are up to N times these.
+        """
+        if self._total >= self.settings.max_connections or self.closing:
+            return replies.SERVICE_BUSY.format(hostname=self.settings.hostname)
+        if self._per_ip[ip] >= self.settings.max_connections_per_ip:
+            return replies.TOO_MANY_CONNECTIONS.format(hostname=self.settings.hostname, ip=ip)
+        self._total += 1
+        self._per_ip[ip] += 1
+        return None
+
+    def release(self, ip: str) -> None:
+        self._total -= 1
+        self._per_ip[ip] -= 1
+        if self._per_ip[ip] <= 0:
+            del self._per_ip[ip]
+
+    async def drain(self) -> None:
+        """Let open sessions finish, within ``shutdown_timeout``."""
+        self.closing = True
+        for session in list(self.sessions):
+            session.close_idle()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.shutdown_timeout
+        while self.sessions and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+            for session in list(self.sessions):
+                session.close_idle()
+        for session in list(self.sessions):
+            if session.transport is not None:
+                session.transport.write(replies.SHUTTING_DOWN.format(hostname=self.settings.hostname).wire())
+                session.transport.close()
+
+
+def bind(host: str, port: int, *, reuse_port: bool) -> socket.socket:
+    """A listening socket; with ``reuse_port`` every worker binds its own
+    and the kernel spreads connections over them (SO_REUSEPORT)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(gateway: Gateway, sock: socket.socket, stop: asyncio.Event) -> None:
+    """Serve on ``sock`` until ``stop`` is set, then shut down gracefully."""
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(gateway.protocol, sock=sock)
+    try:
+        await stop.wait()
+    finally:
+        server.close()  # stop accepting first, then let sessions finish
+        await gateway.drain()
+        await server.wait_closed()
+
+
+def _worker(policy: Policy, sock: socket.socket) -> None:
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        gateway = Gateway(policy)
+        await serve(gateway, sock, stop)
+
+    asyncio.run(main())
+
+
+def run(policy: Policy, workers: int) -> int:
+    """Serve ``policy`` with ``workers`` processes; returns the exit code."""
+    # Plugins are loaded once here so a broken policy fails before listening.
+    load_plugins(policy, Context(policy.gateway))
+    endpoint = policy.gateway.listen_endpoint
+    log.info(
+        "listening on %s, next hop %s, %d worker(s)", endpoint, policy.gateway.upstream_endpoint, workers
+    )
+    if workers <= 1:
+        sock = bind(endpoint.host, endpoint.port, reuse_port=False)
+        _worker(policy, sock)
+        return 0
+    # Bind once in the parent first, so a port in use is reported once, early.
+    probe = bind(endpoint.host, endpoint.port, reuse_port=True)
+    children: list[int] = []
+    for index in range(workers):
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                sock = probe
+                if index:
+                    probe.close()
+                    sock = bind(endpoint.host, endpoint.port, reuse_port=True)
+                _worker(policy, sock)
+            except BaseException:
+                log.exception("worker failed")
+                code = 1
+            finally:
+                os._exit(code)
+        children.append(pid)
+    probe.close()
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    status = 0
+    for child in children:
+        while True:
+            try:
+                _, code = os.waitpid(child, 0)
+                break
+            except InterruptedError:
+                continue
+        if os.waitstatus_to_exitcode(code) != 0:
+            status = 1
+    return status

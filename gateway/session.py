@@ -1,0 +1,114 @@
+"""The state a plugin sees: the session, the envelope, the message."""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import ipaddress
+import itertools
+from dataclasses import dataclass, field
+from email.message import Message as _EmailMessage
+from functools import cached_property
+from typing import Any
+
+from .address import Address, Params
+from .verdict import Verdict
+
+__all__ = ["Session", "Envelope", "Recipient", "Message", "IPAddress"]
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_ids = itertools.count(1)
+
+
+def _next_id() -> str:
+    return f"{next(_ids):X}"
+
+
+@dataclass(slots=True)
+class Session:
+    """One client connection, as the checks see it.
+
+    The client fields start from the TCP peer (or the PROXY protocol header)
+    and change when an authorised host sends XCLIENT, so every check judges
+    the real client.  Plugins keep what they learned in :attr:`results`,
+    keyed by plugin name, for later stages and for other plugins to read.
+
+    :param client_ip: the client's address.
+    :param client_port: the client's port (0 when unknown).
+    :param client_name: the verified reverse name, ``"unknown"`` when there
+        is none (Postfix's convention, also what XCLIENT NAME carries).
+    :param helo: the HELO/EHLO argument, ``None`` before HELO.
+    :param esmtp: the client said EHLO.
+    :param trusted: the client is in ``trusted_networks``.
+    :param peer_ip: the TCP peer, never changed by XCLIENT.
+    """
+
+    client_ip: IPAddress
+    client_port: int = 0
+    client_name: str = "unknown"
+    helo: str | None = None
+    esmtp: bool = False
+    trusted: bool = False
+    peer_ip: IPAddress | None = None
+    protocol: str = "SMTP"
+    id: str = field(default_factory=_next_id)
+    results: dict[str, Any] = field(default_factory=dict)
+    #: verdicts that tagged this session (headers, scores) before DATA.
+    tags: list[Verdict] = field(default_factory=list)
+
+    @property
+    def client(self) -> str:
+        """``name[ip]`` as Postfix logs a client."""
+        return f"{self.client_name}[{self.client_ip}]"
+
+
+@dataclass(frozen=True, slots=True)
+class Recipient:
+    address: Address
+    params: Params = ()
+
+
+@dataclass(slots=True)
+class Envelope:
+    """One mail transaction: MAIL FROM, the accepted recipients, and what
+    the checks attached to it."""
+
+    sender: Address
+    mail_params: Params = ()
+    recipients: list[Recipient] = field(default_factory=list)
+    #: verdicts that tagged this transaction (headers, scores).
+    tags: list[Verdict] = field(default_factory=list)
+    id: str = field(default_factory=_next_id)
+
+    @property
+    def utf8(self) -> bool:
+        return any(name == "SMTPUTF8" for name, _ in self.mail_params)
+
+    def param(self, name: str) -> str | None:
+        for key, value in self.mail_params:
+            if key == name:
+                return value
+        return None
+
+
+_header_parser = email.parser.BytesHeaderParser(policy=email.policy.compat32)
+
+
+@dataclass(frozen=True)
+class Message:
+    """The message as the client sent it, dot-stuffing undone, CRLF line ends.
+
+    ``headers`` is parsed on first use only: most plugins never look, and
+    parsing every message would cost every session.
+    """
+
+    raw: bytes
+
+    @cached_property
+    def headers(self) -> _EmailMessage:
+        return _header_parser.parsebytes(self.raw, headersonly=True)
+
+    @property
+    def size(self) -> int:
+        return len(self.raw)

@@ -1,0 +1,675 @@
+"""The SMTP front: one protocol object per client connection, on aiosmtpd.
+
+We subclass aiosmtpd's ``SMTP`` for its transport handling, idle timer and
+PROXY protocol reader, but run our own command loop and DATA reader:
+
+* aiosmtpd reads DATA line by line (about 75 awaits for a 5 KB message);
+  we read up to each ``.<CR><LF>`` and decide from the bytes before it
+  whether that was the end.  Only ``<CR><LF>.<CR><LF>`` ends a message, so
+  ``<LF>.<LF>`` and the other smuggling forms stay inside it, where the
+  bare-newline policy rejects or normalises them.
+* aiosmtpd's constructor inspects the handler and its own methods on every
+  connection; the dispatch table here is built once per class.
+* Commands reach the next hop only after every check passed, with the
+  client's own path and parameters; the next hop's reply goes back verbatim.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aiosmtpd.proxy_protocol import get_proxy
+from aiosmtpd.smtp import SMTP as _AiosmtpdSMTP
+
+from . import log as decisions
+from . import replies
+from .address import Address, PathError, parse_path
+from .config import ip_in
+from .pipeline import run_stage
+from .replies import Reply
+from .session import Envelope, Message, Recipient, Session
+from .upstream import Upstream, UpstreamError
+from .verdict import Action, Verdict
+
+if TYPE_CHECKING:
+    from .server import Gateway
+
+__all__ = ["SMTPSession"]
+
+log = logging.getLogger("smtpgate.smtp")
+
+_READ_LIMIT = 64 * 1024
+_NEWLINES = re.compile(rb"\r\n|\r|\n")
+
+
+class _Close(Exception):
+    """End the session after the reply that was just sent."""
+
+
+def _xtext_decode(value: str) -> str:
+    return re.sub(r"\+([0-9A-F]{2})", lambda m: chr(int(m[1], 16)), value)
+
+
+class SMTPSession(_AiosmtpdSMTP):
+    """One client connection."""
+
+    _commands: dict[str, Callable[[SMTPSession, str | None], Awaitable[None]]] = {}
+
+    def __init__(self, gateway: Gateway) -> None:  # noqa: D107 - see class doc
+        # aiosmtpd's __init__ introspects handler and methods per connection;
+        # set up only what its transport methods below rely on.
+        loop = asyncio.get_running_loop()
+        self.loop = loop
+        asyncio.StreamReaderProtocol.__init__(
+            self,
+            asyncio.StreamReader(limit=_READ_LIMIT, loop=loop),
+            client_connected_cb=self._cb_client_connected,
+            loop=loop,
+        )
+        self.gateway = gateway
+        self.settings = gateway.settings
+        self.hostname = self.settings.hostname
+        self.transport: Any = None
+        self._handler_coroutine: asyncio.Task[None] | None = None
+        self.session: Session | None = None  # type: ignore[assignment]
+        self.envelope: Envelope | None = None  # type: ignore[assignment]
+        self.upstream: Upstream = gateway.new_upstream()
+        self._upstream_ready: asyncio.Task[None] | None = None
+        self._upstream_txn = False
+        self._greeted = False
+        self._refusal: Verdict | None = None
+        self._errors = 0
+        self._idle = False
+        self._finishing = False
+        self._counted_ip: str | None = None
+
+    # --- transport ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        asyncio.StreamReaderProtocol.connection_made(self, transport)
+        self.transport = transport
+        self._handler_coroutine = self.loop.create_task(self._handle_client())
+
+    def connection_lost(self, error: Exception | None) -> None:
+        asyncio.StreamReaderProtocol.connection_lost(self, error)
+        # The client is gone: abandon whatever it was waiting for (a check,
+        # the next hop), so an interrupted DATA never reaches the next hop.
+        if self._handler_coroutine is not None and not self._finishing:
+            self._handler_coroutine.cancel()
+        self.transport = None
+
+    def eof_received(self) -> bool | None:
+        # The reader sees the EOF and the command loop ends by itself;
+        # unlike aiosmtpd we do not cancel the handler at a half-close.
+        return asyncio.StreamReaderProtocol.eof_received(self)
+
+    async def reply(self, reply: Reply) -> None:
+        if self.transport is None or self.transport.is_closing():
+            raise _Close
+        self._writer.write(reply.wire())
+        await self._writer.drain()
+
+    def close_idle(self) -> bool:
+        """For shutdown: say goodbye if waiting between transactions."""
+        if self._idle and self.transport is not None:
+            self.transport.write(replies.SHUTTING_DOWN.format(hostname=self.hostname).wire())
+            self.transport.close()
+            return True
+        return False
+
+    # --- the session -------------------------------------------------------
+
+    async def _handle_client(self) -> None:
+        try:
+            if not await self._start():
+                return
+            await self._command_loop()
+        except (_Close, asyncio.IncompleteReadError, ConnectionError):
+            pass
+        except asyncio.CancelledError:
+            # Connection lost: whatever was under way is abandoned; the
+            # next hop's transaction is dropped with its connection below.
+            pass
+        except Exception:
+            log.exception("session %s: internal error", self.session.id if self.session else "-")
+            try:
+                await self.reply(replies.LOCAL_ERROR)
+            except Exception:
+                pass
+        finally:
+            await self._finish()
+
+    async def _start(self) -> bool:
+        peer = self.transport.get_extra_info("peername") or ("0.0.0.0", 0)
+        peer_ip = ipaddress.ip_address(peer[0])
+        ip, port = peer_ip, peer[1]
+        if self.settings.proxy_protocol:
+            try:
+                async with asyncio.timeout(self.settings.command_timeout):
+                    proxy = await get_proxy(self._reader)
+            except TimeoutError:
+                proxy = None
+            if not proxy or not proxy.valid:
+                log.warning("client %s: invalid or missing PROXY header", peer_ip)
+                return False
+            if proxy.src_addr is not None:
+                ip, port = proxy.src_addr, proxy.src_port or 0
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        self.session = Session(
+            client_ip=ip,
+            client_port=port,
+            peer_ip=peer_ip,
+            trusted=self.gateway.is_trusted(ip),
+        )
+        limit = self.gateway.admit(str(ip))
+        if limit is not None:
+            decisions.decision(self.session, "connect", "defer", limit)
+            await self.reply(limit)
+            return False
+        self._counted_ip = str(ip)
+        if not await self._connect_checks():
+            return False
+        self._upstream_ready = self.loop.create_task(self.upstream.connect())
+        await self.reply(replies.GREETING.format(hostname=self.hostname))
+        return True
+
+    async def _connect_checks(self) -> bool:
+        verdict = await self._stage("connect", session=self.session)
+        if verdict.refuses:
+            assert verdict.reply is not None
+            decisions.decision(self.session, "connect", verdict.action.name.lower(), verdict.reply,
+                               plugin=verdict.plugin, result=verdict.result)
+            if verdict.disconnect or verdict.reply.code == 421:
+                await self.reply(verdict.reply)
+                return False
+            self._refusal = verdict
+        elif verdict.action is Action.TAG:
+            self.session.tags.append(verdict)
+        return True
+
+    async def _command_loop(self) -> None:
+        reader = self._reader
+        max_len = self.settings.max_line_length
+        while self.transport is not None and not self.transport.is_closing():
+            if self.gateway.closing and self.envelope is None:
+                await self.reply(replies.SHUTTING_DOWN.format(hostname=self.hostname))
+                return
+            self._idle = self.envelope is None
+            try:
+                async with asyncio.timeout(self.settings.command_timeout):
+                    line = await reader.readuntil(b"\n")
+            except TimeoutError:
+                await self.reply(replies.TIMEOUT.format(hostname=self.hostname))
+                return
+            except asyncio.LimitOverrunError as exc:
+                await self._discard_long_line(exc.consumed)
+                await self._error(replies.LINE_TOO_LONG)
+                continue
+            finally:
+                self._idle = False
+            if len(line) > max_len:
+                await self._error(replies.LINE_TOO_LONG)
+                continue
+            text = line.rstrip(b"\r\n").decode("utf-8", "surrogateescape")
+            verb, _, arg = text.partition(" ")
+            verb = verb.upper()
+            handler = self._commands.get(verb)
+            if handler is None:
+                await self._error(replies.BAD_SYNTAX if not verb else replies.UNKNOWN_COMMAND)
+                continue
+            if self._refusal is not None and verb not in ("QUIT", "NOOP", "RSET"):
+                assert self._refusal.reply is not None
+                await self._error(self._refusal.reply)
+                continue
+            await handler(self, arg.strip(" ") or None)
+
+    async def _discard_long_line(self, consumed: int) -> None:
+        await self._reader.readexactly(consumed)
+        while True:
+            try:
+                await self._reader.readuntil(b"\n")
+                return
+            except asyncio.LimitOverrunError as exc:
+                await self._reader.readexactly(exc.consumed)
+
+    async def _error(self, reply: Reply) -> None:
+        """A protocol error: counted, and too many end the session (Postfix's
+        smtpd_hard_error_limit), so a confused or hostile client cannot keep a
+        slot forever."""
+        self._errors += 1
+        if self._errors >= self.settings.max_errors:
+            await self.reply(replies.TOO_MANY_ERRORS.format(hostname=self.hostname))
+            raise _Close
+        await self.reply(reply)
+
+    async def _finish(self) -> None:
+        # Bookkeeping first and synchronously: a cancellation (the client
+        # vanished) must not leave the session counted or listed.
+        self._finishing = True
+        if self._counted_ip is not None:
+            self.gateway.release(self._counted_ip)
+            self._counted_ip = None
+        if self.transport is not None:
+            self.transport.close()
+        await asyncio.shield(self._cleanup())
+
+    async def _cleanup(self) -> None:
+        """Disconnect hooks and the next hop's goodbye; the session stays
+        listed until this is done so a graceful shutdown waits for it."""
+        try:
+            await self._close_upstream()
+        finally:
+            self.gateway.forget(self)
+
+    async def _close_upstream(self) -> None:
+        try:
+            if self.session is not None:
+                await self._stage("disconnect", session=self.session)
+        except Exception:
+            log.exception("disconnect hooks failed")
+        ready = self._upstream_ready
+        if ready is not None:
+            # Let a connect under way finish and close it properly: cancelling
+            # it half-way can leak the socket (asyncio.wait_for in 3.11).
+            await asyncio.wait([ready], timeout=self.settings.upstream_connect_timeout)
+            if not ready.done():
+                ready.cancel()
+            elif not ready.cancelled():
+                ready.exception()  # retrieved: a failed early connect is no error here
+        try:
+            await self.upstream.close()
+        except Exception:
+            log.exception("closing the next hop failed")
+
+    async def _stage(self, stage: str, **kwargs: Any) -> Verdict:
+        return await run_stage(
+            self.gateway.registry.calls[stage], kwargs, self.settings.hook_timeout, self.session.id
+        )
+
+    def _refused(self, stage: str, verdict: Verdict, **log_fields: Any) -> Reply:
+        assert verdict.reply is not None
+        decisions.decision(self.session, stage, verdict.action.name.lower(), verdict.reply,
+                           plugin=verdict.plugin, result=verdict.result, **log_fields)
+        return verdict.reply
+
+    # --- the next hop ------------------------------------------------------
+
+    async def _upstream(self) -> None:
+        """Make sure the next hop is connected and knows the client."""
+        try:
+            await self._upstream_extensions()
+            # Reconnects if the early attempt failed or the connection was
+            # dropped after an error in an earlier transaction.
+            await self.upstream.connect()
+            await self.upstream.introduce(self.session)
+        except UpstreamError as exc:
+            log.warning("session %s: next hop unavailable: %s", self.session.id, exc)
+            reply = replies.UPSTREAM_UNAVAILABLE.format(hostname=self.hostname)
+            decisions.decision(self.session, "upstream", "defer", reply, result=str(exc))
+            await self.reply(reply)
+            raise _Close from exc
+
+    async def _upstream_extensions(self) -> frozenset[str]:
+        """The next hop's extensions, or none if it cannot be reached now
+        (the failure is reported at MAIL, where a 421 makes sense)."""
+        if self._upstream_ready is not None:
+            try:
+                await asyncio.shield(self._upstream_ready)
+            except UpstreamError:
+                return frozenset()
+        return self.upstream.extensions
+
+    async def _reset_transaction(self) -> None:
+        self.envelope = None
+        if self._upstream_txn:
+            self._upstream_txn = False
+            await self.upstream.reset()
+
+    # --- commands ----------------------------------------------------------
+
+    async def smtp_HELO(self, arg: str | None) -> None:
+        await self._helo(arg, esmtp=False)
+
+    async def smtp_EHLO(self, arg: str | None) -> None:
+        await self._helo(arg, esmtp=True)
+
+    async def _helo(self, arg: str | None, *, esmtp: bool) -> None:
+        command = "EHLO" if esmtp else "HELO"
+        if arg is None or " " in arg:
+            await self._error(replies.SYNTAX_HELO.format(command=command))
+            return
+        await self._reset_transaction()
+        verdict = await self._stage("helo", session=self.session, hostname=arg)
+        if verdict.refuses:
+            self._greeted = False
+            await self.reply(self._refused("helo", verdict))
+            return
+        if verdict.action is Action.TAG:
+            self.session.tags.append(verdict)
+        self.session.helo = arg
+        self.session.esmtp = esmtp
+        self.session.protocol = "ESMTP" if esmtp else "SMTP"
+        self._greeted = True
+        if not esmtp:
+            await self.reply(Reply(250, "", self.hostname))
+            return
+        await self.reply(Reply(250, "", "\n".join([self.hostname, *await self._extensions()])))
+
+    async def _extensions(self) -> list[str]:
+        upstream = await self._upstream_extensions()
+        lines = ["PIPELINING", f"SIZE {self.settings.max_message_size}"]
+        if self.gateway.may_xclient(self.session.peer_ip):
+            lines.append("XCLIENT NAME ADDR PORT PROTO HELO LOGIN DESTADDR DESTPORT")
+        lines += ["ENHANCEDSTATUSCODES", "8BITMIME"]
+        # Only what the next hop can honour: a DSN request or a UTF-8 address
+        # we accepted but could not pass on would be lost.
+        if "dsn" in upstream:
+            lines.append("DSN")
+        if "smtputf8" in upstream:
+            lines.append("SMTPUTF8")
+        return lines
+
+    def _offered(self, extension: str) -> bool:
+        return self.session.esmtp and extension in self.upstream.extensions
+
+    def _check_params(self, params: tuple[tuple[str, str | None], ...], allowed: dict[str, Callable[[str | None], bool]]) -> Reply | None:
+        for name, value in params:
+            check = allowed.get(name)
+            if check is None or not self.session.esmtp:
+                return replies.UNSUPPORTED_PARAMETER.format(name=name)
+            if not check(value):
+                return replies.BAD_PARAMETER.format(name=name)
+        return None
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if not self._greeted:
+            await self._error(replies.NEED_HELO)
+            return
+        if self.envelope is not None:
+            await self._error(replies.NESTED_MAIL)
+            return
+        if arg is None:
+            await self._error(replies.SYNTAX_MAIL)
+            return
+        utf8 = "SMTPUTF8" in arg.upper() and self._offered("smtputf8")
+        try:
+            sender, params, params_text = parse_path(arg, "FROM", utf8=utf8)
+        except PathError as exc:
+            await self._error(replies.SYNTAX_MAIL if str(exc).startswith("expected") else replies.BAD_SENDER_SYNTAX)
+            return
+        dsn = self._offered("dsn")
+        bad = self._check_params(params, {
+            "SIZE": lambda v: v is not None and v.isdigit(),
+            "BODY": lambda v: v is not None and v.upper() in ("7BIT", "8BITMIME"),
+            **({"SMTPUTF8": lambda v: v is None} if utf8 else {}),
+            **({"RET": lambda v: v is not None and v.upper() in ("FULL", "HDRS"),
+                "ENVID": lambda v: v is not None} if dsn else {}),
+        })
+        if bad is not None:
+            await self._error(bad)
+            return
+        envelope = Envelope(sender, params)
+        size = envelope.param("SIZE")
+        if size is not None and int(size) > self.settings.max_message_size:
+            decisions.decision(self.session, "mail", "reject", replies.MESSAGE_TOO_BIG, envelope=envelope)
+            await self.reply(replies.MESSAGE_TOO_BIG)
+            return
+        verdict = await self._stage("mail", session=self.session, envelope=envelope)
+        if verdict.refuses:
+            await self.reply(self._refused("mail", verdict, envelope=envelope))
+            return
+        if verdict.action is Action.TAG:
+            envelope.tags.append(verdict)
+        await self._upstream()
+        line = f"MAIL FROM:<{sender.path}>" + (f" {params_text}" if params_text else "")
+        reply = await self._forward(line)
+        if reply.is_positive:
+            self.envelope = envelope
+            self._upstream_txn = True
+        else:
+            decisions.decision(self.session, "mail", "upstream", reply, envelope=envelope)
+        await self.reply(reply)
+
+    async def _forward(self, line: str) -> Reply:
+        try:
+            return await self.upstream.command(line)
+        except UpstreamError as exc:
+            log.warning("session %s: next hop failed: %s", self.session.id, exc)
+            self.envelope = None
+            self._upstream_txn = False
+            reply = replies.UPSTREAM_UNAVAILABLE.format(hostname=self.hostname)
+            decisions.decision(self.session, "upstream", "defer", reply, result=str(exc))
+            await self.reply(reply)
+            raise _Close from exc
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        envelope = self.envelope
+        if envelope is None:
+            await self._error(replies.NEED_MAIL)
+            return
+        if arg is None:
+            await self._error(replies.SYNTAX_RCPT)
+            return
+        try:
+            address, params, params_text = parse_path(arg, "TO", utf8=envelope.utf8)
+        except PathError as exc:
+            await self._error(replies.SYNTAX_RCPT if str(exc).startswith("expected") else replies.BAD_RECIPIENT_SYNTAX)
+            return
+        allowed: dict[str, Callable[[str | None], bool]] = {}
+        if self._offered("dsn"):
+            allowed = {
+                "NOTIFY": lambda v: v is not None and _valid_notify(v),
+                "ORCPT": lambda v: v is not None and ";" in v,
+            }
+        bad = self._check_params(params, allowed)
+        if bad is not None:
+            await self._error(bad)
+            return
+        if len(envelope.recipients) >= self.settings.max_recipients:
+            decisions.decision(self.session, "rcpt", "defer", replies.TOO_MANY_RECIPIENTS,
+                               envelope=envelope, rcpt=address.mailbox)
+            await self.reply(replies.TOO_MANY_RECIPIENTS)
+            return
+        recipient = Recipient(address, params)
+        verdict = await self._stage("rcpt", session=self.session, envelope=envelope, recipient=recipient)
+        if verdict.refuses:
+            await self.reply(self._refused("rcpt", verdict, envelope=envelope, rcpt=address.mailbox))
+            return
+        if verdict.action is Action.TAG:
+            envelope.tags.append(verdict)
+        line = f"RCPT TO:<{address.path}>" + (f" {params_text}" if params_text else "")
+        reply = await self._forward(line)
+        if reply.is_positive:
+            envelope.recipients.append(recipient)
+        else:
+            decisions.decision(self.session, "rcpt", "upstream", reply, envelope=envelope, rcpt=address.mailbox)
+        await self.reply(reply)
+
+    async def smtp_DATA(self, arg: str | None) -> None:
+        envelope = self.envelope
+        if arg is not None:
+            await self._error(replies.SYNTAX_NOARG.format(command="DATA"))
+            return
+        if envelope is None:
+            await self._error(replies.NEED_MAIL)
+            return
+        if not envelope.recipients:
+            await self._error(replies.NEED_RCPT)
+            return
+        await self.reply(replies.START_DATA)
+        raw, problem = await self._read_data()
+        if problem is not None:
+            decisions.decision(self.session, "data", "reject", problem, envelope=envelope)
+            await self._reset_transaction()
+            await self.reply(problem)
+            return
+        message = Message(raw)
+        verdict = await self._stage("data", session=self.session, envelope=envelope, message=message)
+        if verdict.refuses:
+            reply = self._refused("data", verdict, envelope=envelope)
+            await self._reset_transaction()
+            await self.reply(reply)
+            return
+        headers = [h for v in (*self.session.tags, *envelope.tags, verdict) for h in v.headers]
+        if headers:
+            raw = b"".join(f"{k}: {v}\r\n".encode("utf-8", "surrogateescape") for k, v in headers) + raw
+        try:
+            reply = await self.upstream.data(envelope, raw)
+        except UpstreamError as exc:
+            log.warning("session %s: next hop failed during DATA: %s", self.session.id, exc)
+            reply = replies.UPSTREAM_FAILED
+        self.envelope = None
+        self._upstream_txn = False
+        decisions.decision(self.session, "data", "delivered" if reply.is_positive else "upstream", reply,
+                           envelope=envelope, rcpt=",".join(r.address.mailbox for r in envelope.recipients))
+        await self.reply(reply)
+
+    async def _read_data(self) -> tuple[bytes, Reply | None]:
+        """Read the message up to ``<CR><LF>.<CR><LF>``; undo dot-stuffing.
+
+        Returns the message and ``None``, or what to reply instead: the size
+        limit and the bare-newline policy are applied only once the whole
+        message is in, so the client is at a command boundary for the reply.
+        """
+        reader = self._reader
+        limit = self.settings.max_message_size
+        buf = bytearray()
+        tail = b""
+        total = 0
+        while True:
+            try:
+                async with asyncio.timeout(self.settings.data_timeout):
+                    piece = await reader.readuntil(b".\r\n")
+            except asyncio.LimitOverrunError as exc:
+                async with asyncio.timeout(self.settings.data_timeout):
+                    piece = await reader.readexactly(exc.consumed)
+            except TimeoutError:
+                await self.reply(replies.TIMEOUT.format(hostname=self.hostname))
+                raise _Close from None
+            total += len(piece)
+            if total <= limit + 5:
+                buf += piece
+            elif buf:
+                buf = bytearray()  # over the limit: keep reading, keep nothing
+            tail = (tail + piece)[-5:]
+            if tail.endswith(b".\r\n") and (total == 3 or tail == b"\r\n.\r\n"):
+                break
+        if total > limit + 5:
+            return b"", replies.MESSAGE_TOO_BIG
+        data = bytes(buf[:-3])
+        crlf = data.count(b"\r\n")
+        if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
+            if self.settings.bare_newline == "reject":
+                bare_lf = data.replace(b"\r\n", b"").count(b"\n")
+                return b"", replies.BARE_LF if bare_lf else replies.BARE_CR
+            data = _NEWLINES.sub(b"\r\n", data)
+        if data.startswith(b"."):
+            data = data[1:]
+        return data.replace(b"\r\n.", b"\r\n"), None
+
+    async def smtp_RSET(self, arg: str | None) -> None:
+        await self._reset_transaction()
+        await self.reply(replies.OK)
+
+    async def smtp_NOOP(self, arg: str | None) -> None:
+        await self.reply(replies.OK)
+
+    async def smtp_HELP(self, arg: str | None) -> None:
+        await self.reply(replies.HELP)
+
+    async def smtp_QUIT(self, arg: str | None) -> None:
+        await self.reply(replies.CLOSING)
+        raise _Close
+
+    async def smtp_VRFY(self, arg: str | None) -> None:
+        if arg is None:
+            await self._error(replies.SYNTAX_VRFY)
+            return
+        await self._lookup("vrfy", arg, replies.VRFY_DISABLED)
+
+    async def smtp_EXPN(self, arg: str | None) -> None:
+        if arg is None:
+            await self._error(replies.SYNTAX_NOARG.format(command="EXPN list"))
+            return
+        await self._lookup("expn", arg, replies.EXPN_DISABLED)
+
+    async def _lookup(self, stage: str, arg: str, default: Reply) -> None:
+        # Never forwarded: the next hop would disclose its mailboxes.
+        verdict = await self._stage(stage, session=self.session, argument=arg)
+        reply = verdict.reply or default
+        decisions.decision(self.session, stage, verdict.action.name.lower(), reply, plugin=verdict.plugin)
+        await self.reply(reply)
+
+    async def smtp_XCLIENT(self, arg: str | None) -> None:
+        if not self.gateway.may_xclient(self.session.peer_ip):
+            await self._error(replies.XCLIENT_DENIED)
+            return
+        if self.envelope is not None:
+            await self._error(replies.XCLIENT_NESTED)
+            return
+        if arg is None:
+            await self._error(replies.XCLIENT_SYNTAX.format(attribute="(none)"))
+            return
+        changes: dict[str, Any] = {}
+        for item in arg.split():
+            name, eq, value = item.partition("=")
+            name = name.upper()
+            value = _xtext_decode(value)
+            unavailable = value.upper() in ("[UNAVAILABLE]", "[TEMPUNAVAIL]")
+            try:
+                if not eq:
+                    raise ValueError
+                if name == "ADDR":
+                    if not unavailable:
+                        text = value[5:] if value.upper().startswith("IPV6:") else value
+                        changes["client_ip"] = ipaddress.ip_address(text)
+                elif name == "NAME":
+                    changes["client_name"] = "unknown" if unavailable else value
+                elif name == "PORT":
+                    changes["client_port"] = 0 if unavailable else int(value)
+                elif name == "HELO":
+                    changes["helo"] = None if unavailable else value
+                elif name == "PROTO":
+                    if value.upper() not in ("SMTP", "ESMTP"):
+                        raise ValueError
+                    changes["protocol"] = value.upper()
+                elif name not in ("LOGIN", "DESTADDR", "DESTPORT"):
+                    raise ValueError
+            except ValueError:
+                await self._error(replies.XCLIENT_SYNTAX.format(attribute=item))
+                return
+        session = self.session
+        for key, value in changes.items():
+            setattr(session, key, value)
+        session.trusted = self.gateway.is_trusted(session.client_ip)
+        session.esmtp = False
+        session.tags.clear()
+        session.results.clear()
+        self._greeted = False
+        self._refusal = None
+        # The new client is judged afresh, as at a new connection.
+        if not await self._connect_checks():
+            raise _Close
+        if self._refusal is not None:
+            assert self._refusal.reply is not None
+            await self.reply(self._refusal.reply)
+            return
+        await self.reply(replies.GREETING.format(hostname=self.hostname))
+
+
+def _valid_notify(value: str) -> bool:
+    items = {v.upper() for v in value.split(",")}
+    return items == {"NEVER"} or (bool(items) and items <= {"SUCCESS", "FAILURE", "DELAY"})
+
+
+SMTPSession._commands = {
+    name[len("smtp_"):]: getattr(SMTPSession, name)
+    for name in dir(SMTPSession)
+    if name.startswith("smtp_") and name[len("smtp_"):].isupper()
+}

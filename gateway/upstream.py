@@ -1,0 +1,277 @@
+"""The next hop: an MTA over SMTP (aiosmtplib), or a Maildir.
+
+Only this module speaks to the next hop.  Its replies come back as
+:class:`~gateway.replies.Reply` values to be passed to the client verbatim;
+every way the next hop can fail (refused connection, timeout, dropped
+connection, a desynchronised dialogue) becomes :class:`UpstreamError`, which
+the SMTP front turns into a 4yz so the client retries.  The gateway keeps no
+mail of its own: a 250 for DATA comes from the next hop or from a Maildir
+file that is on disk (fsync'ed) before the reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import itertools
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Protocol
+
+import aiosmtplib
+from aiosmtplib.esmtp import parse_esmtp_extensions
+
+from . import replies
+from .config import Endpoint, GatewaySettings
+from .replies import Reply
+from .session import Envelope, Session
+
+__all__ = ["Upstream", "UpstreamError", "SMTPUpstream", "MaildirUpstream", "make_upstream"]
+
+
+class UpstreamError(Exception):
+    """The next hop failed; nothing it was given may be taken as delivered."""
+
+
+class Upstream(Protocol):
+    #: ESMTP extensions the next hop offers, lower-case keywords.
+    extensions: frozenset[str]
+
+    async def connect(self) -> None: ...
+    async def introduce(self, session: Session) -> None: ...
+    async def command(self, line: str) -> Reply: ...
+    async def data(self, envelope: Envelope, message: bytes) -> Reply: ...
+    async def reset(self) -> None: ...
+    async def close(self) -> None: ...
+
+
+def _xtext(value: str) -> str:
+    """RFC 3461 xtext, which XCLIENT values use."""
+    return "".join(
+        c if 33 <= ord(c) <= 126 and c not in "+=" else "".join(f"+{b:02X}" for b in c.encode())
+        for c in value
+    )
+
+
+class SMTPUpstream:
+    """One SMTP session towards the MTA per client session.
+
+    When the MTA offers XCLIENT the real client's address, name and HELO are
+    sent before every transaction whose identity changed, so Postfix logs the
+    real client and applies its own restrictions to it.
+    """
+
+    def __init__(self, endpoint: Endpoint, settings: GatewaySettings):
+        self._endpoint = endpoint
+        self._settings = settings
+        self._smtp: aiosmtplib.SMTP | None = None
+        self._identity: tuple[str, ...] | None = None
+        self.extensions: frozenset[str] = frozenset()
+        self._xclient_attrs: frozenset[str] = frozenset()
+
+    async def connect(self) -> None:
+        """Connect and EHLO as the gateway, unless already connected."""
+        if self._smtp is not None and self._smtp.is_connected:
+            return
+        smtp = aiosmtplib.SMTP(
+            hostname=self._endpoint.host,
+            port=self._endpoint.port,
+            local_hostname=self._settings.hostname,
+            timeout=self._settings.upstream_timeout,
+            start_tls=False,
+            use_tls=False,
+        )
+        try:
+            await smtp.connect(timeout=self._settings.upstream_connect_timeout)
+            await self._ehlo(smtp, self._settings.hostname)
+        except (aiosmtplib.SMTPException, OSError, ValueError) as exc:
+            smtp.close()
+            raise UpstreamError(f"connect to {self._endpoint}: {exc}") from exc
+        except BaseException:
+            smtp.close()  # cancelled half-way: the client left first
+            raise
+        self._smtp = smtp
+        self._identity = None
+
+    async def _ehlo(self, smtp: aiosmtplib.SMTP, name: str) -> None:
+        # aiosmtplib's ehlo() refuses some names a client may legitimately
+        # send (address literals are fine, but its checks are for its own
+        # name); send the command ourselves and let it parse the reply.
+        response = await smtp.execute_command(b"EHLO", name.encode("utf-8", "surrogateescape"))
+        if response.code != 250:
+            raise UpstreamError(f"EHLO refused: {response.code} {response.message}")
+        smtp.last_ehlo_response = response
+        extensions, _ = parse_esmtp_extensions(response.message)
+        self.extensions = frozenset(extensions)
+        self._xclient_attrs = frozenset(extensions.get("xclient", "").upper().split())
+
+    async def introduce(self, session: Session) -> None:
+        """Tell the MTA who the client is (XCLIENT), if it changed."""
+        assert self._smtp is not None
+        if not self._xclient_attrs:
+            return
+        identity = (str(session.client_ip), session.client_name, session.helo or "", session.protocol)
+        if identity == self._identity:
+            return
+        ip = session.client_ip
+        addr = f"IPV6:{ip}" if isinstance(ip, ipaddress.IPv6Address) else str(ip)
+        name = "[UNAVAILABLE]" if session.client_name == "unknown" else session.client_name
+        attrs = {
+            "ADDR": addr,
+            # Without NAME Postfix keeps the previous (our) name for the client.
+            "NAME": name,
+            "HELO": session.helo or "[UNAVAILABLE]",
+            "PROTO": session.protocol,
+        }
+        if session.client_port:
+            attrs["PORT"] = str(session.client_port)
+        args = " ".join(
+            f"{k}={v if v.startswith('[') else _xtext(v)}" for k, v in attrs.items() if k in self._xclient_attrs
+        )
+        try:
+            response = await self._smtp.execute_command(b"XCLIENT", args.encode())
+            if response.code != 220:
+                raise UpstreamError(f"XCLIENT refused: {response.code} {response.message}")
+            # XCLIENT restarts the dialogue: EHLO again, as the client.
+            await self._ehlo(self._smtp, session.helo or self._settings.hostname)
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            self._drop()
+            raise UpstreamError(f"XCLIENT: {exc}") from exc
+        self._identity = identity
+
+    async def command(self, line: str) -> Reply:
+        """Send one command line as it is; the reply as the MTA gave it."""
+        if self._smtp is None:
+            raise UpstreamError("not connected")
+        try:
+            response = await self._smtp.execute_command(line.encode("utf-8", "surrogateescape"))
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            self._drop()
+            raise UpstreamError(f"{line.split(' ', 1)[0]}: {exc}") from exc
+        if response.code == 421:
+            self._drop()
+        return Reply.parse(response.code, response.message)
+
+    async def data(self, envelope: Envelope, message: bytes) -> Reply:
+        """DATA and the message (dot-stuffed by aiosmtplib); the final reply."""
+        if self._smtp is None:
+            raise UpstreamError("not connected")
+        try:
+            response = await self._smtp.data(message)
+        except aiosmtplib.SMTPResponseException as exc:
+            if exc.code == 421:
+                self._drop()
+            return Reply.parse(exc.code, exc.message)
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            self._drop()
+            raise UpstreamError(f"DATA: {exc}") from exc
+        return Reply.parse(response.code, response.message)
+
+    async def reset(self) -> None:
+        """Abandon the MTA's transaction (RSET); a failure drops the session."""
+        if self._smtp is None or not self._smtp.is_connected:
+            return
+        try:
+            response = await self._smtp.execute_command(b"RSET")
+            if response.code != 250:
+                self._drop()
+        except (aiosmtplib.SMTPException, OSError):
+            self._drop()
+
+    async def close(self) -> None:
+        smtp, self._smtp = self._smtp, None
+        if smtp is None:
+            return
+        try:
+            if smtp.is_connected:
+                await asyncio.wait_for(smtp.execute_command(b"QUIT"), 2.0)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            pass
+        finally:
+            smtp.close()
+
+    def _drop(self) -> None:
+        # After a timeout or a 421 the dialogue's state is unknown; a later
+        # transaction gets a fresh connection rather than a desynced one.
+        if self._smtp is not None:
+            self._smtp.close()
+        self._smtp = None
+        self._identity = None
+
+
+_counter = itertools.count()
+
+
+class MaildirUpstream:
+    """Delivery into a local Maildir, for trying smtpgate without an MTA.
+
+    Each message is written once to ``tmp/``, fsync'ed, and renamed into
+    ``new/`` (then the directory is fsync'ed) before the 250: a crash at any
+    point leaves either no message or a whole one.
+    """
+
+    extensions = frozenset({"8bitmime", "smtputf8", "pipelining", "size", "enhancedstatuscodes"})
+
+    def __init__(self, directory: Path, settings: GatewaySettings):
+        self._dir = directory
+        self._settings = settings
+        self._host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
+
+    async def connect(self) -> None:
+        await asyncio.to_thread(self._ensure_dirs)
+
+    async def introduce(self, session: Session) -> None:
+        return None
+
+    def _ensure_dirs(self) -> None:
+        for sub in ("tmp", "new", "cur"):
+            (self._dir / sub).mkdir(parents=True, exist_ok=True)
+
+    async def command(self, line: str) -> Reply:
+        verb = line[:4].upper()
+        if verb == "MAIL":
+            return replies.SENDER_OK
+        if verb == "RCPT":
+            return replies.RECIPIENT_OK
+        return replies.OK
+
+    async def data(self, envelope: Envelope, message: bytes) -> Reply:
+        head = [f"Return-Path: <{envelope.sender.mailbox}>"]
+        head += [f"Delivered-To: {r.address.mailbox}" for r in envelope.recipients]
+        content = ("\r\n".join(head) + "\r\n").encode("utf-8", "surrogateescape") + message
+        try:
+            name = await asyncio.to_thread(self._deliver, content)
+        except OSError as exc:
+            raise UpstreamError(f"maildir {self._dir}: {exc}") from exc
+        return replies.QUEUED.format(queue_id=name)
+
+    def _deliver(self, content: bytes) -> str:
+        now = time.time()
+        name = f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{next(_counter)}.{self._host}"
+        tmp = self._dir / "tmp" / name
+        with open(tmp, "xb") as fh:
+            fh.write(content.replace(b"\r\n", b"\n"))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.rename(tmp, self._dir / "new" / name)
+        dir_fd = os.open(self._dir / "new", os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return name
+
+    async def reset(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+def make_upstream(settings: GatewaySettings) -> Upstream:
+    endpoint = settings.upstream_endpoint
+    if endpoint.maildir is not None:
+        return MaildirUpstream(endpoint.maildir, settings)
+    return SMTPUpstream(endpoint, settings)

@@ -1,0 +1,90 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.config import GatewaySettings, PolicyError, load_policy
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "p.toml"
+    path.write_text(text)
+    return path
+
+
+def problems(path: Path) -> list[str]:
+    with pytest.raises(PolicyError) as info:
+        load_policy(path)
+    return [str(p) for p in info.value.problems]
+
+
+def test_shipped_policies_are_valid() -> None:
+    for path in sorted((ROOT / "policies").glob("*.toml")):
+        load_policy(path)
+
+
+def test_default_policy_documents_every_gateway_key() -> None:
+    text = (ROOT / "policies" / "default.toml").read_text()
+    for field in GatewaySettings.__dataclass_fields__:
+        assert f"\n{field} = " in text, field
+
+
+def test_unknown_key_names_file_key_and_expectation(tmp_path: Path) -> None:
+    path = write(tmp_path, '[gateway]\nhostnme = "x.example"\n')
+    (line,) = problems(path)
+    assert line.startswith(f"{path}: gateway.hostnme: unknown key (expected one of: ")
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[gateway]\nmax_message_size = "big"\nlocal_domains = "example.com"\n'
+        'trusted_networks = ["10.0.0.0/33"]\nbare_newline = "allow"\n[dns]\nnameservers = ["x"]\n',
+    )
+    found = problems(path)
+    assert f"{path}: gateway.max_message_size: expected an integer, got 'big'" in found
+    assert f"{path}: gateway.local_domains: expected a list, got 'example.com'" in found
+    assert f"{path}: gateway.bare_newline: expected one of 'reject', 'normalize', got 'allow'" in found
+    assert f"{path}: dns.nameservers[0]: expected \"IP\" or \"IP:PORT\", got 'x'" in found
+
+
+def test_semantic_checks(tmp_path: Path) -> None:
+    path = write(tmp_path, '[gateway]\ntrusted_networks = ["10.0.0.0/33"]\nupstream = "nowhere"\n')
+    found = problems(path)
+    assert f"{path}: gateway.trusted_networks[0]: expected an address or network, got '10.0.0.0/33'" in found
+    assert f"{path}: gateway.upstream: expected HOST:PORT or maildir:DIR" in found
+
+
+def test_toml_syntax_error(tmp_path: Path) -> None:
+    (line,) = problems(write(tmp_path, "[gateway\n"))
+    assert line.startswith(f"{tmp_path / 'p.toml'}: (syntax): valid TOML")
+
+
+def test_unknown_plugin(tmp_path: Path) -> None:
+    path = write(tmp_path, "[plugins.nosuch]\n")
+    run = subprocess.run(
+        [sys.executable, "-m", "gateway", "lint", str(path)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert run.returncode == 2
+    assert f"{path}: plugins.nosuch: an installed plugin (installed: " in run.stderr
+
+
+def test_lint_cli_ok_and_failure(tmp_path: Path) -> None:
+    good = ROOT / "policies" / "default.toml"
+    bad = write(tmp_path, '[gateway]\nmax_recipients = 0\n')
+    run = subprocess.run([sys.executable, "-m", "gateway", "lint", str(good), str(bad)], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 2
+    assert f"{good}: ok" in run.stdout
+    assert f"{bad}: gateway.max_recipients: expected a positive integer" in run.stderr
+
+
+def test_serve_refuses_a_bad_policy_before_listening(tmp_path: Path) -> None:
+    bad = write(tmp_path, '[gateway]\nlisten = "127.0.0.1"\n')
+    run = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--policy", str(bad)], capture_output=True, text=True, cwd=ROOT, timeout=30
+    )
+    assert run.returncode == 2
+    assert f"{bad}: gateway.listen: expected HOST:PORT" in run.stderr

@@ -1,0 +1,67 @@
+import asyncio
+import logging
+
+import pytest
+
+from gateway.pipeline import run_stage
+from gateway.plugins import HookCall
+from gateway.replies import Reply
+from gateway.verdict import Action, Verdict
+
+REJECT = Verdict.reject(Reply(550, "5.7.1", "no"))
+
+
+def call(name: str, fn, *args: str) -> HookCall:
+    return HookCall(name, fn, args or ("session",), asyncio.iscoroutinefunction(fn))
+
+
+async def test_raising_plugin_defers_with_451_and_logs_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    def boom(session):
+        raise RuntimeError("kaboom")
+
+    with caplog.at_level(logging.ERROR, "smtpgate"):
+        out = await run_stage([call("boom", boom)], {"session": None}, 1.0, "S1")
+    assert out.action is Action.DEFER
+    assert (out.reply.code, out.reply.enhanced) == (451, "4.3.0")
+    assert out.plugin == "boom"
+    assert "plugin=boom" in caplog.text and "RuntimeError: kaboom" in caplog.text
+
+
+async def test_overrunning_plugin_defers() -> None:
+    async def slow(session):
+        await asyncio.sleep(5)
+
+    out = await run_stage([call("slow", slow)], {"session": None}, 0.05, "S1")
+    assert (out.action, out.reply.code, out.result) == (Action.DEFER, 451, "error: timeout")
+
+
+async def test_reject_beats_failure_and_plugins_run_concurrently() -> None:
+    async def slow_reject(session):
+        await asyncio.sleep(0.2)
+        return REJECT
+
+    def boom(session):
+        raise ValueError
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    out = await run_stage(
+        [call("a", slow_reject), call("b", slow_reject), call("c", boom)], {"session": None}, 1.0, "S1"
+    )
+    assert loop.time() - started < 0.35  # concurrently, not 0.4 s
+    assert out.action is Action.REJECT and out.plugin == "a"
+
+
+async def test_non_verdict_return_is_a_failure() -> None:
+    out = await run_stage([call("odd", lambda session: "ok")], {"session": None}, 1.0, "S1")
+    assert out.action is Action.DEFER and out.result == "error: bad return value"
+
+
+async def test_implementations_get_only_the_arguments_they_name() -> None:
+    seen = {}
+
+    def rcpt(recipient):
+        seen["r"] = recipient
+
+    await run_stage([call("p", rcpt, "recipient")], {"session": 1, "envelope": 2, "recipient": 3}, 1.0, "S1")
+    assert seen == {"r": 3}

@@ -1,0 +1,45 @@
+import pytest
+
+from gateway.replies import Reply
+from gateway.verdict import CONTINUE, Action, Verdict, combine
+
+REJ = Reply(554, "5.7.1", "no")
+DEF = Reply(451, "4.7.1", "later")
+
+
+def test_most_severe_wins_and_ties_go_to_policy_order() -> None:
+    verdicts = [
+        Verdict.tag(("X-A", "1"), plugin="a", score=1.0),
+        Verdict.defer(DEF, plugin="b"),
+        Verdict.reject(REJ, plugin="c"),
+        Verdict.reject(Reply(550, "5.7.1", "also no"), plugin="d"),
+    ]
+    out = combine(verdicts)
+    assert out.action is Action.REJECT
+    assert out.plugin == "c" and out.reply == REJ
+    assert out.headers == (("X-A", "1"),)
+    assert out.score == 1.0
+
+
+def test_none_means_continue() -> None:
+    assert combine([None, None]) is CONTINUE
+    assert combine([]) is CONTINUE
+
+
+def test_scores_are_summed_even_without_action() -> None:
+    out = combine([Verdict(score=2.5, plugin="a"), Verdict(score=1.5, plugin="b"), None])
+    assert out.action is Action.CONTINUE and out.score == 4.0
+
+
+def test_disconnect_breaks_a_tie_of_equal_severity() -> None:
+    out = combine([Verdict.reject(REJ, plugin="a"), Verdict.reject(REJ, plugin="b", disconnect=True)])
+    assert out.plugin == "b" and out.disconnect
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: Verdict.reject(DEF), lambda: Verdict.defer(REJ), lambda: Verdict(Action.REJECT)],
+)
+def test_refusals_need_a_reply_of_the_right_class(make) -> None:
+    with pytest.raises(ValueError):
+        make()
