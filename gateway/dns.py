@@ -1,0 +1,528 @@
+"""The gateway's one asynchronous DNS layer.
+
+Every DNS question the gateway asks (DNSBL, SPF, DKIM, DMARC, PTR, MX)
+goes through a :class:`Resolver`, so all checks share one cache, one set of
+nameservers and one timeout, and a burst of connections from the same client
+costs one query per distinct question rather than one per check per session.
+
+Outcomes are never exceptions: a query returns an :class:`Answer` whose
+:class:`Status` says which of the four things happened.  Plugins map
+``TEMPFAIL`` to a 4xx (or "unknown") and never confuse it with "not listed".
+
+Bridges for the two libraries that bring their own DNS:
+
+* :func:`dkim_dnsfunc` -- the ``dnsfunc`` that dkimpy's ``verify_async`` takes.
+* :func:`spf_check` -- runs pyspf's blocking ``check2`` in a worker thread,
+  its lookups answered by this resolver on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+import enum
+import ipaddress
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import dkim
+import dns.asyncresolver
+import dns.exception
+import dns.message
+import dns.name
+import dns.nameserver
+import dns.rdata
+import dns.rdatatype
+import dns.rdtypes.txtbase
+import dns.resolver
+import spf
+
+__all__ = [
+    "Answer",
+    "CacheStats",
+    "Resolver",
+    "Status",
+    "dkim_dnsfunc",
+    "dnsbl_name",
+    "reverse_name",
+    "spf_check",
+]
+
+log = logging.getLogger(__name__)
+
+_Key = tuple[dns.name.Name, dns.rdatatype.RdataType]
+
+#: Longest time a positive answer is cached, whatever its TTL says.
+MAX_TTL = 86400
+#: Longest time NXDOMAIN/NODATA is cached (RFC 2308 suggests 1-3 hours max).
+MAX_NEGATIVE_TTL = 3600
+#: How long a TEMPFAIL is cached; see :class:`Resolver`.
+TEMPFAIL_TTL = 5.0
+# EDNS payload we announce: large enough for DKIM keys and most TXT answers
+# over UDP, small enough to avoid IP fragmentation (DNS flag day 2020).
+_EDNS_PAYLOAD = 1232
+
+
+class Status(enum.Enum):
+    """What a DNS question came back with."""
+
+    RECORDS = "records"  #: the name has records of the asked type
+    NXDOMAIN = "nxdomain"  #: the name does not exist
+    NODATA = "nodata"  #: the name exists, without records of that type
+    TEMPFAIL = "tempfail"  #: SERVFAIL, REFUSED, timeout or network error: ask again later
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """The outcome of one question.
+
+    ``records`` are text: ``rdata.to_text()`` for every type (names are
+    absolute, with the final dot: ``"10 mx.example.com."``) except TXT (and
+    SPF), whose strings are joined without quotes or separators and decoded
+    as UTF-8 (undecodable bytes become U+FFFD) -- the form SPF, DKIM, DMARC
+    and DNSBL reasons are read in.  ``rdata`` keeps the dnspython objects, in
+    the same order, for exact bytes (``rdata[0].strings``) or fields
+    (``rdata[0].preference``).
+
+    ``ttl`` is the seconds the answer stays valid (the remaining time when it
+    comes from the cache); ``error`` says what went wrong for TEMPFAIL.
+    """
+
+    status: Status
+    records: tuple[str, ...] = ()
+    ttl: int = 0
+    rdata: tuple[dns.rdata.Rdata, ...] = field(default=(), compare=False, repr=False)
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """True if there are records."""
+        return self.status is Status.RECORDS
+
+    @property
+    def temporary(self) -> bool:
+        """True if the question could not be answered now (TEMPFAIL)."""
+        return self.status is Status.TEMPFAIL
+
+    @property
+    def negative(self) -> bool:
+        """True for a definite "no" (NXDOMAIN or NODATA)."""
+        return self.status in (Status.NXDOMAIN, Status.NODATA)
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStats:
+    """Counters since the resolver was created (for metrics and tests)."""
+
+    hits: int  #: answered from the cache
+    coalesced: int  #: joined a query already in flight
+    sent: int  #: resolutions actually started (dnspython may retry inside one)
+    size: int  #: entries in the cache now
+
+
+# ------------------------------------------------------------------ names
+
+
+def _ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """Parse ``ip``; an IPv4-mapped IPv6 address (``::ffff:a.b.c.d``, what a
+    dual-stack socket reports) counts as the IPv4 address it carries."""
+    address = ipaddress.ip_address(ip)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def reverse_name(ip: str) -> str:
+    """The PTR name of ``ip``: ``4.3.2.1.in-addr.arpa`` or the 32-nibble
+    ``....ip6.arpa`` form.  Raises ValueError if ``ip`` is not an address."""
+    return _ip(ip).reverse_pointer
+
+
+def dnsbl_name(ip: str, zone: str) -> str:
+    """The name to look ``ip`` up in DNSBL ``zone`` (RFC 5782 section 2):
+    reversed octets for IPv4, reversed nibbles for IPv6.
+
+    >>> dnsbl_name("192.0.2.99", "dnsbl.example.")
+    '99.2.0.192.dnsbl.example'
+    """
+    address = _ip(ip)
+    labels = address.reverse_pointer.rsplit(".", 2)[0]  # drop in-addr.arpa / ip6.arpa
+    return f"{labels}.{zone.strip('.')}"
+
+
+def _parse_nameserver(text: str) -> dns.nameserver.Do53Nameserver:
+    """``IP``, ``IP:PORT``, ``[V6]`` or ``[V6]:PORT`` (a bare v6 has no port)."""
+    host, port = text, 53
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"bad nameserver {text!r}")
+            port = int(rest[1:])
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+        port = int(port_text)
+    ipaddress.ip_address(host)  # ValueError for a name or garbage
+    if not 0 < port < 65536:
+        raise ValueError(f"bad port in nameserver {text!r}")
+    return dns.nameserver.Do53Nameserver(host, port)
+
+
+# --------------------------------------------------------------- resolver
+
+
+def _text(rdata: dns.rdata.Rdata) -> str:
+    if isinstance(rdata, dns.rdtypes.txtbase.TXTBase):
+        return b"".join(rdata.strings).decode("utf-8", "replace")
+    return rdata.to_text()
+
+
+def _negative_ttl(response: dns.message.Message | None) -> int:
+    """RFC 2308: min(SOA TTL, SOA minimum) and any CNAME on the way.  Without
+    an SOA the answer SHOULD NOT be cached (section 5), so 0."""
+    if response is None:
+        return 0
+    soas = [rrset for rrset in response.authority if rrset.rdtype == dns.rdatatype.SOA]
+    if not soas:
+        return 0
+    ttl: int = min(soas[0].ttl, soas[0][0].minimum)
+    return min([ttl] + [rrset.ttl for rrset in response.answer])
+
+
+class Resolver:
+    """Asynchronous stub resolver with a TTL cache and in-flight de-duplication.
+
+    :param nameservers: ``"IP"``, ``"IP:PORT"`` or ``"[V6]:PORT"``; empty means
+        the system's (/etc/resolv.conf).
+    :param timeout: seconds one question may take in all (retries and TCP
+        fallback included) before it is TEMPFAIL.
+    :param cache_size: most entries kept (least recently used go first); 0
+        disables the cache (de-duplication still works).
+    :param tempfail_ttl: seconds a TEMPFAIL is remembered (0 = not at all).
+    :param clock: monotonic clock, replaceable in tests.
+
+    Why the cache is ours, not dnspython's: negative answers are cached by
+    their SOA only (dnspython assumes 300 s when there is none; RFC 2308 says
+    do not cache those), TTLs are capped, TEMPFAIL is remembered briefly, hits
+    are counted, and the cache sits behind the de-duplication.
+
+    Why de-duplicate: a spam run opens many sessions from the same client at
+    once, and each asks the same DNSBL and SPF questions before the first
+    answer is cached.  Concurrent askers of one (name, type) await a single
+    shared task; a waiter that is cancelled (its session timed out or hung up)
+    does not cancel the others, thanks to :func:`asyncio.shield`.
+
+    Why TEMPFAIL is cached, but only for ``tempfail_ttl`` (5 s): RFC 9520
+    requires resolvers to cache resolution failures (briefly), so that a
+    dead or slow server (or a DNSBL that blocks us) costs one timeout per few
+    seconds instead of one per session -- without that, a flood waits out the
+    full timeout on every connection.  Not longer: a TEMPFAIL makes the
+    gateway answer 4xx, and one lost packet must not defer all mail for a
+    domain for minutes.
+
+    Use one Resolver per event loop thread; it is not thread-safe (the SPF
+    bridge calls it through the loop, so that is fine).
+    """
+
+    def __init__(
+        self,
+        nameservers: Sequence[str] = (),
+        timeout: float = 5.0,
+        cache_size: int = 10000,
+        *,
+        tempfail_ttl: float = TEMPFAIL_TTL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        servers = [_parse_nameserver(ns) for ns in nameservers]
+        self._dns = dns.asyncresolver.Resolver(configure=not servers)
+        if servers:
+            self._dns.nameservers = servers
+        self._dns.cache = None  # ours, see above
+        self._dns.lifetime = timeout
+        self._dns.timeout = min(timeout, 2.0)  # per try; dnspython retries until lifetime
+        self._dns.use_edns(0, 0, _EDNS_PAYLOAD)
+        self.timeout = timeout
+        self._cache_size = cache_size
+        self._tempfail_ttl = tempfail_ttl
+        self._clock = clock
+        self._cache: OrderedDict[_Key, tuple[float, Answer]] = OrderedDict()
+        self._inflight: dict[_Key, asyncio.Task[Answer]] = {}
+        self._hits = self._coalesced = self._sent = 0
+
+    # ---------------------------------------------------------------- query
+
+    async def query(self, name: str, rdtype: str) -> Answer:
+        """Ask for ``rdtype`` records of ``name`` (always absolute; no search
+        list).  Never raises for DNS trouble; a name that cannot exist in the
+        DNS (empty label, label over 63 bytes...) is NXDOMAIN without a query.
+        Raises ValueError only for an unknown ``rdtype`` (a programming error)."""
+        try:
+            qtype = dns.rdatatype.from_text(rdtype)
+        except dns.rdatatype.UnknownRdatatype:
+            raise ValueError(f"unknown DNS type {rdtype!r}") from None
+        try:
+            qname = dns.name.from_text(name).canonicalize()
+        except (dns.exception.DNSException, UnicodeError) as exc:
+            return Answer(Status.NXDOMAIN, error=f"invalid name {name!r}: {exc}")
+        key = (qname, qtype)
+        cached = self._cache_get(key)
+        if cached is not None:
+            self._hits += 1
+            return cached
+        loop = asyncio.get_running_loop()
+        task = self._inflight.get(key)
+        if task is not None and task.get_loop() is loop:
+            self._coalesced += 1
+        else:
+            task = loop.create_task(self._resolve(key))
+            self._inflight[key] = task
+            task.add_done_callback(lambda done: self._forget(key, done))
+        return await asyncio.shield(task)
+
+    def _forget(self, key: _Key, task: asyncio.Task[Answer]) -> None:
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+
+    async def _resolve(self, key: _Key) -> Answer:
+        """Ask the nameservers once and cache the outcome."""
+        self._sent += 1
+        answer = await self._ask(*key)
+        if answer.status is Status.TEMPFAIL:
+            log.debug("DNS %s %s: %s", key[0], dns.rdatatype.to_text(key[1]), answer.error)
+            lifetime = self._tempfail_ttl
+        else:
+            lifetime = float(answer.ttl)
+        self._cache_put(key, answer, lifetime)
+        return answer
+
+    async def _ask(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType) -> Answer:
+        """One resolution through dnspython, classified into an Answer."""
+        try:
+            # dnspython bounds itself by lifetime; the outer bound is a guard.
+            async with asyncio.timeout(self.timeout + 1.0):
+                result = await self._dns.resolve(qname, qtype, raise_on_no_answer=False, search=False)
+        except dns.resolver.NXDOMAIN as exc:
+            responses = exc.responses()  # type: ignore[no-untyped-call]
+            response = next(iter(responses.values()), None)
+            return Answer(Status.NXDOMAIN, ttl=min(_negative_ttl(response), MAX_NEGATIVE_TTL))
+        except (dns.exception.Timeout, TimeoutError):
+            return Answer(Status.TEMPFAIL, error=f"timeout after {self.timeout:g}s")
+        except dns.resolver.NoNameservers as exc:
+            # SERVFAIL or REFUSED from every server (dnspython does not retry those)
+            return Answer(Status.TEMPFAIL, error=str(exc))
+        except Exception as exc:  # a hostile or broken server must not crash a session
+            return Answer(Status.TEMPFAIL, error=f"{type(exc).__name__}: {exc}")
+        if result.rrset is None:
+            return Answer(Status.NODATA, ttl=min(_negative_ttl(result.response), MAX_NEGATIVE_TTL))
+        rdata = tuple(result.rrset)
+        ttl = min(result.chaining_result.minimum_ttl, MAX_TTL)
+        return Answer(Status.RECORDS, tuple(_text(rd) for rd in rdata), ttl, rdata)
+
+    # ---------------------------------------------------------------- cache
+
+    def _cache_get(self, key: _Key) -> Answer | None:
+        entry = self._cache.get(key)
+        if entry is None:
+            return None
+        expires, answer = entry
+        remaining = expires - self._clock()
+        if remaining <= 0:
+            del self._cache[key]
+            return None
+        self._cache.move_to_end(key)
+        return replace(answer, ttl=min(answer.ttl, int(remaining)))
+
+    def _cache_put(self, key: _Key, answer: Answer, lifetime: float) -> None:
+        if lifetime <= 0 or self._cache_size <= 0:
+            return
+        self._cache[key] = (self._clock() + lifetime, answer)
+        self._cache.move_to_end(key)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+    def cache_clear(self) -> None:
+        self._cache.clear()
+
+    @property
+    def stats(self) -> CacheStats:
+        return CacheStats(self._hits, self._coalesced, self._sent, len(self._cache))
+
+    # -------------------------------------------------------------- helpers
+
+    async def txt(self, name: str) -> Answer:
+        """TXT records of ``name``, each as one joined string."""
+        return await self.query(name, "TXT")
+
+    async def mx(self, name: str) -> Answer:
+        """MX records of ``name`` sorted by preference (``rdata`` likewise).
+        A null MX (RFC 7505) is the one record ``"0 ."``."""
+        answer = await self.query(name, "MX")
+        if not answer.ok:
+            return answer
+        ordered = sorted(answer.rdata, key=lambda rd: (rd.preference, rd.exchange))  # type: ignore[attr-defined]
+        return replace(answer, records=tuple(_text(rd) for rd in ordered), rdata=tuple(ordered))
+
+    async def ptr(self, ip: str) -> Answer:
+        """PTR names of ``ip`` (IPv4, IPv6 or IPv4-mapped IPv6)."""
+        return await self.query(reverse_name(ip), "PTR")
+
+    async def a_aaaa(self, name: str) -> Answer:
+        """A and AAAA of ``name``, asked concurrently, IPv4 first.
+
+        RECORDS if either has records (a TEMPFAIL on the other is dropped:
+        the address we have is still an address); else TEMPFAIL if either
+        failed; else NXDOMAIN if both say so; else NODATA."""
+        a, aaaa = await asyncio.gather(self.query(name, "A"), self.query(name, "AAAA"))
+        found = [x for x in (a, aaaa) if x.ok]
+        if found:
+            return Answer(
+                Status.RECORDS,
+                tuple(r for x in found for r in x.records),
+                min(x.ttl for x in found),
+                tuple(rd for x in found for rd in x.rdata),
+            )
+        for x in (a, aaaa):
+            if x.temporary:
+                return x
+        if a.status is Status.NXDOMAIN and aaaa.status is Status.NXDOMAIN:
+            return Answer(Status.NXDOMAIN, ttl=min(a.ttl, aaaa.ttl))
+        return Answer(Status.NODATA, ttl=min(a.ttl, aaaa.ttl))
+
+
+# ------------------------------------------------------------------- DKIM
+
+DkimDnsFunc = Callable[..., Awaitable[bytes | None]]
+
+
+def dkim_dnsfunc(resolver: Resolver) -> DkimDnsFunc:
+    """A ``dnsfunc`` for ``dkim.asyncsupport.verify_async`` (and ``arc``) that
+    asks ``resolver``.
+
+    dkimpy calls it as ``await f(name: bytes, timeout=5)`` and wants the first
+    TXT record with its strings joined, as bytes, or None if there is none.  A
+    TEMPFAIL raises ``dkim.DnsTimeoutError`` (a DKIMException), so callers
+    using ``dkim.asyncsupport.DKIM`` directly can tell "temperror" from
+    "no key"; ``verify_async`` itself turns it into False.  ``name`` may also
+    be ``str`` (authheaders passes str for DMARC).
+    """
+
+    async def dnsfunc(name: bytes | str, timeout: float = 5) -> bytes | None:
+        qname = name.decode("utf-8", "replace") if isinstance(name, bytes) else name
+        try:
+            answer = await asyncio.wait_for(resolver.query(qname, "TXT"), timeout)
+        except TimeoutError:
+            raise dkim.DnsTimeoutError(f"{qname}: timeout after {timeout}s") from None
+        if answer.temporary:
+            raise dkim.DnsTimeoutError(f"{qname}: {answer.error}")
+        if not answer.ok:
+            return None
+        return b"".join(answer.rdata[0].strings)  # type: ignore[attr-defined]
+
+    return dnsfunc
+
+
+# -------------------------------------------------------------------- SPF
+#
+# pyspf is synchronous and has no DNS parameter: spf.query.dns() calls the
+# module-level function spf.DNSLookup(name, qtype, strict, timeout).  We
+# replace that function once with a router that answers through the Resolver
+# stored in a context variable, which spf_check sets inside its worker thread.
+# Outside spf_check the router calls pyspf's original lookup, so any other
+# user of pyspf in the process sees no change.  Overriding query.dns() in a
+# subclass instead would mean copying its ~50 lines (CNAME chains, void-lookup
+# and time limits) and following every pyspf release.
+
+_SpfLookup = Callable[[str, str, float], list[tuple[tuple[str, str], Any]]]
+_SPF_LOOKUP: contextvars.ContextVar[_SpfLookup | None] = contextvars.ContextVar("smtpgate_spf_lookup", default=None)
+_spf_install_lock = threading.Lock()
+_spf_original: Callable[..., Any] | None = None
+_spf_executor: concurrent.futures.ThreadPoolExecutor | None = None
+# Threads mostly sleep waiting for the event loop, so many are cheap; a pool
+# of its own keeps slow SPF checks from starving the loop's default executor
+# (which asyncio uses for getaddrinfo).
+_SPF_WORKERS = 32
+
+
+def _spf_router(name: str, qtype: str, strict: Any = True, timeout: float = 20) -> list[tuple[tuple[str, str], Any]]:
+    lookup = _SPF_LOOKUP.get()
+    if lookup is None:
+        assert _spf_original is not None
+        return _spf_original(name, qtype, strict, timeout)  # type: ignore[no-any-return]
+    return lookup(name, qtype, timeout)
+
+
+def _install_spf_router() -> concurrent.futures.ThreadPoolExecutor:
+    global _spf_original, _spf_executor
+    with _spf_install_lock:
+        if spf.DNSLookup is not _spf_router:
+            _spf_original = spf.DNSLookup
+            spf.DNSLookup = _spf_router
+        if _spf_executor is None:
+            _spf_executor = concurrent.futures.ThreadPoolExecutor(_SPF_WORKERS, thread_name_prefix="smtpgate-spf")
+        return _spf_executor
+
+
+def _spf_records(name: str, qtype: str, answer: Answer) -> list[tuple[tuple[str, str], Any]]:
+    """Our Answer in the shape pyspf's DNSLookup_dnspython returns."""
+    key = (name, qtype)
+    if qtype in ("A", "AAAA"):
+        return [(key, rd.address) for rd in answer.rdata]  # type: ignore[attr-defined]
+    if qtype == "MX":
+        return [(key, (rd.preference, rd.exchange.to_text(True))) for rd in answer.rdata]  # type: ignore[attr-defined]
+    if qtype == "PTR":
+        return [(key, rd.target.to_text(True)) for rd in answer.rdata]  # type: ignore[attr-defined]
+    if qtype in ("TXT", "SPF"):
+        return [(key, tuple(rd.strings)) for rd in answer.rdata]  # type: ignore[attr-defined]
+    return []
+
+
+def _spf_lookup_via(resolver: Resolver, loop: asyncio.AbstractEventLoop) -> _SpfLookup:
+    """A blocking lookup for a worker thread: runs resolver.query on ``loop``."""
+
+    def lookup(name: str, qtype: str, timeout: float) -> list[tuple[tuple[str, str], Any]]:
+        bound = min(timeout, resolver.timeout) + 1.0
+        try:
+            future = asyncio.run_coroutine_threadsafe(resolver.query(name, qtype), loop)
+        except RuntimeError as exc:  # the loop is closed
+            raise spf.TempError(f"DNS {name} {qtype}: {exc}") from None
+        try:
+            answer = future.result(bound)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise spf.TempError(f"DNS {name} {qtype}: timeout") from None
+        if answer.temporary:
+            raise spf.TempError(f"DNS {name} {qtype}: {answer.error}")
+        return _spf_records(name, qtype, answer)
+
+    return lookup
+
+
+async def spf_check(resolver: Resolver, ip: str, sender: str, helo: str, *, querytime: float = 20.0) -> tuple[str, str]:
+    """RFC 7208 check of ``sender`` (MAIL FROM; empty for bounces, then the
+    HELO identity is checked) sent from ``ip`` -- pyspf's ``check2`` with its
+    DNS through ``resolver`` (shared cache, our timeouts, loopback in tests).
+
+    :param querytime: seconds for the whole evaluation (RFC 7208 4.6.4 says 20).
+    :returns: (result, explanation); result is one of ``pass``, ``fail``,
+        ``softfail``, ``neutral``, ``none``, ``temperror``, ``permerror``.
+    """
+    executor = _install_spf_router()
+    lookup = _spf_lookup_via(resolver, asyncio.get_running_loop())
+
+    def run() -> tuple[str, str]:
+        token = _SPF_LOOKUP.set(lookup)
+        try:
+            result, explanation = spf.check2(i=ip, s=sender, h=helo, querytime=querytime)
+        except spf.PermError as exc:  # raised before evaluation, e.g. a bad IP
+            return "permerror", f"SPF Permanent Error: {exc}"
+        finally:
+            _SPF_LOOKUP.reset(token)
+        return str(result), str(explanation)
+
+    return await asyncio.get_running_loop().run_in_executor(executor, run)

@@ -1,0 +1,470 @@
+"""gateway.dns against the real loopback DNS server (tests/fixtures/dnsserver.py).
+
+The server counts the queries it receives, so caching and de-duplication are
+checked from the outside: what actually went over the wire.  Cache expiry
+uses a fake clock instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import Awaitable
+from typing import TypeVar
+
+import dkim
+import dkim.asyncsupport
+import dns.message as dns_message  # aliased: the `dns` fixture shadows the package name
+import pytest
+import spf
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from gateway import dns as gdns
+from gateway.dns import Answer, Resolver, Status, dkim_dnsfunc, dnsbl_name, reverse_name, spf_check
+from tests.fixtures.dnsserver import DNSServer, dns, dns_server  # noqa: F401
+
+T = TypeVar("T")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def resolver(dns: DNSServer, clock: FakeClock) -> Resolver:
+    return Resolver([dns.nameserver], timeout=1.0, clock=clock)
+
+
+async def timed(awaitable: Awaitable[T]) -> tuple[T, float]:
+    started = time.monotonic()
+    result = await awaitable
+    return result, time.monotonic() - started
+
+
+# ------------------------------------------------------------- each status
+
+
+async def test_records(resolver: Resolver) -> None:
+    answer = await resolver.query("host.test.example", "A")
+    assert answer == Answer(Status.RECORDS, ("192.0.2.20",), 300)
+    assert answer.ok and not answer.temporary and not answer.negative
+    assert answer.rdata[0].to_text() == "192.0.2.20"
+
+
+async def test_txt_strings_are_joined_and_kept(resolver: Resolver) -> None:
+    answer = await resolver.txt("multi.test.example")
+    assert answer.records == ("onetwo",)
+    assert answer.rdata[0].strings == (b"one", b"two")  # type: ignore[attr-defined]
+
+
+async def test_txt_is_decoded_as_utf8_with_replacement(resolver: Resolver, dns: DNSServer) -> None:
+    dns.add_zone("txt.test", 'ok IN TXT "caf\\195\\169"\nbad IN TXT "x\\255y"')
+    assert (await resolver.txt("ok.txt.test")).records == ("café",)
+    bad = await resolver.txt("bad.txt.test")
+    assert bad.records == ("x\ufffdy",) and bad.rdata[0].strings == (b"x\xffy",)  # type: ignore[attr-defined]
+
+
+async def test_nxdomain_with_negative_ttl_from_soa(resolver: Resolver) -> None:
+    answer = await resolver.query("nothing.test.example", "A")
+    assert answer == Answer(Status.NXDOMAIN, (), 60)
+    assert answer.negative
+
+
+@pytest.mark.parametrize("name, rdtype", [("v6only.test.example", "A"), ("ent.test.example", "A")])
+async def test_nodata(resolver: Resolver, name: str, rdtype: str) -> None:
+    assert await resolver.query(name, rdtype) == Answer(Status.NODATA, (), 60)
+
+
+async def test_cname_is_followed_with_the_smallest_ttl(resolver: Resolver) -> None:
+    assert await resolver.query("alias2.test.example", "A") == Answer(Status.RECORDS, ("192.0.2.20",), 60)
+    assert (await resolver.query("dangling.test.example", "A")).status is Status.NXDOMAIN
+
+
+@pytest.mark.parametrize("fault", ["servfail", "refused", "outside"])
+async def test_tempfail(resolver: Resolver, dns: DNSServer, fault: str) -> None:
+    name = "www.example.net" if fault == "outside" else "host.test.example"
+    if fault != "outside":
+        getattr(dns, fault)(name)
+    answer = await resolver.query(name, "A")
+    assert answer.status is Status.TEMPFAIL and answer.temporary
+    assert ("REFUSED" if fault != "servfail" else "SERVFAIL") in answer.error
+
+
+async def test_timeout_is_tempfail_within_the_timeout(dns: DNSServer) -> None:
+    dns.timeout("other.example")
+    resolver = Resolver([dns.nameserver], timeout=0.5)
+    answer, elapsed = await timed(resolver.query("www.other.example", "A"))
+    assert answer.status is Status.TEMPFAIL and "timeout" in answer.error
+    assert 0.45 <= elapsed < 0.9
+
+
+async def test_big_answer_falls_back_to_tcp(resolver: Resolver, dns: DNSServer) -> None:
+    answer = await resolver.txt("big.test.example")
+    assert answer.ok and len(answer.records) == 8
+    assert dns.query_count("big.test.example", "TXT") == 2  # UDP (truncated), then TCP
+
+
+async def test_invalid_names_are_nxdomain_without_a_query(resolver: Resolver, dns: DNSServer) -> None:
+    for name in ("a..test.example", "x" * 64 + ".test.example"):
+        answer = await resolver.query(name, "A")
+        assert answer.status is Status.NXDOMAIN and "invalid name" in answer.error
+    assert dns.total_queries == 0
+
+
+async def test_unknown_type_is_a_programming_error(resolver: Resolver) -> None:
+    with pytest.raises(ValueError):
+        await resolver.query("host.test.example", "NOSUCHTYPE")
+
+
+# ------------------------------------------------------------------- cache
+
+
+async def test_positive_cache_honours_ttl(resolver: Resolver, dns: DNSServer, clock: FakeClock) -> None:
+    await resolver.query("short.test.example", "A")  # TTL 30
+    clock.now += 20
+    again = await resolver.query("Short.Test.Example.", "A")
+    assert again.ttl == 10  # the remaining time
+    assert dns.query_count("short.test.example", "A") == 1
+    clock.now += 11
+    assert (await resolver.query("short.test.example", "A")).ttl == 30
+    assert dns.query_count("short.test.example", "A") == 2
+    assert resolver.stats.hits == 1
+
+
+async def test_zero_ttl_is_not_cached(resolver: Resolver, dns: DNSServer) -> None:
+    for _ in range(2):
+        assert (await resolver.query("zero.test.example", "A")).ok
+    assert dns.query_count("zero.test.example", "A") == 2
+
+
+@pytest.mark.parametrize("name, rdtype", [("nothing.test.example", "A"), ("v6only.test.example", "A")])
+async def test_negative_cache_by_soa_minimum(
+    resolver: Resolver, dns: DNSServer, clock: FakeClock, name: str, rdtype: str
+) -> None:
+    first = await resolver.query(name, rdtype)
+    clock.now += 59
+    assert await resolver.query(name, rdtype) == Answer(first.status, (), 1)
+    assert dns.query_count(name, rdtype) == 1
+    clock.now += 2
+    await resolver.query(name, rdtype)
+    assert dns.query_count(name, rdtype) == 2
+
+
+def test_negative_answer_without_soa_is_not_cached() -> None:
+    response = dns_message.make_response(dns_message.make_query("x.example", "A"))
+    assert gdns._negative_ttl(response) == 0
+
+
+async def test_tempfail_is_cached_briefly(resolver: Resolver, dns: DNSServer, clock: FakeClock) -> None:
+    dns.servfail("host.test.example")
+    assert (await resolver.query("host.test.example", "A")).temporary
+    assert (await resolver.query("host.test.example", "A")).temporary
+    assert dns.query_count("host.test.example", "A") == 1
+    dns.reset_faults()
+    clock.now += gdns.TEMPFAIL_TTL + 0.1
+    assert (await resolver.query("host.test.example", "A")).ok
+    assert dns.query_count("host.test.example", "A") == 2
+
+
+async def test_tempfail_caching_can_be_disabled(dns: DNSServer) -> None:
+    dns.servfail("host.test.example")
+    resolver = Resolver([dns.nameserver], timeout=1.0, tempfail_ttl=0)
+    for _ in range(2):
+        await resolver.query("host.test.example", "A")
+    assert dns.query_count("host.test.example", "A") == 2
+
+
+async def test_cache_is_bounded_lru(dns: DNSServer) -> None:
+    resolver = Resolver([dns.nameserver], timeout=1.0, cache_size=2)
+    for name in ("host", "mx1", "host", "mx2"):  # "host" used again: mx1 is the oldest
+        await resolver.query(f"{name}.test.example", "A")
+    assert resolver.stats.size == 2
+    await resolver.query("host.test.example", "A")
+    await resolver.query("mx1.test.example", "A")
+    assert dns.query_count("host.test.example", "A") == 1
+    assert dns.query_count("mx1.test.example", "A") == 2
+
+
+async def test_cache_size_zero_disables_caching(dns: DNSServer) -> None:
+    resolver = Resolver([dns.nameserver], timeout=1.0, cache_size=0)
+    for _ in range(2):
+        await resolver.query("host.test.example", "A")
+    assert dns.query_count("host.test.example", "A") == 2
+
+
+# ---------------------------------------------------------- de-duplication
+
+
+async def test_concurrent_identical_queries_send_one(resolver: Resolver, dns: DNSServer) -> None:
+    dns.delay("test.example", 0.1)  # keep the first query in flight while the others arrive
+    answers = await asyncio.gather(*(resolver.query("host.test.example", "A") for _ in range(100)))
+    assert {a.records for a in answers} == {("192.0.2.20",)}
+    assert dns.query_count("host.test.example", "A") == 1
+    assert resolver.stats.coalesced == 99
+
+
+async def test_cancelled_waiter_does_not_cancel_the_others(resolver: Resolver, dns: DNSServer) -> None:
+    dns.delay("test.example", 0.2)
+    first = asyncio.create_task(resolver.query("host.test.example", "A"))
+    second = asyncio.create_task(resolver.query("host.test.example", "A"))
+    await asyncio.sleep(0.05)
+    first.cancel()
+    assert (await second).ok
+    assert first.cancelled()
+    assert dns.query_count("host.test.example", "A") == 1
+
+
+async def test_slow_zone_does_not_delay_another(resolver: Resolver, dns: DNSServer) -> None:
+    dns.delay("test.example", 0.5)
+    (slow, slow_time), (fast, fast_time) = await asyncio.gather(
+        timed(resolver.query("host.test.example", "A")), timed(resolver.query("www.other.example", "A"))
+    )
+    assert slow.ok and fast.ok
+    assert slow_time >= 0.45
+    assert fast_time < 0.2
+
+
+# ----------------------------------------------------------------- helpers
+
+
+async def test_a_aaaa(resolver: Resolver, dns: DNSServer) -> None:
+    both = await resolver.a_aaaa("host.test.example")
+    assert both.status is Status.RECORDS and both.records == ("192.0.2.20", "2001:db8::20")
+    assert (await resolver.a_aaaa("v6only.test.example")).records == ("2001:db8::21",)
+    assert (await resolver.a_aaaa("nothing.test.example")).status is Status.NXDOMAIN
+    assert (await resolver.a_aaaa("ent.test.example")).status is Status.NODATA
+    dns.servfail("mx1.test.example")
+    assert (await resolver.a_aaaa("mx1.test.example")).temporary
+
+
+async def test_mx_sorted_by_preference(resolver: Resolver, dns: DNSServer) -> None:
+    answer = await resolver.mx("test.example")
+    assert answer.records == ("10 mx1.test.example.", "20 mx2.test.example.")
+    assert [rd.preference for rd in answer.rdata] == [10, 20]  # type: ignore[attr-defined]
+    dns.add_zone("nullmx.test", "@ IN MX 0 .")
+    assert (await resolver.mx("nullmx.test")).records == ("0 .",)
+
+
+@pytest.mark.parametrize("ip", ["192.0.2.20", "::ffff:192.0.2.20"])
+async def test_ptr_ipv4(resolver: Resolver, dns: DNSServer, ip: str) -> None:
+    dns.add_zone("2.0.192.in-addr.arpa", "20 IN PTR host.test.example.")
+    assert (await resolver.ptr(ip)).records == ("host.test.example.",)
+
+
+async def test_ptr_ipv6_nibbles(resolver: Resolver, dns: DNSServer) -> None:
+    dns.add_zone("8.b.d.0.1.0.0.2.ip6.arpa", "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0 IN PTR v6.test.example.")
+    assert (await resolver.ptr("2001:db8::1")).records == ("v6.test.example.",)
+
+
+def test_reverse_and_dnsbl_names() -> None:
+    assert reverse_name("192.0.2.99") == "99.2.0.192.in-addr.arpa"
+    assert reverse_name("::ffff:192.0.2.99") == "99.2.0.192.in-addr.arpa"
+    assert dnsbl_name("192.0.2.99", "dnsbl.example.") == "99.2.0.192.dnsbl.example"
+    # RFC 5782 section 2.4's example
+    assert dnsbl_name("2001:DB8:1:2:3:4:567:89AB", "ugly.example.com") == (
+        "b.a.9.8.7.6.5.0.4.0.0.0.3.0.0.0.2.0.0.0.1.0.0.0.8.b.d.0.1.0.0.2.ugly.example.com"
+    )
+    assert reverse_name("2001:db8::1").endswith(".8.b.d.0.1.0.0.2.ip6.arpa")
+    with pytest.raises(ValueError):
+        reverse_name("not-an-ip")
+
+
+async def test_dnsbl_lookup_ipv6(resolver: Resolver, dns: DNSServer) -> None:
+    listed = "2001:db8:1:2:3:4:567:89ab"
+    dns.add_zone("dnsbl.test", f"{dnsbl_name(listed, 'dnsbl.test.')}. IN A 127.0.0.2")
+    assert (await resolver.query(dnsbl_name(listed, "dnsbl.test"), "A")).records == ("127.0.0.2",)
+    assert (await resolver.query(dnsbl_name("2001:db8::2", "dnsbl.test"), "A")).status is Status.NXDOMAIN
+
+
+@pytest.mark.parametrize(
+    "text, address, port",
+    [
+        ("127.0.0.1", "127.0.0.1", 53),
+        ("127.0.0.1:5353", "127.0.0.1", 5353),
+        ("::1", "::1", 53),
+        ("[::1]", "::1", 53),
+        ("[::1]:5353", "::1", 5353),
+    ],
+)
+def test_nameserver_forms(text: str, address: str, port: int) -> None:
+    server = gdns._parse_nameserver(text)
+    assert (server.address, server.port) == (address, port)
+
+
+@pytest.mark.parametrize("text", ["ns.example.com", "127.0.0.1:0", "[::1]x", "1.2.3.4:99999"])
+def test_bad_nameservers(text: str) -> None:
+    with pytest.raises(ValueError):
+        Resolver([text])
+
+
+# -------------------------------------------------------------------- DKIM
+
+
+@pytest.fixture(scope="module")
+def rsa_key() -> tuple[bytes, str]:
+    """(private key PEM, public key base64) generated for this test run."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+    )
+    der = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return pem, base64.b64encode(der).decode()
+
+
+MESSAGE = (
+    b"From: Alice <alice@dkim.test>\r\nTo: bob@example.com\r\nSubject: hello\r\n"
+    b"Date: Mon, 01 Jan 2024 00:00:00 +0000\r\nMessage-ID: <1@dkim.test>\r\n\r\nHi Bob.\r\n"
+)
+
+
+def publish_key(dns: DNSServer, public_b64: str, selector: str = "s1") -> None:
+    """The key as one TXT record in 255-byte strings, the way big keys are published."""
+    record = f"v=DKIM1; k=rsa; p={public_b64}"
+    strings = " ".join(f'"{record[i : i + 255]}"' for i in range(0, len(record), 255))
+    dns.add_zone("dkim.test", f"{selector}._domainkey IN TXT {strings}")
+
+
+def sign(pem: bytes, selector: str = "s1") -> bytes:
+    headers = [b"from", b"to", b"subject"]
+    signature: bytes = dkim.sign(MESSAGE, selector.encode(), b"dkim.test", pem, include_headers=headers)
+    return signature + MESSAGE
+
+
+async def test_dkim_verify_pass(resolver: Resolver, dns: DNSServer, rsa_key: tuple[bytes, str]) -> None:
+    pem, public = rsa_key
+    publish_key(dns, public)
+    assert await dkim.asyncsupport.verify_async(sign(pem), dnsfunc=dkim_dnsfunc(resolver))
+
+
+async def test_dkim_verify_fails_on_tampered_body(
+    resolver: Resolver, dns: DNSServer, rsa_key: tuple[bytes, str]
+) -> None:
+    pem, public = rsa_key
+    publish_key(dns, public)
+    tampered = sign(pem).replace(b"Hi Bob.", b"Hi Eve.")
+    assert not await dkim.asyncsupport.verify_async(tampered, dnsfunc=dkim_dnsfunc(resolver))
+
+
+async def test_dkim_missing_key(resolver: Resolver, dns: DNSServer, rsa_key: tuple[bytes, str]) -> None:
+    pem, public = rsa_key
+    publish_key(dns, public, selector="s1")
+    dnsfunc = dkim_dnsfunc(resolver)
+    assert await dnsfunc(b"s2._domainkey.dkim.test.") is None
+    assert not await dkim.asyncsupport.verify_async(sign(pem, selector="s2"), dnsfunc=dnsfunc)
+
+
+async def test_dkim_tempfail_raises_dns_error(resolver: Resolver, dns: DNSServer, rsa_key: tuple[bytes, str]) -> None:
+    pem, public = rsa_key
+    publish_key(dns, public)
+    dns.servfail("s1._domainkey.dkim.test")
+    dnsfunc = dkim_dnsfunc(resolver)
+    with pytest.raises(dkim.DnsTimeoutError):
+        await dnsfunc(b"s1._domainkey.dkim.test.")
+    assert not await dkim.asyncsupport.verify_async(sign(pem), dnsfunc=dnsfunc)
+
+
+async def test_dkim_key_from_zone_file(resolver: Resolver) -> None:
+    record = await dkim_dnsfunc(resolver)(b"sel._domainkey.test.example.")
+    assert record is not None and record.startswith(b"v=DKIM1;")
+    _, keysize, ktag, _ = dkim.evaluate_pk(b"sel._domainkey.test.example.", record)
+    assert (keysize, ktag) == (2048, b"rsa")
+
+
+async def test_dkim_dnsfunc_accepts_str(resolver: Resolver) -> None:
+    assert await dkim_dnsfunc(resolver)("txt.test.example") == b"hello world"
+
+
+# --------------------------------------------------------------------- SPF
+
+
+@pytest.mark.parametrize(
+    "ip, sender, expected",
+    [
+        ("192.0.2.5", "a@strict.spf.example", "pass"),
+        ("198.51.100.5", "a@strict.spf.example", "fail"),
+        ("198.51.100.5", "a@soft.spf.example", "softfail"),
+        ("198.51.100.5", "a@neutral.spf.example", "neutral"),
+        ("192.0.2.5", "a@none.spf.example", "none"),
+        ("192.0.2.5", "a@nonexistent.spf.example", "none"),
+        ("192.0.2.5", "a@include.spf.example", "pass"),
+        ("198.51.100.5", "a@include.spf.example", "fail"),
+        ("192.0.2.5", "a@redirect.spf.example", "pass"),
+        ("198.51.100.5", "a@redirect.spf.example", "softfail"),
+        ("203.0.113.26", "a@mx.spf.example", "pass"),
+        ("203.0.113.27", "a@mx.spf.example", "fail"),
+        ("203.0.113.30", "a@a.spf.example", "pass"),
+        ("2001:db8::25", "a@a.spf.example", "pass"),
+        ("::ffff:203.0.113.30", "a@a.spf.example", "pass"),
+        ("2001:db8::26", "a@a.spf.example", "fail"),
+        ("1.2.3.4", "a@exists.spf.example", "pass"),
+        ("1.2.3.5", "a@exists.spf.example", "fail"),
+        ("192.0.2.5", "a@long.spf.example", "pass"),
+        ("192.0.2.5", "a@badinc.spf.example", "permerror"),
+        ("192.0.2.5", "a@syntax.spf.example", "permerror"),
+        ("192.0.2.5", "a@two.spf.example", "permerror"),
+        ("not-an-ip", "a@strict.spf.example", "permerror"),
+    ],
+)
+async def test_spf_results(resolver: Resolver, ip: str, sender: str, expected: str) -> None:
+    result, _ = await spf_check(resolver, ip, sender, "helo.example")
+    assert result == expected
+
+
+async def test_spf_explanation_is_expanded(resolver: Resolver) -> None:
+    assert await spf_check(resolver, "198.51.100.5", "a@strict.spf.example", "helo.example") == (
+        "fail",
+        "198.51.100.5 is not allowed to send for strict.spf.example",
+    )
+
+
+async def test_spf_helo_identity_for_bounces(resolver: Resolver) -> None:
+    assert (await spf_check(resolver, "192.0.2.5", "", "strict.spf.example"))[0] == "pass"
+
+
+async def test_spf_ptr_mechanism(resolver: Resolver, dns: DNSServer) -> None:
+    dns.add_zone("2.0.192.in-addr.arpa", "77 IN PTR named.spf.example.\n78 IN PTR elsewhere.test.example.")
+    assert (await spf_check(resolver, "192.0.2.77", "a@ptr.spf.example", "h"))[0] == "pass"
+    assert (await spf_check(resolver, "192.0.2.78", "a@ptr.spf.example", "h"))[0] == "fail"
+
+
+@pytest.mark.parametrize("broken", ["strict.spf.example", "broken.spf.example"])
+async def test_spf_servfail_is_temperror(resolver: Resolver, dns: DNSServer, broken: str) -> None:
+    dns.servfail(broken)
+    sender = "a@strict.spf.example" if broken.startswith("strict") else "a@tempinc.spf.example"
+    result, explanation = await spf_check(resolver, "192.0.2.5", sender, "h")
+    assert result == "temperror" and "SERVFAIL" in explanation
+
+
+async def test_spf_timeout_is_temperror_within_bound(dns: DNSServer) -> None:
+    dns.timeout("strict.spf.example")
+    resolver = Resolver([dns.nameserver], timeout=0.3)
+    (result, _), elapsed = await timed(spf_check(resolver, "192.0.2.5", "a@strict.spf.example", "h"))
+    assert result == "temperror"
+    assert elapsed < 1.0
+
+
+async def test_spf_shares_the_resolver_cache(resolver: Resolver, dns: DNSServer) -> None:
+    results = await asyncio.gather(*(spf_check(resolver, "192.0.2.5", "a@include.spf.example", "h") for _ in range(20)))
+    assert {r for r, _ in results} == {"pass"}
+    await spf_check(resolver, "192.0.2.5", "a@include.spf.example", "h")
+    assert dns.query_count("include.spf.example", "TXT") == 1
+    assert dns.query_count("strict.spf.example", "TXT") == 1
+    assert (await resolver.txt("strict.spf.example")).ok
+    assert dns.query_count("strict.spf.example", "TXT") == 1
+
+
+async def test_spf_router_is_inactive_outside_spf_check(resolver: Resolver) -> None:
+    await spf_check(resolver, "192.0.2.5", "a@strict.spf.example", "h")
+    assert spf.DNSLookup is gdns._spf_router
+    assert gdns._SPF_LOOKUP.get() is None
