@@ -28,6 +28,7 @@ __all__ = [
     "Policy",
     "GatewaySettings",
     "DNSSettings",
+    "ScoringSettings",
     "Endpoint",
     "load_policy",
     "ip_in",
@@ -120,6 +121,8 @@ class GatewaySettings:
     hook_timeout: float = 30.0
     shutdown_timeout: float = 30.0
     bare_newline: Literal["reject", "normalize"] = "reject"
+    #: Trial mode: log what plugins would have refused, refuse nothing.
+    monitor: bool = False
 
     def check(self) -> dict[str, str]:
         """Checks beyond types; returns ``{key: expected}`` for each problem."""
@@ -206,12 +209,40 @@ class DNSSettings:
 
 
 @dataclass(frozen=True)
+class ScoringSettings:
+    """The ``[scoring]`` table: plugin scores summed per transaction and
+    compared with thresholds, like rspamd's actions.  No thresholds: scores
+    are only recorded in the headers."""
+
+    reject: float | None = None
+    defer: float | None = None
+    tag: float | None = None
+    #: Where the sum is judged: at each RCPT (before the message is sent)
+    #: or at the end of DATA (content checks included).
+    stage: Literal["rcpt", "data"] = "data"
+    #: Add X-Spam-Score / X-Spam-Status to every message that has a score.
+    headers: bool = True
+
+    def check(self) -> dict[str, str]:
+        order = [(k, getattr(self, k)) for k in ("tag", "defer", "reject") if getattr(self, k) is not None]
+        values = [v for _, v in order]
+        if values != sorted(values):
+            return {"reject": "thresholds with tag <= defer <= reject"}
+        return {}
+
+    @property
+    def enabled(self) -> bool:
+        return any(v is not None for v in (self.reject, self.defer, self.tag))
+
+
+@dataclass(frozen=True)
 class Policy:
     """A loaded policy: core settings plus the raw plugin tables, in order."""
 
     source: str
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     dns: DNSSettings = field(default_factory=DNSSettings)
+    scoring: ScoringSettings = field(default_factory=ScoringSettings)
     #: ``{name: table}`` in the order the file lists them.
     plugins: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
@@ -227,7 +258,7 @@ class Policy:
         return dataclasses.replace(self, gateway=new)
 
 
-_TOP = {"gateway", "dns", "plugins"}
+_TOP = {"gateway", "dns", "scoring", "plugins"}
 
 
 def load_policy(path: str | Path) -> Policy:
@@ -251,7 +282,8 @@ def policy_from_dict(data: Mapping[str, Any], source: str) -> Policy:
     ]
     gateway, p1 = parse_table(GatewaySettings, data.get("gateway", {}), "gateway", source)
     dns, p2 = parse_table(DNSSettings, data.get("dns", {}), "dns", source)
-    problems += p1 + p2
+    scoring, p3 = parse_table(ScoringSettings, data.get("scoring", {}), "scoring", source)
+    problems += p1 + p2 + p3
     plugins = data.get("plugins", {})
     if not isinstance(plugins, dict):
         problems.append(Problem(source, "plugins", "expected a table of [plugins.NAME] tables"))
@@ -260,8 +292,8 @@ def policy_from_dict(data: Mapping[str, Any], source: str) -> Policy:
         if not isinstance(table, dict):
             problems.append(Problem(source, f"plugins.{name}", "expected a table"))
     _raise_if(problems)
-    assert gateway is not None and dns is not None
-    return Policy(source, gateway, dns, plugins)
+    assert gateway is not None and dns is not None and scoring is not None
+    return Policy(source, gateway, dns, scoring, plugins)
 
 
 def _raise_if(problems: list[Problem]) -> None:

@@ -11,6 +11,7 @@ between verdicts are broken.  Nothing here runs at import time.
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
@@ -25,6 +26,7 @@ from .plugin import Context
 __all__ = ["GROUP", "Registry", "LoadedPlugin", "HookCall", "load_plugins", "installed"]
 
 GROUP = "smtpgate.plugins"
+log = logging.getLogger("smtpgate.plugins")
 STAGES = tuple(hookspecs.__all__)
 
 
@@ -85,14 +87,18 @@ def load_plugins(
     classes: dict[str, type | None] = {}
 
     def load(name: str) -> type | None:
-        # Imported on demand: a plugin the policy disables is never imported.
+        # Imported on demand: a plugin the policy disables is never imported,
+        # and a broken plugin the policy does not name is no reason to stop.
         if name not in classes:
             try:
                 classes[name] = available[name][0]()
             except Exception as exc:
-                problems.append(Problem(policy.source, f"plugins.{name}",
-                                        f"an importable plugin ({available[name][1]}: {exc!r})"))
                 classes[name] = None
+                if name in policy.plugins:
+                    problems.append(Problem(policy.source, f"plugins.{name}",
+                                            f"an importable plugin ({available[name][1]}: {exc!r})"))
+                else:
+                    log.warning("plugin %s (%s) does not import: %r", name, available[name][1], exc)
         return classes[name]
 
     available: dict[str, tuple[Callable[[], type], str]] = {

@@ -140,6 +140,10 @@ UPSTREAM_UNAVAILABLE = Reply(421, "4.4.1", "{hostname} Error: next hop unavailab
 UPSTREAM_FAILED = Reply(451, "4.4.1", "Error: next hop failed during the transaction, try again later")
 LOCAL_ERROR = Reply(451, "4.3.0", "Error: local error in processing, try again later")
 
+# --- scoring ([scoring] thresholds) ----------------------------------------
+SCORE_REJECT = Reply(554, "5.7.1", "Error: message rejected as spam (score {score:.1f})")
+SCORE_DEFER = Reply(451, "4.7.1", "Error: message deferred, spam score {score:.1f}, try again later")
+
 # --- built-in plugins -------------------------------------------------------
 # Kept here rather than in each plugin so the whole vocabulary is in one place
 # and checked by one test; third-party plugins build their own Reply values.

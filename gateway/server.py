@@ -9,12 +9,14 @@ import os
 import signal
 import socket
 from collections import Counter
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from . import replies
 from .config import Policy, ip_in
+from .dns import Resolver
 from .plugin import Context
-from .plugins import Registry, load_plugins
+from .plugins import load_plugins
 from .replies import Reply
 from .smtp import SMTPSession
 from .upstream import Upstream, make_upstream
@@ -31,11 +33,12 @@ class Gateway:
     """What every session of one process shares: settings, plugins,
     connection counts, and the set of open sessions for shutdown."""
 
-    def __init__(self, policy: Policy, registry: Registry | None = None):
+    def __init__(self, policy: Policy, extra: Mapping[str, type] | None = None):
         self.policy = policy
         self.settings = policy.gateway
-        self.context = Context(policy.gateway)
-        self.registry = registry or load_plugins(policy, self.context)
+        # One resolver per process: every plugin shares its cache.
+        self.context = Context(policy.gateway, Resolver(policy.dns.nameservers, policy.dns.timeout))
+        self.registry = load_plugins(policy, self.context, extra=extra)
         self._trusted = self.settings.trusted
         self._xclient = self.settings.xclient
         self._per_ip: Counter[str] = Counter()

@@ -20,6 +20,7 @@ import asyncio
 import ipaddress
 import logging
 import re
+from dataclasses import replace
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -30,11 +31,12 @@ from . import log as decisions
 from . import replies
 from .address import Address, PathError, parse_path
 from .config import ip_in
+from .headers import claims_authserv_id, prepend, remove_fields
 from .pipeline import run_stage
 from .replies import Reply
 from .session import Envelope, Message, Recipient, Session
 from .upstream import Upstream, UpstreamError
-from .verdict import Action, Verdict
+from .verdict import CONTINUE, Action, Verdict
 
 if TYPE_CHECKING:
     from .server import Gateway
@@ -189,8 +191,8 @@ class SMTPSession(_AiosmtpdSMTP):
                 await self.reply(verdict.reply)
                 return False
             self._refusal = verdict
-        elif verdict.action is Action.TAG:
-            self.session.tags.append(verdict)
+        else:
+            _keep(verdict, self.session.tags)
         return True
 
     async def _command_loop(self) -> None:
@@ -288,9 +290,46 @@ class SMTPSession(_AiosmtpdSMTP):
             log.exception("closing the next hop failed")
 
     async def _stage(self, stage: str, **kwargs: Any) -> Verdict:
-        return await run_stage(
+        verdict = await run_stage(
             self.gateway.registry.calls[stage], kwargs, self.settings.hook_timeout, self.session.id
         )
+        return self._monitored(stage, verdict)
+
+    def _monitored(self, stage: str, verdict: Verdict) -> Verdict:
+        """In monitor mode a refusal is logged as what would have happened
+        and the command goes on; its headers and score are kept."""
+        if not (verdict.refuses and self.settings.monitor):
+            return verdict
+        decisions.decision(self.session, stage, "monitor", verdict.reply, plugin=verdict.plugin,
+                           result=f"would {verdict.action.name.lower()}: {verdict.result}".rstrip(": "))
+        return replace(verdict, action=Action.CONTINUE, reply=None, disconnect=False)
+
+    def _score(self, envelope: Envelope) -> Verdict:
+        """The transaction's summed score against the [scoring] thresholds."""
+        scoring = self.gateway.policy.scoring
+        if not scoring.enabled:
+            return CONTINUE
+        total = _total(self.session, envelope)
+        detail = _tests(self.session, envelope)
+        if scoring.reject is not None and total >= scoring.reject:
+            verdict = Verdict.reject(replies.SCORE_REJECT.format(score=total), plugin="scoring", result=detail)
+        elif scoring.defer is not None and total >= scoring.defer:
+            verdict = Verdict.defer(replies.SCORE_DEFER.format(score=total), plugin="scoring", result=detail)
+        else:
+            return CONTINUE
+        return self._monitored(self.gateway.policy.scoring.stage, verdict)
+
+    def _headers(self, envelope: Envelope) -> list[tuple[str, str]]:
+        verdicts = (*self.session.tags, *envelope.tags)
+        headers = [h for v in verdicts for h in v.headers]
+        scoring = self.gateway.policy.scoring
+        if scoring.headers and any(v.score for v in verdicts):
+            total = _total(self.session, envelope)
+            spam = scoring.tag is not None and total >= scoring.tag
+            required = f" required={scoring.tag:.1f}" if scoring.tag is not None else ""
+            headers.append(("X-Spam-Score", f"{total:.1f}"))
+            headers.append(("X-Spam-Status", f"{'Yes' if spam else 'No'}, score={total:.1f}{required} tests={_tests(self.session, envelope)}"))
+        return headers
 
     def _refused(self, stage: str, verdict: Verdict, **log_fields: Any) -> Reply:
         assert verdict.reply is not None
@@ -350,8 +389,7 @@ class SMTPSession(_AiosmtpdSMTP):
             self._greeted = False
             await self.reply(self._refused("helo", verdict))
             return
-        if verdict.action is Action.TAG:
-            self.session.tags.append(verdict)
+        _keep(verdict, self.session.tags)
         self.session.helo = arg
         self.session.esmtp = esmtp
         self.session.protocol = "ESMTP" if esmtp else "SMTP"
@@ -424,8 +462,7 @@ class SMTPSession(_AiosmtpdSMTP):
         if verdict.refuses:
             await self.reply(self._refused("mail", verdict, envelope=envelope))
             return
-        if verdict.action is Action.TAG:
-            envelope.tags.append(verdict)
+        _keep(verdict, envelope.tags)
         await self._upstream()
         line = f"MAIL FROM:<{sender.path}>" + (f" {params_text}" if params_text else "")
         reply = await self._forward(line)
@@ -481,8 +518,12 @@ class SMTPSession(_AiosmtpdSMTP):
         if verdict.refuses:
             await self.reply(self._refused("rcpt", verdict, envelope=envelope, rcpt=address.mailbox))
             return
-        if verdict.action is Action.TAG:
-            envelope.tags.append(verdict)
+        _keep(verdict, envelope.tags)
+        if self.gateway.policy.scoring.stage == "rcpt":
+            verdict = self._score(envelope)
+            if verdict.refuses:
+                await self.reply(self._refused("rcpt", verdict, envelope=envelope, rcpt=address.mailbox))
+                return
         line = f"RCPT TO:<{address.path}>" + (f" {params_text}" if params_text else "")
         reply = await self._forward(line)
         if reply.is_positive:
@@ -516,9 +557,18 @@ class SMTPSession(_AiosmtpdSMTP):
             await self._reset_transaction()
             await self.reply(reply)
             return
-        headers = [h for v in (*self.session.tags, *envelope.tags, verdict) for h in v.headers]
-        if headers:
-            raw = b"".join(f"{k}: {v}\r\n".encode("utf-8", "surrogateescape") for k, v in headers) + raw
+        _keep(verdict, envelope.tags)
+        if self.gateway.policy.scoring.stage == "data":
+            scored = self._score(envelope)
+            if scored.refuses:
+                reply = self._refused("data", scored, envelope=envelope)
+                await self._reset_transaction()
+                await self.reply(reply)
+                return
+        # RFC 8601 §5: results that claim to be ours but arrived with the
+        # message are forgeries; ours are added below.
+        raw = remove_fields(raw, "Authentication-Results", lambda f: not claims_authserv_id(f, self.hostname))
+        raw = prepend(raw, self._headers(envelope))
         try:
             reply = await self.upstream.data(envelope, raw)
         except UpstreamError as exc:
@@ -661,6 +711,27 @@ class SMTPSession(_AiosmtpdSMTP):
             await self.reply(self._refusal.reply)
             return
         await self.reply(replies.GREETING.format(hostname=self.hostname))
+
+
+def _keep(verdict: Verdict, into: list[Verdict]) -> None:
+    """Verdicts that did not refuse but carry headers or a score stay with
+    the session or transaction until the message is sent."""
+    into.extend(
+        v for v in (verdict.parts or (verdict,)) if v.headers or v.score or v.action is Action.TAG
+    )
+
+
+def _total(session: Session, envelope: Envelope) -> float:
+    return sum(v.score for v in (*session.tags, *envelope.tags))
+
+
+def _tests(session: Session, envelope: Envelope) -> str:
+    """``plugin:result(score)`` for every scored verdict, for logs and headers."""
+    return ",".join(
+        f"{v.plugin}:{(v.result or 'hit').replace(' ', '_')}({v.score:g})"
+        for v in (*session.tags, *envelope.tags)
+        if v.score
+    ) or "none"
 
 
 def _valid_notify(value: str) -> bool:
