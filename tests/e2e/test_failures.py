@@ -1,0 +1,73 @@
+"""Promise 1: nothing is lost.  Every fault gives the client a 4yz so it
+retries; never a 250 for mail that went nowhere."""
+
+import logging
+import smtplib
+import socket
+
+import pytest
+
+from tests.fixtures.badmta import BadMTA
+from tests.fixtures.gateway import OUTSIDE_IP, recv_reply
+from tests.fixtures.postfix import free_port
+from tests.fixtures.testplugins import Boom, Stall
+
+MSG = b"Subject: x\r\n\r\nbody\r\n"
+
+
+def test_upstream_down_gives_421_at_mail(start_gateway) -> None:
+    gw = start_gateway(f"127.0.0.1:{free_port()}")
+    with gw.client(xclient=OUTSIDE_IP) as smtp:
+        assert not smtp.has_extn("dsn")  # nothing the next hop could not honour
+        code, text = smtp.mail("bob@example.org")
+    assert (code, text) == (421, b"4.4.1 gw.test.example Error: next hop unavailable, try again later")
+
+
+@pytest.mark.parametrize("mode", ["drop-at-data-end", "silent-at-data-end"])
+def test_upstream_failing_during_data_gives_451(start_gateway, mode: str) -> None:
+    with BadMTA(mode) as mta:
+        gw = start_gateway(f"127.0.0.1:{mta.port}", upstream_timeout=1.0)
+        with gw.client(xclient=OUTSIDE_IP) as smtp:
+            assert smtp.mail("bob@example.org")[0] == 250
+            assert smtp.rcpt("alice@example.com")[0] == 250
+            assert smtp.data(MSG) == (451, b"4.4.1 Error: next hop failed during the transaction, try again later")
+        assert len(mta.received) == 1
+
+
+def test_client_disconnecting_mid_data_delivers_nothing(gateway, postfix) -> None:
+    sock = gateway.raw()
+    for line in (b"XCLIENT ADDR=" + OUTSIDE_IP.encode(), b"EHLO c.example.net", b"MAIL FROM:<bob@example.org>",
+                 b"RCPT TO:<alice@example.com>", b"DATA"):
+        sock.sendall(line + b"\r\n")
+        assert recv_reply(sock)[:1] in (b"2", b"3")
+    sock.sendall(b"Subject: half\r\n\r\nthe first half of a message\r\n")
+    sock.close()
+    # Postfix logs the aborted session once the gateway drops the upstream.
+    postfix.wait_for_log(r"disconnect from unknown\[" + OUTSIDE_IP.replace(".", r"\.") + r"\]")
+    assert postfix.messages("alice") == []
+    assert postfix.deliveries() == []
+
+
+def test_plugin_that_raises_gives_451_and_the_gateway_goes_on(start_gateway, postfix, caplog) -> None:
+    gw = start_gateway(f"127.0.0.1:{postfix.port}", plugins={"boom": {}}, extra={"boom": Boom})
+    with caplog.at_level(logging.ERROR, "smtpgate"):
+        with gw.client(xclient=OUTSIDE_IP) as smtp:
+            smtp.mail("bob@example.org")
+            assert smtp.rcpt("boom@example.com") == (451, b"4.3.0 Error: internal policy failure, try again later")
+            # Same session, next recipient: fine.
+            assert smtp.rcpt("alice@example.com")[0] == 250
+            assert smtp.data(MSG)[0] == 250
+    assert "plugin=boom hook=rcpt raised" in caplog.text
+    assert "RuntimeError: boom plugin exploded" in caplog.text
+    with gw.client(xclient=OUTSIDE_IP) as smtp:  # and the next session works
+        assert smtp.sendmail("bob@example.org", ["bob@example.com"], MSG) == {}
+    postfix.wait_for_messages("alice")
+    postfix.wait_for_messages("bob")
+
+
+def test_plugin_overrunning_its_budget_gives_451(start_gateway, postfix) -> None:
+    gw = start_gateway(
+        f"127.0.0.1:{postfix.port}", plugins={"stall": {"seconds": 5.0}}, extra={"stall": Stall}, hook_timeout=0.3
+    )
+    with gw.client(xclient=OUTSIDE_IP) as smtp:
+        assert smtp.mail("bob@example.org") == (451, b"4.3.0 Error: internal policy failure, try again later")

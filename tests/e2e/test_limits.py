@@ -1,0 +1,72 @@
+"""Size, recipient, connection and time limits, through the network."""
+
+import smtplib
+import socket
+import time
+
+import pytest
+
+from tests.fixtures.gateway import OUTSIDE_IP, TRUSTED_IP, recv_reply
+
+
+def test_oversized_message_gets_552_and_nothing_arrives(start_gateway, postfix) -> None:
+    gw = start_gateway(f"127.0.0.1:{postfix.port}", max_message_size=10_000)
+    with gw.client(xclient=OUTSIDE_IP) as smtp:
+        assert "10000" in smtp.esmtp_features["size"]
+        # No SIZE= announced: the limit is enforced on what actually arrives.
+        assert smtp.mail("bob@example.org")[0] == 250
+        assert smtp.rcpt("alice@example.com")[0] == 250
+        assert smtp.data(b"Subject: big\r\n\r\n" + b"x" * 20_000) == (552, b"5.3.4 Message size exceeds fixed limit")
+        # The session goes on and a small message is fine.
+        assert smtp.sendmail("bob@example.org", ["alice@example.com"], b"Subject: small\r\n\r\nok\r\n") == {}
+    (delivered,) = postfix.wait_for_messages("alice")
+    assert b"Subject: small" in delivered
+
+
+def test_announced_size_over_the_limit(start_gateway, postfix) -> None:
+    gw = start_gateway(f"127.0.0.1:{postfix.port}", max_message_size=10_000)
+    with gw.client(xclient=OUTSIDE_IP) as smtp:
+        assert smtp.mail("bob@example.org", ["SIZE=10001"]) == (552, b"5.3.4 Message size exceeds fixed limit")
+
+
+def test_recipient_limit(start_gateway, postfix) -> None:
+    gw = start_gateway(f"127.0.0.1:{postfix.port}", max_recipients=2)
+    with gw.client(xclient=OUTSIDE_IP) as smtp:
+        smtp.mail("bob@example.org")
+        assert smtp.rcpt("alice@example.com")[0] == 250
+        assert smtp.rcpt("bob@example.com")[0] == 250
+        assert smtp.rcpt("carol@example.com") == (452, b"4.5.3 Error: too many recipients")
+        assert smtp.data(b"Subject: two\r\n\r\nx\r\n")[0] == 250
+    postfix.wait_for_messages("alice")
+    postfix.wait_for_messages("bob")
+    assert postfix.messages("carol") == []
+
+
+def test_connections_per_client_ip(start_gateway, postfix) -> None:
+    gw = start_gateway(f"127.0.0.1:{postfix.port}", max_connections_per_ip=2)
+    first, second = gw.raw(), gw.raw()
+    third = socket.create_connection(("127.0.0.1", gw.port), timeout=5)
+    try:
+        assert recv_reply(third) == b"421 4.7.0 gw.test.example Error: too many connections from 127.0.0.1\r\n"
+        assert third.recv(10) == b""
+    finally:
+        for s in (first, second, third):
+            s.close()
+    # Slots are given back when clients leave.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        s = socket.create_connection(("127.0.0.1", gw.port), timeout=5)
+        with s:
+            if recv_reply(s).startswith(b"220 "):
+                break
+        time.sleep(0.05)
+    else:
+        pytest.fail("connection slots were not released")
+
+
+def test_command_timeout(start_gateway, postfix) -> None:
+    gw = start_gateway(f"127.0.0.1:{postfix.port}", command_timeout=0.5)
+    s = gw.raw()
+    with s:
+        assert recv_reply(s) == b"421 4.4.2 gw.test.example Error: timeout exceeded\r\n"
+        assert s.recv(10) == b""

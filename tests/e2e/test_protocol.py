@@ -1,0 +1,133 @@
+"""Protocol hygiene through a real socket: exact codes for misuse."""
+
+import smtplib
+
+import pytest
+
+from tests.fixtures.gateway import OUTSIDE_IP, recv_reply
+
+
+def say(sock, line: bytes) -> bytes:
+    sock.sendall(line + b"\r\n")
+    return recv_reply(sock)
+
+
+@pytest.fixture
+def sock(gateway):
+    s = gateway.raw()
+    yield s
+    s.close()
+
+
+def test_banner_and_ehlo_name_the_policy_hostname(gateway) -> None:
+    smtp = smtplib.SMTP("127.0.0.1", gateway.port, timeout=10)
+    try:
+        code, text = smtp.ehlo("client.example.net")
+        assert code == 250
+        lines = text.decode().split("\n")
+        assert lines[0] == "gw.test.example"
+        for ext in ("PIPELINING", "SIZE 10240000", "ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8"):
+            assert ext in lines
+        assert not any(line.startswith(("STARTTLS", "AUTH", "CHUNKING")) for line in lines)
+    finally:
+        smtp.close()
+
+
+def test_greeting(gateway) -> None:
+    s = gateway.raw()
+    s.close()
+
+
+@pytest.mark.parametrize(
+    "line,reply",
+    [
+        (b"MAIL FROM:<a@example.org>", b"503 5.5.1 Error: send HELO/EHLO first\r\n"),
+        (b"RCPT TO:<alice@example.com>", b"503 5.5.1 Error: need MAIL command\r\n"),
+        (b"DATA", b"503 5.5.1 Error: need MAIL command\r\n"),
+        (b"FOO bar", b"500 5.5.2 Error: command not recognized\r\n"),
+        (b"", b"500 5.5.2 Error: bad syntax\r\n"),
+        (b"HELO", b"501 5.5.4 Syntax: HELO hostname\r\n"),
+        (b"EHLO", b"501 5.5.4 Syntax: EHLO hostname\r\n"),
+        (b"NOOP", b"250 2.0.0 Ok\r\n"),
+        (b"RSET", b"250 2.0.0 Ok\r\n"),
+        (b"X" * 3000, b"500 5.5.2 Error: line too long\r\n"),
+        (b"X" * 100_000, b"500 5.5.2 Error: line too long\r\n"),
+    ],
+)
+def test_misuse_gets_exact_replies(sock, line: bytes, reply: bytes) -> None:
+    assert say(sock, line) == reply
+    assert say(sock, b"NOOP") == b"250 2.0.0 Ok\r\n"  # the session goes on
+
+
+def test_transaction_order(sock) -> None:
+    assert say(sock, b"EHLO client.example.net").startswith(b"250-gw.test.example")
+    assert say(sock, b"DATA") == b"503 5.5.1 Error: need MAIL command\r\n"
+    assert say(sock, b"MAIL FROM:<bob@example.org>") == b"250 2.1.0 Ok\r\n"
+    assert say(sock, b"MAIL FROM:<bob@example.org>") == b"503 5.5.1 Error: nested MAIL command\r\n"
+    assert say(sock, b"DATA") == b"503 5.5.1 Error: need RCPT command\r\n"
+    assert say(sock, b"RCPT TO:<nobody@example.com>").startswith(b"550 5.1.1 ")
+    assert say(sock, b"DATA") == b"503 5.5.1 Error: need RCPT command\r\n"
+    assert say(sock, b"QUIT") == b"221 2.0.0 Bye\r\n"
+
+
+@pytest.mark.parametrize(
+    "line,reply",
+    [
+        (b"MAIL FROM:<a b@example.org>", b"501 5.1.7 Bad sender address syntax\r\n"),
+        (b"MAIL TO:<a@example.org>", b"501 5.5.4 Syntax: MAIL FROM:<address>\r\n"),
+        (b"MAIL", b"501 5.5.4 Syntax: MAIL FROM:<address>\r\n"),
+        (b"MAIL FROM:<a@example.org> FOO=bar", b"555 5.5.4 Unsupported option: FOO\r\n"),
+        (b"MAIL FROM:<a@example.org> SIZE=big", b"501 5.5.4 Bad SIZE parameter value\r\n"),
+        (b"MAIL FROM:<a@example.org> BODY=BINARYMIME", b"501 5.5.4 Bad BODY parameter value\r\n"),
+        (b"MAIL FROM:<a@example.org> SIZE=99999999999", b"552 5.3.4 Message size exceeds fixed limit\r\n"),
+    ],
+)
+def test_mail_syntax(sock, line: bytes, reply: bytes) -> None:
+    say(sock, b"EHLO client.example.net")
+    assert say(sock, line) == reply
+
+
+def test_rcpt_syntax(sock) -> None:
+    say(sock, b"EHLO client.example.net")
+    say(sock, b"MAIL FROM:<bob@example.org>")
+    assert say(sock, b"RCPT TO:<>") == b"501 5.1.3 Bad recipient address syntax\r\n"
+    assert say(sock, b"RCPT TO:<a@b@example.com>") == b"501 5.1.3 Bad recipient address syntax\r\n"
+    assert say(sock, b"RCPT TO:<alice@example.com> FOO") == b"555 5.5.4 Unsupported option: FOO\r\n"
+    assert say(sock, b"RCPT FROM:<alice@example.com>") == b"501 5.5.4 Syntax: RCPT TO:<address>\r\n"
+
+
+def test_helo_client_may_not_use_esmtp_parameters(sock) -> None:
+    assert say(sock, b"HELO client.example.net") == b"250 gw.test.example\r\n"
+    assert say(sock, b"MAIL FROM:<a@example.org> SIZE=10") == b"555 5.5.4 Unsupported option: SIZE\r\n"
+
+
+def test_help_and_quit(sock) -> None:
+    assert say(sock, b"HELP").startswith(b"214 2.0.0 ")
+    assert say(sock, b"QUIT") == b"221 2.0.0 Bye\r\n"
+    assert sock.recv(10) == b""
+
+
+def test_too_many_errors_close_the_session(start_gateway, postfix) -> None:
+    gw = start_gateway(f"127.0.0.1:{postfix.port}", max_errors=3)
+    s = gw.raw()
+    with s:
+        assert say(s, b"BAD1") == b"500 5.5.2 Error: command not recognized\r\n"
+        assert say(s, b"BAD2") == b"500 5.5.2 Error: command not recognized\r\n"
+        assert say(s, b"BAD3") == b"421 4.7.0 gw.test.example Error: too many errors\r\n"
+        assert s.recv(10) == b""
+
+
+def test_xclient_only_from_authorised_hosts(start_gateway, postfix) -> None:
+    gw = start_gateway(f"127.0.0.1:{postfix.port}", xclient_hosts=[])
+    s = gw.raw()
+    with s:
+        ehlo = say(s, b"EHLO client.example.net")
+        assert b"XCLIENT" not in ehlo
+        assert say(s, b"XCLIENT ADDR=" + OUTSIDE_IP.encode()) == b"550 5.7.0 Error: insufficient authorization\r\n"
+
+
+def test_xclient_syntax(sock) -> None:
+    assert say(sock, b"XCLIENT ADDR=not-an-ip") == b"501 5.5.4 Bad XCLIENT attribute: ADDR=not-an-ip\r\n"
+    assert say(sock, b"XCLIENT FOO=bar") == b"501 5.5.4 Bad XCLIENT attribute: FOO=bar\r\n"
+    assert say(sock, b"XCLIENT ADDR=IPV6:2001:db8::1 NAME=mail.example.net HELO=mx.example.net").startswith(b"220 ")
+    assert say(sock, b"MAIL FROM:<a@example.org>") == b"503 5.5.1 Error: send HELO/EHLO first\r\n"

@@ -1,0 +1,71 @@
+"""Promise 2 through the network: no open relay by any address trick, no
+mailbox disclosure through VRFY/EXPN.  What Postfix received is checked
+too, not only what the client heard."""
+
+import pytest
+
+from tests.fixtures.gateway import OUTSIDE_IP, TRUSTED_IP, recv_reply
+
+TRICKS = [
+    "user%remote.example@example.com",
+    "remote.example!user@example.com",
+    '"user@remote.example"@example.com',
+    "@example.com:user@remote.example",
+    "@remote.example:user@example.com",
+    "user@[192.0.2.1]",
+    "user@sub.example.com",
+    "user@example.com.remote.example",
+    "user@remote.example",
+]
+
+
+@pytest.mark.parametrize("rcpt", TRICKS)
+def test_relay_tricks_are_denied_for_outside_clients(gateway, postfix, rcpt: str) -> None:
+    sock = gateway.raw()
+    with sock:
+        for line in (b"XCLIENT ADDR=" + OUTSIDE_IP.encode(), b"EHLO c.example.net", b"MAIL FROM:<bob@example.org>"):
+            sock.sendall(line + b"\r\n")
+            assert recv_reply(sock)[:1] == b"2"
+        sock.sendall(b"RCPT TO:<" + rcpt.encode() + b">\r\n")
+        reply = recv_reply(sock)
+    shown = rcpt.split(":", 1)[1] if rcpt.startswith("@") else rcpt
+    assert reply == f"554 5.7.1 <{shown}>: Relay access denied\r\n".encode()
+    assert postfix.clients() == []  # Postfix never saw a transaction
+
+
+@pytest.mark.parametrize("rcpt", ["user@example.com.", "user@remote.example@example.com"])
+def test_malformed_tricks_are_refused_as_syntax(gateway, rcpt: str) -> None:
+    with gateway.client(xclient=OUTSIDE_IP) as smtp:
+        smtp.mail("bob@example.org")
+        assert smtp.rcpt(rcpt) == (501, b"5.1.3 Bad recipient address syntax")
+
+
+def test_local_mail_is_accepted_from_anyone(gateway, postfix) -> None:
+    with gateway.client(xclient=OUTSIDE_IP) as smtp:
+        assert smtp.sendmail("bob@example.org", ["ALICE@EXAMPLE.COM", "Postmaster"], b"Subject: hi\r\n\r\nx\r\n") == {}
+    postfix.wait_for_messages("alice")
+    # The bare <Postmaster> reached Postfix as such (it qualifies it with its
+    # own myorigin, which this test instance discards).
+    postfix.wait_for_log(r"orig_to=<Postmaster>.*status=sent")
+
+
+def test_trusted_clients_may_relay(gateway, postfix) -> None:
+    with gateway.client(xclient=TRUSTED_IP) as smtp:
+        assert smtp.sendmail("alice@example.com", ["friend@remote.example"], b"Subject: out\r\n\r\nx\r\n") == {}
+    assert postfix.wait_for_delivery("friend@remote.example")["status"] == "sent"
+
+
+def test_vrfy_and_expn_are_disabled_and_never_reach_postfix(gateway, postfix) -> None:
+    with gateway.client(xclient=OUTSIDE_IP) as smtp:
+        assert smtp.verify("alice@example.com") == (502, b"5.5.1 VRFY command is disabled")
+        assert smtp.expn("staff") == (502, b"5.5.1 EXPN command is disabled")
+        assert smtp.docmd("VRFY") == (501, b"5.5.4 Syntax: VRFY address")
+    assert "VRFY" not in postfix.maillog() and "EXPN" not in postfix.maillog()
+
+
+def test_vrfy_cannot_verify_reveals_nothing(start_gateway, postfix) -> None:
+    gw = start_gateway(f"127.0.0.1:{postfix.port}", plugins={"commands": {"vrfy": "cannot-verify"}})
+    with gw.client(xclient=OUTSIDE_IP) as smtp:
+        known = smtp.verify("alice@example.com")
+        unknown = smtp.verify("nobody@example.com")
+    assert known == unknown == (252, b"2.5.2 Cannot VRFY user, but will accept message and attempt delivery")

@@ -1,0 +1,75 @@
+"""Scores summed per transaction against [scoring] thresholds; monitor mode;
+headers from plugins; forged Authentication-Results removed."""
+
+import logging
+
+from tests.fixtures.gateway import OUTSIDE_IP, TRUSTED_IP
+from tests.fixtures.testplugins import Boom, Scorer, Tagger
+
+MSG = b"Subject: scored\r\n\r\nbody\r\n"
+EXTRA = {"scorer": Scorer, "tagger": Tagger, "boom": Boom}
+
+
+def start(start_gateway, postfix, plugins=("scorer",), **kw):
+    table = {name: {} for name in plugins}
+    return start_gateway(f"127.0.0.1:{postfix.port}", plugins=table, extra=EXTRA, **kw)
+
+
+def send(smtp, *rcpts):
+    smtp.mail("bob@example.org")
+    for rcpt in rcpts:
+        assert smtp.rcpt(rcpt)[0] == 250
+    return smtp.data(MSG)
+
+
+def test_scores_are_recorded_in_headers(start_gateway, postfix) -> None:
+    gw = start(start_gateway, postfix, plugins=("scorer", "tagger"))
+    with gw.client(xclient=TRUSTED_IP) as smtp:
+        assert send(smtp, "s3@remote.example", "alice@example.com")[0] == 250
+    (delivered,) = postfix.wait_for_messages("alice")
+    assert b"X-Spam-Score: 3.0\n" in delivered
+    assert b"X-Spam-Status: No, score=3.0 tests=scorer:score-s3(3)\n" in delivered
+    assert b"X-Test-Tag: size=" in delivered
+
+
+def test_thresholds(start_gateway, postfix) -> None:
+    gw = start(start_gateway, postfix, scoring={"reject": 10.0, "defer": 6.0, "tag": 2.0})
+    with gw.client(xclient=TRUSTED_IP) as smtp:
+        assert send(smtp, "s4@remote.example", "s7@remote.example", "alice@example.com") == (
+            554, b"5.7.1 Error: message rejected as spam (score 11.0)")
+        assert send(smtp, "s7@remote.example", "alice@example.com") == (
+            451, b"4.7.1 Error: message deferred, spam score 7.0, try again later")
+        assert send(smtp, "s3@remote.example", "alice@example.com")[0] == 250
+    (delivered,) = postfix.wait_for_messages("alice")
+    assert b"X-Spam-Status: Yes, score=3.0 required=2.0 tests=scorer:score-s3(3)\n" in delivered
+
+
+def test_judged_at_rcpt_when_the_policy_says_so(start_gateway, postfix) -> None:
+    gw = start(start_gateway, postfix, scoring={"reject": 5.0, "stage": "rcpt"})
+    with gw.client(xclient=TRUSTED_IP) as smtp:
+        smtp.mail("bob@example.org")
+        assert smtp.rcpt("s6@remote.example") == (554, b"5.7.1 Error: message rejected as spam (score 6.0)")
+
+
+def test_monitor_mode_refuses_nothing_and_logs_what_it_would_have_done(start_gateway, postfix, caplog) -> None:
+    gw = start(start_gateway, postfix, plugins=("scorer", "boom"), scoring={"reject": 1.0}, monitor=True)
+    with caplog.at_level(logging.INFO, "smtpgate"):
+        with gw.client(xclient=TRUSTED_IP) as smtp:
+            assert send(smtp, "boom@remote.example", "s5@remote.example", "alice@example.com")[0] == 250
+    postfix.wait_for_messages("alice")
+    assert "rcpt monitor: client=unknown[198.51.100.7]" in caplog.text
+    assert "data monitor: client=unknown[198.51.100.7]" in caplog.text
+    assert 'result=would reject: scorer:score-s5(5) reply="554 5.7.1 Error: message rejected as spam (score 5.0)"' in caplog.text
+
+
+def test_forged_authentication_results_are_removed(gateway, postfix) -> None:
+    forged = (
+        b"Authentication-Results: gw.test.example; spf=pass smtp.mailfrom=example.org\r\n"
+        b"Authentication-Results: (comment) GW.TEST.EXAMPLE;\r\n  dkim=pass header.d=example.org\r\n"
+        b"Authentication-Results: other.example; spf=fail\r\n"
+    )
+    with gateway.client(xclient=OUTSIDE_IP) as smtp:
+        smtp.sendmail("bob@example.org", ["alice@example.com"], forged + b"Subject: ar\r\n\r\nbody\r\n")
+    (delivered,) = postfix.wait_for_messages("alice")
+    assert delivered.count(b"Authentication-Results:") == 1
+    assert b"Authentication-Results: other.example; spf=fail\nSubject: ar\n" in delivered
