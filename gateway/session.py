@@ -6,6 +6,7 @@ import email.parser
 import email.policy
 import ipaddress
 import itertools
+import os
 from dataclasses import dataclass, field
 from email.message import Message as _EmailMessage
 from functools import cached_property
@@ -22,7 +23,8 @@ _ids = itertools.count(1)
 
 
 def _next_id() -> str:
-    return f"{next(_ids):X}"
+    # The pid keeps ids unique across worker processes sharing one log.
+    return f"{os.getpid()}.{next(_ids)}"
 
 
 @dataclass(slots=True)

@@ -1,0 +1,125 @@
+"""The smtpgate command as a user runs it: a real process, real signals."""
+
+import json
+import os
+import shutil
+import signal
+import smtplib
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.postfix import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+SMTPGATE = [sys.executable, "-m", "gateway"]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"smtpgate exited with {proc.returncode}: {proc.stderr.read()}")
+        try:
+            smtplib.SMTP("127.0.0.1", port, timeout=2).quit()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError("smtpgate did not listen in time")
+
+
+@pytest.fixture
+def serve(tmp_path: Path):
+    procs: list[subprocess.Popen] = []
+
+    def start(*args: str) -> tuple[subprocess.Popen, int]:
+        port = free_port()
+        proc = subprocess.Popen(
+            [*SMTPGATE, "serve", "--listen", f"127.0.0.1:{port}", *args],
+            cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+        )
+        procs.append(proc)
+        wait_for_port(port, proc)
+        return proc, port
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        proc.stderr.close()
+
+
+def test_default_policy_delivers_to_a_local_maildir(serve, tmp_path: Path) -> None:
+    # No --policy: policies/default.toml of the checkout, Maildir under cwd.
+    proc, port = serve("--workers", "1")
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+        assert smtp.ehlo("client.example.net")[1].startswith(b"smtpgate.localhost")
+        assert smtp.sendmail("bob@example.org", ["alice@example.com"], b"Subject: hi\r\n\r\nhello\r\n") == {}
+    (delivered,) = list((tmp_path / "maildir" / "new").iterdir())
+    assert delivered.read_bytes() == (
+        b"Return-Path: <bob@example.org>\nDelivered-To: alice@example.com\nSubject: hi\n\nhello\n"
+    )
+    assert list((tmp_path / "maildir" / "tmp").iterdir()) == []
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 0
+    log = proc.stderr.read()
+    assert "data delivered: client=unknown[127.0.0.1] helo=<client.example.net> from=<bob@example.org>" in log
+
+
+def test_sigterm_lets_an_open_session_finish(serve, tmp_path: Path) -> None:
+    proc, port = serve("--workers", "1")
+    smtp = smtplib.SMTP("127.0.0.1", port, timeout=10)
+    smtp.ehlo("client.example.net")
+    smtp.mail("bob@example.org")
+    smtp.rcpt("alice@example.com")
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    assert smtp.data(b"Subject: late\r\n\r\nstill delivered\r\n")[0] == 250
+    # Between transactions the session is told to go away.
+    assert smtp.noop()[0] == 421
+    smtp.close()
+    assert proc.wait(15) == 0
+    assert len(list((tmp_path / "maildir" / "new").iterdir())) == 1
+
+
+def test_workers_share_the_port_and_log_json(serve, tmp_path: Path) -> None:
+    proc, port = serve("--workers", "2", "--log-format", "json")
+    for _ in range(30):
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+            smtp.sendmail("bob@example.org", ["alice@example.com"], b"Subject: w\r\n\r\nx\r\n")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 0
+    lines = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
+    delivered = [line for line in lines if line.get("stage") == "data" and line.get("action") == "delivered"]
+    assert len(delivered) == 30
+    assert {"session", "client", "helo", "from", "to", "reply", "time"} <= set(delivered[0])
+    # SO_REUSEPORT spreads 30 connections over both workers.
+    assert len({line["session"].split(".")[0] for line in delivered}) == 2
+    assert len(list((tmp_path / "maildir" / "new").iterdir())) == 30
+
+
+def test_plugins_command_lists_order_hooks_and_origin(tmp_path: Path) -> None:
+    run = subprocess.run([*SMTPGATE, "plugins", "--policy", str(ROOT / "policies" / "default.toml")],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    assert "  1. relay: hooks rcpt; from plugins.relay:RelayPlugin (smtpgate " in run.stdout
+    assert "  2. commands: hooks vrfy, expn; from plugins.commands:CommandsPlugin (smtpgate " in run.stdout
+
+
+def test_console_script_is_installed() -> None:
+    exe = shutil.which("smtpgate")
+    assert exe is not None
+    run = subprocess.run([exe, "lint", str(ROOT / "policies" / "default.toml")], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip().endswith(": ok")
+
+
+def test_port_in_use_is_a_clear_error(serve, tmp_path: Path) -> None:
+    _, port = serve("--workers", "1")
+    run = subprocess.run([*SMTPGATE, "serve", "--listen", f"127.0.0.1:{port}", "--workers", "1"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=30)
+    assert run.returncode == 1
+    assert f"smtpgate: cannot listen on 127.0.0.1:{port}: Address already in use" in run.stderr
