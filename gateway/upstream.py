@@ -132,9 +132,10 @@ class SMTPUpstream:
         )
         try:
             response = await self._smtp.execute_command(b"XCLIENT", args.encode())
-            if response.code != 220:
+            # Postfix answers 220 and restarts the dialogue; older servers
+            # (and smtp-sink) answer 250.  EHLO again, as the client, either way.
+            if response.code // 100 != 2:
                 raise UpstreamError(f"XCLIENT refused: {response.code} {response.message}")
-            # XCLIENT restarts the dialogue: EHLO again, as the client.
             await self._ehlo(self._smtp, session.helo or self._settings.hostname)
         except (aiosmtplib.SMTPException, OSError) as exc:
             self._drop()

@@ -1,0 +1,63 @@
+"""Every stage's hook, through the network: what a refusal looks like to
+the client, and that the next hop never sees a refused command."""
+
+import time
+
+import pytest
+
+from tests.fixtures.gateway import recv_reply
+from tests.fixtures.testplugins import Gatekeeper
+
+
+@pytest.fixture
+def gw(start_gateway, postfix):
+    Gatekeeper.disconnects.clear()
+    return start_gateway(f"127.0.0.1:{postfix.port}", plugins={"gate": {}}, extra={"gate": Gatekeeper})
+
+
+def say(sock, line: bytes) -> bytes:
+    sock.sendall(line + b"\r\n")
+    return recv_reply(sock)
+
+
+def test_connect_refusal_answers_every_command_but_quit(gw, postfix) -> None:
+    sock = gw.raw()
+    with sock:
+        assert say(sock, b"XCLIENT ADDR=192.0.2.66") == b"554 5.7.1 Service unavailable; Client host [192.0.2.66] blocked\r\n"
+        assert say(sock, b"EHLO c.example.net") == b"554 5.7.1 Service unavailable; Client host [192.0.2.66] blocked\r\n"
+        assert say(sock, b"MAIL FROM:<a@example.org>") == b"554 5.7.1 Service unavailable; Client host [192.0.2.66] blocked\r\n"
+        assert say(sock, b"QUIT") == b"221 2.0.0 Bye\r\n"
+    assert postfix.clients() == []
+
+
+def test_connect_defer_with_disconnect_closes(gw) -> None:
+    sock = gw.raw()
+    with sock:
+        assert say(sock, b"XCLIENT ADDR=192.0.2.67") == b"421 4.7.0 Try again later\r\n"
+        assert sock.recv(10) == b""
+
+
+def test_helo_refusal_leaves_the_client_without_helo(gw) -> None:
+    sock = gw.raw()
+    with sock:
+        assert say(sock, b"EHLO bad.example") == b"550 5.7.1 <bad.example>: Helo command rejected: go away\r\n"
+        assert say(sock, b"MAIL FROM:<a@example.org>") == b"503 5.5.1 Error: send HELO/EHLO first\r\n"
+
+
+def test_data_refusal_never_reaches_postfix_and_the_session_goes_on(gw, postfix) -> None:
+    with gw.client(xclient="203.0.113.7") as smtp:
+        smtp.mail("bob@example.org")
+        smtp.rcpt("alice@example.com")
+        assert smtp.data(b"Subject: v\r\n\r\nEICAR\r\n") == (554, b"5.7.0 Message content rejected")
+        assert smtp.sendmail("bob@example.org", ["alice@example.com"], b"Subject: ok\r\n\r\nclean\r\n") == {}
+    (delivered,) = postfix.wait_for_messages("alice")
+    assert b"EICAR" not in delivered
+
+
+def test_disconnect_hook_runs(gw) -> None:
+    with gw.client(xclient="203.0.113.8"):
+        pass
+    deadline = time.monotonic() + 5
+    while "203.0.113.8" not in Gatekeeper.disconnects and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert "203.0.113.8" in Gatekeeper.disconnects
