@@ -104,7 +104,9 @@ class GatewaySettings:
     #: The next hop: ``HOST:PORT`` of an MTA, or ``maildir:DIR``.
     upstream: str = "maildir:maildir"
     local_domains: tuple[str, ...] = ()
-    trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    #: Clients that may relay anywhere.  None by default: an inbound gateway
+    #: on port 25 relays for nobody; outbound mail goes through submission.
+    trusted_networks: tuple[str, ...] = ()
     #: Hosts allowed to send XCLIENT to us (e.g. a front proxy, tests).
     xclient_hosts: tuple[str, ...] = ()
     proxy_protocol: bool = False
