@@ -1,0 +1,203 @@
+"""MAIL FROM hygiene: the sender's domain must be able to receive replies.
+
+A bounce or a reply goes to the envelope sender (RFC 5321 §4.5.5, §6.1), so
+a sender domain that cannot receive mail marks forged or broken mail.  The
+checks and replies follow Postfix's ``reject_non_fqdn_sender`` and
+``reject_unknown_sender_domain``:
+
+* the domain must be fully qualified (it has a dot);
+* it must exist for mail: an MX record, or failing that an A or AAAA
+  record (the implicit MX of RFC 5321 §5.1);
+* it must not publish a null MX (RFC 7505: the single record ``0 .``),
+  which says the domain never receives mail (§4.2 recommends refusing
+  such senders with 550 5.7.27).
+
+The null sender ``<>`` (bounces) is always accepted, and trusted clients skip
+every check.  An address literal (``user@[192.0.2.1]``) has nothing to look
+up; it is reported as ``address_literal``, which only informs by default.
+
+Options (``[plugins.sender]``, documented in docs/plugins/sender.md):
+``actions``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from gateway import Address, Envelope, Plugin, Reply, Session, Verdict, hookimpl
+from gateway.actions import ActionSpec, check_actions, decide
+from gateway.dns import Answer, Resolver, Status
+
+__all__ = [
+    "DEFAULT_ACTIONS",
+    "FINDINGS",
+    "Finding",
+    "SenderPlugin",
+    "check_sender",
+    "domain_finding",
+    "is_null_mx",
+    "lookup_domain",
+    "syntax_finding",
+]
+
+
+class Finding(enum.StrEnum):
+    """What is wrong with a sender address."""
+
+    #: The domain has no dot: ``MAIL FROM:<root@localhost>``.
+    NOT_FQDN = "not_fqdn"
+    #: No such domain, or neither MX nor A/AAAA records.
+    NOT_FOUND = "not_found"
+    #: The DNS could not say (SERVFAIL, timeout): ask again later.
+    TEMPFAIL = "tempfail"
+    #: The domain publishes a null MX (RFC 7505).
+    NULL_MX = "null_mx"
+    #: The domain is an address literal: nothing to look up.
+    ADDRESS_LITERAL = "address_literal"
+
+
+FINDINGS = tuple(str(f) for f in Finding)
+
+#: Used for every finding the policy's ``actions`` table does not name.
+DEFAULT_ACTIONS: Mapping[str, ActionSpec] = {
+    "not_fqdn": "reject",
+    "not_found": "reject",
+    "tempfail": "defer",
+    "null_mx": "reject",
+    "address_literal": "continue",
+}
+
+# --- replies (Postfix's wording; candidates for gateway/replies.py) ----------
+SENDER_NOT_FQDN = Reply(504, "5.5.2", "<{address}>: Sender address rejected: need fully-qualified address")
+SENDER_NOT_FOUND = Reply(550, "5.1.8", "<{address}>: Sender address rejected: Domain not found")
+SENDER_TEMPFAIL = Reply(450, "4.1.8", "<{address}>: Sender address rejected: Domain not found")
+SENDER_NULL_MX = Reply(550, "5.7.27", "<{address}>: Sender address rejected: Domain does not accept mail (null MX)")
+SENDER_ADDRESS_LITERAL = Reply(550, "5.7.1", "<{address}>: Sender address rejected: Address literal not accepted")
+
+#: finding -> (reply for "reject", reply for "defer"); None: the core's 451
+#: twin of the reject reply, or no reject at all for ``tempfail``.
+REPLIES: Mapping[Finding, tuple[Reply | None, Reply | None]] = {
+    Finding.NOT_FQDN: (SENDER_NOT_FQDN, None),
+    Finding.NOT_FOUND: (SENDER_NOT_FOUND, SENDER_TEMPFAIL),
+    Finding.TEMPFAIL: (None, SENDER_TEMPFAIL),
+    Finding.NULL_MX: (SENDER_NULL_MX, None),
+    Finding.ADDRESS_LITERAL: (SENDER_ADDRESS_LITERAL, None),
+}
+
+
+def syntax_finding(address: Address) -> Finding | None:
+    """What the address itself says, before any DNS question; None for the
+    null sender and for a fully qualified domain."""
+    if address.is_null:
+        return None
+    if address.domain.startswith("["):
+        return Finding.ADDRESS_LITERAL
+    if "." not in address.domain:
+        return Finding.NOT_FQDN
+    return None
+
+
+def is_null_mx(answer: Answer) -> bool:
+    """Whether an MX answer is a null MX: every exchange is the root ``.``
+    (RFC 7505 §3 allows only the one record ``0 .``; a root exchange names
+    no host whatever its preference, so it is read the same way)."""
+    return answer.ok and all(record.split()[-1] == "." for record in answer.records)
+
+
+def domain_finding(mx: Answer, addresses: Answer | None) -> Finding | None:
+    """The verdict on a domain from its MX answer and, when the MX answer
+    leaves it open (NODATA), its A/AAAA answer (:meth:`Resolver.a_aaaa`).
+
+    An MX that cannot be asked now is TEMPFAIL even if the domain has
+    addresses: it might be a null MX.
+    """
+    if mx.ok:
+        return Finding.NULL_MX if is_null_mx(mx) else None
+    if mx.temporary:
+        return Finding.TEMPFAIL
+    if mx.status is Status.NXDOMAIN:
+        return Finding.NOT_FOUND
+    # NODATA: the implicit MX (RFC 5321 §5.1) is the domain's own address.
+    if addresses is None or addresses.temporary:
+        return Finding.TEMPFAIL
+    return None if addresses.ok else Finding.NOT_FOUND
+
+
+async def lookup_domain(resolver: Resolver, domain: str) -> Finding | None:
+    """Ask MX and A/AAAA of ``domain`` concurrently (A/AAAA are only needed
+    when there is no MX, but asking at once saves a round trip then), and
+    judge with :func:`domain_finding`."""
+    addresses = asyncio.create_task(resolver.a_aaaa(domain))
+    try:
+        mx = await resolver.mx(domain)
+        if mx.status is not Status.NODATA:
+            return domain_finding(mx, None)
+        return domain_finding(mx, await addresses)
+    finally:
+        if not addresses.done():
+            # The resolver shields the queries themselves: they finish and
+            # fill the cache; only our wait is dropped.
+            addresses.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await addresses
+
+
+def _verdict(finding: Finding, address: Address, actions: Mapping[str, ActionSpec]) -> Verdict:
+    reject, defer = REPLIES[finding]
+    return decide(
+        finding,
+        actions,
+        reject=reject.format(address=address.mailbox) if reject else None,
+        defer=defer.format(address=address.mailbox) if defer else None,
+        result=f"sender={finding}",
+    )
+
+
+async def check_sender(
+    address: Address,
+    resolver: Resolver | None,
+    *,
+    trusted: bool = False,
+    actions: Mapping[str, ActionSpec] = DEFAULT_ACTIONS,
+) -> Verdict | None:
+    """The verdict on one MAIL FROM address; None for the null sender."""
+    if address.is_null:
+        return None
+    if trusted:
+        return Verdict(result="sender=trusted")
+    finding = syntax_finding(address)
+    if finding is None and resolver is not None:
+        finding = await lookup_domain(resolver, address.domain)
+    if finding is None:
+        return Verdict(result="sender=ok")
+    return _verdict(finding, address, actions)
+
+
+class SenderPlugin(Plugin):
+    """Refuses senders whose domain cannot receive mail."""
+
+    @dataclass(frozen=True)
+    class Options:
+        #: Finding -> action; merged over :data:`DEFAULT_ACTIONS`.
+        actions: dict[str, ActionSpec] = field(default_factory=dict)
+
+        def __post_init__(self) -> None:
+            object.__setattr__(self, "actions", {**DEFAULT_ACTIONS, **self.actions})
+
+        def check(self) -> dict[str, str]:
+            bad = check_actions(self.actions, FINDINGS)
+            if self.actions.get(Finding.TEMPFAIL) == "reject":
+                bad["actions.tempfail"] = "defer, tag, accept, continue or a score (a DNS failure is temporary)"
+            return bad
+
+    default_enabled = False
+
+    @hookimpl
+    async def mail(self, session: Session, envelope: Envelope) -> Verdict | None:
+        return await check_sender(
+            envelope.sender, self.context.resolver, trusted=session.trusted, actions=self.options.actions
+        )
