@@ -88,6 +88,7 @@ class SMTPSession(_AiosmtpdSMTP):
         self._errors = 0
         self._idle = False
         self._finishing = False
+        self._helo_tags: list[Verdict] = []
         self._counted_ip: str | None = None
 
     # --- transport ---------------------------------------------------------
@@ -114,7 +115,10 @@ class SMTPSession(_AiosmtpdSMTP):
         if self.transport is None or self.transport.is_closing():
             raise _Close
         self._writer.write(reply.wire())
-        await self._writer.drain()
+        # Replies are small: wait for the socket only when the client stops
+        # reading and the buffer backs up (saves a round through the loop).
+        if self.transport.get_write_buffer_size() > _READ_LIMIT:
+            await self._writer.drain()
 
     def close_idle(self) -> bool:
         """For shutdown: say goodbye if waiting between transactions."""
@@ -389,7 +393,13 @@ class SMTPSession(_AiosmtpdSMTP):
             self._greeted = False
             await self.reply(self._refused("helo", verdict))
             return
-        _keep(verdict, self.session.tags)
+        # A new HELO replaces what the previous one contributed, so saying
+        # EHLO twice cannot count a score twice.
+        previous = {id(v) for v in self._helo_tags}
+        self.session.tags[:] = [v for v in self.session.tags if id(v) not in previous]
+        self._helo_tags = []
+        _keep(verdict, self._helo_tags)
+        self.session.tags.extend(self._helo_tags)
         self.session.helo = arg
         self.session.esmtp = esmtp
         self.session.protocol = "ESMTP" if esmtp else "SMTP"

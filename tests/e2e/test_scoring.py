@@ -73,3 +73,12 @@ def test_forged_authentication_results_are_removed(gateway, postfix) -> None:
     (delivered,) = postfix.wait_for_messages("alice")
     assert delivered.count(b"Authentication-Results:") == 1
     assert b"Authentication-Results: other.example; spf=fail\nSubject: ar\n" in delivered
+
+
+def test_a_repeated_helo_does_not_count_twice(start_gateway, postfix) -> None:
+    gw = start(start_gateway, postfix)
+    with gw.client(xclient=TRUSTED_IP, helo="scored.example") as smtp:
+        assert smtp.ehlo("scored.example")[0] == 250
+        assert send(smtp, "alice@example.com")[0] == 250
+    (delivered,) = postfix.wait_for_messages("alice")
+    assert b"X-Spam-Status: No, score=2.0 tests=scorer:helo-scored(2)\n" in delivered
