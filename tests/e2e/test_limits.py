@@ -70,3 +70,24 @@ def test_command_timeout(start_gateway, postfix) -> None:
     with s:
         assert recv_reply(s) == b"421 4.4.2 gw.test.example Error: timeout exceeded\r\n"
         assert s.recv(10) == b""
+
+
+def test_data_timeout_delivers_nothing(start_gateway, postfix) -> None:
+    gw = start_gateway(f"127.0.0.1:{postfix.port}", data_timeout=0.5)
+    s = gw.raw()
+    with s:
+        for line in (b"XCLIENT ADDR=" + OUTSIDE_IP.encode(), b"EHLO c.example.net", b"MAIL FROM:<bob@example.org>",
+                     b"RCPT TO:<alice@example.com>", b"DATA"):
+            s.sendall(line + b"\r\n")
+            assert recv_reply(s)[:1] in (b"2", b"3")
+        s.sendall(b"Subject: slow\r\n\r\nand then nothing")
+        assert recv_reply(s) == b"421 4.4.2 gw.test.example Error: timeout exceeded\r\n"
+    postfix.wait_for_log(r"disconnect from unknown\[203\.0\.113\.7\]")
+    assert postfix.messages("alice") == []
+
+
+def test_total_connection_limit(start_gateway, postfix) -> None:
+    gw = start_gateway(f"127.0.0.1:{postfix.port}", max_connections=1)
+    first = gw.raw()
+    with first, socket.create_connection(("127.0.0.1", gw.port), timeout=5) as second:
+        assert recv_reply(second) == b"421 4.7.0 gw.test.example Error: too many connections\r\n"
