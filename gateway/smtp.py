@@ -181,6 +181,12 @@ class SMTPSession(_AiosmtpdSMTP):
         self._counted_ip = str(ip)
         if not await self._connect_checks():
             return False
+        if self._refusal is not None:
+            # RFC 5321 §3.1: a 554 instead of the greeting; the command loop
+            # repeats it to everything but QUIT.  The next hop is never asked.
+            assert self._refusal.reply is not None
+            await self.reply(self._refusal.reply)
+            return True
         self._upstream_ready = self.loop.create_task(self.upstream.connect())
         await self.reply(replies.GREETING.format(hostname=self.hostname))
         return True

@@ -1,6 +1,7 @@
 """Every stage's hook, through the network: what a refusal looks like to
 the client, and that the next hop never sees a refused command."""
 
+import socket
 import time
 
 import pytest
@@ -61,3 +62,14 @@ def test_disconnect_hook_runs(gw) -> None:
     while "203.0.113.8" not in Gatekeeper.disconnects and time.monotonic() < deadline:
         time.sleep(0.02)
     assert "203.0.113.8" in Gatekeeper.disconnects
+
+
+def test_connect_refusal_replaces_the_greeting(start_gateway, postfix) -> None:
+    gw = start_gateway(f"127.0.0.1:{postfix.port}", plugins={"gate": {}}, extra={"gate": Gatekeeper},
+                       proxy_protocol=True)
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+        sock.sendall(b"PROXY TCP4 192.0.2.66 192.0.2.1 40000 25\r\n")
+        assert recv_reply(sock) == b"554 5.7.1 Service unavailable; Client host [192.0.2.66] blocked\r\n"
+        assert say(sock, b"EHLO c.example.net") == b"554 5.7.1 Service unavailable; Client host [192.0.2.66] blocked\r\n"
+        assert say(sock, b"QUIT") == b"221 2.0.0 Bye\r\n"
+    assert "192.0.2.66" not in postfix.maillog()
