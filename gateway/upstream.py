@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Protocol
 
 import aiosmtplib
-from aiosmtplib.esmtp import parse_esmtp_extensions
 
 from . import replies
 from .config import Endpoint, GatewaySettings
@@ -102,10 +101,9 @@ class SMTPUpstream:
         response = await smtp.execute_command(b"EHLO", name.encode("utf-8", "surrogateescape"))
         if response.code != 250:
             raise UpstreamError(f"EHLO refused: {response.code} {response.message}")
-        smtp.last_ehlo_response = response
-        extensions, _ = parse_esmtp_extensions(response.message)
-        self.extensions = frozenset(extensions)
-        self._xclient_attrs = frozenset(extensions.get("xclient", "").upper().split())
+        smtp.last_ehlo_response = response  # aiosmtplib parses the extensions
+        self.extensions = frozenset(smtp.esmtp_extensions)
+        self._xclient_attrs = frozenset(smtp.esmtp_extensions.get("xclient", "").upper().split())
 
     async def introduce(self, session: Session) -> None:
         """Tell the MTA who the client is (XCLIENT), if it changed."""
