@@ -10,6 +10,7 @@ between verdicts are broken.  Nothing here runs at import time.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from collections.abc import Callable, Mapping
@@ -63,6 +64,10 @@ def installed() -> dict[str, EntryPoint]:
     return {ep.name: ep for ep in entry_points(group=GROUP)}
 
 
+def _identity(value: type) -> type:
+    return value
+
+
 def _origin(ep: EntryPoint) -> str:
     dist = ep.dist
     where = f"{dist.name} {dist.version}" if dist is not None else "unknown distribution"
@@ -104,8 +109,8 @@ def load_plugins(
     available: dict[str, tuple[Callable[[], type], str]] = {
         name: (ep.load, _origin(ep)) for name, ep in installed().items()
     }
-    for name, cls in (extra or {}).items():
-        available[name] = ((lambda c=cls: c), f"{cls.__module__}.{cls.__qualname__}")
+    for name, given in (extra or {}).items():
+        available[name] = (functools.partial(_identity, given), f"{given.__module__}.{given.__qualname__}")
 
     order = [name for name in policy.plugins]
     tables = dict(policy.plugins)
@@ -132,9 +137,10 @@ def load_plugins(
         if not enabled:
             continue
         origin = available[name][1]
-        cls = load(name)
-        if cls is None:
+        loaded_cls = load(name)
+        if loaded_cls is None:
             continue
+        cls = loaded_cls
         options_cls = getattr(cls, "Options", None)
         if options_cls is None:
             problems.append(Problem(policy.source, f"plugins.{name}", f"{origin} has no Options class"))

@@ -20,8 +20,8 @@ import asyncio
 import ipaddress
 import logging
 import re
-from dataclasses import replace
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.proxy_protocol import get_proxy
@@ -29,8 +29,7 @@ from aiosmtpd.smtp import SMTP as _AiosmtpdSMTP
 
 from . import log as decisions
 from . import replies
-from .address import Address, PathError, parse_path
-from .config import ip_in
+from .address import PathError, parse_path
 from .headers import claims_authserv_id, prepend, remove_fields
 from .pipeline import run_stage
 from .replies import Reply
@@ -62,7 +61,7 @@ class SMTPSession(_AiosmtpdSMTP):
 
     _commands: dict[str, Callable[[SMTPSession, str | None], Awaitable[None]]] = {}
 
-    def __init__(self, gateway: Gateway) -> None:  # noqa: D107 - see class doc
+    def __init__(self, gateway: Gateway) -> None:
         # aiosmtpd's __init__ introspects handler and methods per connection;
         # set up only what its transport methods below rely on.
         loop = asyncio.get_running_loop()
@@ -78,7 +77,9 @@ class SMTPSession(_AiosmtpdSMTP):
         self.hostname = self.settings.hostname
         self.transport: Any = None
         self._handler_coroutine: asyncio.Task[None] | None = None
-        self.session: Session | None = None  # type: ignore[assignment]
+        # Set by _start() before any command is read; _finish() copes with
+        # a connection that ended before that.
+        self.session: Session  # type: ignore[assignment]
         self.envelope: Envelope | None = None  # type: ignore[assignment]
         self.upstream: Upstream = gateway.new_upstream()
         self._upstream_ready: asyncio.Task[None] | None = None
@@ -142,7 +143,7 @@ class SMTPSession(_AiosmtpdSMTP):
             # next hop's transaction is dropped with its connection below.
             pass
         except Exception:
-            log.exception("session %s: internal error", self.session.id if self.session else "-")
+            log.exception("session %s: internal error", getattr(getattr(self, "session", None), "id", "-"))
             try:
                 await self.reply(replies.LOCAL_ERROR)
             except Exception:
@@ -163,7 +164,7 @@ class SMTPSession(_AiosmtpdSMTP):
             if not proxy or not proxy.valid:
                 log.warning("client %s: invalid or missing PROXY header", peer_ip)
                 return False
-            if proxy.src_addr is not None:
+            if isinstance(proxy.src_addr, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
                 ip, port = proxy.src_addr, proxy.src_port or 0
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
@@ -281,7 +282,7 @@ class SMTPSession(_AiosmtpdSMTP):
 
     async def _close_upstream(self) -> None:
         try:
-            if self.session is not None:
+            if hasattr(self, "session"):
                 await self._stage("disconnect", session=self.session)
         except Exception:
             log.exception("disconnect hooks failed")
