@@ -367,7 +367,7 @@ def _coerce(value: Any, hint: Any) -> Any:
         raise TypeError(f"expected one of {', '.join(map(repr, choices))}, got {value!r}")
     if origin is tuple:
         args = typing.get_args(hint)
-        if not isinstance(value, list):
+        if not isinstance(value, (list, tuple)):
             raise TypeError(f"expected a list, got {value!r}")
         item = args[0]
         out = []

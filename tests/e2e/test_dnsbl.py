@@ -1,0 +1,135 @@
+"""plugins.dnsbl through the gateway to the real Postfix, with the loopback
+DNS server as the lists (tests/zones/bl.test.zone, wl.test.zone,
+rhs.test.zone) and XCLIENT to impersonate outside clients."""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+from tests.fixtures.gateway import OUTSIDE_IP, recv_reply
+
+LISTED_IP = "192.0.2.99"  # 99.2.0.192.bl.test -> 127.0.0.2, with a TXT reason
+ALLOWED_IP = "192.0.2.96"  # in bl.test and in wl.test
+PBL_IP = "192.0.2.98"  # 127.0.0.10 in bl.test
+REASON = "Listed for testing, see https://bl.test/q?ip=192.0.2.99"
+ZONES = {
+    "bl.test": {"codes": ["127.0.0.2-127.0.0.9"]},
+    "wl.test": {"type": "allow"},
+    "rhs.test": {"type": "rhs"},
+}
+MSG = b"From: bob@example.org\r\nSubject: dnsbl\r\n\r\nhello\r\n"
+
+
+def start(start_gateway: Any, postfix: Any, dns: Any, zones: Any = None, scoring: Any = None, **options: Any) -> Any:
+    kw = {"scoring": scoring} if scoring else {}
+    return start_gateway(
+        f"127.0.0.1:{postfix.port}",
+        plugins={"dnsbl": {"zones": zones or ZONES, **options}},
+        dns={"nameservers": [dns.nameserver], "timeout": 1.0},
+        **kw,
+    )
+
+
+def talk(sock: socket.socket, line: str) -> bytes:
+    sock.sendall(line.encode() + b"\r\n")
+    return recv_reply(sock)
+
+
+def test_listed_client_gets_postfix_reply_at_rcpt(start_gateway: Any, postfix: Any, dns: Any) -> None:
+    gw = start(start_gateway, postfix, dns)
+    with gw.raw() as sock:
+        assert talk(sock, f"XCLIENT ADDR={LISTED_IP} NAME=[UNAVAILABLE]").startswith(b"220 ")
+        assert talk(sock, "EHLO client.example.net").startswith(b"250-")
+        assert talk(sock, "MAIL FROM:<bob@example.org>").startswith(b"250 ")
+        assert talk(sock, "RCPT TO:<alice@example.com>") == (
+            f"554 5.7.1 Service unavailable; Client host [{LISTED_IP}] blocked using bl.test; {REASON}\r\n".encode()
+        )
+        assert talk(sock, "DATA").startswith(b"503 ")
+        assert talk(sock, "QUIT").startswith(b"221 ")
+    time.sleep(0.2)
+    assert postfix.messages("alice") == []
+    # Postfix never heard of the recipient: the gateway refused it.
+    assert postfix.rejections() == []
+    assert "alice@example.com" not in postfix.maillog()
+
+
+def test_unlisted_client_mail_arrives(start_gateway: Any, postfix: Any, dns: Any) -> None:
+    gw = start(start_gateway, postfix, dns)
+    with gw.client(xclient=OUTSIDE_IP) as smtp:
+        assert smtp.sendmail("bob@example.org", ["alice@example.com"], MSG) == {}
+    (delivered,) = postfix.wait_for_messages("alice")
+    assert b"Subject: dnsbl" in delivered
+
+
+def test_listed_client_can_still_write_to_postmaster(start_gateway: Any, postfix: Any, dns: Any) -> None:
+    gw = start(start_gateway, postfix, dns)
+    with gw.client(xclient=LISTED_IP) as smtp:
+        refused = smtp.sendmail("bob@example.org", ["alice@example.com", "postmaster@example.com"], MSG)
+    assert set(refused) == {"alice@example.com"}
+    assert refused["alice@example.com"][0] == 554
+    (delivered,) = postfix.wait_for_messages("postmaster")
+    assert b"Subject: dnsbl" in delivered
+    assert postfix.messages("alice") == []
+
+
+def test_allow_list_beats_block_list(start_gateway: Any, postfix: Any, dns: Any) -> None:
+    gw = start(start_gateway, postfix, dns)
+    with gw.client(xclient=ALLOWED_IP, helo="bot.spamhelo.example") as smtp:
+        # listed in bl.test, HELO and sender in rhs.test: the allow list wins
+        assert smtp.sendmail("bob@spam.example", ["alice@example.com"], MSG) == {}
+    postfix.wait_for_messages("alice")
+
+
+def test_listed_sender_domain(start_gateway: Any, postfix: Any, dns: Any) -> None:
+    gw = start(start_gateway, postfix, dns)
+    with gw.client(xclient=OUTSIDE_IP) as smtp:
+        assert smtp.mail("bob@spam.example")[0] == 250
+        assert smtp.rcpt("alice@example.com") == (
+            554, b"5.7.1 Service unavailable; Sender address [spam.example] blocked using rhs.test; Spam domain"
+        )
+        smtp.rset()
+        # the next transaction, from a clean sender, goes through
+        assert smtp.sendmail("bob@example.org", ["alice@example.com"], MSG) == {}
+    assert len(postfix.wait_for_messages("alice")) == 1
+
+
+def test_listed_helo_name(start_gateway: Any, postfix: Any, dns: Any) -> None:
+    gw = start(start_gateway, postfix, dns)
+    with gw.client(xclient=OUTSIDE_IP, helo="bot.spamhelo.example") as smtp:
+        smtp.mail("bob@example.org")
+        assert smtp.rcpt("alice@example.com") == (
+            554, b"5.7.1 Service unavailable; Helo command [bot.spamhelo.example] blocked using rhs.test"
+        )
+
+
+def test_without_delay_reject_every_command_is_refused(start_gateway: Any, postfix: Any, dns: Any) -> None:
+    gw = start(start_gateway, postfix, dns, delay_reject=False)
+    line = f"554 5.7.1 Service unavailable; Client host [{LISTED_IP}] blocked using bl.test; {REASON}\r\n".encode()
+    with gw.raw() as sock:
+        assert talk(sock, f"XCLIENT ADDR={LISTED_IP} NAME=[UNAVAILABLE]") == line
+        assert talk(sock, "EHLO client.example.net") == line
+        assert talk(sock, "MAIL FROM:<bob@example.org>") == line
+        assert talk(sock, "QUIT").startswith(b"221 ")
+    assert all(c["addr"] != LISTED_IP for c in postfix.clients())
+
+
+def test_blocklist_outage_does_not_stop_mail(start_gateway: Any, postfix: Any, dns: Any) -> None:
+    dns.timeout("bl.test")
+    gw = start(start_gateway, postfix, dns, timeout=0.3)
+    started = time.monotonic()
+    with gw.client(xclient=LISTED_IP) as smtp:
+        assert smtp.sendmail("bob@example.org", ["alice@example.com"], MSG) == {}
+    assert time.monotonic() - started < 2.0
+    postfix.wait_for_messages("alice")
+
+
+def test_scores_reach_the_scoring_headers(start_gateway: Any, postfix: Any, dns: Any) -> None:
+    zones = {"pbl": {"zone": "bl.test", "codes": ["127.0.0.10-127.0.0.11"], "action": 2.5}}
+    gw = start(start_gateway, postfix, dns, zones=zones, scoring={"tag": 2.0})
+    with gw.client(xclient=PBL_IP) as smtp:
+        assert smtp.sendmail("bob@example.org", ["alice@example.com"], MSG) == {}
+    (delivered,) = postfix.wait_for_messages("alice")
+    assert b"X-Spam-Score: 2.5\n" in delivered
+    assert b"X-Spam-Status: Yes, score=2.5 required=2.0 tests=dnsbl:dnsbl=listed_pbl:127.0.0.10(2.5)\n" in delivered
