@@ -31,18 +31,57 @@ def remove_fields(raw: bytes, name: str, keep: Callable[[bytes], bool]) -> bytes
     the body are untouched."""
     end = _header_end(raw)
     head = raw[:end]
-    lowered = name.lower().encode() + b":"
+    lowered = name.lower().encode()
     if lowered not in head.lower():
         return raw  # the common case: nothing to look at
+    # "Name :" (blanks before the colon, RFC 5322 §4.5 obsolete syntax) is
+    # still that field to Postfix and to most readers.
+    named = re.compile(re.escape(lowered) + rb"[ \t]*:")
     fields = re.split(rb"\r\n(?![ \t])", head)
-    kept = [f for f in fields if not (f.lower().startswith(lowered) and not keep(f))]
+    kept = [f for f in fields if not (named.match(f.lower()) and not keep(f))]
     return b"\r\n".join(kept) + raw[end:] if len(kept) != len(fields) else raw
+
+
+def _without_comments(text: str) -> str:
+    """``text`` with RFC 5322 comments (nested, with quoted-pairs) replaced
+    by a space; quoted strings are kept as they are."""
+    out: list[str] = []
+    depth = 0
+    quoted = False
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\" and (depth or quoted):
+            if quoted:
+                out.append(text[i : i + 2])
+            i += 2
+            continue
+        if quoted:
+            out.append(ch)
+            quoted = ch != '"'
+        elif ch == "(":
+            depth += 1
+            if depth == 1:
+                out.append(" ")
+        elif ch == ")" and depth:
+            depth -= 1
+        elif not depth:
+            out.append(ch)
+            quoted = ch == '"'
+        i += 1
+    return "".join(out)
 
 
 def claims_authserv_id(field: bytes, authserv_id: str) -> bool:
     """Whether an Authentication-Results field names ``authserv_id``
-    (RFC 8601 §2.5: the first token after the colon, before ``;``)."""
-    value = field.split(b":", 1)[1]
-    value = re.sub(rb"\([^)]*\)", b" ", value)  # comments may come first
-    first = value.split(b";", 1)[0].split()
-    return bool(first) and first[0].decode("ascii", "replace").lower().rstrip(".") == authserv_id.lower().rstrip(".")
+    (RFC 8601 §2.2: the first value after the colon, a token or a quoted
+    string, comments allowed anywhere, nested too).  Case and a final dot
+    do not matter: a lenient reader downstream must not see ours where we
+    did not."""
+    value = _without_comments(field.split(b":", 1)[1].decode("utf-8", "replace")).strip(" \t\r\n")
+    if value.startswith('"'):
+        end = value.find('"', 1)
+        ident = re.sub(r"\\(.)", r"\1", value[1:end] if end > 0 else value[1:])
+    else:
+        ident = re.split(r"[\s;]", value, maxsplit=1)[0]
+    return bool(ident) and ident.strip().lower().rstrip(".") == authserv_id.lower().rstrip(".")

@@ -1,0 +1,229 @@
+"""What the built-in authentication plugins (spf, dkim, dmarc) share.
+
+* **The header section, split once per message** (:func:`header_fields`), by
+  one rule used for every decision about headers here: a field starts on a
+  line that does not begin with a space or tab, continuation lines do, the
+  section ends at the first empty line.  The DMARC author domain and
+  the presence of DKIM signatures come from this one split.
+* **One Authentication-Results header per message** (RFC 8601).  The
+  plugins of a stage run concurrently, so which of them writes it is fixed at
+  start-up: each auth plugin registers itself with the gateway's
+  :class:`~gateway.Context` when it is built, and :func:`reporter` names the
+  one that writes -- ``dmarc`` if it is enabled, else ``dkim``, else
+  ``spf``.  The writer puts every result it knows into that one header:
+  dmarc reports spf, dkim and dmarc; dkim reports dkim and, if the spf
+  plugin ran for this transaction, spf; spf reports spf.
+* Forged headers (an ``Authentication-Results`` of the received message
+  that claims our hostname, RFC 8601 §5) are removed by the core for every
+  message, whichever plugins run.
+* Small formatting helpers: :func:`fold`, :func:`comment`, :func:`domain_or_none`.
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from email import errors
+from email.headerregistry import HeaderRegistry
+from typing import Any
+
+import authres
+
+from gateway import Message
+
+__all__ = [
+    "AR_HEADER",
+    "Author",
+    "authentication_results",
+    "author_domain",
+    "clause",
+    "comment",
+    "domain_or_none",
+    "fold",
+    "header_fields",
+    "property_",
+    "register",
+    "reporter",
+]
+
+AR_HEADER = "Authentication-Results"
+
+# ----------------------------------------------------------- who reports
+
+#: Methods whose plugin is enabled, per gateway Context (by identity: two
+#: gateways with equal settings are still two gateways).
+_ENABLED: dict[int, set[str]] = {}
+#: Who writes the one Authentication-Results header, first enabled wins.
+_REPORTER_ORDER = ("dmarc", "dkim", "spf")
+
+
+def register(context: object, method: str) -> None:
+    """Record that the ``method`` plugin ("spf", "dkim", "dmarc") is enabled
+    in the gateway that owns ``context``; called from the plugin's
+    constructor, so the set is complete before the first session."""
+    key = id(context)
+    if key not in _ENABLED:
+        _ENABLED[key] = set()
+        weakref.finalize(context, _ENABLED.pop, key, None)
+    _ENABLED[key].add(method)
+
+
+def reporter(context: object) -> str:
+    """The method whose plugin writes the Authentication-Results header."""
+    enabled = _ENABLED.get(id(context), set())
+    return next((m for m in _REPORTER_ORDER if m in enabled), "")
+
+
+# ----------------------------------------------------------- header section
+
+_FIELDS_MEMO = "_smtpgate_header_fields"
+
+
+def header_fields(message: Message | bytes) -> tuple[tuple[str, str], ...]:
+    """The header section as ``(name, value)`` pairs, top to bottom.
+
+    ``name`` as written (trailing blanks before the colon dropped, ``""``
+    for a line without a colon); ``value`` unfolded (CRLFs removed) and
+    decoded as UTF-8 with replacement.  For a :class:`~gateway.Message` the
+    split is done once and kept on the message, so every plugin of the stage
+    shares it.
+    """
+    if isinstance(message, Message):
+        memo: tuple[tuple[str, str], ...] | None = message.__dict__.get(_FIELDS_MEMO)
+        if memo is None:
+            memo = message.__dict__[_FIELDS_MEMO] = _split(message.raw)
+        return memo
+    return _split(message)
+
+
+def _split(raw: bytes) -> tuple[tuple[str, str], ...]:
+    if raw.startswith(b"\r\n"):
+        return ()  # an empty line first: no header section at all
+    end = raw.find(b"\r\n\r\n")
+    head = raw if end < 0 else raw[:end]
+    lines: list[list[bytes]] = []
+    for line in head.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t") and lines:
+            lines[-1].append(line)
+        else:
+            lines.append([line])
+    fields = []
+    for parts in lines:
+        whole = b"".join(parts).decode("utf-8", "replace")
+        name, colon, value = whole.partition(":")
+        fields.append((name.rstrip(" \t") if colon else "", value if colon else whole))
+    return tuple(fields)
+
+
+# ----------------------------------------------------------- author domain
+
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})+\Z")
+
+
+def domain_or_none(domain: str) -> str | None:
+    """``domain`` as an ASCII DNS name in lower case without a final dot
+    (U-labels converted to A-labels), or None if it is not a multi-label
+    host name (address literals, one label, bad characters)."""
+    domain = domain.strip().rstrip(".").lower()
+    if not domain.isascii():
+        try:
+            domain = domain.encode("idna").decode("ascii")
+        except UnicodeError:
+            return None
+    if len(domain) > 253 or not _DOMAIN.match(domain):
+        return None
+    return domain
+
+
+@dataclass(frozen=True, slots=True)
+class Author:
+    """The RFC5322.From domain DMARC judges (RFC 7489 §3.1), or why there
+    is none (``problem``)."""
+
+    domain: str = ""
+    problem: str = ""
+
+
+_REGISTRY = HeaderRegistry()
+
+
+def author_domain(fields: Sequence[tuple[str, str]]) -> Author:
+    """The domain of the one address in the one From field.
+
+    No From field, several From fields, several addresses or a From
+    without a usable domain leave no author domain: that is a ``problem``
+    (RFC 7489 §6.6.1), never a guess at one of the candidates.
+    """
+    values = [value for name, value in fields if name.lower() == "from"]
+    if not values:
+        return Author(problem="no From header field")
+    if len(values) > 1:
+        return Author(problem=f"{len(values)} From header fields")
+    try:
+        header = _REGISTRY("from", values[0])
+    except Exception:  # noqa: BLE001 - the stdlib parser has raised more than HeaderParseError on junk
+        return Author(problem="unparseable From header field")
+    if any(not isinstance(d, errors.ObsoleteHeaderDefect) for d in header.defects):
+        # Invalid syntax is where readers disagree: "a@b.test <c@d.test>" is
+        # b.test to Python and may be d.test to a mail reader.  Judge none.
+        return Author(problem="invalid From header field")
+    addresses = header.addresses  # type: ignore[attr-defined]  # an AddressHeader
+    if len(addresses) != 1:
+        return Author(problem=f"{len(addresses)} addresses in From")
+    domain = domain_or_none(addresses[0].domain)
+    if domain is None:
+        return Author(problem="no usable domain in From")
+    return Author(domain)
+
+
+# ----------------------------------------------------------- formatting
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+def comment(text: str) -> str:
+    """``text`` safe inside an RFC 5322 comment: one line, single spaces,
+    parentheses and backslashes replaced, at most 200 characters."""
+    text = _CONTROL.sub(" ", text).replace("\\", "/").replace("(", "[").replace(")", "]")
+    text = " ".join(text.split())
+    return text[:197] + "..." if len(text) > 200 else text
+
+
+def property_(ptype: str, name: str, value: str) -> authres.AuthenticationResultProperty:
+    """An A-R property (``header.d=example.com``)."""
+    return authres.AuthenticationResultProperty(ptype, name, value)
+
+
+def clause(method: str, result: str, note: str = "", properties: Sequence[Any] = ()) -> Any:
+    """One result clause (``dkim=pass (note) header.d=example.com``)."""
+    return authres.AuthenticationResult(
+        method, result=result, result_comment=comment(note) or None, properties=list(properties)
+    )
+
+
+def authentication_results(authserv_id: str, results: Sequence[Any]) -> tuple[str, str]:
+    """The ``(name, value)`` of one Authentication-Results header carrying
+    ``results`` (authres result objects), folded."""
+    header = authres.AuthenticationResultsHeader(authserv_id=authserv_id, results=list(results) or None)
+    return AR_HEADER, fold(AR_HEADER, header.header_value())
+
+
+def fold(name: str, value: str, width: int = 78) -> str:
+    """``value`` for a header field ``name``, folded (RFC 5322 §2.2.3) by
+    putting CRLF before spaces so lines stay within ``width`` where a space
+    allows.  Unfolding gives ``value`` back.  ``value`` must be one line
+    with single spaces (everything built here is)."""
+    words = value.split(" ")
+    out = [words[0]]
+    length = len(name) + 2 + len(words[0])
+    for word in words[1:]:
+        if length + 1 + len(word) > width and word:
+            out.append("\r\n " + word)
+            length = 1 + len(word)
+        else:
+            out.append(" " + word)
+            length += 1 + len(word)
+    return "".join(out)

@@ -1,0 +1,357 @@
+"""DKIM (RFC 6376): verify every signature of the message at end of DATA.
+
+Each ``DKIM-Signature`` field (up to :data:`MAX_SIGNATURES`, topmost first)
+is verified with dkimpy, its key fetched through the gateway's shared
+resolver (:func:`gateway.dns.dkim_dnsfunc`, so keys are cached by their
+TTL) and parsed once per distinct key record (:func:`_parse_key`).  The
+verification of one message runs once, whoever asks first: the ``dkim``
+and ``dmarc`` plugins both await the same task (:func:`dkim_results`).
+
+Per signature the result is an RFC 8601 ``dkim=`` result: ``pass``,
+``fail`` (the signature or body hash does not verify), ``neutral`` (the
+signature field is unusable: syntax, missing tags, expired),
+``permerror`` (no key, a revoked, malformed or too small key),
+``temperror`` (the key lookup failed).  The message's finding is ``pass``
+(a signature passed), ``fail``, ``temperror``, ``permerror`` or ``none``
+(no signature) -- and ``required`` / ``required_temperror`` when the
+RFC5322.From domain is in ``required_domains`` and no passing signature
+of that domain was found.
+
+Clients in ``trusted_networks`` are not checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import functools
+import logging
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import authres
+import dkim
+from dkim.util import parse_tag_value
+
+from gateway import (
+    Context,
+    Envelope,
+    Message,
+    Plugin,
+    Reply,
+    Session,
+    Verdict,
+    hookimpl,
+)
+from gateway.actions import ActionSpec, check_actions, decide
+from gateway.address import is_domain
+from gateway.dns import DkimDnsFunc, Resolver, dkim_dnsfunc
+
+from . import _authresults as ar
+from . import spf
+
+__all__ = [
+    "DEFAULT_ACTIONS",
+    "DKIM_NOT_AUTHOR",
+    "DKIM_NO_PASS",
+    "DKIM_REJECTED",
+    "DKIM_REQUIRED_TEMP",
+    "FINDINGS",
+    "MAX_SIGNATURES",
+    "MIN_KEY_BITS",
+    "DkimPlugin",
+    "DkimResult",
+    "ar_results",
+    "dkim_decision",
+    "dkim_results",
+    "required_domain",
+    "verify_message",
+]
+
+FINDINGS = ("pass", "fail", "none", "temperror", "permerror", "required", "required_temperror")
+DEFAULT_ACTIONS: Mapping[str, ActionSpec] = {"required": "reject", "required_temperror": "defer"}
+#: Signatures verified per message; more are ignored (each costs a DNS
+#: question and an RSA operation, and a sender needs one or two).
+MAX_SIGNATURES = 8
+#: Smaller RSA keys are ``permerror`` (RFC 8301 §3.2: at least 1024 bits).
+MIN_KEY_BITS = 1024
+#: Messages larger than this (bytes) are parsed and hashed in a worker thread.
+BIG_MESSAGE = 512 * 1024
+
+# Replies (RFC 7372 §3.1 codes and sample texts).
+DKIM_NO_PASS = Reply(550, "5.7.20", "No passing DKIM signature found for {domain}")
+DKIM_NOT_AUTHOR = Reply(550, "5.7.22", "No valid author-matched DKIM signature found for {domain}")
+DKIM_REQUIRED_TEMP = Reply(451, "4.7.20", "No passing DKIM signature found for {domain}: DNS error, try again later")
+#: For a policy that refuses on a finding DKIM has no code for (``pass``).
+DKIM_REJECTED = Reply(550, "5.7.1", "Message rejected: DKIM {finding}")
+
+T = TypeVar("T")
+
+_log = logging.getLogger("smtpgate.plugin.dkim.dkimpy")
+_log.addHandler(logging.NullHandler())
+_log.propagate = False  # dkimpy logs every verification at debug/error level
+
+
+@dataclass(frozen=True, slots=True)
+class DkimResult:
+    """One signature's result, with the tags Authentication-Results reports
+    (``header.d``, ``header.s``, ``header.i``, ``header.a``, ``header.b``)."""
+
+    result: str
+    domain: str = ""
+    selector: str = ""
+    identity: str = ""
+    algorithm: str = ""
+    b: str = ""
+    reason: str = ""
+
+
+# ------------------------------------------------------------------ verifying
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_key(record: bytes) -> tuple[Any, int, bytes, bool]:
+    """A key record parsed once (dkimpy's ``evaluate_pk``): the resolver
+    caches the record, this caches the parsed key."""
+    return dkim.evaluate_pk(b"", record)  # type: ignore[no-any-return]
+
+
+def _tag(sig: Mapping[bytes, bytes], name: bytes) -> str:
+    return sig.get(name, b"").decode("ascii", "replace")
+
+
+def _described(result: str, sig: Mapping[bytes, bytes], reason: str = "") -> DkimResult:
+    return DkimResult(
+        result,
+        domain=_tag(sig, b"d").lower(),
+        selector=_tag(sig, b"s"),
+        identity=_tag(sig, b"i"),
+        algorithm=_tag(sig, b"a").lower(),
+        b=re.sub(r"\s+", "", _tag(sig, b"b"))[:8],
+        reason=reason,
+    )
+
+
+async def _fetch_key(sig: Mapping[bytes, bytes], dnsfunc: DkimDnsFunc) -> tuple[Any, int, bytes, bool] | DkimResult:
+    """The signature's public key, or the result that ends its verification."""
+    name = sig[b"s"] + b"._domainkey." + sig[b"d"] + b"."
+    try:
+        record = await dnsfunc(name)
+    except dkim.DnsTimeoutError as exc:
+        return _described("temperror", sig, f"key lookup failed: {exc}")
+    if not record:
+        return _described("permerror", sig, "no key for signature")
+    try:
+        return _parse_key(record)
+    except (dkim.DKIMException, binascii.Error, ValueError, TypeError, KeyError, IndexError) as exc:
+        return _described("permerror", sig, f"unusable key: {exc}")
+
+
+async def _maybe_in_thread(big: bool, function: Callable[..., T], *args: Any) -> T:
+    """Run ``function`` here, or in a worker thread for a big message:
+    dkimpy splits the whole message into lines and canonicalises the body
+    in Python, about 10 ms per MB that would stall every other session."""
+    if big:
+        return await asyncio.to_thread(function, *args)
+    return function(*args)
+
+
+async def verify_message(raw: bytes, dnsfunc: DkimDnsFunc) -> tuple[DkimResult, ...]:
+    """Verify each DKIM signature of ``raw``, topmost first (keys fetched
+    concurrently); ``()`` when there is none."""
+    if not any(name.lower() == "dkim-signature" for name, _ in ar.header_fields(raw)):
+        return ()  # most mail: no need to hand the whole message to dkimpy
+    big = len(raw) > BIG_MESSAGE
+    try:
+        verifier = await _maybe_in_thread(big, functools.partial(dkim.DKIM, logger=_log, minkey=MIN_KEY_BITS), raw)
+    except dkim.DKIMException as exc:  # a header line dkimpy cannot parse
+        count = sum(1 for name, _ in ar.header_fields(raw) if name.lower() == "dkim-signature")
+        return tuple(DkimResult("permerror", reason=f"malformed message: {exc}") for _ in range(min(count, MAX_SIGNATURES)))
+    count = sum(1 for name, _ in verifier.headers if name.lower() == b"dkim-signature")
+    prepared: list[DkimResult | tuple[Any, ...]] = []
+    for idx in range(min(count, MAX_SIGNATURES)):
+        try:
+            prepared.append(verifier.verify_headerprep(idx))
+        except (dkim.DKIMException, KeyError, ValueError, TypeError) as exc:  # missing or bad tags, expired...
+            prepared.append(DkimResult("neutral", reason=f"bad signature: {exc}"))
+    keys = await asyncio.gather(
+        *(_fetch_key(p[0], dnsfunc) for p in prepared if not isinstance(p, DkimResult))
+    )
+    results = []
+    key_iter = iter(keys)
+    for idx, prep in enumerate(prepared):
+        if isinstance(prep, DkimResult):
+            results.append(_with_tags(prep, verifier, idx))
+            continue
+        sig, include_headers, sigheaders = prep
+        key = next(key_iter)
+        if isinstance(key, DkimResult):
+            results.append(key)
+            continue
+        verifier.pk, verifier.keysize, verifier.ktag, verifier.seqtlsrpt = key
+        try:
+            ok = await _maybe_in_thread(big, verifier.verify_sig_process, sig, include_headers, sigheaders[idx], dnsfunc)
+        except dkim.ValidationError as exc:  # body hash mismatch, wrong service type
+            results.append(_described("fail", sig, str(exc).split(" (")[0]))
+        except dkim.DKIMException as exc:  # key too small, bad c=...
+            results.append(_described("permerror", sig, str(exc)))
+        except (KeyError, ValueError, TypeError) as exc:
+            results.append(_described("neutral", sig, f"bad signature: {exc!r}"))
+        else:
+            results.append(_described("pass", sig) if ok else _described("fail", sig, "signature did not verify"))
+    return tuple(results)
+
+
+def _with_tags(result: DkimResult, verifier: dkim.DKIM, idx: int) -> DkimResult:
+    """A ``neutral`` result with whatever tags of the field could be read."""
+    try:
+        sig = parse_tag_value([v for n, v in verifier.headers if n.lower() == b"dkim-signature"][idx])
+    except Exception:  # noqa: BLE001 - the field is broken, that is the point
+        return result
+    return _described(result.result, sig, result.reason)
+
+
+_MEMO = "_smtpgate_dkim"
+
+
+def dkim_results(message: Message, resolver: Resolver) -> asyncio.Future[tuple[DkimResult, ...]]:
+    """Await the verification of ``message``: started by the first caller,
+    shared by every later one (dkim and dmarc run concurrently).  A caller
+    that is cancelled (its hook timed out) does not cancel it for others."""
+    task: asyncio.Future[tuple[DkimResult, ...]] | None = message.__dict__.get(_MEMO)
+    if task is None:
+        task = asyncio.ensure_future(verify_message(message.raw, dkim_dnsfunc(resolver)))
+        message.__dict__[_MEMO] = task
+    return asyncio.shield(task)
+
+
+# ------------------------------------------------------------------ deciding
+
+
+def _within(domain: str, parent: str) -> bool:
+    return domain == parent or domain.endswith("." + parent)
+
+
+def required_domain(author: str, required: Sequence[str]) -> str:
+    """The entry of ``required`` that covers ``author`` (itself or a parent
+    domain), ``""`` if none."""
+    return next((d for d in required if author and _within(author, d.lower().rstrip("."))), "")
+
+
+def dkim_decision(
+    results: Sequence[DkimResult],
+    author: str,
+    actions: Mapping[str, ActionSpec],
+    required: Sequence[str] = (),
+    headers: tuple[tuple[str, str], ...] = (),
+) -> Verdict:
+    """The DATA verdict for a message's DKIM results.
+
+    With ``author`` (the From domain) under an entry of ``required``, a
+    signature counts only if it passed and its ``d=`` is that entry or a
+    subdomain of it, and ``author`` is ``d=`` or a subdomain of it.
+    """
+    if any(r.result == "pass" for r in results):
+        finding = "pass"
+    elif not results:
+        finding = "none"
+    else:
+        finding = next((f for f in ("temperror", "fail") if any(r.result == f for r in results)), "permerror")
+    reject = DKIM_REJECTED.format(finding=finding) if finding == "pass" else DKIM_NO_PASS.format(domain=author or "sender")
+    defer = None
+    listed = required_domain(author, required)
+    if listed:
+        listed = listed.lower().rstrip(".")
+        candidates = [r for r in results if _within(r.domain, listed) and _within(author, r.domain)]
+        if not any(r.result == "pass" for r in candidates):
+            if any(r.result == "temperror" for r in candidates):
+                finding = "required_temperror"
+                defer = DKIM_REQUIRED_TEMP.format(domain=author)
+            else:
+                finding = "required"
+            passing = any(r.result == "pass" for r in results)
+            reject = (DKIM_NOT_AUTHOR if passing else DKIM_NO_PASS).format(domain=author)
+    label = f"dkim={finding}" + (" " + ",".join(f"{r.domain or '?'}:{r.result}" for r in results) if results else "")
+    return decide(finding, actions, reject=reject, defer=defer, headers=headers, result=label)
+
+
+# ------------------------------------------------------------------ headers
+
+_SELECTOR = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\Z")
+_ALGORITHM = re.compile(r"[a-z0-9-]{1,32}\Z")
+_IDENTITY = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]*@[A-Za-z0-9.-]+\Z")
+_B64 = re.compile(r"[A-Za-z0-9+/]{1,8}\Z")
+
+
+def ar_results(results: Sequence[DkimResult]) -> list[Any]:
+    """The ``dkim=`` clauses for Authentication-Results: one per signature
+    (RFC 8601 §2.7.1, tags checked before they are reported), ``dkim=none``
+    without signatures."""
+    if not results:
+        return [authres.DKIMAuthenticationResult(result="none")]
+    clauses = []
+    for r in results:
+        props = []
+        domain = ar.domain_or_none(r.domain) if r.domain else None
+        if domain:
+            props.append(ar.property_("header", "d", domain))
+        if _IDENTITY.match(r.identity) and domain and is_domain(r.identity.rpartition("@")[2]):
+            props.append(ar.property_("header", "i", r.identity))
+        if _SELECTOR.match(r.selector):
+            props.append(ar.property_("header", "s", r.selector))
+        if _ALGORITHM.match(r.algorithm):
+            props.append(ar.property_("header", "a", r.algorithm))
+        if _B64.match(r.b):
+            props.append(ar.property_("header", "b", r.b))
+        clauses.append(ar.clause("dkim", r.result, r.reason, props))
+    return clauses
+
+
+# ------------------------------------------------------------------ plugin
+
+
+class DkimPlugin(Plugin):
+    """Verifies every DKIM signature at end of DATA."""
+
+    @dataclass(frozen=True)
+    class Options:
+        #: Finding -> action or score; merged over :data:`DEFAULT_ACTIONS`.
+        actions: dict[str, ActionSpec] = field(default_factory=dict)
+
+        #: From domains (and their subdomains) whose mail must carry a
+        #: passing signature of that domain.
+        required_domains: tuple[str, ...] = ()
+
+        def __post_init__(self) -> None:
+            object.__setattr__(self, "actions", {**DEFAULT_ACTIONS, **self.actions})
+
+        def check(self) -> dict[str, str]:
+            bad = check_actions(self.actions, FINDINGS)
+            for i, domain in enumerate(self.required_domains):
+                if ar.domain_or_none(domain) is None:
+                    bad[f"required_domains[{i}]"] = f"expected a domain name, got {domain!r}"
+            return bad
+
+    def __init__(self, options: Any, context: Context, name: str = "") -> None:
+        super().__init__(options, context, name)
+        self.required = tuple(ar.domain_or_none(d) or d for d in options.required_domains)
+        ar.register(context, "dkim")
+
+    @hookimpl
+    async def data(self, session: Session, envelope: Envelope, message: Message) -> Verdict | None:
+        if session.trusted:
+            return None
+        results = await dkim_results(message, self.context.resolver)
+        fields = ar.header_fields(message)
+        author = ar.author_domain(fields).domain
+        if ar.reporter(self.context) != "dkim":
+            return dkim_decision(results, author, self.options.actions, self.required)
+        clauses = []
+        outcome = spf.stored_outcome(session, envelope)
+        if outcome is not None:
+            clauses += spf.ar_results(outcome)
+        clauses += ar_results(results)
+        header = ar.authentication_results(self.context.hostname, clauses)
+        return dkim_decision(results, author, self.options.actions, self.required, headers=(header,))

@@ -1,0 +1,345 @@
+"""DMARC (RFC 7489): does the author's domain vouch for the message?
+
+At end of DATA the plugin takes the domain of the RFC5322.From address (the
+author domain), looks up its DMARC record (``_dmarc.DOMAIN``, else
+``_dmarc.ORGDOMAIN``, RFC 7489 §6.6.3; the organisational domain comes from
+the public suffix list, parsed once per process), and passes the message if
+SPF or DKIM authenticated a domain *aligned* with the author domain:
+
+* SPF: the result of the MAIL FROM identity (the HELO identity for ``<>``)
+  is ``pass`` and that domain is aligned (``aspf``);
+* DKIM: some signature passed and its ``d=`` is aligned (``adkim``).
+
+Aligned means the same organisational domain (relaxed, ``r``, the default)
+or the same domain (strict, ``s``).  SPF is taken from the ``spf`` plugin
+when it ran for this transaction, else checked here; DKIM is verified once
+per message and shared with the ``dkim`` plugin.
+
+When neither aligns, the record's policy applies: ``p=`` for the domain
+that published it, ``sp=`` for its subdomains (when the record was found at
+the organisational domain).  ``pct=`` is honoured by default (RFC 7489
+§6.6.4: mail outside the sample gets the next milder policy).  The finding is
+``reject``, ``quarantine`` or ``fail`` (``p=none``); the others are
+``pass``, ``none`` (no record), ``temperror``, ``permerror`` (an unusable
+record) and ``bad_from`` (no single author domain, §6.6.1).
+
+The plugin writes the message's one Authentication-Results header, with
+the spf, dkim and dmarc results together (:mod:`plugins._authresults`).
+Clients in ``trusted_networks`` are not checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import random
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from publicsuffixlist import PublicSuffixList
+
+from gateway import (
+    Context,
+    Envelope,
+    Message,
+    Plugin,
+    Reply,
+    Session,
+    Verdict,
+    hookimpl,
+)
+from gateway.actions import ActionSpec, check_actions, decide
+from gateway.dns import Resolver
+
+from . import _authresults as ar
+from . import dkim, spf
+
+__all__ = [
+    "DEFAULT_ACTIONS",
+    "DMARC_BAD_FROM",
+    "DMARC_REJECT",
+    "DMARC_REJECTED",
+    "DMARC_TEMPERROR",
+    "FINDINGS",
+    "Discovery",
+    "DmarcPlugin",
+    "DmarcRecord",
+    "DmarcResult",
+    "aligned",
+    "ar_result",
+    "evaluate",
+    "find_record",
+    "organizational_domain",
+    "parse_record",
+]
+
+FINDINGS = ("pass", "none", "fail", "quarantine", "reject", "temperror", "permerror", "bad_from")
+DEFAULT_ACTIONS: Mapping[str, ActionSpec] = {"reject": "reject", "quarantine": "tag"}
+
+# Replies (OpenDMARC's wording for the rejection).
+DMARC_REJECT = Reply(550, "5.7.1", "Rejected by DMARC policy for {domain}")
+DMARC_TEMPERROR = Reply(451, "4.7.1", "Temporary error evaluating DMARC policy for {domain}, try again later")
+DMARC_BAD_FROM = Reply(550, "5.7.1", "Message needs exactly one From address with a domain: {problem}")
+#: For a policy that refuses on a finding that is no DMARC failure.
+DMARC_REJECTED = Reply(550, "5.7.1", "Message rejected: DMARC {finding} for {domain}")
+
+
+# ------------------------------------------------------------ org domain
+
+
+@functools.cache
+def _psl() -> PublicSuffixList:
+    """The public suffix list, parsed once (about 0.1 s)."""
+    return PublicSuffixList()
+
+
+def organizational_domain(domain: str) -> str:
+    """RFC 7489 §3.2: the public suffix plus one label; a public suffix
+    itself (or an unknown name) stands for itself."""
+    return _psl().privatesuffix(domain) or domain
+
+
+def aligned(domain: str, author: str, mode: str) -> bool:
+    """Identifier alignment (RFC 7489 §3.1): strict ``s`` is equality,
+    relaxed ``r`` the same organisational domain."""
+    domain, author = domain.lower().rstrip("."), author.lower().rstrip(".")
+    if not domain or not author:
+        return False
+    if mode == "s":
+        return domain == author
+    return domain == author or organizational_domain(domain) == organizational_domain(author)
+
+
+# ------------------------------------------------------------ records
+
+_VERSION = re.compile(r"\s*v\s*=\s*DMARC1\s*(?:;|\Z)", re.IGNORECASE)
+_POLICIES = ("none", "quarantine", "reject")
+
+
+@dataclass(frozen=True, slots=True)
+class DmarcRecord:
+    """The parts of a DMARC record (RFC 7489 §6.3) a receiver acts on."""
+
+    p: str
+    sp: str
+    adkim: str = "r"
+    aspf: str = "r"
+    pct: int = 100
+
+
+def parse_record(text: str) -> DmarcRecord:
+    """Parse one ``v=DMARC1`` record; ValueError if it cannot be used.
+
+    An invalid or missing ``p=`` (or invalid ``sp=``) makes the record
+    ``p=none`` when it names a report address (``rua=``), else unusable
+    (RFC 7489 §6.6.3 step 6).  Bad ``adkim``/``aspf``/``pct`` values fall
+    back to their defaults; unknown tags are ignored.
+    """
+    tags: dict[str, str] = {}
+    for part in text.split(";"):
+        key, eq, value = part.partition("=")
+        if eq:
+            tags.setdefault(key.strip().lower(), value.strip())
+    p = tags.get("p", "").lower()
+    sp = tags.get("sp", p).lower()
+    if p not in _POLICIES or sp not in _POLICIES:
+        if not tags.get("rua", "").strip():
+            raise ValueError(f"no valid p= (or sp=) in {text!r}")
+        p = sp = "none"
+    adkim = tags.get("adkim", "r").lower()
+    aspf = tags.get("aspf", "r").lower()
+    pct_text = tags.get("pct", "100")
+    pct = int(pct_text) if pct_text.isdigit() and int(pct_text) <= 100 else 100
+    return DmarcRecord(
+        p, sp, adkim if adkim in ("r", "s") else "r", aspf if aspf in ("r", "s") else "r", pct
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Discovery:
+    """The outcome of policy discovery (RFC 7489 §6.6.3).
+
+    :param status: ``found``, ``none``, ``temperror`` or ``permerror``.
+    :param at: the domain whose ``_dmarc`` record was used.
+    """
+
+    status: str
+    record: DmarcRecord | None = None
+    at: str = ""
+    error: str = ""
+
+
+async def _records_at(resolver: Resolver, domain: str) -> tuple[str, list[str], str]:
+    answer = await resolver.txt(f"_dmarc.{domain}")
+    if answer.temporary:
+        return "temperror", [], answer.error or "DNS error"
+    return "ok", [r for r in answer.records if _VERSION.match(r)], ""
+
+
+async def find_record(resolver: Resolver, domain: str) -> Discovery:
+    """The DMARC record for author domain ``domain``: its own, else its
+    organisational domain's.  Answers come from the shared resolver, so a
+    record is asked for once per TTL, not once per message."""
+    org = organizational_domain(domain)
+    for at in (domain, org) if org != domain else (domain,):
+        status, records, error = await _records_at(resolver, at)
+        if status == "temperror":
+            return Discovery("temperror", at=at, error=f"_dmarc.{at}: {error}")
+        if len(records) > 1:
+            return Discovery("permerror", at=at, error=f"_dmarc.{at}: {len(records)} DMARC records")
+        if records:
+            try:
+                return Discovery("found", parse_record(records[0]), at)
+            except ValueError as exc:
+                return Discovery("permerror", at=at, error=f"_dmarc.{at}: {exc}")
+    return Discovery("none")
+
+
+# ------------------------------------------------------------ evaluation
+
+
+@dataclass(frozen=True, slots=True)
+class DmarcResult:
+    """What DMARC concluded for one message.
+
+    :param result: the RFC 8601 ``dmarc=`` result: ``pass``, ``fail``,
+        ``none``, ``temperror`` or ``permerror``.
+    :param finding: what the policy's ``actions`` see (:data:`FINDINGS`).
+    :param policy: the requested policy that applied (``p`` or ``sp``).
+    :param disposition: the policy after ``pct`` sampling.
+    """
+
+    result: str
+    finding: str
+    domain: str = ""
+    record: DmarcRecord | None = None
+    policy: str = ""
+    disposition: str = ""
+    reason: str = ""
+
+
+def evaluate(
+    author: ar.Author,
+    discovery: Discovery,
+    spf_result: spf.SpfResult | None,
+    dkim_results: Sequence[dkim.DkimResult],
+    *,
+    sample: float = 0.0,
+    honour_pct: bool = True,
+) -> DmarcResult:
+    """The DMARC result of one message (pure: everything looked up before).
+
+    :param spf_result: the SPF result of the MAIL FROM identity (HELO for
+        ``<>``), None if SPF was not checked.
+    :param sample: a number in [0, 1): the message is in the ``pct`` sample
+        when ``sample * 100 < pct``.
+    """
+    domain = author.domain
+    if not domain:
+        return DmarcResult("permerror", "bad_from", reason=author.problem)
+    if discovery.status != "found" or discovery.record is None:
+        return DmarcResult(discovery.status, discovery.status, domain, reason=discovery.error)
+    record = discovery.record
+    policy = record.p if discovery.at == domain else record.sp
+    spf_aligned = spf_result is not None and aligned(spf_result.domain, domain, record.aspf)
+    dkim_aligned = [r for r in dkim_results if aligned(r.domain, domain, record.adkim)]
+    if (spf_aligned and spf_result is not None and spf_result.result == "pass") or any(
+        r.result == "pass" for r in dkim_aligned
+    ):
+        return DmarcResult("pass", "pass", domain, record, policy, "none")
+    if (spf_aligned and spf_result is not None and spf_result.result == "temperror") or any(
+        r.result == "temperror" for r in dkim_aligned
+    ):
+        return DmarcResult("temperror", "temperror", domain, record, policy, reason="aligned identifier not verified: DNS error")
+    disposition = policy
+    reason = ""
+    if honour_pct and record.pct < 100 and sample * 100 >= record.pct:
+        disposition = {"reject": "quarantine", "quarantine": "none"}.get(policy, policy)
+        reason = f"outside pct={record.pct} sample"
+    finding = {"reject": "reject", "quarantine": "quarantine"}.get(disposition, "fail")
+    return DmarcResult("fail", finding, domain, record, policy, disposition, reason)
+
+
+def _replies(result: DmarcResult) -> tuple[Reply, Reply | None]:
+    domain = result.domain or "sender"
+    if result.finding == "bad_from":
+        return DMARC_BAD_FROM.format(problem=ar.comment(result.reason)), None
+    if result.finding in ("reject", "quarantine", "fail", "temperror"):
+        return DMARC_REJECT.format(domain=domain), DMARC_TEMPERROR.format(domain=domain)
+    return DMARC_REJECTED.format(finding=result.finding, domain=domain), None
+
+
+def ar_result(result: DmarcResult) -> Any:
+    """The ``dmarc=`` clause (RFC 7489 §11.2): ``header.from`` and, in a
+    comment, the published policies and the disposition applied."""
+    notes = []
+    if result.record is not None:
+        notes.append(f"p={result.record.p} sp={result.record.sp}")
+        if result.disposition:
+            notes.append(f"dis={result.disposition}")
+    if result.reason:
+        notes.append(result.reason)
+    props = [ar.property_("header", "from", result.domain)] if result.domain else []
+    return ar.clause("dmarc", result.result, " ".join(notes), props)
+
+
+# ------------------------------------------------------------ plugin
+
+
+class DmarcPlugin(Plugin):
+    """Applies the author domain's DMARC policy at end of DATA and writes
+    the Authentication-Results header."""
+
+    @dataclass(frozen=True)
+    class Options:
+        #: Finding -> action or score; merged over :data:`DEFAULT_ACTIONS`.
+        actions: dict[str, ActionSpec] = field(default_factory=dict)
+
+        #: apply pct= sampling (RFC 7489 §6.6.4); false treats every record as pct=100.
+        honour_pct: bool = True
+
+        def __post_init__(self) -> None:
+            object.__setattr__(self, "actions", {**DEFAULT_ACTIONS, **self.actions})
+
+        def check(self) -> dict[str, str]:
+            return check_actions(self.actions, FINDINGS)
+
+    def __init__(self, options: Any, context: Context, name: str = "") -> None:
+        super().__init__(options, context, name)
+        ar.register(context, "dmarc")
+        _psl()  # parsed at start-up, not by the first message
+
+    @hookimpl
+    async def data(self, session: Session, envelope: Envelope, message: Message) -> Verdict | None:
+        if session.trusted:
+            return None
+        fields = ar.header_fields(message)
+        author = ar.author_domain(fields)
+        dkim_results, outcome, discovery = await asyncio.gather(
+            dkim.dkim_results(message, self.context.resolver),
+            self._spf(session, envelope),
+            self._discovery(author),
+        )
+        result = evaluate(
+            author, discovery, outcome.identity, dkim_results,
+            sample=random.random(), honour_pct=self.options.honour_pct,
+        )
+        clauses = [*spf.ar_results(outcome), *dkim.ar_results(dkim_results), ar_result(result)]
+        header = ar.authentication_results(self.context.hostname, clauses)
+        reject, defer = _replies(result)
+        label = f"dmarc={result.finding}" + (f" {result.domain}" if result.domain else "")
+        return decide(result.finding, self.options.actions, reject=reject, defer=defer, headers=(header,), result=label)
+
+    async def _spf(self, session: Session, envelope: Envelope) -> spf.SpfOutcome:
+        """The spf plugin's outcome for this transaction, else our own check."""
+        outcome = spf.stored_outcome(session, envelope)
+        if outcome is not None:
+            return outcome
+        return await spf.check_envelope(self.context.resolver, session, envelope)
+
+    async def _discovery(self, author: ar.Author) -> Discovery:
+        if not author.domain:
+            return Discovery("none")
+        return await find_record(self.context.resolver, author.domain)

@@ -1,0 +1,376 @@
+"""plugins.dkim (and the header helpers of plugins._authresults) with keys
+made for this run and published on the loopback DNS server.
+
+The signing helpers here are also used by test_dmarc.py and
+tests/e2e/test_auth.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import re
+from typing import Any
+
+import dkim
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from gateway import Action, Message, Reply
+from gateway.config import PolicyError
+from gateway.dns import Resolver, dkim_dnsfunc
+from plugins import _authresults as ar
+from plugins import dkim as dkim_plugin
+from plugins.dkim import DkimResult, dkim_results, verify_message
+from tests.fixtures.dnsserver import DNSServer
+from tests.test_spf import (
+    GOOD_IP,
+    HOSTNAME,
+    build,
+    envelope,
+    headers_named,
+    session,
+    unfold,
+)
+
+MESSAGE = (
+    b"From: Alice <alice@auth.test>\r\n"
+    b"To: Bob <bob@example.com>\r\n"
+    b"Subject: quarterly report\r\n"
+    b"Date: Mon, 01 Jan 2024 00:00:00 +0000\r\n"
+    b"Message-ID: <1@auth.test>\r\n"
+    b"\r\n"
+    b"The numbers are good.\r\n"
+)
+
+
+# ------------------------------------------------------------------ keys
+
+
+@functools.cache
+def keypair() -> tuple[bytes, str]:
+    """(private key PEM, public key base64), made once per test run."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+    )
+    der = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return pem, base64.b64encode(der).decode()
+
+
+def key_record(public: str | None = None) -> str:
+    """A DKIM key TXT record in 255-byte strings, as big keys are published."""
+    record = f"v=DKIM1; k=rsa; p={keypair()[1] if public is None else public}"
+    return " ".join(f'"{record[i : i + 255]}"' for i in range(0, len(record), 255)) or '""'
+
+
+def publish_keys(dns: DNSServer, domain: str, selectors: dict[str, str]) -> None:
+    """Serve ``selector._domainkey.domain`` TXT records (a zone of their own,
+    so the domain's file zone stays as it is)."""
+    dns.add_zone(f"_domainkey.{domain}", "\n".join(f"{s} IN TXT {r}" for s, r in selectors.items()))
+
+
+def sign(message: bytes, domain: str = "auth.test", selector: str = "s1", **kw: object) -> bytes:
+    headers = [b"from", b"to", b"subject", b"date", b"message-id"]
+    signature: bytes = dkim.sign(message, selector.encode(), domain.encode(), keypair()[0], include_headers=headers, **kw)
+    return signature + message
+
+
+@pytest.fixture
+def resolver(dns: DNSServer) -> Resolver:
+    return Resolver([dns.nameserver], timeout=1.0)
+
+
+@pytest.fixture
+def keys(dns: DNSServer) -> DNSServer:
+    publish_keys(dns, "auth.test", {"s1": key_record()})
+    return dns
+
+
+async def verify(raw: bytes, resolver: Resolver) -> tuple[DkimResult, ...]:
+    return await verify_message(raw, dkim_dnsfunc(resolver))
+
+
+# ------------------------------------------------------------------ results
+
+
+async def test_pass(resolver: Resolver, keys: DNSServer) -> None:
+    signed = sign(MESSAGE)
+    (result,) = await verify(signed, resolver)
+    b = re.search(rb"b=([A-Za-z0-9+/]{8})", signed.split(b"bh=")[1])
+    assert result == DkimResult("pass", "auth.test", "s1", "@auth.test", "rsa-sha256", b.group(1).decode())  # type: ignore[union-attr]
+
+
+async def test_tampered_body_fails_on_body_hash(resolver: Resolver, keys: DNSServer) -> None:
+    (result,) = await verify(sign(MESSAGE).replace(b"good", b"bad"), resolver)
+    assert (result.result, result.reason) == ("fail", "body hash mismatch")
+
+
+async def test_tampered_header_fails_on_signature(resolver: Resolver, keys: DNSServer) -> None:
+    (result,) = await verify(sign(MESSAGE).replace(b"quarterly", b"urgent"), resolver)
+    assert (result.result, result.reason) == ("fail", "signature did not verify")
+
+
+async def test_unsigned_message_has_no_results(resolver: Resolver, dns: DNSServer) -> None:
+    assert await verify(MESSAGE, resolver) == ()
+    assert dns.total_queries == 0
+
+
+@pytest.mark.parametrize(
+    "record, reason",
+    [
+        (None, "no key for signature"),
+        (key_record(""), "unusable key"),  # p= empty: the key was revoked
+        ('"v=DKIM1; k=rsa; p=!!notbase64!!"', "unusable key"),
+    ],
+)
+async def test_key_problems_are_permerror(resolver: Resolver, dns: DNSServer, record: str | None, reason: str) -> None:
+    publish_keys(dns, "auth.test", {"other": key_record()} if record is None else {"s1": record})
+    (result,) = await verify(sign(MESSAGE), resolver)
+    assert result.result == "permerror" and result.reason.startswith(reason)
+    assert result.domain == "auth.test" and result.selector == "s1"
+
+
+async def test_key_lookup_failure_is_temperror(resolver: Resolver, keys: DNSServer) -> None:
+    keys.servfail("s1._domainkey.auth.test")
+    (result,) = await verify(sign(MESSAGE), resolver)
+    assert result.result == "temperror" and "SERVFAIL" in result.reason
+
+
+async def test_unusable_signature_field_is_neutral(resolver: Resolver, keys: DNSServer) -> None:
+    signed = re.sub(rb"bh=[^;]+;", b"", sign(MESSAGE))
+    (result,) = await verify(signed, resolver)
+    assert result.result == "neutral" and "missing" in result.reason
+    assert (result.domain, result.selector) == ("auth.test", "s1")  # still reported
+
+
+async def test_every_signature_is_verified_topmost_first(resolver: Resolver, dns: DNSServer) -> None:
+    publish_keys(dns, "auth.test", {"s1": key_record()})
+    publish_keys(dns, "list.test", {"lists": key_record()})
+    twice = sign(sign(MESSAGE, "auth.test", "s1"), "list.test", "lists")  # a list re-signs
+    results = await verify(twice, resolver)
+    assert [(r.result, r.domain) for r in results] == [("pass", "list.test"), ("pass", "auth.test")]
+    broken = sign(sign(MESSAGE, "auth.test", "nokey"), "list.test", "lists")
+    results = await verify(broken, resolver)
+    assert [(r.result, r.domain) for r in results] == [("pass", "list.test"), ("permerror", "auth.test")]
+
+
+async def test_signatures_beyond_the_limit_are_ignored(resolver: Resolver, keys: DNSServer) -> None:
+    signed = sign(MESSAGE)
+    signature, body = signed.split(b"From: ", 1)
+    many = signature * (dkim_plugin.MAX_SIGNATURES + 4) + b"From: " + body
+    results = await verify(many, resolver)
+    assert len(results) == dkim_plugin.MAX_SIGNATURES and {r.result for r in results} == {"pass"}
+    assert keys.query_count("s1._domainkey.auth.test", "TXT") == 1  # one question, shared
+
+
+async def test_malformed_header_section_is_permerror(resolver: Resolver, keys: DNSServer) -> None:
+    raw = sign(MESSAGE).replace(b"To: Bob", b"\x01bad line\r\nTo: Bob")
+    (result,) = await verify(raw, resolver)
+    assert result.result == "permerror" and "malformed" in result.reason
+
+
+async def test_verification_is_shared_by_every_caller(resolver: Resolver, keys: DNSServer) -> None:
+    message = Message(sign(MESSAGE))
+    first, second = await asyncio.gather(dkim_results(message, resolver), dkim_results(message, resolver))
+    assert first is second and first[0].result == "pass"
+    assert await dkim_results(message, resolver) is first
+    assert keys.query_count("s1._domainkey.auth.test", "TXT") == 1
+
+
+async def test_a_cancelled_caller_does_not_cancel_the_verification(resolver: Resolver, keys: DNSServer) -> None:
+    keys.delay("_domainkey.auth.test", 0.2)
+    message = Message(sign(MESSAGE))
+    impatient = asyncio.ensure_future(dkim_results(message, resolver))
+    await asyncio.sleep(0.05)
+    impatient.cancel()
+    (result,) = await dkim_results(message, resolver)
+    assert result.result == "pass"
+
+
+# ------------------------------------------------------------------ policy
+
+
+async def run_data(
+    resolver: Resolver, raw: bytes, *, tables: dict[str, dict[str, object]] | None = None,
+    ip: str = GOOD_IP, sender: str = "alice@auth.test",
+) -> Any:
+    """MAIL (when spf is in the policy) and the dkim plugin's DATA hook."""
+    plugins = build(resolver, tables or {"dkim": {}})
+    s, e = session(ip), envelope(sender)
+    if "spf" in plugins:
+        await plugins["spf"].mail(s, e)
+    return await plugins["dkim"].data(s, e, Message(raw))
+
+
+async def test_findings_only_inform_by_default(resolver: Resolver, keys: DNSServer) -> None:
+    for raw, finding in [(sign(MESSAGE), "pass"), (MESSAGE, "none"), (sign(MESSAGE).replace(b"good", b"bad"), "fail")]:
+        verdict = await run_data(resolver, raw)
+        assert verdict.action is Action.CONTINUE and verdict.result.startswith(f"dkim={finding}")
+
+
+async def test_dkim_alone_reports_dkim_and_spf(resolver: Resolver, keys: DNSServer) -> None:
+    signed = sign(MESSAGE)
+    verdict = await run_data(resolver, signed, tables={"spf": {}, "dkim": {}})
+    (header,) = headers_named(verdict, "Authentication-Results")
+    b = re.search(rb"b=([A-Za-z0-9+/]{8})", signed.split(b"bh=")[1]).group(1).decode()  # type: ignore[union-attr]
+    b = f'"{b}"' if "/" in b else b  # "/" is a tspecial: the value is quoted (RFC 8601 §2.2)
+    assert unfold(header) == (
+        f"{HOSTNAME}; spf=pass smtp.mailfrom=alice@auth.test; "
+        f"dkim=pass header.d=auth.test header.i=@auth.test header.s=s1 header.a=rsa-sha256 header.b={b}"
+    )
+    assert all(len(line) <= 78 for line in f"Authentication-Results: {header}".split("\r\n"))
+
+
+async def test_dkim_without_spf_reports_dkim_only(resolver: Resolver, keys: DNSServer) -> None:
+    verdict = await run_data(resolver, MESSAGE)
+    assert [unfold(h) for h in headers_named(verdict, "Authentication-Results")] == [f"{HOSTNAME}; dkim=none"]
+
+
+async def test_failure_reason_is_a_comment(resolver: Resolver, keys: DNSServer) -> None:
+    verdict = await run_data(resolver, sign(MESSAGE).replace(b"good", b"bad"))
+    (header,) = headers_named(verdict, "Authentication-Results")
+    assert "dkim=fail (body hash mismatch) header.d=auth.test" in unfold(header)
+
+
+async def test_dkim_does_not_report_when_dmarc_does(resolver: Resolver, keys: DNSServer) -> None:
+    verdict = await run_data(resolver, sign(MESSAGE), tables={"dkim": {}, "dmarc": {}})
+    assert verdict.headers == ()
+
+
+REQUIRED = {"dkim": {"required_domains": ["auth.test"]}}
+
+
+async def test_required_domain_without_signature_is_rejected(resolver: Resolver, keys: DNSServer) -> None:
+    verdict = await run_data(resolver, MESSAGE, tables=REQUIRED)
+    assert verdict.action is Action.REJECT and verdict.result == "dkim=required"
+    assert verdict.reply == Reply(550, "5.7.20", "No passing DKIM signature found for auth.test")
+
+
+async def test_required_domain_signed_by_someone_else_is_rejected(resolver: Resolver, dns: DNSServer) -> None:
+    publish_keys(dns, "list.test", {"lists": key_record()})
+    verdict = await run_data(resolver, sign(MESSAGE, "list.test", "lists"), tables=REQUIRED)
+    assert verdict.action is Action.REJECT
+    assert verdict.reply == Reply(550, "5.7.22", "No valid author-matched DKIM signature found for auth.test")
+
+
+@pytest.mark.parametrize(
+    "author, signer, action",
+    [
+        ("auth.test", "auth.test", Action.CONTINUE),
+        ("news.auth.test", "auth.test", Action.CONTINUE),  # subdomain of the signer
+        ("news.auth.test", "news.auth.test", Action.CONTINUE),
+        ("auth.test", "news.auth.test", Action.REJECT),  # a subdomain does not vouch for its parent
+        ("example.com", "auth.test", Action.CONTINUE),  # not a required domain
+    ],
+)
+async def test_required_domain_alignment(
+    resolver: Resolver, dns: DNSServer, author: str, signer: str, action: Action
+) -> None:
+    publish_keys(dns, signer, {"s1": key_record()})
+    raw = sign(MESSAGE.replace(b"alice@auth.test", f"alice@{author}".encode()), signer)
+    verdict = await run_data(resolver, raw, tables=REQUIRED)
+    assert verdict.action is action
+
+
+async def test_required_domain_with_key_lookup_failure_is_deferred(resolver: Resolver, keys: DNSServer) -> None:
+    keys.servfail("s1._domainkey.auth.test")
+    verdict = await run_data(resolver, sign(MESSAGE), tables=REQUIRED)
+    assert verdict.action is Action.DEFER and verdict.result.startswith("dkim=required_temperror")
+    assert str(verdict.reply) == "451 4.7.20 No passing DKIM signature found for auth.test: DNS error, try again later"
+
+
+async def test_actions_can_refuse_unsigned_mail(resolver: Resolver, keys: DNSServer) -> None:
+    verdict = await run_data(resolver, MESSAGE, tables={"dkim": {"actions": {"none": "reject"}}})
+    assert str(verdict.reply) == "550 5.7.20 No passing DKIM signature found for auth.test"
+
+
+@pytest.mark.parametrize(
+    "table, key",
+    [
+        ({"required_domains": ["not a domain"]}, "plugins.dkim.required_domains[0]"),
+        ({"actions": {"missing": "reject"}}, "plugins.dkim.actions.missing"),
+    ],
+)
+def test_bad_options_are_policy_errors(table: dict[str, object], key: str) -> None:
+    with pytest.raises(PolicyError) as info:
+        build(None, {"dkim": table})
+    assert [p.key for p in info.value.problems] == [key]
+
+
+async def test_trusted_clients_are_not_checked(resolver: Resolver, keys: DNSServer) -> None:
+    plugin = build(resolver, {"dkim": {}})["dkim"]
+    assert await plugin.data(session("198.51.100.7"), envelope("alice@auth.test"), Message(sign(MESSAGE))) is None
+    assert keys.total_queries == 0
+
+
+@pytest.mark.parametrize("name", [n for n in dkim_plugin.__all__ if isinstance(getattr(dkim_plugin, n), Reply)])
+def test_reply_constants_are_well_formed(name: str) -> None:
+    reply: Reply = getattr(dkim_plugin, name)
+    assert reply.enhanced[0] == str(reply.code)[0] and reply.code >= 400
+
+
+# ------------------------------------------------------------------ header section
+
+
+def test_header_fields_follow_one_rule() -> None:
+    raw = b"A: 1\r\nB: two\r\n  folded\r\n\tagain\r\nno colon here\r\nC :3\r\n\r\nD: body\r\n"
+    assert ar.header_fields(raw) == (("A", " 1"), ("B", " two  folded\tagain"), ("", "no colon here"), ("C", "3"))
+    assert ar.header_fields(b"\r\nFrom: a@b.test\r\n") == ()
+    assert ar.header_fields(b"From: a@b.test") == (("From", " a@b.test"),)
+    assert ar.header_fields(b" leading: space\r\nX: y\r\n\r\n") == ((" leading", " space"), ("X", " y"))
+
+
+def test_header_fields_are_split_once_per_message() -> None:
+    message = Message(MESSAGE)
+    assert ar.header_fields(message) is ar.header_fields(message)
+
+
+@pytest.mark.parametrize(
+    "headers, domain, problem",
+    [
+        (b"From: Alice <alice@Auth.Test>\r\n", "auth.test", ""),
+        (b"From: Alice <alice@auth.test> (comment)\r\n", "auth.test", ""),
+        (b"From: Group: alice@auth.test;\r\n", "auth.test", ""),
+        (b"From: alice@auth.test.\r\n", "", "invalid From header field"),
+        (b"From: alice@auth.test <ceo@evil.test>\r\n", "", "invalid From header field"),
+        (b"From: <alice@auth.test>evil.test\r\n", "", "invalid From header field"),
+        (b'From: "ceo@auth.test" <x@evil.test>\r\n', "evil.test", ""),
+        (b"From: =?utf-8?q?Caf=C3=A9?= <a@xn--caf-dma.test>\r\n", "xn--caf-dma.test", ""),
+        ("From: a@café.test\r\n".encode(), "xn--caf-dma.test", ""),
+        (b"To: b@example.com\r\n", "", "no From header field"),
+        (b"From: a@auth.test\r\nFrom: b@evil.test\r\n", "", "2 From header fields"),
+        (b"From: a@auth.test, b@evil.test\r\n", "", "2 addresses in From"),
+        (b"From: undisclosed\r\n", "", "invalid From header field"),
+        (b"From: Undisclosed recipients:;\r\n", "", "0 addresses in From"),
+        (b"From: a@[192.0.2.1]\r\n", "", "no usable domain in From"),
+        (b"From: a@localhost\r\n", "", "no usable domain in From"),
+    ],
+)
+def test_author_domain(headers: bytes, domain: str, problem: str) -> None:
+    author = ar.author_domain(ar.header_fields(headers + b"\r\nbody\r\n"))
+    assert (author.domain, author.problem) == (domain, problem)
+
+
+def test_fold_keeps_the_value() -> None:
+    value = " ".join(["word"] * 40)
+    folded = ar.fold("Authentication-Results", value)
+    assert folded.replace("\r\n", "") == value
+    assert all(0 < len(line) <= 78 for line in f"Authentication-Results: {folded}".split("\r\n"))
+
+
+def test_comments_are_made_safe() -> None:
+    assert ar.comment("a (b) \\c\r\n  d") == "a [b] /c d"
+    assert len(ar.comment("x" * 500)) == 200
+
+
+async def test_big_messages_verify_quickly(resolver: Resolver, keys: DNSServer) -> None:
+    big = MESSAGE + (b"x" * 998 + b"\r\n") * 5000  # 5 MB
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    (result,) = await verify(sign(big), resolver)
+    assert result.result == "pass"
+    assert loop.time() - started < 2.0
+

@@ -1,0 +1,383 @@
+"""plugins.dmarc: policy discovery on the loopback DNS server, alignment,
+policies, and the one Authentication-Results header of spf+dkim+dmarc."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from gateway import Action, Message, Reply, Verdict
+from gateway.config import PolicyError, policy_from_dict
+from gateway.dns import Resolver
+from gateway.pipeline import run_stage
+from gateway.plugin import Context
+from gateway.plugins import Registry, load_plugins
+from plugins import _authresults as ar
+from plugins import dmarc
+from plugins.dkim import DkimResult
+from plugins.dmarc import (
+    Discovery,
+    DmarcRecord,
+    aligned,
+    evaluate,
+    find_record,
+    organizational_domain,
+    parse_record,
+)
+from plugins.spf import SpfResult
+from tests.fixtures.dnsserver import DNSServer
+from tests.test_dkim import key_record, publish_keys, sign
+from tests.test_spf import (
+    BAD_IP,
+    GOOD_IP,
+    HOSTNAME,
+    TRUSTED,
+    envelope,
+    headers_named,
+    session,
+    unfold,
+)
+
+ALL = {"spf": {}, "dkim": {}, "dmarc": {}}
+
+
+def message(author: str = "alice@auth.test", extra: bytes = b"") -> bytes:
+    return (
+        f"From: {author}\r\n".encode() + extra
+        + b"To: bob@example.com\r\nSubject: invoice\r\nDate: Mon, 01 Jan 2024 00:00:00 +0000\r\n"
+        b"Message-ID: <2@auth.test>\r\n\r\nPlease pay.\r\n"
+    )
+
+
+def registry(resolver: Resolver | None, plugins: dict[str, dict[str, Any]]) -> Registry:
+    policy = policy_from_dict(
+        {"gateway": {"hostname": HOSTNAME, "trusted_networks": [TRUSTED]}, "plugins": plugins}, "<test>"
+    )
+    return load_plugins(policy, Context(policy.gateway, resolver))
+
+
+async def transaction(
+    resolver: Resolver, raw: bytes, *, sender: str = "alice@auth.test", ip: str = GOOD_IP,
+    helo: str = "mx.auth.test", plugins: dict[str, dict[str, Any]] | None = None,
+) -> Verdict:
+    """MAIL then DATA through the policy's plugins, as the core runs them:
+    concurrently, verdicts combined.  MAIL refusals are returned as such."""
+    reg = registry(resolver, ALL if plugins is None else plugins)
+    s, e = session(ip, helo), envelope(sender)
+    verdict = await run_stage(reg.calls["mail"], {"session": s, "envelope": e}, 5.0, s.id)
+    if verdict.refuses:
+        return verdict
+    return await run_stage(reg.calls["data"], {"session": s, "envelope": e, "message": Message(raw)}, 5.0, s.id)
+
+
+@pytest.fixture
+def resolver(dns: DNSServer) -> Resolver:
+    return Resolver([dns.nameserver], timeout=1.0)
+
+
+@pytest.fixture
+def keys(dns: DNSServer) -> DNSServer:
+    """auth.test's key, and a third party (thirdparty.test) that sends from
+    BAD_IP with its own SPF and key: authentic, but not auth.test."""
+    publish_keys(dns, "auth.test", {"s1": key_record()})
+    publish_keys(dns, "strict.auth.test", {"s1": key_record()})
+    publish_keys(dns, "thirdparty.test", {"tp": key_record()})
+    dns.add_zone("thirdparty.test", f'@ IN TXT "v=spf1 ip4:{BAD_IP} -all"')
+    return dns
+
+
+def dmarc_clause(verdict: Verdict) -> str:
+    (header,) = headers_named(verdict, "Authentication-Results")
+    return unfold(header).split("; ")[-1]
+
+
+# ------------------------------------------------------------------ records
+
+
+@pytest.mark.parametrize(
+    "text, record",
+    [
+        ("v=DMARC1; p=reject", DmarcRecord("reject", "reject")),
+        ("v=DMARC1;p=quarantine;sp=none;adkim=s;aspf=s;pct=20", DmarcRecord("quarantine", "none", "s", "s", 20)),
+        ("v=DMARC1; P=Reject; SP=None", DmarcRecord("reject", "none")),
+        ("v=DMARC1; p=none; adkim=x; aspf=; pct=150", DmarcRecord("none", "none")),
+        ("v=DMARC1; p=bogus; rua=mailto:d@auth.test", DmarcRecord("none", "none")),  # RFC 7489 §6.6.3 step 6
+        ("v=DMARC1; rua=mailto:d@auth.test", DmarcRecord("none", "none")),
+        ("v=DMARC1; p=reject; p=none", DmarcRecord("reject", "reject")),  # first one counts
+    ],
+)
+def test_parse_record(text: str, record: DmarcRecord) -> None:
+    assert parse_record(text) == record
+
+
+@pytest.mark.parametrize("text", ["v=DMARC1", "v=DMARC1; p=bogus", "v=DMARC1; p=reject; sp=maybe"])
+def test_unusable_records(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_record(text)
+
+
+@pytest.mark.parametrize(
+    "domain, org",
+    [("auth.test", "auth.test"), ("a.b.news.auth.test", "auth.test"), ("x.example.co.uk", "example.co.uk"), ("co.uk", "co.uk")],
+)
+def test_organizational_domain_from_the_public_suffix_list(domain: str, org: str) -> None:
+    assert organizational_domain(domain) == org
+
+
+@pytest.mark.parametrize(
+    "domain, author, mode, expected",
+    [
+        ("auth.test", "auth.test", "s", True),
+        ("AUTH.TEST.", "auth.test", "s", True),
+        ("news.auth.test", "auth.test", "s", False),
+        ("news.auth.test", "auth.test", "r", True),
+        ("auth.test", "a.b.auth.test", "r", True),
+        ("thirdparty.test", "auth.test", "r", False),
+        ("example.co.uk", "other.co.uk", "r", False),  # a public suffix is no common parent
+        ("", "auth.test", "r", False),
+    ],
+)
+def test_alignment(domain: str, author: str, mode: str, expected: bool) -> None:
+    assert aligned(domain, author, mode) is expected
+
+
+@pytest.mark.parametrize(
+    "domain, status, at, p",
+    [
+        ("auth.test", "found", "auth.test", "reject"),
+        ("news.auth.test", "found", "auth.test", "reject"),  # the org domain's record
+        ("strict.auth.test", "found", "strict.auth.test", "reject"),
+        ("notdmarc.auth.test", "found", "auth.test", "reject"),  # v=DMARC2 is not a record
+        ("twodmarc.auth.test", "permerror", "twodmarc.auth.test", ""),
+        ("badpolicy.auth.test", "permerror", "badpolicy.auth.test", ""),
+        ("nodmarc.test", "none", "", ""),
+    ],
+)
+async def test_find_record(resolver: Resolver, dns: DNSServer, domain: str, status: str, at: str, p: str) -> None:
+    dns.add_zone("nodmarc.test", '@ IN TXT "v=spf1 -all"')
+    found = await find_record(resolver, domain)
+    assert (found.status, found.at, found.record.p if found.record else "") == (status, at, p)
+
+
+async def test_find_record_tempfail_and_cache(resolver: Resolver, dns: DNSServer) -> None:
+    for _ in range(3):
+        assert (await find_record(resolver, "news.auth.test")).status == "found"
+    assert dns.query_count("_dmarc.news.auth.test", "TXT") == 1
+    assert dns.query_count("_dmarc.auth.test", "TXT") == 1
+    dns.servfail("_dmarc.quarantine.auth.test")
+    found = await find_record(resolver, "quarantine.auth.test")
+    assert found.status == "temperror" and "SERVFAIL" in found.error
+
+
+# ------------------------------------------------------------------ evaluation (pure)
+
+RECORD = DmarcRecord("reject", "quarantine")
+AT_ORG = Discovery("found", RECORD, "auth.test")
+
+
+def spf_result(domain: str, result: str = "pass") -> SpfResult:
+    return SpfResult("mailfrom", result, domain, f"x@{domain}", GOOD_IP, "mx.auth.test")
+
+
+def dkim_result(domain: str, result: str = "pass") -> DkimResult:
+    return DkimResult(result, domain, "s1")
+
+
+@pytest.mark.parametrize(
+    "author, spf, dkims, result, finding",
+    [
+        ("auth.test", spf_result("auth.test"), [], "pass", "pass"),
+        ("auth.test", spf_result("news.auth.test"), [], "pass", "pass"),  # relaxed
+        ("auth.test", None, [dkim_result("news.auth.test")], "pass", "pass"),
+        ("auth.test", spf_result("thirdparty.test"), [dkim_result("thirdparty.test")], "fail", "reject"),
+        ("auth.test", spf_result("auth.test", "softfail"), [dkim_result("auth.test", "fail")], "fail", "reject"),
+        ("news.auth.test", spf_result("thirdparty.test"), [], "fail", "quarantine"),  # sp= for subdomains
+        ("auth.test", spf_result("auth.test", "temperror"), [], "temperror", "temperror"),
+        ("auth.test", None, [dkim_result("auth.test", "temperror")], "temperror", "temperror"),
+        ("auth.test", spf_result("auth.test", "temperror"), [dkim_result("auth.test")], "pass", "pass"),
+        ("auth.test", None, [dkim_result("thirdparty.test", "temperror")], "fail", "reject"),  # not aligned
+    ],
+)
+def test_evaluate(author: str, spf: SpfResult | None, dkims: list[DkimResult], result: str, finding: str) -> None:
+    outcome = evaluate(ar.Author(author), AT_ORG, spf, dkims)
+    assert (outcome.result, outcome.finding) == (result, finding)
+
+
+def test_strict_alignment() -> None:
+    strict = Discovery("found", DmarcRecord("reject", "reject", "s", "s"), "strict.auth.test")
+    author = ar.Author("strict.auth.test")
+    assert evaluate(author, strict, spf_result("mail.strict.auth.test"), [dkim_result("auth.test")]).finding == "reject"
+    assert evaluate(author, strict, None, [dkim_result("strict.auth.test")]).finding == "pass"
+    assert evaluate(author, strict, spf_result("strict.auth.test"), []).finding == "pass"
+
+
+def test_own_record_of_a_subdomain_uses_p() -> None:
+    own = Discovery("found", RECORD, "news.auth.test")
+    assert evaluate(ar.Author("news.auth.test"), own, None, []).finding == "reject"
+
+
+@pytest.mark.parametrize(
+    "p, sample, honour, finding, disposition",
+    [
+        ("reject", 0.49, True, "reject", "reject"),
+        ("reject", 0.50, True, "quarantine", "quarantine"),  # outside pct=50
+        ("quarantine", 0.99, True, "fail", "none"),
+        ("reject", 0.99, False, "reject", "reject"),
+    ],
+)
+def test_pct(p: str, sample: float, honour: bool, finding: str, disposition: str) -> None:
+    record = Discovery("found", DmarcRecord(p, p, pct=50), "auth.test")
+    outcome = evaluate(ar.Author("auth.test"), record, None, [], sample=sample, honour_pct=honour)
+    assert (outcome.finding, outcome.disposition, outcome.policy) == (finding, disposition, p)
+
+
+def test_no_record_and_no_author() -> None:
+    assert evaluate(ar.Author("auth.test"), Discovery("none"), None, []).finding == "none"
+    bad = evaluate(ar.Author(problem="2 From header fields"), Discovery("none"), None, [])
+    assert (bad.result, bad.finding, bad.reason) == ("permerror", "bad_from", "2 From header fields")
+
+
+# ------------------------------------------------------------------ through the plugins
+
+
+async def test_authentic_mail_gets_one_combined_header(resolver: Resolver, keys: DNSServer) -> None:
+    signed = sign(message())
+    verdict = await transaction(resolver, signed)
+    assert verdict.action is Action.CONTINUE
+    (header,) = headers_named(verdict, "Authentication-Results")
+    clauses = unfold(header).split("; ")
+    assert clauses[0] == HOSTNAME
+    assert clauses[1] == "spf=pass smtp.mailfrom=alice@auth.test"
+    assert clauses[2].startswith("dkim=pass header.d=auth.test header.i=@auth.test header.s=s1 header.a=rsa-sha256 header.b=")
+    assert clauses[3] == "dmarc=pass (p=reject sp=quarantine dis=none) header.from=auth.test"
+    assert len(headers_named(verdict, "Received-SPF")) == 1
+    assert verdict.result == "dkim=pass auth.test:pass dmarc=pass auth.test"  # for the decision log
+
+
+async def test_spoofed_author_is_rejected(resolver: Resolver, keys: DNSServer) -> None:
+    # Authentic SPF and DKIM -- of thirdparty.test, not of the author domain.
+    raw = sign(message("The CEO <ceo@auth.test>"), "thirdparty.test", "tp")
+    verdict = await transaction(resolver, raw, sender="bounce@thirdparty.test", ip=BAD_IP)
+    assert verdict.action is Action.REJECT and verdict.plugin == "dmarc"
+    assert verdict.reply == Reply(550, "5.7.1", "Rejected by DMARC policy for auth.test")
+
+
+async def test_spoofed_subdomain_gets_sp_quarantine(resolver: Resolver, keys: DNSServer) -> None:
+    verdict = await transaction(resolver, message("ceo@news.auth.test"), sender="bounce@thirdparty.test", ip=BAD_IP)
+    assert verdict.action is Action.TAG
+    assert dmarc_clause(verdict) == "dmarc=fail (p=reject sp=quarantine dis=quarantine) header.from=news.auth.test"
+
+
+async def test_relaxed_spf_alignment_passes(resolver: Resolver, keys: DNSServer) -> None:
+    verdict = await transaction(resolver, message(), sender="bounce@news.auth.test")
+    assert dmarc_clause(verdict).startswith("dmarc=pass")
+
+
+@pytest.mark.parametrize(
+    "signer, action",
+    [(None, Action.REJECT), ("auth.test", Action.REJECT), ("strict.auth.test", Action.CONTINUE)],
+)
+async def test_strict_alignment_through_the_plugins(
+    resolver: Resolver, keys: DNSServer, signer: str | None, action: Action
+) -> None:
+    raw = message("a@strict.auth.test")
+    raw = sign(raw, signer) if signer else raw
+    verdict = await transaction(resolver, raw, sender="x@mail.strict.auth.test")  # SPF pass, not strictly aligned
+    assert verdict.action is action
+
+
+async def test_p_none_only_reports(resolver: Resolver, keys: DNSServer) -> None:
+    verdict = await transaction(resolver, message("ceo@monitor.auth.test"), sender="bounce@thirdparty.test", ip=BAD_IP)
+    assert verdict.action is Action.CONTINUE and "dmarc=fail monitor.auth.test" in verdict.result
+    assert dmarc_clause(verdict) == "dmarc=fail (p=none sp=none dis=none) header.from=monitor.auth.test"
+
+
+async def test_quarantine_policy_is_a_tag(resolver: Resolver, keys: DNSServer) -> None:
+    verdict = await transaction(resolver, message("ceo@quarantine.auth.test"), sender="bounce@thirdparty.test", ip=BAD_IP)
+    assert verdict.action is Action.TAG
+
+
+@pytest.mark.parametrize("honour, action", [(True, Action.TAG), (False, Action.REJECT)])
+async def test_pct_zero(resolver: Resolver, keys: DNSServer, honour: bool, action: Action) -> None:
+    plugins = {"spf": {}, "dmarc": {"honour_pct": honour}}
+    verdict = await transaction(
+        resolver, message("ceo@sampled.auth.test"), sender="bounce@thirdparty.test", ip=BAD_IP, plugins=plugins
+    )
+    assert verdict.action is action
+
+
+async def test_null_sender_aligns_through_the_helo_identity(resolver: Resolver, keys: DNSServer) -> None:
+    verdict = await transaction(resolver, message("MAILER-DAEMON@auth.test"), sender="")
+    (header,) = headers_named(verdict, "Authentication-Results")
+    assert "spf=pass smtp.helo=mx.auth.test" in unfold(header)
+    assert dmarc_clause(verdict).startswith("dmarc=pass")
+
+
+async def test_dmarc_alone_checks_spf_and_dkim_itself(resolver: Resolver, keys: DNSServer) -> None:
+    verdict = await transaction(resolver, sign(message()), plugins={"dmarc": {}})
+    (header,) = headers_named(verdict, "Authentication-Results")
+    assert [c.split(" ")[0] for c in unfold(header).split("; ")[1:]] == ["spf=pass", "dkim=pass", "dmarc=pass"]
+    assert headers_named(verdict, "Received-SPF") == []  # that is the spf plugin's
+
+
+async def test_every_check_runs_once_per_message(resolver: Resolver, keys: DNSServer) -> None:
+    await transaction(resolver, sign(message()))
+    assert keys.query_count("auth.test", "TXT") == 1  # SPF at MAIL, reused by DMARC
+    assert keys.query_count("s1._domainkey.auth.test", "TXT") == 1  # DKIM shared by dkim and dmarc
+
+
+async def test_bad_from(resolver: Resolver, keys: DNSServer) -> None:
+    raw = message("alice@auth.test", extra=b"From: ceo@auth.test\r\n")
+    verdict = await transaction(resolver, raw)
+    assert verdict.action is Action.CONTINUE
+    assert dmarc_clause(verdict) == "dmarc=permerror (2 From header fields)"
+    refused = await transaction(resolver, raw, plugins={"dmarc": {"actions": {"bad_from": "reject"}}})
+    assert str(refused.reply) == "550 5.7.1 Message needs exactly one From address with a domain: 2 From header fields"
+
+
+async def test_temperror(resolver: Resolver, keys: DNSServer) -> None:
+    keys.servfail("_dmarc.auth.test")
+    verdict = await transaction(resolver, message(), sender="bounce@thirdparty.test", ip=BAD_IP)
+    assert verdict.action is Action.CONTINUE and dmarc_clause(verdict).startswith("dmarc=temperror")
+    deferred = await transaction(
+        resolver, message(), sender="bounce@thirdparty.test", ip=BAD_IP,
+        plugins={"dmarc": {"actions": {"temperror": "defer"}}},
+    )
+    assert str(deferred.reply) == "451 4.7.1 Temporary error evaluating DMARC policy for auth.test, try again later"
+
+
+async def test_no_record_is_none(resolver: Resolver, keys: DNSServer) -> None:
+    verdict = await transaction(resolver, message("x@thirdparty.test"), sender="bounce@thirdparty.test", ip=BAD_IP)
+    assert dmarc_clause(verdict) == "dmarc=none header.from=thirdparty.test"
+
+
+async def test_trusted_clients_are_not_checked(resolver: Resolver, keys: DNSServer) -> None:
+    verdict = await transaction(resolver, message(), ip="198.51.100.7", sender="bounce@thirdparty.test")
+    assert verdict.action is Action.CONTINUE and verdict.headers == ()
+
+
+@pytest.mark.parametrize(
+    "table, key",
+    [({"actions": {"quarantined": "tag"}}, "plugins.dmarc.actions.quarantined"), ({"honour_pct": 1}, "plugins.dmarc.honour_pct")],
+)
+def test_bad_options_are_policy_errors(table: dict[str, Any], key: str) -> None:
+    with pytest.raises(PolicyError) as info:
+        registry(None, {"dmarc": table})
+    assert [p.key for p in info.value.problems] == [key]
+
+
+def test_reporter_rule() -> None:
+    for plugins, expected in [
+        ({"spf": {}}, "spf"), ({"spf": {}, "dkim": {}}, "dkim"), ({"dkim": {}, "dmarc": {}}, "dmarc"),
+        ({"dmarc": {}, "spf": {}}, "dmarc"), ({}, ""),
+    ]:
+        context = Context(policy_from_dict({"gateway": {"hostname": HOSTNAME}, "plugins": plugins}, "<t>").gateway)
+        load_plugins(policy_from_dict({"gateway": {"hostname": HOSTNAME}, "plugins": plugins}, "<t>"), context)
+        assert ar.reporter(context) == expected, plugins
+
+
+@pytest.mark.parametrize("name", [n for n in dmarc.__all__ if isinstance(getattr(dmarc, n), Reply)])
+def test_reply_constants_are_well_formed(name: str) -> None:
+    reply: Reply = getattr(dmarc, name)
+    assert reply.enhanced[0] == str(reply.code)[0] and reply.code >= 400
