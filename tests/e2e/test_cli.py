@@ -56,7 +56,7 @@ def serve(tmp_path: Path):
 def test_default_policy_delivers_to_a_local_maildir(serve, tmp_path: Path) -> None:
     # No --policy: policies/default.toml of the checkout, Maildir under cwd.
     proc, port = serve("--workers", "1")
-    with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.example.net", timeout=10) as smtp:
         assert smtp.ehlo("client.example.net")[1].startswith(b"smtpgate.localhost")
         assert smtp.sendmail("bob@example.org", ["alice@example.com"], b"Subject: hi\r\n\r\nhello\r\n") == {}
     (delivered,) = list((tmp_path / "maildir" / "new").iterdir())
@@ -89,7 +89,7 @@ def test_sigterm_lets_an_open_session_finish(serve, tmp_path: Path) -> None:
 def test_workers_share_the_port_and_log_json(serve, tmp_path: Path) -> None:
     proc, port = serve("--workers", "2", "--log-format", "json")
     for _ in range(30):
-        with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+        with smtplib.SMTP("127.0.0.1", port, local_hostname="client.example.net", timeout=10) as smtp:
             smtp.sendmail("bob@example.org", ["alice@example.com"], b"Subject: w\r\n\r\nx\r\n")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(15) == 0
@@ -108,6 +108,8 @@ def test_plugins_command_lists_order_hooks_and_origin(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     assert "  1. relay: hooks rcpt; from plugins.relay:RelayPlugin (smtpgate " in run.stdout
     assert "  2. commands: hooks vrfy, expn; from plugins.commands:CommandsPlugin (smtpgate " in run.stdout
+    assert "  3. helo: hooks helo; from plugins.helo:HeloPlugin (smtpgate " in run.stdout
+    assert "installed, not enabled:\n  dkim: from plugins.dkim:DkimPlugin" in run.stdout
 
 
 def test_console_script_is_installed() -> None:
