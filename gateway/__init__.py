@@ -9,6 +9,7 @@ from .address import Address
 from .plugin import Context, Plugin, hookimpl
 from .replies import Reply
 from .session import Envelope, Message, Recipient, Session
+from .stash import Stash, StashKey
 from .verdict import Action, Verdict
 
 __all__ = [
@@ -21,6 +22,8 @@ __all__ = [
     "Recipient",
     "Reply",
     "Session",
+    "Stash",
+    "StashKey",
     "Verdict",
     "hookimpl",
 ]

@@ -37,6 +37,9 @@ class Context:
 
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     resolver: Any = None
+    #: The names of the plugins the policy enables, known before any plugin
+    #: is built, so plugins can divide work (one Authentication-Results).
+    plugins: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         # Parsed once here rather than per session by every plugin.

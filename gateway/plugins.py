@@ -10,6 +10,7 @@ between verdicts are broken.  Nothing here runs at import time.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import logging
@@ -57,6 +58,8 @@ class Registry:
     manager: pluggy.PluginManager
     plugins: tuple[LoadedPlugin, ...]
     calls: Mapping[str, tuple[HookCall, ...]]
+    #: The context the plugins were built with (``plugins`` filled in).
+    context: Context
 
 
 def installed() -> dict[str, EntryPoint]:
@@ -119,13 +122,15 @@ def load_plugins(
             order.append(name)
             tables[name] = {}
 
+    enabled = [n for n in order if tables[n].get("enabled", True) is True and n in available]
+    context = dataclasses.replace(context, plugins=frozenset(enabled))
     pm = pluggy.PluginManager("smtpgate")
     pm.add_hookspecs(hookspecs)
     loaded: list[LoadedPlugin] = []
     for name in order:
         table = tables[name]
-        enabled = table.get("enabled", True)
-        if not isinstance(enabled, bool):
+        switch = table.get("enabled", True)
+        if not isinstance(switch, bool):
             problems.append(Problem(policy.source, f"plugins.{name}.enabled", "expected true or false"))
             continue
         if name not in available:
@@ -134,7 +139,7 @@ def load_plugins(
                 Problem(policy.source, f"plugins.{name}", f"an installed plugin (installed: {known})")
             )
             continue
-        if not enabled:
+        if not switch:
             continue
         origin = available[name][1]
         loaded_cls = load(name)
@@ -188,4 +193,4 @@ def load_plugins(
         LoadedPlugin(p.name, p.instance, p.origin, tuple(s for s in STAGES if any(c.plugin == p.name for c in calls[s])))
         for p in loaded
     )
-    return Registry(pm, plugins, calls)
+    return Registry(pm, plugins, calls, context)

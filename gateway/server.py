@@ -39,6 +39,7 @@ class Gateway:
         # One resolver per process: every plugin shares its cache.
         self.context = Context(policy.gateway, Resolver(policy.dns.nameservers, policy.dns.timeout))
         self.registry = load_plugins(policy, self.context, extra=extra)
+        self.context = self.registry.context
         self._trusted = self.settings.trusted
         self._xclient = self.settings.xclient
         self._per_ip: Counter[str] = Counter()

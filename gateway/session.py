@@ -13,6 +13,7 @@ from functools import cached_property
 from typing import Any
 
 from .address import Address, Params
+from .stash import Stash
 from .verdict import Verdict
 
 __all__ = ["Session", "Envelope", "Recipient", "Message", "IPAddress"]
@@ -58,6 +59,8 @@ class Session:
     results: dict[str, Any] = field(default_factory=dict)
     #: verdicts that tagged this session (headers, scores) before DATA.
     tags: list[Verdict] = field(default_factory=list)
+    #: typed storage for plugins (:mod:`gateway.stash`); cleared by XCLIENT.
+    stash: Stash = field(default_factory=Stash, repr=False, compare=False)
 
     @property
     def client(self) -> str:
@@ -82,6 +85,8 @@ class Envelope:
     #: verdicts that tagged this transaction (headers, scores).
     tags: list[Verdict] = field(default_factory=list)
     id: str = field(default_factory=_next_id)
+    #: typed storage for plugins, for this transaction only.
+    stash: Stash = field(default_factory=Stash, repr=False, compare=False)
 
     @property
     def utf8(self) -> bool:
@@ -106,6 +111,8 @@ class Message:
     """
 
     raw: bytes
+    #: typed storage for plugins, e.g. one DKIM verification shared by two.
+    stash: Stash = field(default_factory=Stash, repr=False, compare=False)
 
     @cached_property
     def headers(self) -> _EmailMessage:

@@ -34,6 +34,7 @@ from .headers import claims_authserv_id, prepend, remove_fields
 from .pipeline import run_stage
 from .replies import Reply
 from .session import Envelope, Message, Recipient, Session
+from .stash import Stash
 from .upstream import Upstream, UpstreamError
 from .verdict import CONTINUE, Action, Verdict
 
@@ -718,6 +719,7 @@ class SMTPSession(_AiosmtpdSMTP):
         session.esmtp = False
         session.tags.clear()
         session.results.clear()
+        session.stash = Stash()
         self._greeted = False
         self._refusal = None
         # The new client is judged afresh, as at a new connection.

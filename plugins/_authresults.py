@@ -7,9 +7,8 @@
   the presence of DKIM signatures come from this one split.
 * **One Authentication-Results header per message** (RFC 8601).  The
   plugins of a stage run concurrently, so which of them writes it is fixed at
-  start-up: each auth plugin registers itself with the gateway's
-  :class:`~gateway.Context` when it is built, and :func:`reporter` names the
-  one that writes -- ``dmarc`` if it is enabled, else ``dkim``, else
+  start-up from the plugins the policy enables (``Context.plugins``):
+  :func:`reporter` names ``dmarc`` if it is enabled, else ``dkim``, else
   ``spf``.  The writer puts every result it knows into that one header:
   dmarc reports spf, dkim and dmarc; dkim reports dkim and, if the spf
   plugin ran for this transaction, spf; spf reports spf.
@@ -22,7 +21,6 @@
 from __future__ import annotations
 
 import re
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from email import errors
@@ -31,7 +29,7 @@ from typing import Any
 
 import authres
 
-from gateway import Message
+from gateway import Context, Message, StashKey
 
 __all__ = [
     "AR_HEADER",
@@ -44,7 +42,6 @@ __all__ = [
     "fold",
     "header_fields",
     "property_",
-    "register",
     "reporter",
 ]
 
@@ -52,33 +49,19 @@ AR_HEADER = "Authentication-Results"
 
 # ----------------------------------------------------------- who reports
 
-#: Methods whose plugin is enabled, per gateway Context (by identity: two
-#: gateways with equal settings are still two gateways).
-_ENABLED: dict[int, set[str]] = {}
-#: Who writes the one Authentication-Results header, first enabled wins.
+#: Who writes the one Authentication-Results header: the first enabled.
 _REPORTER_ORDER = ("dmarc", "dkim", "spf")
 
 
-def register(context: object, method: str) -> None:
-    """Record that the ``method`` plugin ("spf", "dkim", "dmarc") is enabled
-    in the gateway that owns ``context``; called from the plugin's
-    constructor, so the set is complete before the first session."""
-    key = id(context)
-    if key not in _ENABLED:
-        _ENABLED[key] = set()
-        weakref.finalize(context, _ENABLED.pop, key, None)
-    _ENABLED[key].add(method)
-
-
-def reporter(context: object) -> str:
-    """The method whose plugin writes the Authentication-Results header."""
-    enabled = _ENABLED.get(id(context), set())
-    return next((m for m in _REPORTER_ORDER if m in enabled), "")
+def reporter(context: Context) -> str:
+    """The method whose plugin writes the Authentication-Results header,
+    from the plugins the policy enables (known before any is built)."""
+    return next((m for m in _REPORTER_ORDER if m in context.plugins), "")
 
 
 # ----------------------------------------------------------- header section
 
-_FIELDS_MEMO = "_smtpgate_header_fields"
+_FIELDS: StashKey[tuple[tuple[str, str], ...]] = StashKey()
 
 
 def header_fields(message: Message | bytes) -> tuple[tuple[str, str], ...]:
@@ -91,9 +74,9 @@ def header_fields(message: Message | bytes) -> tuple[tuple[str, str], ...]:
     shares it.
     """
     if isinstance(message, Message):
-        memo: tuple[tuple[str, str], ...] | None = message.__dict__.get(_FIELDS_MEMO)
+        memo = message.stash.get(_FIELDS, None)
         if memo is None:
-            memo = message.__dict__[_FIELDS_MEMO] = _split(message.raw)
+            memo = message.stash[_FIELDS] = _split(message.raw)
         return memo
     return _split(message)
 

@@ -42,6 +42,7 @@ from gateway import (
     Plugin,
     Reply,
     Session,
+    StashKey,
     Verdict,
     hookimpl,
 )
@@ -213,17 +214,17 @@ def _with_tags(result: DkimResult, verifier: dkim.DKIM, idx: int) -> DkimResult:
     return _described(result.result, sig, result.reason)
 
 
-_MEMO = "_smtpgate_dkim"
+_VERIFIED: StashKey[asyncio.Future[tuple[DkimResult, ...]]] = StashKey()
 
 
 def dkim_results(message: Message, resolver: Resolver) -> asyncio.Future[tuple[DkimResult, ...]]:
     """Await the verification of ``message``: started by the first caller,
     shared by every later one (dkim and dmarc run concurrently).  A caller
     that is cancelled (its hook timed out) does not cancel it for others."""
-    task: asyncio.Future[tuple[DkimResult, ...]] | None = message.__dict__.get(_MEMO)
+    task = message.stash.get(_VERIFIED, None)
     if task is None:
         task = asyncio.ensure_future(verify_message(message.raw, dkim_dnsfunc(resolver)))
-        message.__dict__[_MEMO] = task
+        message.stash[_VERIFIED] = task
     return asyncio.shield(task)
 
 
@@ -337,7 +338,6 @@ class DkimPlugin(Plugin):
     def __init__(self, options: Any, context: Context, name: str = "") -> None:
         super().__init__(options, context, name)
         self.required = tuple(ar.domain_or_none(d) or d for d in options.required_domains)
-        ar.register(context, "dkim")
 
     @hookimpl
     async def data(self, session: Session, envelope: Envelope, message: Message) -> Verdict | None:

@@ -308,7 +308,6 @@ class DmarcPlugin(Plugin):
 
     def __init__(self, options: Any, context: Context, name: str = "") -> None:
         super().__init__(options, context, name)
-        ar.register(context, "dmarc")
         _psl()  # parsed at start-up, not by the first message
 
     @hookimpl

@@ -313,7 +313,6 @@ class SpfPlugin(Plugin):
 
     def __init__(self, options: Any, context: Context, name: str = "") -> None:
         super().__init__(options, context, name)
-        ar.register(context, "spf")
 
     @hookimpl
     async def mail(self, session: Session, envelope: Envelope) -> Verdict | None:

@@ -372,8 +372,8 @@ def test_reporter_rule() -> None:
         ({"spf": {}}, "spf"), ({"spf": {}, "dkim": {}}, "dkim"), ({"dkim": {}, "dmarc": {}}, "dmarc"),
         ({"dmarc": {}, "spf": {}}, "dmarc"), ({}, ""),
     ]:
-        context = Context(policy_from_dict({"gateway": {"hostname": HOSTNAME}, "plugins": plugins}, "<t>").gateway)
-        load_plugins(policy_from_dict({"gateway": {"hostname": HOSTNAME}, "plugins": plugins}, "<t>"), context)
+        policy = policy_from_dict({"gateway": {"hostname": HOSTNAME}, "plugins": plugins}, "<t>")
+        context = load_plugins(policy, Context(policy.gateway)).context
         assert ar.reporter(context) == expected, plugins
 
 
