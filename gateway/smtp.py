@@ -758,8 +758,10 @@ def _valid_notify(value: str) -> bool:
     return items == {"NEVER"} or (bool(items) and items <= {"SUCCESS", "FAILURE", "DELAY"})
 
 
+# Only the commands defined here: aiosmtpd's own smtp_AUTH and smtp_STARTTLS
+# rely on state this class does not set up (they come in a later version).
 SMTPSession._commands = {
-    name[len("smtp_"):]: getattr(SMTPSession, name)
-    for name in dir(SMTPSession)
+    name[len("smtp_"):]: function
+    for name, function in vars(SMTPSession).items()
     if name.startswith("smtp_") and name[len("smtp_"):].isupper()
 }

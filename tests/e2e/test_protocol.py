@@ -45,6 +45,10 @@ def test_greeting(gateway) -> None:
         (b"RCPT TO:<alice@example.com>", b"503 5.5.1 Error: need MAIL command\r\n"),
         (b"DATA", b"503 5.5.1 Error: need MAIL command\r\n"),
         (b"FOO bar", b"500 5.5.2 Error: command not recognized\r\n"),
+        # Not offered (yet): must not reach aiosmtpd's own implementations.
+        (b"STARTTLS", b"500 5.5.2 Error: command not recognized\r\n"),
+        (b"AUTH PLAIN AGFsaWNlAHNlY3JldA==", b"500 5.5.2 Error: command not recognized\r\n"),
+        (b"BDAT 10 LAST", b"500 5.5.2 Error: command not recognized\r\n"),
         (b"", b"500 5.5.2 Error: bad syntax\r\n"),
         (b"HELO", b"501 5.5.4 Syntax: HELO hostname\r\n"),
         (b"EHLO", b"501 5.5.4 Syntax: EHLO hostname\r\n"),
