@@ -47,6 +47,7 @@ log = logging.getLogger("smtpgate.smtp")
 
 _READ_LIMIT = 64 * 1024
 _NEWLINES = re.compile(rb"\r\n|\r|\n")
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class _Close(Exception):
@@ -230,7 +231,13 @@ class SMTPSession(_AiosmtpdSMTP):
             if len(line) > max_len:
                 await self._error(replies.LINE_TOO_LONG)
                 continue
-            text = line.rstrip(b"\r\n").decode("utf-8", "surrogateescape")
+            line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+            if _CONTROL.search(line):
+                # A CR, NUL or other control byte inside a command would end
+                # up in the next hop's command line or in our logs.
+                await self._error(replies.BAD_SYNTAX)
+                continue
+            text = line.decode("utf-8", "surrogateescape")
             verb, _, arg = text.partition(" ")
             verb = verb.upper()
             handler = self._commands.get(verb)
@@ -642,6 +649,9 @@ class SMTPSession(_AiosmtpdSMTP):
         return data.replace(b"\r\n.", b"\r\n"), None
 
     async def smtp_RSET(self, arg: str | None) -> None:
+        if arg is not None:
+            await self._error(replies.SYNTAX_NOARG.format(command="RSET"))
+            return
         await self._reset_transaction()
         await self.reply(replies.OK)
 
@@ -652,6 +662,9 @@ class SMTPSession(_AiosmtpdSMTP):
         await self.reply(replies.HELP)
 
     async def smtp_QUIT(self, arg: str | None) -> None:
+        if arg is not None:
+            await self._error(replies.SYNTAX_NOARG.format(command="QUIT"))
+            return
         await self.reply(replies.CLOSING)
         raise _Close
 

@@ -49,6 +49,11 @@ def test_greeting(gateway) -> None:
         (b"STARTTLS", b"500 5.5.2 Error: command not recognized\r\n"),
         (b"AUTH PLAIN AGFsaWNlAHNlY3JldA==", b"500 5.5.2 Error: command not recognized\r\n"),
         (b"BDAT 10 LAST", b"500 5.5.2 Error: command not recognized\r\n"),
+        # Control bytes inside a command never reach the next hop or the log.
+        (b"MAIL FROM:<a\x00@example.org>", b"500 5.5.2 Error: bad syntax\r\n"),
+        (b"HELO a\rb.example", b"500 5.5.2 Error: bad syntax\r\n"),
+        (b"RSET now", b"501 5.5.4 Syntax: RSET\r\n"),
+        (b"QUIT now", b"501 5.5.4 Syntax: QUIT\r\n"),
         (b"", b"500 5.5.2 Error: bad syntax\r\n"),
         (b"HELO", b"501 5.5.4 Syntax: HELO hostname\r\n"),
         (b"EHLO", b"501 5.5.4 Syntax: EHLO hostname\r\n"),
