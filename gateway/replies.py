@@ -48,7 +48,8 @@ class Reply:
 
     def wire(self) -> bytes:
         """The reply as sent on the wire, CRLF-terminated."""
-        lines = self.text.split("\n")
+        # A CR inside a line (from a DNS TXT record, say) must not end it.
+        lines = self.text.replace("\r", " ").split("\n")
         prefix = f"{self.enhanced} " if self.enhanced else ""
         out = [
             f"{self.code}-{prefix}{line}" for line in lines[:-1]

@@ -44,3 +44,7 @@ def test_parse_then_wire_is_verbatim(code: int, message: str) -> None:
 def test_parse_splits_enhanced_code() -> None:
     reply = Reply.parse(550, "5.1.1 <x>: User unknown")
     assert (reply.code, reply.enhanced, reply.text) == (550, "5.1.1", "<x>: User unknown")
+
+
+def test_a_cr_inside_a_line_cannot_end_it() -> None:
+    assert Reply(554, "5.7.1", "listed; reason\rINJECTED").wire() == b"554 5.7.1 listed; reason INJECTED\r\n"
