@@ -245,7 +245,10 @@ class Resolver:
             self._dns.nameservers = servers
         self._dns.cache = None  # ours, see above
         self._dns.lifetime = timeout
-        self._dns.timeout = min(timeout, 2.0)  # per try; dnspython retries until lifetime
+        # One try per lookup: a retry sends a new query and drops the late
+        # answer to the first, so with short tries a list that always takes
+        # longer than a try could never be read, whatever `timeout` says.
+        self._dns.timeout = timeout
         self._dns.use_edns(0, 0, _EDNS_PAYLOAD)
         self.timeout = timeout
         self._cache_size = cache_size

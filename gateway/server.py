@@ -135,6 +135,11 @@ def _worker(policy: Policy, sock: socket.socket) -> None:
             loop.add_signal_handler(sig, stop.set)
         gateway = Gateway(policy)
         await serve(gateway, sock, stop)
+        # A second SIGTERM (a process-group kill on top of the parent's
+        # forwarded one) must not hit a closed loop's wakeup fd while we exit.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
 
     asyncio.run(main())
 

@@ -468,3 +468,14 @@ async def test_spf_router_is_inactive_outside_spf_check(resolver: Resolver) -> N
     await spf_check(resolver, "192.0.2.5", "a@strict.spf.example", "h")
     assert spf.DNSLookup is gdns._spf_router
     assert gdns._SPF_LOOKUP.get() is None
+
+
+async def test_an_answer_later_than_two_seconds_is_still_read(dns_server: DNSServer) -> None:
+    # dnspython's retries would drop it; one try per lookup keeps it.
+    dns_server.delay("other.example.", 2.3)
+    try:
+        resolver = Resolver([dns_server.nameserver], timeout=4.0)
+        answer = await resolver.query("www.other.example", "A")
+    finally:
+        dns_server.reset_faults()
+    assert answer.status is Status.RECORDS
