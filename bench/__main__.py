@@ -6,6 +6,8 @@ See bench/README.md for what each row means.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import os
 import platform
 import shutil
@@ -19,9 +21,22 @@ from types import FrameType
 from bench.procs import BenchError, Children
 from bench.proxies import parse_proxy
 from bench.report import as_json, table
-from bench.runner import Options, Row, measure, postfix_upstream, sink_upstream
+from bench.runner import (
+    Checks,
+    Options,
+    Row,
+    measure,
+    postfix_upstream,
+    sink_upstream,
+)
+from bench.slow import SlowResult
 
 REPO = Path(__file__).resolve().parent.parent
+CHECKS_NOTE = (
+    '"smtpgate (all checks)": no trusted network; helo (resolve, fcrdns), '
+    "sender, dnsbl (2 client lists + 1 RHSBL), spf (+HELO), dkim, dmarc, "
+    "DNS cached after the warm-up"
+)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -73,7 +88,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--warmup", type=int, default=200, help="unrecorded messages per path"
     )
-    p.add_argument("--from", dest="mail_from", default="sender@example.com")
+    p.add_argument(
+        "--from",
+        dest="mail_from",
+        default=None,
+        help="envelope sender (default sender@example.com; bench@example.org with --checks)",
+    )
     p.add_argument("--sink-rcpt", default="alice@example.com")
     p.add_argument(
         "--postfix-rcpt",
@@ -92,7 +112,38 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="let smtp-sink offer XCLIENT (it answers 250, not Postfix's 220)",
     )
-    p.add_argument("--helo", default="[127.0.0.1]")
+    p.add_argument(
+        "--helo",
+        default=None,
+        help="HELO/EHLO name (default [127.0.0.1]; client.example.org with --checks)",
+    )
+    p.add_argument(
+        "--checks",
+        choices=("all", "slow", "all+slow"),
+        default=None,
+        help="a second smtpgate with every DNS check on, against a loopback DNS "
+        "server serving bench/zones: 'all' adds its rows to the table, 'slow' "
+        "runs only the slow-DNS experiment on it, 'all+slow' both",
+    )
+    p.add_argument(
+        "--slow-sessions",
+        type=int,
+        default=50,
+        help="--checks slow: concurrent sessions waiting on the slow list",
+    )
+    p.add_argument(
+        "--slow-delay",
+        type=float,
+        default=2.0,
+        help="--checks slow: seconds the slow names take to answer (the "
+        "gateway's resolver gives up on one try after 2 s, see README)",
+    )
+    p.add_argument(
+        "--no-sign",
+        action="store_true",
+        help="--checks: send generated unsigned messages (dkim=none) instead "
+        "of the DKIM-signed one",
+    )
     p.add_argument(
         "--run-timeout",
         type=float,
@@ -116,9 +167,20 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     for kv in a.postfix_param:
         if "=" not in kv:
             p.error(f"--postfix-param wants NAME=VALUE, got {kv!r}")
-    for name in ("messages", "sessions", "size", "workers", "repeat"):
+    for name in ("messages", "sessions", "size", "workers", "repeat", "slow_sessions"):
         if getattr(a, name) < 1:
-            p.error(f"--{name} must be >= 1")
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0 < a.slow_delay <= 30:
+        p.error("--slow-delay must be in (0, 30] seconds")
+    if a.checks:
+        from bench.checks import CHECKS_FROM, CHECKS_HELO
+
+        # The all-checks gateway trusts nobody: the client must look real
+        # (bench/zones/example.org.zone). All paths use the same, for fairness.
+        a.mail_from = a.mail_from or CHECKS_FROM
+        a.helo = a.helo or CHECKS_HELO
+    a.mail_from = a.mail_from or "sender@example.com"
+    a.helo = a.helo or "[127.0.0.1]"
     return a
 
 
@@ -172,19 +234,53 @@ def main(argv: list[str] | None = None) -> int:
     os.chmod(workdir, 0o755)  # Postfix daemons (not root) must traverse it
     modes = ("sink", "postfix") if a.mode == "all" else (a.mode,)
     rows: list[Row] = []
+    slow: list[SlowResult] = []
     keep = a.keep_logs
     # Other work on the box skews every row; the header shows it.
     load_before = os.getloadavg()[0]
     t0 = time.monotonic()
     try:
-        with Children(workdir) as children:
+        with Children(workdir) as children, contextlib.ExitStack() as stack:
+            if a.checks:
+                from bench.checks import checks_env
+
+                rcpts = [a.sink_rcpt if m == "sink" else a.postfix_rcpt for m in modes]
+                env = stack.enter_context(
+                    checks_env(
+                        workdir,
+                        rcpts=rcpts,
+                        size=a.size,
+                        sign=not a.no_sign,
+                        slow_delay=a.slow_delay if "slow" in a.checks else 0.0,
+                    )
+                )
+                opts = dataclasses.replace(
+                    opts,
+                    message_file=env.message,
+                    checks=Checks(
+                        policy=env.policy,
+                        table="all" in a.checks,
+                        slow="slow" in a.checks,
+                        slow_sessions=a.slow_sessions,
+                        slow_delay=a.slow_delay,
+                    ),
+                )
+                if not a.quiet:
+                    print(
+                        f"bench: DNS on {env.nameserver} (bench/zones), policy "
+                        f"{env.policy}",
+                        file=sys.stderr,
+                    )
             for mode in modes:
                 if mode == "sink":
                     with sink_upstream(children, opts) as up:
-                        rows += measure(children, up, opts)
+                        res = measure(children, up, opts)
                 else:
                     with postfix_upstream(workdir, opts) as up:
-                        rows += measure(children, up, opts)
+                        res = measure(children, up, opts)
+                rows += res.rows
+                if res.slow is not None:
+                    slow.append(res.slow)
     except BenchError as e:
         keep = True  # the children's logs explain the failure
         print(f"bench: {e}", file=sys.stderr)
@@ -205,17 +301,25 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_1m_before": round(load_before, 2),
     }
     if a.json:
-        print(as_json(rows, opts, meta))
+        print(as_json(rows, opts, meta, slow))
     else:
+        body = f"{opts.size} B body"
+        if opts.message_file is not None:
+            body = f"one DKIM-signed {opts.size} B body"
         header = (
             f"smtpgate bench: {opts.messages} msgs x {opts.sessions} sessions x "
-            f"{opts.size} B body, one connection per message; proxy workers "
+            f"{body}, one connection per message; proxy workers "
             f"{opts.workers}; median of {opts.repeat} run(s)\nPython {meta['python']}, "
             f"{meta['cpus']} CPUs; load avg before {meta['loadavg_1m_before']}; "
             f"took {meta['wall_s']} s"
         )
-        print(table(rows, opts, header))
-    bad = sum(r.undelivered for r in rows)
+        if opts.checks is not None:
+            header += (
+                f"\n--checks {a.checks}: HELO {opts.helo}, MAIL FROM {opts.mail_from} "
+                f"on every path; {CHECKS_NOTE}"
+            )
+        print(table(rows, opts, header, slow))
+    bad = sum(r.undelivered for r in rows) + sum(r.undelivered for r in slow)
     return 1 if bad else 0
 
 

@@ -17,6 +17,15 @@ run with -s 1 for the unloaded per-message service time.
 It runs as its own process (``python3 -m bench.client ...``), printing one
 JSON object on stdout, so it never shares a core's event loop with the
 server under test.
+
+For the --checks runs: ``--message-file`` sends one fixed message (e.g. a
+DKIM-signed one) instead of a generated body; ``--from`` may contain ``{n}``
+(the message number), e.g. a sender domain per message that no cache has
+seen; ``--ramp`` spreads the sessions' starts; ``--pace`` makes each session
+pause between its messages (client-side, without a connection); and SIGUSR1
+makes it start no
+new message, finish the ones in flight and report (a background load that
+the harness stops when its foreground measurement is done).
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import argparse
 import asyncio
 import ipaddress
 import json
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -49,7 +59,16 @@ class ClientResult:
     p99_ms: float = 0.0
     max_ms: float = 0.0
     timed_out: bool = False
+    stopped: bool = False  # SIGUSR1: drained before the message count was reached
     error_samples: list[str] = field(default_factory=list)
+
+
+def load_message(path: str) -> bytes:
+    """A message file (headers, blank line, body) as DATA content: CRLF line
+    ends and dot-stuffing, like smtp-source -F; without the final "."."""
+    with open(path, "rb") as f:
+        lines = f.read().splitlines()
+    return b"".join((b"." + ln if ln.startswith(b".") else ln) + b"\r\n" for ln in lines)
 
 
 def build_body(size: int) -> bytes:
@@ -152,8 +171,13 @@ async def run(
     helo: str,
     msg_timeout: float,
     total_timeout: float,
+    message_file: str | None = None,
+    ramp: float = 0.0,
+    pace: float = 0.0,
 ) -> ClientResult:
     body = build_body(size)
+    fixed = load_message(message_file) + b".\r\n" if message_file else None
+    per_message_sender = "{n}" in mail_from
     mail_cmd = f"MAIL FROM:<{mail_from}>\r\n".encode()
     rcpt_cmd = f"RCPT TO:<{rcpt_to}>\r\n".encode()
     ehlo_cmd = f"EHLO {helo}\r\n".encode()
@@ -164,17 +188,45 @@ async def run(
     latencies: list[float] = []
     res = ClientResult()
     next_n = 0
+    # SIGUSR1: no new messages; those in flight finish and are counted.
+    draining = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGUSR1, draining.set)
 
-    async def worker() -> None:
+    async def pause(seconds: float) -> None:
+        """Sleep, cut short by SIGUSR1."""
+        try:
+            async with asyncio.timeout(seconds):
+                await draining.wait()
+        except TimeoutError:
+            pass
+
+    async def worker(i: int) -> None:
         nonlocal next_n
-        while next_n < messages:  # bounded by the message count
+        if ramp > 0 and i:
+            await pause(ramp * i / max(1, sessions))  # spread the sessions' starts
+        first = True
+        while next_n < messages and not draining.is_set():  # bounded by the count
+            if pace > 0 and not first:
+                await pause(pace)  # think time between this session's messages
+                if draining.is_set():
+                    break
+            first = False
             n = next_n
             next_n += 1
-            msg = header_tpl.format(n=n).encode() + body + b".\r\n"
+            if fixed is not None:
+                msg = fixed
+            else:
+                msg = header_tpl.format(n=n).encode() + body + b".\r\n"
+            mail = (
+                f"MAIL FROM:<{mail_from.format(n=n)}>\r\n".encode()
+                if per_message_sender
+                else mail_cmd
+            )
             steps: list[tuple[bytes | None, bytes]] = [
                 (None, b"220"),
                 (ehlo_cmd, b"250"),
-                (mail_cmd, b"250"),
+                (mail, b"250"),
                 (rcpt_cmd, b"250"),
                 (b"DATA\r\n", b"354"),
                 (msg, b"250"),
@@ -192,7 +244,7 @@ async def run(
             latencies.append(time.perf_counter() - t0)
 
     t_start = time.perf_counter()
-    tasks = [asyncio.create_task(worker()) for _ in range(max(1, sessions))]
+    tasks = [asyncio.create_task(worker(i)) for i in range(max(1, sessions))]
     try:
         async with asyncio.timeout(total_timeout):
             await asyncio.gather(*tasks)
@@ -202,6 +254,8 @@ async def run(
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     res.elapsed_s = time.perf_counter() - t_start
+    res.stopped = draining.is_set() and next_n < messages
+    loop.remove_signal_handler(signal.SIGUSR1)
 
     latencies.sort()
     res.sent = len(latencies)
@@ -231,9 +285,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-m", "--messages", type=int, default=1000)
     p.add_argument("-s", "--sessions", type=int, default=50)
     p.add_argument("-l", "--size", type=int, default=5120, help="body bytes")
-    p.add_argument("-f", "--mail-from", default="sender@example.com")
+    p.add_argument(
+        "-f",
+        "--mail-from",
+        default="sender@example.com",
+        help="envelope sender (and From: of generated messages); {n} = message number",
+    )
     p.add_argument("-t", "--rcpt-to", default="alice@example.com")
     p.add_argument("--helo", default="[127.0.0.1]")
+    p.add_argument(
+        "--message-file",
+        help="send this message (headers and body; LF or CRLF) instead of a generated one",
+    )
+    p.add_argument(
+        "--ramp",
+        type=float,
+        default=0.0,
+        help="spread the sessions' first connections over this many seconds",
+    )
+    p.add_argument(
+        "--pace",
+        type=float,
+        default=0.0,
+        help="each session pauses this many seconds between its messages",
+    )
     p.add_argument("--msg-timeout", type=float, default=30.0)
     p.add_argument("--timeout", type=float, default=300.0, help="whole run")
     a = p.parse_args(argv)
@@ -253,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
             a.helo,
             a.msg_timeout,
             a.timeout,
+            a.message_file,
+            a.ramp,
+            a.pace,
         )
     )
     json.dump(asdict(res), sys.stdout)

@@ -9,6 +9,7 @@ Template placeholders: {python} {listen} {listen_host} {listen_port}
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import sys
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ LABELS = {"gateway": "smtpgate", "minimal": "minimal proxy"}
 class ProxySpec:
     label: str
     template: str
+    #: {policy} for this proxy; None = the bench's --policy.
+    policy: Path | None = None
 
 
 def parse_proxy(arg: str) -> ProxySpec:
@@ -75,7 +78,7 @@ def start_proxy(
         "upstream_host": upstream_host,
         "upstream_port": str(upstream_port),
         "workers": str(workers),
-        "policy": str(policy),
+        "policy": str(spec.policy or policy),
     }
     argv = [part.format(**values) for part in shlex.split(spec.template)]
     env = dict(os.environ)
@@ -83,7 +86,7 @@ def start_proxy(
     env["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(cwd), env.get("PYTHONPATH", "")])
     )
-    name = spec.label.replace(" ", "-")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", spec.label).strip("-") or "proxy"
     child = children.spawn(name, argv, cwd=cwd, env=env)
     wait_for_banner(host, port, timeout=ready_timeout, child=child)
     return RunningProxy(spec, host, port, child)

@@ -1,5 +1,9 @@
 """Measurement plan: upstreams (smtp-sink, Postfix), paths (direct, via each
 proxy) and tools (smtp-source, our asyncio client), repeated K times.
+
+With --checks, one more proxy: smtpgate with every DNS check on (its own
+policy, see bench/checks.py), as a row of the table ("all") and/or as the
+gateway of the slow-DNS experiment ("slow", bench/slow.py).
 """
 
 from __future__ import annotations
@@ -10,18 +14,37 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench.loadclient import run_client
-from bench.procs import BenchError, Children
-from bench.proxies import ProxySpec, RunningProxy, start_proxy
+from bench.procs import BenchError, Child, Children
+from bench.proxies import PRESETS, ProxySpec, RunningProxy, start_proxy
 from bench.sink import LogCounter, SmtpSink
 from bench.source import run_smtp_source
 from bench.stats import median
+
+if TYPE_CHECKING:  # bench.slow imports this module
+    from bench.slow import SlowResult
 
 TOOL_SOURCE = "smtp-source"
 TOOL_CLIENT = "asyncio client"
 TOOL_IDLE = "asyncio client, 1 session"
 DIRECT = "direct"
+#: Row label of the gateway with every check on (--checks).
+CHECKS_LABEL = "smtpgate (all checks)"
+
+
+@dataclass(frozen=True)
+class Checks:
+    """--checks: a gateway with every DNS check on, and what to do with it."""
+
+    policy: Path
+    #: Add its path to the main table ("all").
+    table: bool
+    #: Run the slow-DNS experiment on it ("slow").
+    slow: bool
+    slow_sessions: int = 50
+    slow_delay: float = 1.8
 
 
 @dataclass(frozen=True)
@@ -46,6 +69,10 @@ class Options:
     quiet: bool = False
     postfix_params: dict[str, str] = field(default_factory=dict)
     sink_xclient: bool = False
+    #: Send this message (smtp-source -F, bench.client --message-file)
+    #: instead of generated ones of --size bytes; set by --checks (DKIM-signed).
+    message_file: Path | None = None
+    checks: Checks | None = None
 
 
 @dataclass
@@ -80,6 +107,8 @@ class Upstream:
     rcpt: str
     # Messages received so far, or None where the upstream cannot tell us.
     delivered: Callable[[int], int] | None
+    # "" while the upstream runs, else what happened to it (for error messages).
+    gone: Callable[[], str] = lambda: ""
 
 
 @contextmanager
@@ -87,7 +116,16 @@ def sink_upstream(children: Children, opts: Options) -> Iterator[Upstream]:
     sink = SmtpSink(children, opts.sessions, xclient=opts.sink_xclient)
     try:
         yield Upstream(
-            "sink", sink.host, sink.port, opts.sink_rcpt, sink.wait_delivered
+            "sink",
+            sink.host,
+            sink.port,
+            opts.sink_rcpt,
+            sink.wait_delivered,
+            lambda: ""
+            if sink.child.running()
+            else f"smtp-sink exited with code {sink.child.popen.returncode} "
+            f"(a negative code is the signal that killed it); log tail:\n"
+            f"{sink.child.tail(500)}",
         )
     finally:
         children.stop(sink.child)
@@ -135,6 +173,8 @@ class _Path:
     label: str
     host: str
     port: int
+    #: the proxy's process, to tell "it died" from "it refused" on failure
+    child: Child | None = None
 
 
 class _Measurer:
@@ -162,10 +202,26 @@ class _Measurer:
             rcpt_to=self.up.rcpt,
             helo=o.helo,
             timeout=o.run_timeout,
+            message_file=o.message_file,
         ).rate
 
     def run_once(self, p: _Path, tool: str) -> None:
         """One measurement, then check the upstream got every message."""
+        try:
+            self._run_once(p, tool)
+        except BenchError as e:
+            # A dead proxy or upstream is the likelier cause of the failure.
+            if p.child is not None and not p.child.running():
+                raise BenchError(
+                    f"{e}\n{p.label} is gone: exit code {p.child.popen.returncode} "
+                    f"(negative = killed by that signal); log tail:\n{p.child.tail(500)}"
+                ) from e
+            gone = self.up.gone()
+            if gone:
+                raise BenchError(f"{e}\nThe upstream is gone: {gone}") from e
+            raise
+
+    def _run_once(self, p: _Path, tool: str) -> None:
         o = self.opts
         messages = o.idle_messages if tool == TOOL_IDLE else o.messages
         before = self.up.delivered(0) if self.up.delivered else 0
@@ -185,6 +241,7 @@ class _Measurer:
                 helo=o.helo,
                 timeout=o.run_timeout,
                 cwd=o.repo,
+                message_file=o.message_file,
             )
             r.rates.append(res.rate)
             r.p50s_ms.append(res.p50_ms)
@@ -199,7 +256,7 @@ class _Measurer:
         )
         _progress(
             o,
-            f"  {self.up.mode:7} {p.label:16} {tool:26} run {len(r.rates)}: "
+            f"  {self.up.mode:7} {p.label:26} {tool:26} run {len(r.rates)}: "
             f"{r.rates[-1]:8,.0f} msgs/s{lat}",
         )
 
@@ -228,11 +285,33 @@ class _Measurer:
         return out
 
 
-def measure(children: Children, up: Upstream, opts: Options) -> list[Row]:
-    """All paths (direct, then each proxy) x tools x repeats against one upstream."""
+@dataclass
+class Measurement:
+    """One upstream's results: the main table's rows, and the slow-DNS
+    experiment's (bench/slow.py) when --checks asked for it."""
+
+    rows: list[Row]
+    slow: SlowResult | None = None
+
+
+def measure(children: Children, up: Upstream, opts: Options) -> Measurement:
+    """All paths (direct, then each proxy) x tools x repeats against one upstream.
+
+    With --checks, the all-checks gateway is one more proxy: a row of the
+    table ("all"), and/or the gateway of the slow-DNS experiment ("slow"),
+    which runs after the table, on the same (warm) gateway. "slow" alone
+    starts only that gateway and measures no table.
+    """
+    checks = opts.checks
+    table = checks is None or checks.table
+    specs = list(opts.proxies) if table else []
+    checks_spec: ProxySpec | None = None
+    if checks is not None:
+        checks_spec = ProxySpec(CHECKS_LABEL, PRESETS["gateway"], checks.policy)
+        specs.append(checks_spec)
     proxies: list[RunningProxy] = []
     try:
-        for spec in opts.proxies:
+        for spec in specs:
             proxies.append(
                 start_proxy(
                     children,
@@ -246,8 +325,20 @@ def measure(children: Children, up: Upstream, opts: Options) -> list[Row]:
                 )
             )
         paths = [_Path(DIRECT, up.host, up.port)]
-        paths += [_Path(p.spec.label, p.host, p.port) for p in proxies]
-        return _Measurer(children, up, opts).run(paths)
+        paths += [_Path(p.spec.label, p.host, p.port, p.child) for p in proxies]
+        rows = _Measurer(children, up, opts).run(paths) if table else []
+        slow = None
+        if checks is not None and checks.slow:
+            from bench.slow import measure_slow  # it builds on this module
+
+            gw = next(p for p in proxies if p.spec is checks_spec)
+            slow = measure_slow(
+                _Measurer(children, up, opts),
+                _Path(CHECKS_LABEL, gw.host, gw.port, gw.child),
+                checks,
+                warm=not table,
+            )
+        return Measurement(rows, slow)
     finally:
         for p in reversed(proxies):
             children.stop(p.child)

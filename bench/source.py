@@ -8,12 +8,17 @@ No -d, so each message gets its own connection (connect, HELO, MAIL, RCPT,
 DATA, QUIT) -- the same shape as our asyncio client. No -A, so any
 unexpected reply makes smtp-source exit non-zero, which fails the run.
 Note smtp-source says HELO, not EHLO, and does not pipeline.
+With a message file (--checks: a DKIM-signed message), -F FILE replaces -l:
+smtp-source sends the file's headers and body as they are (it adds CRLF to
+every line and dot-stuffs), instead of its own From/To/Date/Message-Id
+headers and numbered X lines. -F and -l cannot be combined.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from bench.procs import BenchError, Children
 
@@ -38,15 +43,16 @@ def run_smtp_source(
     rcpt_to: str,
     helo: str,
     timeout: float,
+    message_file: Path | None = None,
 ) -> SourceResult:
+    payload = ["-F", str(message_file)] if message_file else ["-l", str(size)]
     argv = [
         SMTP_SOURCE,
         "-s",
         str(sessions),
         "-m",
         str(messages),
-        "-l",
-        str(size),
+        *payload,
         "-f",
         mail_from,
         "-t",
