@@ -255,6 +255,8 @@ class Resolver:
         self._tempfail_ttl = tempfail_ttl
         self._clock = clock
         self._cache: OrderedDict[_Key, tuple[float, Answer]] = OrderedDict()
+        #: spf_check results by (ip, sender, helo): (expires, (result, explanation)).
+        self._spf_results: OrderedDict[tuple[str, str, str], tuple[float, tuple[str, str]]] = OrderedDict()
         self._inflight: dict[_Key, asyncio.Task[Answer]] = {}
         self._hits = self._coalesced = self._sent = 0
 
@@ -350,6 +352,7 @@ class Resolver:
             self._cache.popitem(last=False)
 
     def cache_clear(self) -> None:
+        self._spf_results.clear()
         self._cache.clear()
 
     @property
@@ -506,6 +509,11 @@ def _spf_lookup_via(resolver: Resolver, loop: asyncio.AbstractEventLoop) -> _Spf
     return lookup
 
 
+#: Seconds an SPF result is reused for the same (ip, sender, HELO).  Short:
+#: a domain that changes its SPF record is obeyed within a minute.
+SPF_RESULT_TTL = 60.0
+
+
 async def spf_check(resolver: Resolver, ip: str, sender: str, helo: str, *, querytime: float = 20.0) -> tuple[str, str]:
     """RFC 7208 check of ``sender`` (MAIL FROM; empty for bounces, then the
     HELO identity is checked) sent from ``ip`` -- pyspf's ``check2`` with its
@@ -515,6 +523,10 @@ async def spf_check(resolver: Resolver, ip: str, sender: str, helo: str, *, quer
     :returns: (result, explanation); result is one of ``pass``, ``fail``,
         ``softfail``, ``neutral``, ``none``, ``temperror``, ``permerror``.
     """
+    key = (ip, sender.lower(), helo.lower())
+    cached = resolver._spf_results.get(key)
+    if cached is not None and cached[0] > resolver._clock():
+        return cached[1]
     executor = _install_spf_router()
     lookup = _spf_lookup_via(resolver, asyncio.get_running_loop())
 
@@ -528,4 +540,14 @@ async def spf_check(resolver: Resolver, ip: str, sender: str, helo: str, *, quer
             _SPF_LOOKUP.reset(token)
         return str(result), str(explanation)
 
-    return await asyncio.get_running_loop().run_in_executor(executor, run)
+    outcome = await asyncio.get_running_loop().run_in_executor(executor, run)
+    if outcome[0] != "temperror":
+        # The same client, sender and HELO get the same answer while the DNS
+        # data does: keeping it a short while saves the thread hop and
+        # pyspf's evaluation for every message of a busy sender.
+        results = resolver._spf_results
+        results[key] = (resolver._clock() + SPF_RESULT_TTL, outcome)
+        results.move_to_end(key)
+        while len(results) > max(resolver._cache_size, 1):
+            results.popitem(last=False)
+    return outcome

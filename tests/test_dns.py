@@ -479,3 +479,22 @@ async def test_an_answer_later_than_two_seconds_is_still_read(dns_server: DNSSer
     finally:
         dns_server.reset_faults()
     assert answer.status is Status.RECORDS
+
+
+async def test_spf_results_are_reused_for_a_minute(resolver: Resolver, dns: DNSServer, clock: FakeClock) -> None:
+    first = await spf_check(resolver, "198.51.100.5", "a@strict.spf.example", "helo.example")
+    sent = dns.total_queries
+    resolver._cache.clear()  # DNS answers gone: only the result cache can answer
+    assert await spf_check(resolver, "198.51.100.5", "A@STRICT.SPF.EXAMPLE", "HELO.example") == first
+    assert dns.total_queries == sent
+    clock.now += 61
+    assert await spf_check(resolver, "198.51.100.5", "a@strict.spf.example", "helo.example") == first
+    assert dns.total_queries > sent
+
+
+async def test_spf_temperror_is_not_reused(resolver: Resolver, dns: DNSServer, clock: FakeClock) -> None:
+    dns.servfail("strict.spf.example")
+    assert (await spf_check(resolver, "198.51.100.5", "a@strict.spf.example", "h.example"))[0] == "temperror"
+    dns.reset_faults()
+    clock.now += 10  # past the resolver's short TEMPFAIL cache
+    assert (await spf_check(resolver, "198.51.100.5", "a@strict.spf.example", "h.example"))[0] == "fail"
