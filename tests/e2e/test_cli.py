@@ -1,7 +1,6 @@
 """The smtpgate command as a user runs it: a real process, real signals."""
 
 import json
-import os
 import shutil
 import signal
 import smtplib

@@ -1,10 +1,7 @@
 """Through the gateway to the real Postfix: what arrives, and what the client
 hears, must be what Postfix alone would give."""
 
-import smtplib
-import socket
 
-import pytest
 
 from tests.fixtures.gateway import OUTSIDE_IP, TRUSTED_IP, recv_reply
 

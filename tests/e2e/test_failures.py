@@ -2,8 +2,6 @@
 retries; never a 250 for mail that went nowhere."""
 
 import logging
-import smtplib
-import socket
 
 import pytest
 

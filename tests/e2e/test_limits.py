@@ -1,12 +1,11 @@
 """Size, recipient, connection and time limits, through the network."""
 
-import smtplib
 import socket
 import time
 
 import pytest
 
-from tests.fixtures.gateway import OUTSIDE_IP, TRUSTED_IP, recv_reply
+from tests.fixtures.gateway import OUTSIDE_IP, recv_reply
 
 
 def test_oversized_message_gets_552_and_nothing_arrives(start_gateway, postfix) -> None:
