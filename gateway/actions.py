@@ -18,15 +18,35 @@ therefore never starts rejecting mail unless its defaults say so.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 from .replies import Reply
 from .verdict import Action, Verdict
 
-__all__ = ["ActionSpec", "ACTION_NAMES", "check_actions", "decide"]
+__all__ = ["ActionSpec", "ACTION_NAMES", "ActionOptions", "check_actions", "decide"]
 
 #: What a finding may map to: one of these names, or a score.
 ActionSpec = str | float
 ACTION_NAMES = ("reject", "defer", "tag", "accept", "continue")
+
+
+@dataclass(frozen=True)
+class ActionOptions:
+    """Base for a plugin's ``Options`` with an ``actions`` table.
+
+    The policy's table is merged over the class's ``DEFAULT_ACTIONS``, so a
+    policy names only the findings it changes (``softfail = 2.0`` keeps
+    ``fail = "reject"``).
+    """
+
+    DEFAULT_ACTIONS: ClassVar[Mapping[str, ActionSpec]] = {}
+
+    #: Finding -> action or score; merged over ``DEFAULT_ACTIONS``.
+    actions: dict[str, ActionSpec] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "actions", {**self.DEFAULT_ACTIONS, **self.actions})
 
 
 def check_actions(actions: Mapping[str, ActionSpec], findings: tuple[str, ...]) -> dict[str, str]:

@@ -28,7 +28,7 @@ import functools
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import authres
@@ -46,7 +46,7 @@ from gateway import (
     Verdict,
     hookimpl,
 )
-from gateway.actions import ActionSpec, check_actions, decide
+from gateway.actions import ActionOptions, ActionSpec, check_actions, decide
 from gateway.address import is_domain
 from gateway.dns import DkimDnsFunc, Resolver, dkim_dnsfunc
 
@@ -317,16 +317,13 @@ class DkimPlugin(Plugin):
     """Verifies every DKIM signature at end of DATA."""
 
     @dataclass(frozen=True)
-    class Options:
-        #: Finding -> action or score; merged over :data:`DEFAULT_ACTIONS`.
-        actions: dict[str, ActionSpec] = field(default_factory=dict)
+    class Options(ActionOptions):
+        DEFAULT_ACTIONS = DEFAULT_ACTIONS
 
         #: From domains (and their subdomains) whose mail must carry a
         #: passing signature of that domain.
         required_domains: tuple[str, ...] = ()
 
-        def __post_init__(self) -> None:
-            object.__setattr__(self, "actions", {**DEFAULT_ACTIONS, **self.actions})
 
         def check(self) -> dict[str, str]:
             bad = check_actions(self.actions, FINDINGS)

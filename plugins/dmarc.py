@@ -35,7 +35,7 @@ import functools
 import random
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from publicsuffixlist import PublicSuffixList
@@ -50,7 +50,7 @@ from gateway import (
     Verdict,
     hookimpl,
 )
-from gateway.actions import ActionSpec, check_actions, decide
+from gateway.actions import ActionOptions, ActionSpec, check_actions, decide
 from gateway.dns import Resolver
 
 from . import _authresults as ar
@@ -293,15 +293,12 @@ class DmarcPlugin(Plugin):
     the Authentication-Results header."""
 
     @dataclass(frozen=True)
-    class Options:
-        #: Finding -> action or score; merged over :data:`DEFAULT_ACTIONS`.
-        actions: dict[str, ActionSpec] = field(default_factory=dict)
+    class Options(ActionOptions):
+        DEFAULT_ACTIONS = DEFAULT_ACTIONS
 
         #: apply pct= sampling (RFC 7489 §6.6.4); false treats every record as pct=100.
         honour_pct: bool = True
 
-        def __post_init__(self) -> None:
-            object.__setattr__(self, "actions", {**DEFAULT_ACTIONS, **self.actions})
 
         def check(self) -> dict[str, str]:
             return check_actions(self.actions, FINDINGS)

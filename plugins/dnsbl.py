@@ -59,7 +59,7 @@ from gateway import (
     Verdict,
     hookimpl,
 )
-from gateway.actions import ACTION_NAMES, ActionSpec, check_actions, decide
+from gateway.actions import ACTION_NAMES, ActionOptions, ActionSpec, check_actions, decide
 from gateway.address import is_domain
 from gateway.config import parse_table
 from gateway.dns import Answer, Resolver, Status, dnsbl_name
@@ -524,11 +524,10 @@ class DnsblPlugin(Plugin):
     sender domains in domain lists."""
 
     @dataclass(frozen=True)
-    class Options:
+    class Options(ActionOptions):
+        DEFAULT_ACTIONS = DEFAULT_ACTIONS
         #: ``{name: zone table}``; see :class:`Zone`.
         zones: dict[str, dict[str, ZoneValue]] = field(default_factory=dict)
-        #: Finding -> action; merged over :data:`DEFAULT_ACTIONS`.
-        actions: dict[str, ActionSpec] = field(default_factory=dict)
         #: Hold refusals back until RCPT (Postfix's smtpd_delay_reject).
         delay_reject: bool = True
         #: Local parts a listed client may still write to (at the local
@@ -541,8 +540,6 @@ class DnsblPlugin(Plugin):
         #: Seconds a failing zone is paused.
         pause: float = 300.0
 
-        def __post_init__(self) -> None:
-            object.__setattr__(self, "actions", {**DEFAULT_ACTIONS, **self.actions})
 
         @cached_property
         def parsed_zones(self) -> tuple[tuple[tuple[str, Zone], ...], dict[str, str]]:

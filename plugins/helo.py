@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gateway import Context, Plugin, Reply, Session, Verdict, hookimpl
-from gateway.actions import ActionSpec, check_actions, decide
+from gateway.actions import ActionOptions, ActionSpec, check_actions, decide
 from gateway.address import is_domain
 from gateway.dns import Answer, Resolver
 from gateway.verdict import combine
@@ -385,7 +385,8 @@ class HeloPlugin(Plugin):
     """Refuses HELO/EHLO names no honest mail server would give."""
 
     @dataclass(frozen=True)
-    class Options:
+    class Options(ActionOptions):
+        DEFAULT_ACTIONS = DEFAULT_ACTIONS
         #: The name must have an A or AAAA record.
         resolve: bool = False
         #: Check the client's forward-confirmed reverse DNS.
@@ -394,11 +395,7 @@ class HeloPlugin(Plugin):
         own_names: tuple[str, ...] = ()
         #: More addresses or networks that are ours besides the listen address.
         own_addresses: tuple[str, ...] = ()
-        #: Finding -> action; merged over :data:`DEFAULT_ACTIONS`.
-        actions: dict[str, ActionSpec] = field(default_factory=dict)
 
-        def __post_init__(self) -> None:
-            object.__setattr__(self, "actions", {**DEFAULT_ACTIONS, **self.actions})
 
         def check(self) -> dict[str, str]:
             bad = check_actions(self.actions, FINDINGS)

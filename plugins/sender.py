@@ -26,10 +26,10 @@ import asyncio
 import contextlib
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from gateway import Address, Envelope, Plugin, Reply, Session, Verdict, hookimpl
-from gateway.actions import ActionSpec, check_actions, decide
+from gateway.actions import ActionOptions, ActionSpec, check_actions, decide
 from gateway.dns import Answer, Resolver, Status
 
 __all__ = [
@@ -181,12 +181,9 @@ class SenderPlugin(Plugin):
     """Refuses senders whose domain cannot receive mail."""
 
     @dataclass(frozen=True)
-    class Options:
-        #: Finding -> action; merged over :data:`DEFAULT_ACTIONS`.
-        actions: dict[str, ActionSpec] = field(default_factory=dict)
+    class Options(ActionOptions):
+        DEFAULT_ACTIONS = DEFAULT_ACTIONS
 
-        def __post_init__(self) -> None:
-            object.__setattr__(self, "actions", {**DEFAULT_ACTIONS, **self.actions})
 
         def check(self) -> dict[str, str]:
             bad = check_actions(self.actions, FINDINGS)

@@ -25,7 +25,7 @@ import asyncio
 import ipaddress
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import authres
@@ -40,7 +40,7 @@ from gateway import (
     Verdict,
     hookimpl,
 )
-from gateway.actions import ActionSpec, check_actions, decide
+from gateway.actions import ActionOptions, ActionSpec, check_actions, decide
 from gateway.dns import Resolver, spf_check
 
 from . import _authresults as ar
@@ -297,16 +297,13 @@ class SpfPlugin(Plugin):
     """Checks the sender's SPF record at MAIL, writes Received-SPF at DATA."""
 
     @dataclass(frozen=True)
-    class Options:
-        #: Finding -> action or score; merged over :data:`DEFAULT_ACTIONS`.
-        actions: dict[str, ActionSpec] = field(default_factory=dict)
+    class Options(ActionOptions):
+        DEFAULT_ACTIONS = DEFAULT_ACTIONS
         #: also check the HELO identity (RFC 7208 §2.3); a HELO fail decides.
         check_helo: bool = False
         #: write a Received-SPF header per identity checked.
         received_spf: bool = True
 
-        def __post_init__(self) -> None:
-            object.__setattr__(self, "actions", {**DEFAULT_ACTIONS, **self.actions})
 
         def check(self) -> dict[str, str]:
             return check_actions(self.actions, FINDINGS)
