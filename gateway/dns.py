@@ -22,6 +22,7 @@ import asyncio
 import concurrent.futures
 import contextvars
 import enum
+import functools
 import ipaddress
 import logging
 import threading
@@ -195,6 +196,13 @@ def _negative_ttl(response: dns.message.Message | None) -> int:
     return min([ttl] + [rrset.ttl for rrset in response.answer])
 
 
+@functools.lru_cache(maxsize=4096)
+def _query_key(name: str, rdtype: str) -> _Key:
+    """The cache key of a question.  Memoised: parsing the name was a
+    visible cost of every cache hit, and busy senders ask the same names."""
+    return dns.name.from_text(name).canonicalize(), dns.rdatatype.from_text(rdtype)
+
+
 class Resolver:
     """Asynchronous stub resolver with a TTL cache and in-flight de-duplication.
 
@@ -268,14 +276,11 @@ class Resolver:
         DNS (empty label, label over 63 bytes...) is NXDOMAIN without a query.
         Raises ValueError only for an unknown ``rdtype`` (a programming error)."""
         try:
-            qtype = dns.rdatatype.from_text(rdtype)
+            key = _query_key(name, rdtype)
         except dns.rdatatype.UnknownRdatatype:
             raise ValueError(f"unknown DNS type {rdtype!r}") from None
-        try:
-            qname = dns.name.from_text(name).canonicalize()
         except (dns.exception.DNSException, UnicodeError) as exc:
             return Answer(Status.NXDOMAIN, error=f"invalid name {name!r}: {exc}")
-        key = (qname, qtype)
         cached = self._cache_get(key)
         if cached is not None:
             self._hits += 1

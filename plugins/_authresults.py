@@ -133,6 +133,19 @@ class Author:
 _REGISTRY = HeaderRegistry()
 
 
+_FROM_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_FROM_LOCAL = rf"{_FROM_ATEXT}(?:\.{_FROM_ATEXT})*"
+_FROM_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_FROM_DOMAIN = rf"{_FROM_LABEL}(?:\.{_FROM_LABEL})*"
+#: One address, nothing a reader could read two ways: no comments, no
+#: commas, no second @, no escapes; an unquoted name of atext, dots and
+#: spaces, or a quoted one without @, backslash or quote.
+_SIMPLE_FROM = re.compile(
+    rf"""[ \t]*(?:(?:"[^"\\@\r\n]*"|[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~. -]*)[ \t]*"""
+    rf"<{_FROM_LOCAL}@(?P<domain>{_FROM_DOMAIN})>|{_FROM_LOCAL}@(?P<bare_domain>{_FROM_DOMAIN}))[ \t]*\Z"
+)
+
+
 def author_domain(fields: Sequence[tuple[str, str]]) -> Author:
     """The domain of the one address in the one From field.
 
@@ -145,6 +158,12 @@ def author_domain(fields: Sequence[tuple[str, str]]) -> Author:
         return Author(problem="no From header field")
     if len(values) > 1:
         return Author(problem=f"{len(values)} From header fields")
+    simple = _SIMPLE_FROM.match(values[0])
+    if simple is not None:
+        # The common, unambiguous shapes ("Name <a@b>", "<a@b>", "a@b"),
+        # without the stdlib parser, which cost a few percent of a message.
+        domain = domain_or_none(simple["domain"] or simple["bare_domain"])
+        return Author(domain) if domain is not None else Author(problem="no usable domain in From")
     try:
         header = _REGISTRY("from", values[0])
     except Exception:  # noqa: BLE001 - the stdlib parser has raised more than HeaderParseError on junk

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import re
 import pytest
 
 from gateway import Action, Message, Reply, Verdict
@@ -381,3 +382,18 @@ def test_reporter_rule() -> None:
 def test_reply_constants_are_well_formed(name: str) -> None:
     reply: Reply = getattr(dmarc, name)
     assert reply.enhanced[0] == str(reply.code)[0] and reply.code >= 400
+
+
+FROM_VALUES = [
+    "Alice <alice@auth.test>", "<alice@auth.test>", "alice@auth.test", ' "Alice A." <a.b@sub.auth.test> ',
+    "=?utf-8?q?J=C3=B6rg?= <j@x.test>", "alice@auth.test.", "Bob <bob@EXAMPLE.org>", "a..b@x.test",
+    "<a@-x.test>", ".a@x.test", "a.@x.test", "Al. Bob <a@x.test>", "<a@x..test>", "a@b.test <c@d.test>",
+    '"" <a@b.test>', "A  B <a@b.test>", "a@b.test, c@d.test", '"x@y" <a@b.test>', "Al (c) <a@b.test>",
+]
+
+
+@pytest.mark.parametrize("value", FROM_VALUES)
+def test_the_simple_from_fast_path_agrees_with_the_full_parser(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    fast = ar.author_domain([("From", value)])
+    monkeypatch.setattr(ar, "_SIMPLE_FROM", re.compile(r"(?!)"))
+    assert fast == ar.author_domain([("From", value)])
