@@ -3,9 +3,9 @@ policies, and the one Authentication-Results header of spf+dkim+dmarc."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-import re
 import pytest
 
 from gateway import Action, Message, Reply, Verdict
