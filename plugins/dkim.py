@@ -324,7 +324,6 @@ class DkimPlugin(Plugin):
         #: passing signature of that domain.
         required_domains: tuple[str, ...] = ()
 
-
         def check(self) -> dict[str, str]:
             bad = check_actions(self.actions, FINDINGS)
             for i, domain in enumerate(self.required_domains):

@@ -299,7 +299,6 @@ class DmarcPlugin(Plugin):
         #: apply pct= sampling (RFC 7489 §6.6.4); false treats every record as pct=100.
         honour_pct: bool = True
 
-
         def check(self) -> dict[str, str]:
             return check_actions(self.actions, FINDINGS)
 

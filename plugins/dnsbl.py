@@ -526,6 +526,7 @@ class DnsblPlugin(Plugin):
     @dataclass(frozen=True)
     class Options(ActionOptions):
         DEFAULT_ACTIONS = DEFAULT_ACTIONS
+
         #: ``{name: zone table}``; see :class:`Zone`.
         zones: dict[str, dict[str, ZoneValue]] = field(default_factory=dict)
         #: Hold refusals back until RCPT (Postfix's smtpd_delay_reject).
@@ -539,7 +540,6 @@ class DnsblPlugin(Plugin):
         pause_after: int = 5
         #: Seconds a failing zone is paused.
         pause: float = 300.0
-
 
         @cached_property
         def parsed_zones(self) -> tuple[tuple[tuple[str, Zone], ...], dict[str, str]]:

@@ -387,6 +387,7 @@ class HeloPlugin(Plugin):
     @dataclass(frozen=True)
     class Options(ActionOptions):
         DEFAULT_ACTIONS = DEFAULT_ACTIONS
+
         #: The name must have an A or AAAA record.
         resolve: bool = False
         #: Check the client's forward-confirmed reverse DNS.
@@ -395,7 +396,6 @@ class HeloPlugin(Plugin):
         own_names: tuple[str, ...] = ()
         #: More addresses or networks that are ours besides the listen address.
         own_addresses: tuple[str, ...] = ()
-
 
         def check(self) -> dict[str, str]:
             bad = check_actions(self.actions, FINDINGS)

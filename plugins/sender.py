@@ -184,7 +184,6 @@ class SenderPlugin(Plugin):
     class Options(ActionOptions):
         DEFAULT_ACTIONS = DEFAULT_ACTIONS
 
-
         def check(self) -> dict[str, str]:
             bad = check_actions(self.actions, FINDINGS)
             if self.actions.get(Finding.TEMPFAIL) == "reject":

@@ -299,11 +299,11 @@ class SpfPlugin(Plugin):
     @dataclass(frozen=True)
     class Options(ActionOptions):
         DEFAULT_ACTIONS = DEFAULT_ACTIONS
+
         #: also check the HELO identity (RFC 7208 §2.3); a HELO fail decides.
         check_helo: bool = False
         #: write a Received-SPF header per identity checked.
         received_spf: bool = True
-
 
         def check(self) -> dict[str, str]:
             return check_actions(self.actions, FINDINGS)
