@@ -22,7 +22,6 @@ the bench client 127.0.0.1 is checked like any outside server:
 
 from __future__ import annotations
 
-import base64
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -68,19 +67,9 @@ class ChecksEnv:
 
 def _dkim_key() -> tuple[bytes, str]:
     """A fresh RSA 2048 key: (PEM private key, base64 SubjectPublicKeyInfo)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
+    from tests.fixtures.dkimkeys import new_keypair
 
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
-    der = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return pem, base64.b64encode(der).decode("ascii")
+    return new_keypair()
 
 
 def _txt(text: str) -> str:

@@ -123,13 +123,11 @@ class SMTPSession(_AiosmtpdSMTP):
         if self.transport.get_write_buffer_size() > _READ_LIMIT:
             await self._writer.drain()
 
-    def close_idle(self) -> bool:
+    def close_idle(self) -> None:
         """For shutdown: say goodbye if waiting between transactions."""
         if self._idle and self.transport is not None:
             self.transport.write(replies.SHUTTING_DOWN.format(hostname=self.hostname).wire())
             self.transport.close()
-            return True
-        return False
 
     # --- the session -------------------------------------------------------
 

@@ -8,15 +8,11 @@ tests/e2e/test_auth.py.
 from __future__ import annotations
 
 import asyncio
-import base64
-import functools
 import re
 from typing import Any
 
 import dkim
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway import Action, Message, Reply
 from gateway.config import PolicyError
@@ -24,6 +20,7 @@ from gateway.dns import Resolver, dkim_dnsfunc
 from plugins import _authresults as ar
 from plugins import dkim as dkim_plugin
 from plugins.dkim import DkimResult, dkim_results, verify_message
+from tests.fixtures.dkimkeys import keypair
 from tests.fixtures.dnsserver import DNSServer
 from tests.test_spf import (
     GOOD_IP,
@@ -49,15 +46,6 @@ MESSAGE = (
 # ------------------------------------------------------------------ keys
 
 
-@functools.cache
-def keypair() -> tuple[bytes, str]:
-    """(private key PEM, public key base64), made once per test run."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
-    )
-    der = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return pem, base64.b64encode(der).decode()
 
 
 def key_record(public: str | None = None) -> str:

@@ -8,7 +8,6 @@ uses a fake clock instead of sleeping.
 from __future__ import annotations
 
 import asyncio
-import base64
 import time
 from collections.abc import Awaitable
 from typing import TypeVar
@@ -18,11 +17,10 @@ import dkim.asyncsupport
 import dns.message as dns_message  # aliased: the `dns` fixture shadows the package name
 import pytest
 import spf
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway import dns as gdns
 from gateway.dns import Answer, Resolver, Status, dkim_dnsfunc, dnsbl_name, reverse_name, spf_check
+from tests.fixtures.dkimkeys import keypair
 from tests.fixtures.dnsserver import DNSServer, dns, dns_server  # noqa: F401
 
 T = TypeVar("T")
@@ -314,12 +312,7 @@ def test_bad_nameservers(text: str) -> None:
 @pytest.fixture(scope="module")
 def rsa_key() -> tuple[bytes, str]:
     """(private key PEM, public key base64) generated for this test run."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
-    )
-    der = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return pem, base64.b64encode(der).decode()
+    return keypair()
 
 
 MESSAGE = (
