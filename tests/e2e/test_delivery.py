@@ -1,8 +1,11 @@
 """Through the gateway to the real Postfix: what arrives, and what the client
 hears, must be what Postfix alone would give."""
 
+from collections.abc import Iterator
 
+import pytest
 
+from tests.fixtures.postfix import QUEUED, PostfixInstance
 from tests.fixtures.gateway import OUTSIDE_IP, TRUSTED_IP, recv_reply
 
 MESSAGE = (
@@ -32,6 +35,44 @@ def test_message_reaches_postfix_byte_identical(gateway, postfix) -> None:
     assert refused == {}
     (delivered,) = postfix.wait_for_messages("alice")
     assert body_of(delivered) == MESSAGE.replace(b"\r\n", b"\n")
+
+
+def test_message_goes_as_one_bdat_when_postfix_offers_chunking(gateway, postfix) -> None:
+    with gateway.client(xclient=OUTSIDE_IP) as smtp:
+        smtp.sendmail("bob@example.org", ["alice@example.com"], MESSAGE)
+    (delivered,) = postfix.wait_for_messages("alice")
+    assert body_of(delivered) == MESSAGE.replace(b"\r\n", b"\n")
+    commands = postfix.wait_for_commands(OUTSIDE_IP)
+    assert commands["bdat"] == "1"
+    assert "data" not in commands
+
+
+@pytest.fixture(scope="module")
+def postfix_without_chunking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostfixInstance]:
+    """A Postfix that does not offer CHUNKING, as before 3.4 or when an
+    administrator turns it off: the message must go by DATA, dot-stuffed."""
+    instance = PostfixInstance(
+        tmp_path_factory.mktemp("postfix-nochunking"),
+        extra_main_cf={"smtpd_discard_ehlo_keywords": "chunking"},
+    )
+    instance.start()
+    try:
+        yield instance
+    finally:
+        instance.stop()
+
+
+def test_without_chunking_the_message_goes_by_data_byte_identical(start_gateway, postfix_without_chunking) -> None:
+    postfix = postfix_without_chunking
+    gateway = start_gateway(f"127.0.0.1:{postfix.port}")
+    with gateway.client(xclient=OUTSIDE_IP) as smtp:
+        refused = smtp.sendmail("bob@example.org", ["alice@example.com"], MESSAGE, mail_options=["BODY=8BITMIME"])
+    assert refused == {}
+    (delivered,) = postfix.wait_for_messages("alice")
+    assert body_of(delivered) == MESSAGE.replace(b"\r\n", b"\n")
+    commands = postfix.wait_for_commands(OUTSIDE_IP)
+    assert commands["data"] == "1"
+    assert "bdat" not in commands
 
 
 def test_postfix_records_the_real_client_via_xclient(gateway, postfix) -> None:
@@ -107,5 +148,5 @@ def test_pipelined_client_gets_replies_in_order(gateway, postfix) -> None:
             if not chunk:
                 break
             tail += chunk
-        assert tail.startswith(b"250 2.0.0 Ok: queued as ")
+        assert QUEUED.match(tail), tail
     postfix.wait_for_messages("alice")

@@ -3,6 +3,7 @@ non-standard end-of-data must never reach the next hop as a message."""
 
 import pytest
 
+from tests.fixtures.postfix import QUEUED
 from tests.fixtures.gateway import OUTSIDE_IP, recv_reply
 
 SMUGGLED = (
@@ -51,7 +52,7 @@ def test_normalize_mode_keeps_the_smuggled_text_inside_one_message(start_gateway
     sock = open_transaction(gw)
     with sock:
         sock.sendall(b"Subject: cover\r\n\r\ncover" + ending + b"MAIL FROM:<evil@example.org>\r\n" + SMUGGLED + b"\r\n.\r\n")
-        assert recv_reply(sock).startswith(b"250 2.0.0 Ok: queued as ")
+        assert QUEUED.match(recv_reply(sock))
         sock.sendall(b"QUIT\r\n")
         recv_reply(sock)
     (delivered,) = postfix.wait_for_messages("alice")
