@@ -19,7 +19,7 @@ from .plugin import Context
 from .plugins import load_plugins
 from .replies import Reply
 from .smtp import SMTPSession
-from .upstream import Upstream, make_upstream
+from .upstream import NextHopMemory, Upstream, make_upstream
 
 if TYPE_CHECKING:
     from .session import IPAddress
@@ -46,9 +46,10 @@ class Gateway:
         self._total = 0
         self.sessions: set[SMTPSession] = set()
         self.closing = False
+        self._next_hop = NextHopMemory()
 
     def new_upstream(self) -> Upstream:
-        return make_upstream(self.settings)
+        return make_upstream(self.settings, self._next_hop)
 
     def protocol(self) -> SMTPSession:
         session = SMTPSession(self)

@@ -1,0 +1,74 @@
+"""The dialogue with the next hop, as Postfix records it: how many
+commands each message costs the MTA, and what happens when what the
+gateway remembers about the MTA is out of date."""
+
+from collections.abc import Iterator
+from ipaddress import ip_address
+
+import pytest
+
+from gateway.session import Session
+from gateway.upstream import NextHopMemory, SMTPUpstream
+from tests.fixtures.gateway import OUTSIDE_IP, make_policy
+from tests.fixtures.postfix import PostfixInstance
+
+SECOND_IP = "203.0.113.8"
+MESSAGE = b"From: bob@example.org\r\nTo: alice@example.com\r\nSubject: hop\r\n\r\nbody\r\n"
+
+
+def test_gateway_ehlo_is_skipped_once_xclient_is_known(gateway, postfix) -> None:
+    for client in (OUTSIDE_IP, SECOND_IP):
+        with gateway.client(xclient=client) as smtp:
+            smtp.sendmail("bob@example.org", ["alice@example.com"], MESSAGE)
+    first = postfix.wait_for_commands(OUTSIDE_IP)
+    second = postfix.wait_for_commands(SECOND_IP)
+    # The first session greets Postfix as the gateway to learn that it
+    # offers XCLIENT; later ones go straight to XCLIENT and the client's EHLO.
+    assert first["ehlo"] == "2"
+    assert second["ehlo"] == "1"
+    assert second["bdat"] == "1"
+    assert len(postfix.wait_for_messages("alice", count=2)) == 2
+    assert postfix.wait_for_client(SECOND_IP)["addr"] == SECOND_IP
+
+
+def test_second_xclient_in_a_session_reaches_postfix(gateway, postfix) -> None:
+    # Postfix does not offer XCLIENT again once it has been used on a
+    # connection, so the new client needs a new connection to Postfix.
+    with gateway.client(xclient=OUTSIDE_IP) as smtp:
+        smtp.sendmail("bob@example.org", ["alice@example.com"], MESSAGE)
+        assert smtp.docmd("XCLIENT", f"ADDR={SECOND_IP} NAME=[UNAVAILABLE]")[0] == 220
+        assert smtp.ehlo("mx.second.example.net")[0] == 250
+        smtp.sendmail("carol@example.org", ["alice@example.com"], MESSAGE)
+    assert postfix.wait_for_client(SECOND_IP)["addr"] == SECOND_IP
+    second = next(m for m in postfix.wait_for_messages("alice", count=2) if b"<carol@example.org>" in m)
+    assert b"from mx.second.example.net (unknown [203.0.113.8])" in second
+
+
+@pytest.fixture(scope="module")
+def postfix_without_xclient(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostfixInstance]:
+    """A Postfix that no longer lets the gateway's address use XCLIENT."""
+    instance = PostfixInstance(
+        tmp_path_factory.mktemp("postfix-noxclient"),
+        extra_main_cf={"smtpd_authorized_xclient_hosts": ""},
+    )
+    instance.start()
+    try:
+        yield instance
+    finally:
+        instance.stop()
+
+
+async def test_stale_memory_of_xclient_falls_back_to_ehlo(postfix_without_xclient) -> None:
+    settings = make_policy(f"127.0.0.1:{postfix_without_xclient.port}").gateway
+    memory = NextHopMemory(extensions=frozenset({"xclient"}), xclient=frozenset({"ADDR", "NAME", "HELO", "PROTO"}))
+    upstream = SMTPUpstream(settings.upstream_endpoint, settings, memory)
+    session = Session(client_ip=ip_address(OUTSIDE_IP), helo="client.example.net")
+    try:
+        await upstream.connect()
+        await upstream.introduce(session)
+        assert (await upstream.command("MAIL FROM:<bob@example.org>")).code == 250
+    finally:
+        await upstream.close()
+    # Learnt from the EHLO that followed the refused XCLIENT.
+    assert memory.xclient == frozenset()
+    assert "xclient" not in upstream.extensions
