@@ -19,6 +19,7 @@ from .plugin import Context
 from .plugins import load_plugins
 from .replies import Reply
 from .smtp import SMTPSession
+from .deadline import Deadline, tick_for
 from .upstream import NextHopMemory, Upstream, make_upstream
 
 if TYPE_CHECKING:
@@ -48,8 +49,20 @@ class Gateway:
         self.closing = False
         self._next_hop = NextHopMemory()
 
-    def new_upstream(self) -> Upstream:
-        return make_upstream(self.settings, self._next_hop)
+    def new_upstream(self, deadline: Deadline | None = None) -> Upstream:
+        return make_upstream(self.settings, self._next_hop, deadline)
+
+    async def watch(self) -> None:
+        """Enforce every session's time limits (gateway/deadline.py), until cancelled."""
+        s = self.settings
+        tick = tick_for(s.command_timeout, s.data_timeout, s.upstream_timeout)
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(tick)
+            now = loop.time()
+            for session in list(self.sessions):
+                for deadline in session.deadlines:
+                    deadline.check(now)
 
     def protocol(self) -> SMTPSession:
         session = SMTPSession(self)
@@ -120,12 +133,14 @@ async def serve(gateway: Gateway, sock: socket.socket, stop: asyncio.Event) -> N
     """Serve on ``sock`` until ``stop`` is set, then shut down gracefully."""
     loop = asyncio.get_running_loop()
     server = await loop.create_server(gateway.protocol, sock=sock)
+    watch = loop.create_task(gateway.watch())
     try:
         await stop.wait()
     finally:
         server.close()  # stop accepting first, then let sessions finish
         await gateway.drain()
         await server.wait_closed()
+        watch.cancel()
 
 
 def _worker(policy: Policy, sock: socket.socket) -> None:

@@ -30,6 +30,7 @@ from aiosmtpd.smtp import SMTP as _AiosmtpdSMTP
 from . import log as decisions
 from . import replies
 from .address import PathError, parse_path
+from .deadline import Deadline
 from .headers import claims_authserv_id, prepend, remove_fields
 from .pipeline import run_stage
 from .replies import Reply
@@ -83,7 +84,12 @@ class SMTPSession(_AiosmtpdSMTP):
         # a connection that ended before that.
         self.session: Session  # type: ignore[assignment]
         self.envelope: Envelope | None = None  # type: ignore[assignment]
-        self.upstream: Upstream = gateway.new_upstream()
+        # Time limits on reading from the client and on waiting for the
+        # next hop; the gateway checks them (gateway/deadline.py).
+        self.deadline = Deadline(loop.time)
+        upstream_deadline = Deadline(loop.time)
+        self.deadlines = (self.deadline, upstream_deadline)
+        self.upstream: Upstream = gateway.new_upstream(upstream_deadline)
         self._upstream_ready: asyncio.Task[None] | None = None
         self._upstream_txn = False
         self._greeted = False
@@ -122,6 +128,15 @@ class SMTPSession(_AiosmtpdSMTP):
         # reading and the buffer backs up (saves a round through the loop).
         if self.transport.get_write_buffer_size() > _READ_LIMIT:
             await self._writer.drain()
+
+    def _timed_out(self) -> None:
+        """The client sent nothing within the limit: Postfix's 421, and the
+        session ends (closing the connection cancels whatever was under way,
+        so a half-received message is never passed on)."""
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(replies.TIMEOUT.format(hostname=self.hostname).wire())
+            transport.close()
 
     def close_idle(self) -> None:
         """For shutdown: say goodbye if waiting between transactions."""
@@ -209,22 +224,21 @@ class SMTPSession(_AiosmtpdSMTP):
     async def _command_loop(self) -> None:
         reader = self._reader
         max_len = self.settings.max_line_length
+        deadline, timeout, timed_out = self.deadline, self.settings.command_timeout, self._timed_out
         while self.transport is not None and not self.transport.is_closing():
             if self.gateway.closing and self.envelope is None:
                 await self.reply(replies.SHUTTING_DOWN.format(hostname=self.hostname))
                 return
             self._idle = self.envelope is None
+            deadline.arm(timeout, timed_out)
             try:
-                async with asyncio.timeout(self.settings.command_timeout):
-                    line = await reader.readuntil(b"\n")
-            except TimeoutError:
-                await self.reply(replies.TIMEOUT.format(hostname=self.hostname))
-                return
+                line = await reader.readuntil(b"\n")
             except asyncio.LimitOverrunError as exc:
                 await self._discard_long_line(exc.consumed)
                 await self._error(replies.LINE_TOO_LONG)
                 continue
             finally:
+                deadline.disarm()
                 self._idle = False
             if len(line) > max_len:
                 await self._error(replies.LINE_TOO_LONG)
@@ -612,19 +626,18 @@ class SMTPSession(_AiosmtpdSMTP):
         """
         reader = self._reader
         limit = self.settings.max_message_size
+        deadline, timeout, timed_out = self.deadline, self.settings.data_timeout, self._timed_out
         buf = bytearray()
         tail = b""
         total = 0
         while True:
+            deadline.arm(timeout, timed_out)
             try:
-                async with asyncio.timeout(self.settings.data_timeout):
-                    piece = await reader.readuntil(b".\r\n")
+                piece = await reader.readuntil(b".\r\n")
             except asyncio.LimitOverrunError as exc:
-                async with asyncio.timeout(self.settings.data_timeout):
-                    piece = await reader.readexactly(exc.consumed)
-            except TimeoutError:
-                await self.reply(replies.TIMEOUT.format(hostname=self.hostname))
-                raise _Close from None
+                piece = await reader.readexactly(exc.consumed)
+            finally:
+                deadline.disarm()
             total += len(piece)
             if total <= limit + 5:
                 buf += piece

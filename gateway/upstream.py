@@ -26,6 +26,7 @@ import aiosmtplib
 
 from . import replies
 from .config import Endpoint, GatewaySettings
+from .deadline import Deadline
 from .replies import Reply
 from .session import Envelope, Session
 
@@ -73,13 +74,26 @@ class SMTPUpstream:
     When the MTA offers XCLIENT the real client's address, name and HELO are
     sent before the first transaction, so Postfix logs the real client and
     applies its own restrictions to it.
+
+    aiosmtplib makes the connection and parses replies; commands are written
+    here and their replies read with one call, bounded by ``deadline`` (see
+    :mod:`gateway.deadline`) or, without one, by aiosmtplib's own timeout.
     """
 
-    def __init__(self, endpoint: Endpoint, settings: GatewaySettings, memory: NextHopMemory | None = None):
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        settings: GatewaySettings,
+        memory: NextHopMemory | None = None,
+        deadline: Deadline | None = None,
+    ):
         self._endpoint = endpoint
         self._settings = settings
         self._memory = memory if memory is not None else NextHopMemory()
+        self._deadline = deadline
         self._smtp: aiosmtplib.SMTP | None = None
+        self._waiting: aiosmtplib.SMTP | None = None
+        self._timed_out = False
         self._identity: tuple[str, ...] | None = None
         self.extensions: frozenset[str] = frozenset()
         self._xclient_attrs: frozenset[str] = frozenset()
@@ -114,18 +128,54 @@ class SMTPUpstream:
                 await self._ehlo(smtp, self._settings.hostname, ours=True)
         except (aiosmtplib.SMTPException, OSError, ValueError) as exc:
             smtp.close()
-            raise UpstreamError(f"connect to {self._endpoint}: {exc}") from exc
+            raise UpstreamError(f"connect to {self._endpoint}: {self._why(exc)}") from exc
         except BaseException:
             smtp.close()  # cancelled half-way: the client left first
             raise
         self._smtp = smtp
         self._identity = None
 
+    async def _send(self, smtp: aiosmtplib.SMTP, payload: bytes) -> aiosmtplib.SMTPResponse:
+        """Write ``payload`` (commands, or BDAT and its bytes) and read the reply.
+
+        aiosmtplib's own calls would take a lock and a timer per command and
+        run two regular expressions over every message to fix line ends and
+        stuff dots that are right already; the session is ours alone.
+        """
+        protocol = smtp.protocol
+        if protocol is None:
+            raise aiosmtplib.SMTPServerDisconnected("connection lost")
+        protocol.write(payload)
+        deadline = self._deadline
+        if deadline is None:
+            return await protocol.read_response(timeout=self._settings.upstream_timeout)
+        self._waiting = smtp
+        deadline.arm(self._settings.upstream_timeout, self._expired)
+        try:
+            return await protocol.read_response(timeout=None)
+        finally:
+            deadline.disarm()
+            self._waiting = None
+
+    def _expired(self) -> None:
+        # Abort rather than close: a close would wait for a write buffer the
+        # MTA may never read.  The pending read then fails as disconnected.
+        smtp = self._waiting
+        if smtp is None:
+            return
+        self._timed_out = True
+        transport = smtp.transport
+        if isinstance(transport, asyncio.WriteTransport):
+            transport.abort()
+
+    def _why(self, exc: BaseException) -> str:
+        if self._timed_out:
+            self._timed_out = False
+            return f"no reply within {self._settings.upstream_timeout:g}s"
+        return str(exc)
+
     async def _ehlo(self, smtp: aiosmtplib.SMTP, name: str, *, ours: bool) -> None:
-        # aiosmtplib's ehlo() refuses some names a client may legitimately
-        # send (address literals are fine, but its checks are for its own
-        # name); send the command ourselves and let it parse the reply.
-        response = await smtp.execute_command(b"EHLO", name.encode("utf-8", "surrogateescape"))
+        response = await self._send(smtp, b"EHLO %b\r\n" % name.encode("utf-8", "surrogateescape"))
         if response.code != 250:
             raise UpstreamError(f"EHLO refused: {response.code} {response.message}")
         smtp.last_ehlo_response = response  # aiosmtplib parses the extensions
@@ -154,7 +204,8 @@ class SMTPUpstream:
             await self.connect()
             if not self._xclient_attrs:
                 return
-        assert self._smtp is not None
+        smtp = self._smtp
+        assert smtp is not None
         ip = session.client_ip
         addr = f"IPV6:{ip}" if isinstance(ip, ipaddress.IPv6Address) else str(ip)
         name = "[UNAVAILABLE]" if session.client_name == "unknown" else session.client_name
@@ -171,32 +222,37 @@ class SMTPUpstream:
             f"{k}={v if v.startswith('[') else _xtext(v)}" for k, v in attrs.items() if k in self._xclient_attrs
         )
         try:
-            response = await self._smtp.execute_command(b"XCLIENT", args.encode())
+            response = await self._send(smtp, f"XCLIENT {args}\r\n".encode())
             if response.code // 100 != 2 and not self._greeted:
                 # What an earlier session saw is out of date (the MTA was
                 # reconfigured): greet it and look at what it offers now.
-                await self._ehlo(self._smtp, self._settings.hostname, ours=True)
+                await self._ehlo(smtp, self._settings.hostname, ours=True)
                 await self.introduce(session)
                 return
             # Postfix answers 220 and restarts the dialogue; older servers
             # (and smtp-sink) answer 250.  EHLO again, as the client, either way.
             if response.code // 100 != 2:
                 raise UpstreamError(f"XCLIENT refused: {response.code} {response.message}")
-            await self._ehlo(self._smtp, session.helo or self._settings.hostname, ours=False)
+            await self._ehlo(smtp, session.helo or self._settings.hostname, ours=False)
         except (aiosmtplib.SMTPException, OSError) as exc:
+            raise self._failed("XCLIENT", exc) from exc
+        except UpstreamError:
             self._drop()
-            raise UpstreamError(f"XCLIENT: {exc}") from exc
+            raise
         self._identity = identity
 
     async def command(self, line: str) -> Reply:
         """Send one command line as it is; the reply as the MTA gave it."""
-        if self._smtp is None:
+        smtp = self._smtp
+        if smtp is None:
             raise UpstreamError("not connected")
+        if "\r" in line or "\n" in line:
+            # The SMTP front refuses such lines; never let one split in two here.
+            raise UpstreamError(f"refusing to send a line break in {line[:20]!r}")
         try:
-            response = await self._smtp.execute_command(line.encode("utf-8", "surrogateescape"))
+            response = await self._send(smtp, line.encode("utf-8", "surrogateescape") + b"\r\n")
         except (aiosmtplib.SMTPException, OSError) as exc:
-            self._drop()
-            raise UpstreamError(f"{line.split(' ', 1)[0]}: {exc}") from exc
+            raise self._failed(line.split(" ", 1)[0], exc) from exc
         if response.code == 421:
             self._drop()
         return Reply.parse(response.code, response.message)
@@ -210,43 +266,33 @@ class SMTPUpstream:
         as one.  Otherwise DATA, with the message dot-stuffed here.
         """
         smtp = self._smtp
-        if smtp is None or smtp.protocol is None:
+        if smtp is None:
             raise UpstreamError("not connected")
         message = _crlf(message)
         try:
             if "chunking" in self.extensions:
-                response = await self._exchange(smtp, b"BDAT %d LAST\r\n%b" % (len(message), message))
+                response = await self._send(smtp, b"BDAT %d LAST\r\n%b" % (len(message), message))
             else:
-                response = await self._exchange(smtp, b"DATA\r\n")
+                response = await self._send(smtp, b"DATA\r\n")
                 if response.code == 354:
-                    response = await self._exchange(smtp, _dot_stuff(message) + b".\r\n")
+                    response = await self._send(smtp, _dot_stuff(message) + b".\r\n")
         except (aiosmtplib.SMTPException, OSError) as exc:
-            self._drop()
-            raise UpstreamError(f"DATA: {exc}") from exc
+            raise self._failed("DATA", exc) from exc
         if response.code == 421:
             self._drop()
         return Reply.parse(response.code, response.message)
 
-    async def _exchange(self, smtp: aiosmtplib.SMTP, payload: bytes) -> aiosmtplib.SMTPResponse:
-        # aiosmtplib's data() runs two regular expressions over the message
-        # to fix line ends and stuff dots; ours is CRLF-clean already, and
-        # BDAT is a command followed by raw bytes, which it has no call for.
-        # The session is ours alone, so its command lock is not needed.
-        protocol = smtp.protocol
-        if protocol is None:
-            raise aiosmtplib.SMTPServerDisconnected("connection lost")
-        protocol.write(payload)
-        return await protocol.read_response(timeout=self._settings.upstream_timeout)
-
     async def reset(self) -> None:
         """Abandon the MTA's transaction (RSET); a failure drops the session."""
-        if self._smtp is None or not self._smtp.is_connected:
+        smtp = self._smtp
+        if smtp is None or not smtp.is_connected:
             return
         try:
-            response = await self._smtp.execute_command(b"RSET")
+            response = await self._send(smtp, b"RSET\r\n")
             if response.code != 250:
                 self._drop()
         except (aiosmtplib.SMTPException, OSError):
+            self._timed_out = False
             self._drop()
 
     async def close(self) -> None:
@@ -262,6 +308,11 @@ class SMTPUpstream:
             pass
         finally:
             smtp.close()
+
+    def _failed(self, what: str, exc: BaseException) -> UpstreamError:
+        why = self._why(exc)
+        self._drop()
+        return UpstreamError(f"{what}: {why}")
 
     def _drop(self) -> None:
         # After a timeout or a 421 the dialogue's state is unknown; a later
@@ -359,8 +410,10 @@ class MaildirUpstream:
         return None
 
 
-def make_upstream(settings: GatewaySettings, memory: NextHopMemory | None = None) -> Upstream:
+def make_upstream(
+    settings: GatewaySettings, memory: NextHopMemory | None = None, deadline: Deadline | None = None
+) -> Upstream:
     endpoint = settings.upstream_endpoint
     if endpoint.maildir is not None:
         return MaildirUpstream(endpoint.maildir, settings)
-    return SMTPUpstream(endpoint, settings, memory)
+    return SMTPUpstream(endpoint, settings, memory, deadline)

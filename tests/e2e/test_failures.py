@@ -2,6 +2,7 @@
 retries; never a 250 for mail that went nowhere."""
 
 import logging
+import time
 
 import pytest
 
@@ -30,6 +31,19 @@ def test_upstream_failing_during_data_gives_451(start_gateway, mode: str) -> Non
             assert smtp.rcpt("alice@example.com")[0] == 250
             assert smtp.data(MSG) == (451, b"4.4.1 Error: next hop failed during the transaction, try again later")
         assert len(mta.received) == 1
+
+
+def test_upstream_silent_at_rcpt_gives_421_after_upstream_timeout(start_gateway) -> None:
+    with BadMTA("silent-at-rcpt") as mta:
+        gw = start_gateway(f"127.0.0.1:{mta.port}", upstream_timeout=1.0)
+        with gw.client(xclient=OUTSIDE_IP) as smtp:
+            assert smtp.mail("bob@example.org")[0] == 250
+            started = time.monotonic()
+            code, text = smtp.rcpt("alice@example.com")
+            waited = time.monotonic() - started
+    assert (code, text) == (421, b"4.4.1 gw.test.example Error: next hop unavailable, try again later")
+    # The limit, plus at most one check interval (a tenth of it) and slack.
+    assert 1.0 <= waited < 1.6
 
 
 def test_client_disconnecting_mid_data_delivers_nothing(gateway, postfix) -> None:

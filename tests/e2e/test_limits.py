@@ -66,9 +66,12 @@ def test_connections_per_client_ip(start_gateway, postfix) -> None:
 def test_command_timeout(start_gateway, postfix) -> None:
     gw = start_gateway(f"127.0.0.1:{postfix.port}", command_timeout=0.5)
     s = gw.raw()
+    started = time.monotonic()
     with s:
         assert recv_reply(s) == b"421 4.4.2 gw.test.example Error: timeout exceeded\r\n"
         assert s.recv(10) == b""
+    # The limit, plus at most one check interval (a tenth of it) and slack.
+    assert 0.5 <= time.monotonic() - started < 1.0
 
 
 def test_data_timeout_delivers_nothing(start_gateway, postfix) -> None:
