@@ -362,3 +362,20 @@ async def test_big_messages_verify_quickly(resolver: Resolver, keys: DNSServer) 
     assert result.result == "pass"
     assert loop.time() - started < 2.0
 
+
+
+def test_fast_integer_conversions_agree_with_dkimpys() -> None:
+    import random
+
+    from plugins.dkim import _DKIMPY_INTS, _int2str, _str2int
+
+    original_str2int, original_int2str = _DKIMPY_INTS
+    rng = random.Random(7)
+    numbers = [0, 1, 255, 256, 2**2048 - 1, *(rng.getrandbits(rng.choice([8, 1023, 2048, 4096])) for _ in range(200))]
+    for n in numbers:
+        assert _int2str(n) == original_int2str(n)
+        for length in (1, 2, 128, 256, 300):
+            assert _int2str(n, length) == original_int2str(n, length)
+        raw = original_int2str(n, 256)
+        assert _str2int(bytes(raw)) == original_str2int(bytes(raw))
+    assert _str2int(b"") == original_str2int(b"") == 0
