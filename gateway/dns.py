@@ -346,7 +346,12 @@ class Resolver:
             del self._cache[key]
             return None
         self._cache.move_to_end(key)
-        return replace(answer, ttl=min(answer.ttl, int(remaining)))
+        ttl = int(remaining)
+        if ttl >= answer.ttl:
+            return answer
+        # Built directly: dataclasses.replace() costs several times more, and
+        # this runs for every lookup a warm cache answers.
+        return Answer(answer.status, answer.records, ttl, answer.rdata, answer.error)
 
     def _cache_put(self, key: _Key, answer: Answer, lifetime: float) -> None:
         if lifetime <= 0 or self._cache_size <= 0:

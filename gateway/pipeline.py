@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 from . import replies
@@ -27,20 +27,7 @@ def _failed(call: HookCall, why: str) -> Verdict:
     return Verdict.defer(replies.PLUGIN_FAILED, plugin=call.plugin, result=f"error: {why}")
 
 
-async def _run_one(call: HookCall, kwargs: dict[str, Any], timeout: float, session_id: str) -> Verdict | None:
-    try:
-        async with asyncio.timeout(timeout):
-            result = call.function(**{name: kwargs[name] for name in call.argnames})
-            if inspect.isawaitable(result):
-                result = await result
-    except TimeoutError:
-        log.error("session=%s plugin=%s hook=%s: no answer within %.1fs", session_id, call.plugin, call.function.__name__, timeout)
-        return _failed(call, "timeout")
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        log.exception("session=%s plugin=%s hook=%s raised", session_id, call.plugin, call.function.__name__)
-        return _failed(call, "exception")
+def _checked(call: HookCall, result: object, session_id: str) -> Verdict | None:
     if result is None:
         return None
     if not isinstance(result, Verdict):
@@ -52,14 +39,54 @@ async def _run_one(call: HookCall, kwargs: dict[str, Any], timeout: float, sessi
     return result.by(call.plugin)
 
 
+def _raised(call: HookCall, session_id: str) -> Verdict:
+    log.exception("session=%s plugin=%s hook=%s raised", session_id, call.plugin, call.function.__name__)
+    return _failed(call, "exception")
+
+
+async def _awaited(call: HookCall, pending: Awaitable[object], timeout: float, session_id: str) -> Verdict | None:
+    try:
+        async with asyncio.timeout(timeout):
+            result = await pending
+    except TimeoutError:
+        log.error("session=%s plugin=%s hook=%s: no answer within %.1fs", session_id, call.plugin, call.function.__name__, timeout)
+        return _failed(call, "timeout")
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        return _raised(call, session_id)
+    return _checked(call, result, session_id)
+
+
 async def run_stage(
     calls: Sequence[HookCall], kwargs: dict[str, Any], timeout: float, session_id: str
 ) -> Verdict:
-    """Call every implementation of one stage and combine their verdicts."""
-    if not calls:
-        return CONTINUE
-    if len(calls) == 1:
-        # Most stages have one or no implementation: skip the task machinery.
-        return combine([await _run_one(calls[0], kwargs, timeout, session_id)])
-    verdicts = await asyncio.gather(*(_run_one(c, kwargs, timeout, session_id) for c in calls))
-    return combine(verdicts)
+    """Call every implementation of one stage and combine their verdicts.
+
+    Every hook is called here first; what a plain ``def`` returns is used
+    at once, and only awaitables (``async def`` hooks, or a plain hook that
+    returned a coroutine because it had to wait) are awaited, together, each
+    under ``timeout``.  A task per hook costs more than most hooks' own work
+    when their answers are cached, so one awaitable is awaited directly and
+    a stage of plain hooks creates none.
+    """
+    verdicts: list[Verdict | None] = [None] * len(calls)
+    pending: list[tuple[int, Awaitable[object]]] = []
+    for index, call in enumerate(calls):
+        try:
+            result = call.function(**{name: kwargs[name] for name in call.argnames})
+        except Exception:
+            verdicts[index] = _raised(call, session_id)
+            continue
+        if inspect.isawaitable(result):
+            pending.append((index, result))
+        else:
+            verdicts[index] = _checked(call, result, session_id)
+    if len(pending) == 1:
+        index, awaitable = pending[0]
+        verdicts[index] = await _awaited(calls[index], awaitable, timeout, session_id)
+    elif pending:
+        done = await asyncio.gather(*(_awaited(calls[i], a, timeout, session_id) for i, a in pending))
+        for (index, _), verdict in zip(pending, done):
+            verdicts[index] = verdict
+    return combine(verdicts) if calls else CONTINUE
