@@ -68,6 +68,9 @@ def connect(session: Session) -> Verdict | None:
         command but QUIT (RFC 5321 §3.1).  With ``disconnect=True`` the
         gateway closes the connection after the reply.  TAG verdicts stay on
         the session and their headers go on every message of the session.
+        An ACCEPT verdict allow-lists the client for the session: the
+        gateway sets ``session.allowlisted`` to ``"plugin:result"``, and
+        later checks that honour it (``skip_allowlisted``) leave it alone.
     """
 
 

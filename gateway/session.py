@@ -45,6 +45,10 @@ class Session:
     :param esmtp: the client said EHLO.
     :param trusted: the client is in ``trusted_networks``.
     :param peer_ip: the TCP peer, never changed by XCLIENT.
+    :param allowlisted: ``plugin:result`` of the connect-stage ACCEPT
+        verdict that allow-lists this client (a DNSWL hit, say), ``""`` if
+        none; checks with ``skip_allowlisted`` leave such clients alone.
+        Set by the gateway, cleared by XCLIENT.
     """
 
     client_ip: IPAddress
@@ -55,6 +59,7 @@ class Session:
     trusted: bool = False
     peer_ip: IPAddress | None = None
     protocol: str = "SMTP"
+    allowlisted: str = ""
     id: str = field(default_factory=_next_id)
     results: dict[str, Any] = field(default_factory=dict)
     #: verdicts that tagged this session (headers, scores) before DATA.

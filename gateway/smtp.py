@@ -219,6 +219,9 @@ class SMTPSession(_AiosmtpdSMTP):
             self._refusal = verdict
         else:
             _keep(verdict, self.session.tags)
+            accepted = next((v for v in verdict.parts or (verdict,) if v.action is Action.ACCEPT), None)
+            if accepted is not None:
+                self.session.allowlisted = f"{accepted.plugin}:{accepted.result}"
         return True
 
     async def _command_loop(self) -> None:
@@ -741,6 +744,7 @@ class SMTPSession(_AiosmtpdSMTP):
             setattr(session, key, value)
         session.trusted = self.gateway.is_trusted(session.client_ip)
         session.esmtp = False
+        session.allowlisted = ""
         session.tags.clear()
         session.results.clear()
         session.stash = Stash()

@@ -396,6 +396,9 @@ class HeloPlugin(Plugin):
         own_names: tuple[str, ...] = ()
         #: More addresses or networks that are ours besides the listen address.
         own_addresses: tuple[str, ...] = ()
+        #: Leave clients alone that a connect check allow-listed (a DNSWL
+        #: hit with the action ``accept``): the list vouches for the client.
+        skip_allowlisted: bool = True
 
         def check(self) -> dict[str, str]:
             bad = check_actions(self.actions, FINDINGS)
@@ -430,6 +433,8 @@ class HeloPlugin(Plugin):
     async def helo(self, session: Session, hostname: str) -> Verdict:
         if session.trusted:
             return Verdict(result="helo=trusted")
+        if session.allowlisted and self.options.skip_allowlisted:
+            return Verdict(result="helo=allowlisted")
         previous = session.results.get(self.name)
         verdict, state = await check_helo(
             hostname,

@@ -184,6 +184,10 @@ class SenderPlugin(Plugin):
     class Options(ActionOptions):
         DEFAULT_ACTIONS = DEFAULT_ACTIONS
 
+        #: Leave clients alone that a connect check allow-listed (a DNSWL
+        #: hit with the action ``accept``): the list vouches for the client.
+        skip_allowlisted: bool = True
+
         def check(self) -> dict[str, str]:
             bad = check_actions(self.actions, FINDINGS)
             if self.actions.get(Finding.TEMPFAIL) == "reject":
@@ -194,6 +198,8 @@ class SenderPlugin(Plugin):
 
     @hookimpl
     async def mail(self, session: Session, envelope: Envelope) -> Verdict | None:
+        if session.allowlisted and self.options.skip_allowlisted and not envelope.sender.is_null:
+            return Verdict(result="sender=allowlisted")
         return await check_sender(
             envelope.sender, self.context.resolver, trusted=session.trusted, actions=self.options.actions
         )

@@ -8,6 +8,8 @@ import socket
 import time
 from typing import Any
 
+import pytest
+
 from tests.fixtures.gateway import OUTSIDE_IP, recv_reply
 
 LISTED_IP = "192.0.2.99"  # 99.2.0.192.bl.test -> 127.0.0.2, with a TXT reason
@@ -133,3 +135,42 @@ def test_scores_reach_the_scoring_headers(start_gateway: Any, postfix: Any, dns:
     (delivered,) = postfix.wait_for_messages("alice")
     assert b"X-Spam-Score: 2.5\n" in delivered
     assert b"X-Spam-Status: Yes, score=2.5 required=2.0 tests=dnsbl:dnsbl=listed_pbl:127.0.0.10(2.5)\n" in delivered
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_allow_listed_client_skips_helo_and_sender_checks(start_gateway: Any, postfix: Any, dns: Any, skip: bool) -> None:
+    gw = start_gateway(
+        f"127.0.0.1:{postfix.port}",
+        plugins={
+            "dnsbl": {"zones": {"wl.test": {"type": "allow"}}},
+            "helo": {"skip_allowlisted": skip},
+            "sender": {"skip_allowlisted": skip},
+        },
+        dns={"nameservers": [dns.nameserver], "timeout": 1.0},
+    )
+    with gw.raw() as sock:
+        assert talk(sock, f"XCLIENT ADDR={ALLOWED_IP} NAME=[UNAVAILABLE]").startswith(b"220 ")
+        assert talk(sock, "HELO localhost") == (
+            b"250 gw.test.example\r\n" if skip
+            else b"550 5.7.1 <localhost>: Helo command rejected: You are not localhost\r\n"
+        )
+    with gw.raw() as sock:
+        assert talk(sock, f"XCLIENT ADDR={ALLOWED_IP} NAME=[UNAVAILABLE]").startswith(b"220 ")
+        assert talk(sock, "EHLO client.example.net").startswith(b"250-")
+        assert talk(sock, "MAIL FROM:<bob@missing.mail.test>") == (
+            b"250 2.1.0 Ok\r\n" if skip
+            else b"550 5.1.8 <bob@missing.mail.test>: Sender address rejected: Domain not found\r\n"
+        )
+
+
+def test_allow_listing_ends_with_xclient_naming_another_client(start_gateway: Any, postfix: Any, dns: Any) -> None:
+    gw = start_gateway(
+        f"127.0.0.1:{postfix.port}",
+        plugins={"dnsbl": {"zones": {"wl.test": {"type": "allow"}}}, "helo": {}},
+        dns={"nameservers": [dns.nameserver], "timeout": 1.0},
+    )
+    with gw.raw() as sock:
+        assert talk(sock, f"XCLIENT ADDR={ALLOWED_IP} NAME=[UNAVAILABLE]").startswith(b"220 ")
+        assert talk(sock, "HELO localhost") == b"250 gw.test.example\r\n"
+        assert talk(sock, f"XCLIENT ADDR={OUTSIDE_IP} NAME=[UNAVAILABLE]").startswith(b"220 ")
+        assert talk(sock, "HELO localhost").startswith(b"550 5.7.1 <localhost>")
