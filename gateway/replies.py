@@ -10,7 +10,7 @@ its basic code, so a 5yz can never carry a 4.x.x code by accident.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
 
@@ -26,6 +26,16 @@ class Reply:
     code: int
     enhanced: str
     text: str
+    #: :meth:`wire`, made once: most replies are constants sent many times.
+    _wire: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # A CR inside a line (from a DNS TXT record, say) must not end it.
+        lines = self.text.replace("\r", " ").split("\n")
+        prefix = f"{self.enhanced} " if self.enhanced else ""
+        out = [f"{self.code}-{prefix}{line}" for line in lines[:-1]]
+        out.append(f"{self.code} {prefix}{lines[-1]}")
+        object.__setattr__(self, "_wire", ("\r\n".join(out) + "\r\n").encode("utf-8", "surrogateescape"))
 
     def format(self, **fields: object) -> Reply:
         """A copy with ``{name}`` placeholders in the text filled in."""
@@ -48,14 +58,7 @@ class Reply:
 
     def wire(self) -> bytes:
         """The reply as sent on the wire, CRLF-terminated."""
-        # A CR inside a line (from a DNS TXT record, say) must not end it.
-        lines = self.text.replace("\r", " ").split("\n")
-        prefix = f"{self.enhanced} " if self.enhanced else ""
-        out = [
-            f"{self.code}-{prefix}{line}" for line in lines[:-1]
-        ]
-        out.append(f"{self.code} {prefix}{lines[-1]}")
-        return ("\r\n".join(out) + "\r\n").encode("utf-8", "surrogateescape")
+        return self._wire
 
     def __str__(self) -> str:
         prefix = f"{self.enhanced} " if self.enhanced else ""

@@ -313,7 +313,8 @@ class SMTPSession(_AiosmtpdSMTP):
         if ready is not None:
             # Let a connect under way finish and close it properly: cancelling
             # it half-way can leak the socket (asyncio.wait_for in 3.11).
-            await asyncio.wait([ready], timeout=self.settings.upstream_connect_timeout)
+            if not ready.done():
+                await asyncio.wait([ready], timeout=self.settings.upstream_connect_timeout)
             if not ready.done():
                 ready.cancel()
             elif not ready.cancelled():

@@ -200,16 +200,18 @@ async def _maybe_in_thread(big: bool, function: Callable[..., T], *args: Any) ->
     return function(*args)
 
 
-async def verify_message(raw: bytes, dnsfunc: DkimDnsFunc) -> tuple[DkimResult, ...]:
-    """Verify each DKIM signature of ``raw``, topmost first (keys fetched
-    concurrently); ``()`` when there is none."""
-    if not any(name.lower() == "dkim-signature" for name, _ in ar.header_fields(raw)):
+async def verify_message(message: Message | bytes, dnsfunc: DkimDnsFunc) -> tuple[DkimResult, ...]:
+    """Verify each DKIM signature of ``message``, topmost first (keys
+    fetched concurrently); ``()`` when there is none."""
+    fields = ar.header_fields(message)  # kept on a Message for the other plugins
+    raw = message.raw if isinstance(message, Message) else message
+    if not any(name.lower() == "dkim-signature" for name, _ in fields):
         return ()  # most mail: no need to hand the whole message to dkimpy
     big = len(raw) > BIG_MESSAGE
     try:
         verifier = await _maybe_in_thread(big, functools.partial(dkim.DKIM, logger=_log, minkey=MIN_KEY_BITS), raw)
     except dkim.DKIMException as exc:  # a header line dkimpy cannot parse
-        count = sum(1 for name, _ in ar.header_fields(raw) if name.lower() == "dkim-signature")
+        count = sum(1 for name, _ in fields if name.lower() == "dkim-signature")
         return tuple(DkimResult("permerror", reason=f"malformed message: {exc}") for _ in range(min(count, MAX_SIGNATURES)))
     count = sum(1 for name, _ in verifier.headers if name.lower() == b"dkim-signature")
     prepared: list[DkimResult | tuple[Any, ...]] = []
@@ -264,7 +266,7 @@ def dkim_results(message: Message, resolver: Resolver) -> asyncio.Future[tuple[D
     that is cancelled (its hook timed out) does not cancel it for others."""
     task = message.stash.get(_VERIFIED, None)
     if task is None:
-        task = asyncio.ensure_future(verify_message(message.raw, dkim_dnsfunc(resolver)))
+        task = asyncio.ensure_future(verify_message(message, dkim_dnsfunc(resolver)))
         message.stash[_VERIFIED] = task
     return asyncio.shield(task)
 
