@@ -48,9 +48,10 @@ class Gateway:
         self.sessions: set[SMTPSession] = set()
         self.closing = False
         self._next_hop = NextHopMemory()
+        self._upstream = self.settings.upstream_endpoint  # parsed once, not per session
 
     def new_upstream(self, deadline: Deadline | None = None) -> Upstream:
-        return make_upstream(self.settings, self._next_hop, deadline)
+        return make_upstream(self.settings, self._next_hop, deadline, self._upstream)
 
     async def watch(self) -> None:
         """Enforce every session's time limits (gateway/deadline.py), until cancelled."""

@@ -411,9 +411,14 @@ class MaildirUpstream:
 
 
 def make_upstream(
-    settings: GatewaySettings, memory: NextHopMemory | None = None, deadline: Deadline | None = None
+    settings: GatewaySettings,
+    memory: NextHopMemory | None = None,
+    deadline: Deadline | None = None,
+    endpoint: Endpoint | None = None,
 ) -> Upstream:
-    endpoint = settings.upstream_endpoint
+    """The next hop ``settings.upstream`` names (or ``endpoint``, parsed from it already)."""
+    if endpoint is None:
+        endpoint = settings.upstream_endpoint
     if endpoint.maildir is not None:
         return MaildirUpstream(endpoint.maildir, settings)
     return SMTPUpstream(endpoint, settings, memory, deadline)
