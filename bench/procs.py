@@ -62,7 +62,11 @@ class Child:
         """SIGTERM the child's process group, then SIGKILL after grace seconds."""
         if self.popen.poll() is not None:
             # The leader is gone, but forked workers may linger in the group.
-            _signal_group(self.popen.pid, signal.SIGKILL)
+            # If a live process holds the leader's number now, pids have
+            # wrapped (pid_max is 32768 here) and the group may be someone
+            # else's: leave it alone.
+            if not os.path.exists(f"/proc/{self.popen.pid}"):
+                _signal_group(self.popen.pid, signal.SIGKILL)
             return
         _signal_group(self.popen.pid, signal.SIGTERM)
         try:
