@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING
 
 from . import replies
 from .config import Policy, ip_in
+from .deadline import Deadline, tick_for
 from .dns import Resolver
 from .plugin import Context
 from .plugins import load_plugins
 from .replies import Reply
 from .smtp import SMTPSession
-from .deadline import Deadline, tick_for
 from .upstream import NextHopMemory, Upstream, make_upstream
 
 if TYPE_CHECKING:

@@ -5,18 +5,11 @@ import logging
 import pytest
 
 from gateway.deadline import NEVER, Deadline, tick_for
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fixtures.clock import FakeClock
 
 
 def test_fires_once_when_due_and_not_before() -> None:
-    clock, fired = Clock(), []
+    clock, fired = FakeClock(100.0), []
     deadline = Deadline(clock)
     deadline.arm(5, lambda: fired.append(clock.now))
     deadline.check(104.9)
@@ -30,7 +23,7 @@ def test_fires_once_when_due_and_not_before() -> None:
 
 def test_disarmed_never_fires() -> None:
     fired = []
-    deadline = Deadline(Clock())
+    deadline = Deadline(FakeClock(100.0))
     deadline.arm(1, lambda: fired.append(1))
     deadline.disarm()
     deadline.check(1e9)
@@ -38,7 +31,7 @@ def test_disarmed_never_fires() -> None:
 
 
 def test_rearming_moves_the_deadline() -> None:
-    clock, fired = Clock(), []
+    clock, fired = FakeClock(100.0), []
     deadline = Deadline(clock)
     deadline.arm(1, lambda: fired.append("first"))
     clock.now += 0.9
@@ -50,7 +43,7 @@ def test_rearming_moves_the_deadline() -> None:
 
 
 def test_failing_action_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
-    deadline = Deadline(Clock())
+    deadline = Deadline(FakeClock(100.0))
     deadline.arm(0, lambda: 1 / 0)
     with caplog.at_level(logging.ERROR, logger="smtpgate.deadline"):
         deadline.check(1e9)

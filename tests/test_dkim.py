@@ -372,7 +372,6 @@ def test_openssl_rsa_verification_agrees_with_dkimpys(hash_name: str) -> None:
     import dkim.crypto
 
     from plugins.dkim import _DKIMPY_RSA_VERIFY, _openssl_key, _rsa_verify
-
     from tests.fixtures.dkimkeys import new_keypair
 
     pem, _ = new_keypair()

@@ -20,18 +20,11 @@ import spf
 
 from gateway import dns as gdns
 from gateway.dns import Answer, Resolver, Status, dkim_dnsfunc, dnsbl_name, reverse_name, spf_check
+from tests.fixtures.clock import FakeClock
 from tests.fixtures.dkimkeys import keypair
 from tests.fixtures.dnsserver import DNSServer, dns, dns_server  # noqa: F401
 
 T = TypeVar("T")
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

@@ -38,6 +38,7 @@ from plugins.dnsbl import (
     lookup_domain,
     parse_codes,
 )
+from tests.fixtures.clock import FakeClock
 from tests.fixtures.dnsserver import DNSServer
 
 SETTINGS = GatewaySettings(
@@ -202,16 +203,8 @@ def test_lookup_domain(text: str, expected: str | None) -> None:
     assert lookup_domain(text) == expected
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_breaker_pauses_after_n_failures_and_probes() -> None:
-    clock = Clock()
+    clock = FakeClock()
     breaker = Breaker(3, 60.0, clock)
     assert not breaker.failure() and not breaker.failure()
     assert breaker.failure()  # the third in a row
@@ -227,11 +220,11 @@ def test_breaker_pauses_after_n_failures_and_probes() -> None:
 
 
 def test_breaker_success_resets_the_count_and_zero_never_pauses() -> None:
-    breaker = Breaker(2, 60.0, Clock())
+    breaker = Breaker(2, 60.0, FakeClock())
     breaker.failure()
     breaker.success()
     assert not breaker.failure()
-    never = Breaker(0, 60.0, Clock())
+    never = Breaker(0, 60.0, FakeClock())
     assert not any(never.failure() for _ in range(100))
 
 
@@ -540,7 +533,7 @@ async def test_circuit_breaker_pauses_a_failing_zone(dns: DNSServer, records: li
     dns.servfail("bl.test", subtree=True)
     # tempfail_ttl=0: every session asks again, as after the resolver's short cache
     plugin = make(Resolver([dns.nameserver], timeout=0.5, tempfail_ttl=0), BL, pause_after=3, pause=60)
-    clock = Clock()
+    clock = FakeClock()
     plugin.clock = clock
     name = "99.2.0.192.bl.test"
     for _ in range(3):

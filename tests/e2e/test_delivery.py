@@ -5,8 +5,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.fixtures.postfix import QUEUED, PostfixInstance
 from tests.fixtures.gateway import OUTSIDE_IP, TRUSTED_IP, recv_reply
+from tests.fixtures.postfix import QUEUED, PostfixInstance
 
 MESSAGE = (
     b"From: Bob <bob@example.org>\r\n"
@@ -51,15 +51,11 @@ def test_message_goes_as_one_bdat_when_postfix_offers_chunking(gateway, postfix)
 def postfix_without_chunking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostfixInstance]:
     """A Postfix that does not offer CHUNKING, as before 3.4 or when an
     administrator turns it off: the message must go by DATA, dot-stuffed."""
-    instance = PostfixInstance(
+    with PostfixInstance(
         tmp_path_factory.mktemp("postfix-nochunking"),
         extra_main_cf={"smtpd_discard_ehlo_keywords": "chunking"},
-    )
-    instance.start()
-    try:
+    ) as instance:
         yield instance
-    finally:
-        instance.stop()
 
 
 def test_without_chunking_the_message_goes_by_data_byte_identical(start_gateway, postfix_without_chunking) -> None:

@@ -47,15 +47,11 @@ def test_second_xclient_in_a_session_reaches_postfix(gateway, postfix) -> None:
 @pytest.fixture(scope="module")
 def postfix_without_xclient(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostfixInstance]:
     """A Postfix that no longer lets the gateway's address use XCLIENT."""
-    instance = PostfixInstance(
+    with PostfixInstance(
         tmp_path_factory.mktemp("postfix-noxclient"),
         extra_main_cf={"smtpd_authorized_xclient_hosts": ""},
-    )
-    instance.start()
-    try:
+    ) as instance:
         yield instance
-    finally:
-        instance.stop()
 
 
 async def test_stale_memory_of_xclient_falls_back_to_ehlo(postfix_without_xclient) -> None:

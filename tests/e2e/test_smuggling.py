@@ -3,8 +3,8 @@ non-standard end-of-data must never reach the next hop as a message."""
 
 import pytest
 
-from tests.fixtures.postfix import QUEUED
 from tests.fixtures.gateway import OUTSIDE_IP, recv_reply
+from tests.fixtures.postfix import QUEUED
 
 SMUGGLED = (
     b"RCPT TO:<bob@example.com>\r\nDATA\r\nFrom: evil@example.org\r\nSubject: smuggled\r\n\r\nevil\r\n"
