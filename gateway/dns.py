@@ -139,12 +139,17 @@ def _ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return address
 
 
+# Names are asked for the same few client addresses again and again (every
+# zone, every session from one server); parsing the address each time cost
+# more than the cached DNS answer it leads to.
+@functools.lru_cache(maxsize=4096)
 def reverse_name(ip: str) -> str:
     """The PTR name of ``ip``: ``4.3.2.1.in-addr.arpa`` or the 32-nibble
     ``....ip6.arpa`` form.  Raises ValueError if ``ip`` is not an address."""
     return _ip(ip).reverse_pointer
 
 
+@functools.lru_cache(maxsize=4096)
 def dnsbl_name(ip: str, zone: str) -> str:
     """The name to look ``ip`` up in DNSBL ``zone`` (RFC 5782 section 2):
     reversed octets for IPv4, reversed nibbles for IPv6.
