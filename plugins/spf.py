@@ -22,6 +22,7 @@ Clients in ``trusted_networks`` are not checked.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import re
 from collections.abc import Mapping
@@ -256,8 +257,11 @@ def _kv_value(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+@functools.lru_cache(maxsize=1024)
 def received_spf(result: SpfResult, receiver: str, mail_from: str = "") -> tuple[str, str]:
-    """The ``Received-SPF`` header (RFC 7208 §9.1) for one check."""
+    """The ``Received-SPF`` header (RFC 7208 §9.1) for one check; the same
+    result for the same sender (a server sending many messages) is
+    formatted once."""
     text = ar.comment(_COMMENTS[result.result].format(sender=result.sender, ip=result.ip))
     pairs = [
         ("receiver", receiver),
