@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 import socket
-from collections import Counter
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -16,6 +15,7 @@ from . import replies
 from .config import Policy, ip_in
 from .deadline import Deadline, tick_for
 from .dns import Resolver
+from .limits import Counts, SharedCounts
 from .plugin import Context
 from .plugins import load_plugins
 from .replies import Reply
@@ -34,7 +34,7 @@ class Gateway:
     """What every session of one process shares: settings, plugins,
     connection counts, and the set of open sessions for shutdown."""
 
-    def __init__(self, policy: Policy, extra: Mapping[str, type] | None = None):
+    def __init__(self, policy: Policy, extra: Mapping[str, type] | None = None, counts: Counts | None = None):
         self.policy = policy
         self.settings = policy.gateway
         # One resolver per process: every plugin shares its cache.
@@ -43,8 +43,8 @@ class Gateway:
         self.context = self.registry.context
         self._trusted = self.settings.trusted
         self._xclient = self.settings.xclient
-        self._per_ip: Counter[str] = Counter()
-        self._total = 0
+        # Shared with the other workers (gateway/limits.py); alone, our own.
+        self._counts = counts if counts is not None else SharedCounts(1).row(0)
         self.sessions: set[SMTPSession] = set()
         self.closing = False
         self._next_hop = NextHopMemory()
@@ -82,22 +82,19 @@ class Gateway:
     def admit(self, ip: str) -> Reply | None:
         """Count a new client; the reply to refuse it with if over a limit.
 
-        Limits are per worker process: with N workers the kernel spreads
-        connections over them, so the totals allowed are up to N times these.
+        The limits hold for all workers together (gateway/limits.py).
         """
-        if self._total >= self.settings.max_connections or self.closing:
+        counts = self._counts
+        if counts.total() >= self.settings.max_connections or self.closing:
             return replies.SERVICE_BUSY.format(hostname=self.settings.hostname)
-        if self._per_ip[ip] >= self.settings.max_connections_per_ip:
+        bucket = counts.bucket(ip)
+        if counts.of(bucket) >= self.settings.max_connections_per_ip:
             return replies.TOO_MANY_CONNECTIONS.format(hostname=self.settings.hostname, ip=ip)
-        self._total += 1
-        self._per_ip[ip] += 1
+        counts.add(bucket, 1)
         return None
 
     def release(self, ip: str) -> None:
-        self._total -= 1
-        self._per_ip[ip] -= 1
-        if self._per_ip[ip] <= 0:
-            del self._per_ip[ip]
+        self._counts.add(self._counts.bucket(ip), -1)
 
     async def drain(self) -> None:
         """Let open sessions finish, within ``shutdown_timeout``."""
@@ -144,13 +141,13 @@ async def serve(gateway: Gateway, sock: socket.socket, stop: asyncio.Event) -> N
         watch.cancel()
 
 
-def _worker(policy: Policy, sock: socket.socket) -> None:
+def _worker(policy: Policy, sock: socket.socket, counts: Counts | None = None) -> None:
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        gateway = Gateway(policy)
+        gateway = Gateway(policy, counts=counts)
         await serve(gateway, sock, stop)
         # A second SIGTERM (a process-group kill on top of the parent's
         # forwarded one) must not hit a closed loop's wakeup fd while we exit.
@@ -175,7 +172,8 @@ def run(policy: Policy, workers: int) -> int:
         return 0
     # Bind once in the parent first, so a port in use is reported once, early.
     probe = bind(endpoint.host, endpoint.port, reuse_port=True)
-    children: list[int] = []
+    shared = SharedCounts(workers)  # before forking: every worker maps it
+    children: dict[int, int] = {}
     for index in range(workers):
         pid = os.fork()
         if pid == 0:
@@ -185,30 +183,35 @@ def run(policy: Policy, workers: int) -> int:
                 if index:
                     probe.close()
                     sock = bind(endpoint.host, endpoint.port, reuse_port=True)
-                _worker(policy, sock)
+                _worker(policy, sock, shared.row(index))
             except BaseException:
                 log.exception("worker failed")
                 code = 1
             finally:
                 os._exit(code)
-        children.append(pid)
+        children[pid] = index
     probe.close()
 
     def forward(signum: int, _frame: object) -> None:
-        for child in children:
+        for child in list(children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     status = 0
-    for child in children:
-        while True:
-            try:
-                _, code = os.waitpid(child, 0)
-                break
-            except InterruptedError:
-                continue
+    while children:
+        try:
+            pid, code = os.wait()
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            break
+        if pid not in children:
+            continue
+        index = children.pop(pid)
+        # Its connections died with it; the other workers must not count them.
+        shared.clear(index)
         if os.waitstatus_to_exitcode(code) != 0:
             status = 1
     return status

@@ -4,6 +4,7 @@ import json
 import shutil
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.gateway import recv_reply
 from tests.fixtures.postfix import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -124,3 +126,24 @@ def test_port_in_use_is_a_clear_error(serve, tmp_path: Path) -> None:
                          capture_output=True, text=True, cwd=tmp_path, timeout=30)
     assert run.returncode == 1
     assert f"smtpgate: cannot listen on 127.0.0.1:{port}: Address already in use" in run.stderr
+
+
+def test_connection_limit_per_address_holds_across_workers(serve, tmp_path: Path) -> None:
+    policy = tmp_path / "limits.toml"
+    policy.write_text(
+        '[gateway]\nhostname = "gw.test.example"\nupstream = "maildir:maildir"\n'
+        'local_domains = ["example.com"]\nmax_connections_per_ip = 2\n'
+    )
+    proc, port = serve("--workers", "2", "--policy", str(policy))
+    time.sleep(0.5)  # the readiness probe's session has ended and been released
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(8)]
+    try:
+        banners = [recv_reply(sock) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+    # SO_REUSEPORT spreads the 8 connections over both workers; counted per
+    # worker, each would have let 2 in.
+    assert [b[:4] for b in banners].count(b"220 ") == 2
+    refused = [b for b in banners if not b.startswith(b"220 ")]
+    assert all(b == b"421 4.7.0 gw.test.example Error: too many connections from 127.0.0.1\r\n" for b in refused), refused
