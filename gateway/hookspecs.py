@@ -22,8 +22,12 @@ calls the methods marked with :data:`gateway.hookimpl`::
 
 How the gateway calls hooks
 ---------------------------
-* Every hook may be ``def`` or ``async def``.  All implementations of one
-  stage run concurrently, each under the policy's ``hook_timeout``.
+* Every hook may be ``def`` or ``async def``.  The gateway calls every
+  implementation of a stage in turn; a plain ``def`` answers there and
+  then (keep it quick: nothing can interrupt it), while the awaitables,
+  from ``async def`` hooks or from a ``def`` that returns a coroutine only
+  when it must wait (say, for a DNS answer that is not cached), run
+  concurrently, each under the policy's ``hook_timeout``.
 * Each returns a :class:`~gateway.Verdict` or ``None`` (continue).  The
   gateway combines them: the most severe action wins (reject > defer > tag >
   accept > continue), ties go to the plugin listed first in the policy; the
