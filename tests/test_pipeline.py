@@ -65,3 +65,26 @@ async def test_implementations_get_only_the_arguments_they_name() -> None:
 
     await run_stage([call("p", rcpt, "recipient")], {"session": 1, "envelope": 2, "recipient": 3}, 1.0, "S1")
     assert seen == {"r": 3}
+
+
+async def test_plain_hook_may_return_a_coroutine_when_it_must_wait() -> None:
+    async def lookup() -> Verdict:
+        await asyncio.sleep(0.01)
+        return REJECT
+
+    async def forever() -> None:
+        await asyncio.sleep(5)
+
+    def cached_or_wait(session):
+        return None if session == "cached" else lookup()
+
+    def stuck(session):
+        return forever()
+
+    assert (await run_stage([call("c", cached_or_wait)], {"session": "cached"}, 1.0, "S1")).action is Action.CONTINUE
+    out = await run_stage([call("c", cached_or_wait)], {"session": "new"}, 1.0, "S1")
+    assert out.action is Action.REJECT and out.plugin == "c"
+    out = await run_stage([call("c", cached_or_wait), call("s", stuck)], {"session": "new"}, 0.1, "S1")
+    assert out.action is Action.REJECT  # the stuck one is a 451, the reject is more severe
+    out = await run_stage([call("s", stuck)], {"session": "new"}, 0.05, "S1")
+    assert (out.action, out.reply.code, out.result) == (Action.DEFER, 451, "error: timeout")
