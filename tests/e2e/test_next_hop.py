@@ -44,6 +44,18 @@ def test_second_xclient_in_a_session_reaches_postfix(gateway, postfix) -> None:
     assert b"from mx.second.example.net (unknown [203.0.113.8])" in second
 
 
+def test_new_helo_name_in_a_session_reaches_postfix(gateway, postfix) -> None:
+    with gateway.client(xclient=OUTSIDE_IP, helo="first.example.net") as smtp:
+        smtp.sendmail("bob@example.org", ["alice@example.com"], MESSAGE)
+        assert smtp.ehlo("second.example.net")[0] == 250
+        smtp.sendmail("carol@example.org", ["alice@example.com"], MESSAGE)
+    messages = postfix.wait_for_messages("alice", count=2)
+    first = next(m for m in messages if b"<bob@example.org>" in m)
+    second = next(m for m in messages if b"<carol@example.org>" in m)
+    assert b"from first.example.net (unknown [203.0.113.7])" in first
+    assert b"from second.example.net (unknown [203.0.113.7])" in second
+
+
 @pytest.fixture(scope="module")
 def postfix_without_xclient(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostfixInstance]:
     """A Postfix that no longer lets the gateway's address use XCLIENT."""
