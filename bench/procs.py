@@ -18,6 +18,27 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU used so far by the live processes of group ``pgid``
+    (a proxy and the workers it forked), from /proc."""
+    ticks = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue  # gone meanwhile
+        # After "pid (comm) ": state ppid pgrp ... utime(14) stime(15)
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        if int(fields[2]) == pgid:
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / _CLK_TCK
+
 
 class BenchError(RuntimeError):
     """A setup or measurement step failed; the message says which and why."""

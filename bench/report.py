@@ -99,6 +99,7 @@ def table(
         )
         lines.extend(_proxy_ratios(rows))
         lines.extend(_checks_ratios(rows))
+        lines.extend(_cpu_lines(rows))
     for res in slow or []:
         lines.append("")
         lines.extend(slow_table(res))
@@ -126,6 +127,20 @@ def _proxy_ratios(rows: list[Row]) -> list[str]:
                 f"{r.mode}: {r.path} / minimal proxy = {r.rate / base.rate:.2f} "
                 f"(smtp-source msgs/s)"
             )
+    return out
+
+
+def _cpu_lines(rows: list[Row]) -> list[str]:
+    """Each proxy's own CPU per message: steadier than msgs/s on a shared box."""
+    out: list[str] = []
+    for r in ordered(rows):
+        if r.tool != TOOL_SOURCE or r.path == DIRECT or math.isnan(r.cpu_ms_per_msg):
+            continue
+        if not out:
+            out.append("")
+        runs = " ".join(f"{x:.2f}" for x in r.cpu_ms)
+        out.append(f"{r.mode}: {r.path} used {r.cpu_ms_per_msg:.2f} ms of CPU per message "
+                   f"(all its processes, user + system; runs {runs})")
     return out
 
 
@@ -275,6 +290,7 @@ def as_json(
                     "path": r.path,
                     "tool": r.tool,
                     "msgs_per_s": clean(r.rate),
+                    "proxy_cpu_ms_per_msg": clean(r.cpu_ms_per_msg),
                     "ratio_vs_direct": clean(r.ratio),
                     "p50_ms": clean(r.p50_ms),
                     "p99_ms": clean(r.p99_ms),

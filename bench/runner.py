@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bench.loadclient import run_client
-from bench.procs import BenchError, Child, Children
+from bench.procs import BenchError, Child, Children, group_cpu_seconds
 from bench.proxies import PRESETS, ProxySpec, RunningProxy, start_proxy
 from bench.sink import LogCounter, SmtpSink
 from bench.source import run_smtp_source
@@ -83,12 +83,18 @@ class Row:
     rates: list[float] = field(default_factory=list)
     p50s_ms: list[float] = field(default_factory=list)
     p99s_ms: list[float] = field(default_factory=list)
+    #: the proxy's CPU (all its processes) per message, ms, per smtp-source run
+    cpu_ms: list[float] = field(default_factory=list)
     undelivered: int = 0  # messages answered 250 that never reached smtp-sink
     ratio: float = math.nan  # median rate / median rate of "direct" with the same tool
 
     @property
     def rate(self) -> float:
         return median(self.rates)
+
+    @property
+    def cpu_ms_per_msg(self) -> float:
+        return median(self.cpu_ms) if self.cpu_ms else math.nan
 
     @property
     def p50_ms(self) -> float:
@@ -227,7 +233,12 @@ class _Measurer:
         before = self.up.delivered(0) if self.up.delivered else 0
         r = self.row(p.label, tool)
         if tool == TOOL_SOURCE:
+            # A proxy's CPU per message drifts less than msgs/s on a shared
+            # machine, and does not count the load generator or upstream.
+            cpu = group_cpu_seconds(p.child.pid) if p.child is not None else math.nan
             r.rates.append(self.source(p, messages))
+            if p.child is not None:
+                r.cpu_ms.append((group_cpu_seconds(p.child.pid) - cpu) * 1000 / messages)
         else:
             res = run_client(
                 self.children,
