@@ -288,12 +288,16 @@ class SMTPSession(_AiosmtpdSMTP):
         # Bookkeeping first and synchronously: a cancellation (the client
         # vanished) must not leave the session counted or listed.
         self._finishing = True
-        if self._counted_ip is not None:
-            self.gateway.release(self._counted_ip)
-            self._counted_ip = None
+        self._release_slot()
         if self.transport is not None:
             self.transport.close()
         await asyncio.shield(self._cleanup())
+
+    def _release_slot(self) -> None:
+        """Stop counting this connection against the limits (once)."""
+        if self._counted_ip is not None:
+            self.gateway.release(self._counted_ip)
+            self._counted_ip = None
 
     async def _cleanup(self) -> None:
         """Disconnect hooks and the next hop's goodbye; the session stays
@@ -680,6 +684,9 @@ class SMTPSession(_AiosmtpdSMTP):
         if arg is not None:
             await self._error(replies.SYNTAX_NOARG.format(command="QUIT"))
             return
+        # Before the 221: a client may reconnect the moment it reads it, and
+        # another worker must not still count this connection then.
+        self._release_slot()
         await self.reply(replies.CLOSING)
         raise _Close
 

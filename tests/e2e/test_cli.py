@@ -147,3 +147,20 @@ def test_connection_limit_per_address_holds_across_workers(serve, tmp_path: Path
     assert [b[:4] for b in banners].count(b"220 ") == 2
     refused = [b for b in banners if not b.startswith(b"220 ")]
     assert all(b == b"421 4.7.0 gw.test.example Error: too many connections from 127.0.0.1\r\n" for b in refused), refused
+
+
+def test_a_client_may_reconnect_as_soon_as_it_reads_221(serve, tmp_path: Path) -> None:
+    # At its limit, a client that QUITs and reconnects at once must find its
+    # slot free in whichever worker takes the new connection.
+    policy = tmp_path / "limits.toml"
+    policy.write_text(
+        '[gateway]\nhostname = "gw.test.example"\nupstream = "maildir:maildir"\n'
+        'local_domains = ["example.com"]\nmax_connections_per_ip = 1\n'
+    )
+    proc, port = serve("--workers", "2", "--policy", str(policy))
+    time.sleep(0.5)  # the readiness probe's session has ended and been released
+    for _ in range(40):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            assert recv_reply(sock).startswith(b"220 ")
+            sock.sendall(b"QUIT\r\n")
+            assert recv_reply(sock).startswith(b"221 ")
