@@ -57,7 +57,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_Key = tuple[dns.name.Name, dns.rdatatype.RdataType]
+#: A question as the cache knows it: the canonical name as text (hashing a
+#: str is cached by Python; hashing a dns.name.Name walks its labels every
+#: time) and the type.
+_Key = tuple[str, dns.rdatatype.RdataType]
 
 #: Longest time a positive answer is cached, whatever its TTL says.
 MAX_TTL = 86400
@@ -205,7 +208,7 @@ def _negative_ttl(response: dns.message.Message | None) -> int:
 def _query_key(name: str, rdtype: str) -> _Key:
     """The cache key of a question.  Memoised: parsing the name was a
     visible cost of every cache hit, and busy senders ask the same names."""
-    return dns.name.from_text(name).canonicalize(), dns.rdatatype.from_text(rdtype)
+    return dns.name.from_text(name).canonicalize().to_text(), dns.rdatatype.from_text(rdtype)
 
 
 class Resolver:
@@ -307,7 +310,7 @@ class Resolver:
     async def _resolve(self, key: _Key) -> Answer:
         """Ask the nameservers once and cache the outcome."""
         self._sent += 1
-        answer = await self._ask(*key)
+        answer = await self._ask(dns.name.from_text(key[0]), key[1])
         if answer.status is Status.TEMPFAIL:
             log.debug("DNS %s %s: %s", key[0], dns.rdatatype.to_text(key[1]), answer.error)
             lifetime = self._tempfail_ttl
