@@ -128,14 +128,21 @@ def test_port_in_use_is_a_clear_error(serve, tmp_path: Path) -> None:
     assert f"smtpgate: cannot listen on 127.0.0.1:{port}: Address already in use" in run.stderr
 
 
-def test_connection_limit_per_address_holds_across_workers(serve, tmp_path: Path) -> None:
+def serve_two_workers(serve, tmp_path: Path, max_connections_per_ip: int) -> int:
+    """Two workers on a policy with that limit; the readiness probe's session
+    is over (and released) when this returns."""
     policy = tmp_path / "limits.toml"
     policy.write_text(
         '[gateway]\nhostname = "gw.test.example"\nupstream = "maildir:maildir"\n'
-        'local_domains = ["example.com"]\nmax_connections_per_ip = 2\n'
+        f'local_domains = ["example.com"]\nmax_connections_per_ip = {max_connections_per_ip}\n'
     )
-    proc, port = serve("--workers", "2", "--policy", str(policy))
-    time.sleep(0.5)  # the readiness probe's session has ended and been released
+    _, port = serve("--workers", "2", "--policy", str(policy))
+    time.sleep(0.5)
+    return port
+
+
+def test_connection_limit_per_address_holds_across_workers(serve, tmp_path: Path) -> None:
+    port = serve_two_workers(serve, tmp_path, max_connections_per_ip=2)
     socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(8)]
     try:
         banners = [recv_reply(sock) for sock in socks]
@@ -152,13 +159,7 @@ def test_connection_limit_per_address_holds_across_workers(serve, tmp_path: Path
 def test_a_client_may_reconnect_as_soon_as_it_reads_221(serve, tmp_path: Path) -> None:
     # At its limit, a client that QUITs and reconnects at once must find its
     # slot free in whichever worker takes the new connection.
-    policy = tmp_path / "limits.toml"
-    policy.write_text(
-        '[gateway]\nhostname = "gw.test.example"\nupstream = "maildir:maildir"\n'
-        'local_domains = ["example.com"]\nmax_connections_per_ip = 1\n'
-    )
-    proc, port = serve("--workers", "2", "--policy", str(policy))
-    time.sleep(0.5)  # the readiness probe's session has ended and been released
+    port = serve_two_workers(serve, tmp_path, max_connections_per_ip=1)
     for _ in range(40):
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             assert recv_reply(sock).startswith(b"220 ")
