@@ -164,9 +164,11 @@ class SMTPUpstream:
         if smtp is None:
             return
         self._timed_out = True
+        # Not isinstance(asyncio.WriteTransport): uvloop's transports are
+        # not subclasses of asyncio's.
         transport = smtp.transport
-        if isinstance(transport, asyncio.WriteTransport):
-            transport.abort()
+        if transport is not None:
+            transport.abort()  # type: ignore[attr-defined]
 
     def _why(self, exc: BaseException) -> str:
         if self._timed_out:

@@ -48,14 +48,21 @@ def test_message_goes_as_one_bdat_when_postfix_offers_chunking(gateway, postfix)
 
 
 @pytest.fixture(scope="module")
-def postfix_without_chunking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostfixInstance]:
-    """A Postfix that does not offer CHUNKING, as before 3.4 or when an
-    administrator turns it off: the message must go by DATA, dot-stuffed."""
+def postfix_without_chunking_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostfixInstance]:
     with PostfixInstance(
         tmp_path_factory.mktemp("postfix-nochunking"),
         extra_main_cf={"smtpd_discard_ehlo_keywords": "chunking"},
     ) as instance:
         yield instance
+
+
+@pytest.fixture
+def postfix_without_chunking(postfix_without_chunking_module: PostfixInstance) -> PostfixInstance:
+    """A Postfix that does not offer CHUNKING, as before 3.4 or when an
+    administrator turns it off: the message must go by DATA, dot-stuffed.
+    Emptied for each test, as ``postfix`` is."""
+    postfix_without_chunking_module.clear()
+    return postfix_without_chunking_module
 
 
 def test_without_chunking_the_message_goes_by_data_byte_identical(start_gateway, postfix_without_chunking) -> None:
