@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .address import is_domain
-from .eventloop import EventLoopKind, available as uvloop_available
 
 __all__ = [
     "PolicyError",
@@ -126,8 +125,6 @@ class GatewaySettings:
     bare_newline: Literal["reject", "normalize"] = "reject"
     #: Trial mode: log what plugins would have refused, refuse nothing.
     monitor: bool = False
-    #: ``auto``: uvloop when it is installed, else the standard loop.
-    event_loop: EventLoopKind = "auto"
 
     def check(self) -> dict[str, str]:
         """Checks beyond types; returns ``{key: expected}`` for each problem."""
@@ -163,8 +160,6 @@ class GatewaySettings:
         for f in dataclasses.fields(self):
             if f.name.endswith("_timeout") and getattr(self, f.name) <= 0:
                 bad[f.name] = "expected a positive number of seconds"
-        if self.event_loop == "uvloop" and not uvloop_available():
-            bad["event_loop"] = 'expected "auto" or "asyncio": uvloop is not installed'
         return bad
 
     @property

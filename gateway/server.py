@@ -11,7 +11,7 @@ import socket
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from . import eventloop, replies
+from . import replies
 from .config import Policy, ip_in
 from .deadline import Deadline, tick_for
 from .dns import Resolver
@@ -155,7 +155,7 @@ def _worker(policy: Policy, sock: socket.socket, counts: Counts | None = None) -
             loop.remove_signal_handler(sig)
             signal.signal(sig, signal.SIG_IGN)
 
-    eventloop.run(main(), policy.gateway.event_loop)
+    asyncio.run(main())
 
 
 def run(policy: Policy, workers: int) -> int:
@@ -164,8 +164,7 @@ def run(policy: Policy, workers: int) -> int:
     load_plugins(policy, Context(policy.gateway))
     endpoint = policy.gateway.listen_endpoint
     log.info(
-        "listening on %s, next hop %s, %d worker(s), %s event loop",
-        endpoint, policy.gateway.upstream_endpoint, workers, eventloop.resolve(policy.gateway.event_loop),
+        "listening on %s, next hop %s, %d worker(s)", endpoint, policy.gateway.upstream_endpoint, workers
     )
     if workers <= 1:
         sock = bind(endpoint.host, endpoint.port, reuse_port=False)

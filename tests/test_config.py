@@ -88,10 +88,3 @@ def test_serve_refuses_a_bad_policy_before_listening(tmp_path: Path) -> None:
     )
     assert run.returncode == 2
     assert f"{bad}: gateway.listen: expected HOST:PORT" in run.stderr
-
-
-def test_uvloop_event_loop_needs_uvloop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("gateway.config.uvloop_available", lambda: False)
-    path = write(tmp_path, '[gateway]\nevent_loop = "uvloop"\n')
-    assert problems(path) == [f'{path}: gateway.event_loop: expected "auto" or "asyncio": uvloop is not installed']
-    load_policy(write(tmp_path, '[gateway]\nevent_loop = "auto"\n'))  # falls back, no error

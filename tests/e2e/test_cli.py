@@ -87,22 +87,6 @@ def test_sigterm_lets_an_open_session_finish(serve, tmp_path: Path) -> None:
     assert len(list((tmp_path / "maildir" / "new").iterdir())) == 1
 
 
-@pytest.mark.parametrize("choice, used", [("auto", "uvloop"), ("asyncio", "asyncio")])
-def test_event_loop_is_chosen_by_the_policy_and_logged(serve, tmp_path: Path, choice: str, used: str) -> None:
-    pytest.importorskip("uvloop")
-    policy = tmp_path / "p.toml"
-    policy.write_text(
-        (ROOT / "policies" / "default.toml").read_text().replace('event_loop = "auto"', f'event_loop = "{choice}"')
-    )
-    proc, port = serve("--workers", "2", "--policy", str(policy))
-    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.example.net", timeout=10) as smtp:
-        assert smtp.sendmail("bob@example.org", ["alice@example.com"], b"Subject: l\r\n\r\nx\r\n") == {}
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(15) == 0
-    assert f"2 worker(s), {used} event loop" in proc.stderr.read()
-    assert len(list((tmp_path / "maildir" / "new").iterdir())) == 1
-
-
 def test_workers_share_the_port_and_log_json(serve, tmp_path: Path) -> None:
     proc, port = serve("--workers", "2", "--log-format", "json")
     for _ in range(30):
