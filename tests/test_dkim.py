@@ -387,3 +387,70 @@ def test_openssl_rsa_verification_agrees_with_dkimpys(hash_name: str) -> None:
             assert _rsa_verify(hashlib.new(hash_name, body), sig, key) is expected
         assert _rsa_verify(hashlib.new(hash_name, data), signature, key) is True
     assert _openssl_key.cache_info().hits > 0  # OpenSSL did the work, not the fallback
+
+
+def _fragments(rng: Any, pieces: tuple[bytes, ...], length: int) -> bytes:
+    return b"".join(rng.choice(pieces) for _ in range(length))
+
+
+def test_faster_canonicalisation_gives_dkimpys_bytes() -> None:
+    import random
+
+    from plugins.dkim import (
+        _DKIMPY_COMPRESS,
+        _DKIMPY_STRIP_TRAILING,
+        _compress_whitespace,
+        _strip_trailing_whitespace,
+    )
+
+    crafted = [b"", b" ", b"\t", b"  ", b" \t ", b"a b", b"a  b", b"a\tb", b"a \r\n", b"a\t\r\n", b"\r\n \r\n",
+               b" \t\r\n", b"a \t \tb \r\n\r\n", b"x" * 100]
+    rng = random.Random(5)
+    pieces = (b" ", b"  ", b"\t", b"a", b"bc", b"\r\n", b"\r", b"\n", b" \r\n", b"\t\r\n")
+    generated = [_fragments(rng, pieces, rng.randrange(0, 40)) for _ in range(3000)]
+    for content in crafted + generated:
+        assert _compress_whitespace(content) == _DKIMPY_COMPRESS(content), content
+        assert _strip_trailing_whitespace(content) == _DKIMPY_STRIP_TRAILING(content), content
+
+
+def test_faster_message_parsing_gives_dkimpys_headers_and_body() -> None:
+    import random
+
+    from plugins.dkim import _DKIMPY_RFC822_PARSE, _rfc822_parse
+
+    crafted = [
+        MESSAGE,
+        b"",
+        b"\r\n",
+        b"\r\nbody only\r\n",
+        b"A: 1\r\n",
+        b"A: 1\r\n\r\n",
+        b"A: 1\r\n\r\n\r\n\r\n",
+        b"A: 1\r\n folded\r\n\tagain\r\nB:2\r\n\r\nbody\r\n\r\nmore\r\n",
+        b"From someone\r\nA: 1\r\n\r\nx",
+        b"A: 1\nB: 2\n\nbare LF body\n",
+        b"A: 1\r\n\r\nbody with a bare\nLF\r\n",
+        b"A: 1\r\r\n\r\nbody\r\r\n",
+        b"no colon here\r\n\r\nx",
+        b" leading continuation\r\n\r\nx",
+    ]
+    rng = random.Random(7)
+    pieces = (b"A: 1", b"Subject: x", b" cont", b"\tcont", b"\r\n", b"\r\n", b"\r\n\r\n", b"body", b"\n", b"\r", b"From x")
+    generated = [b"H: v\r\n" + _fragments(rng, pieces, rng.randrange(0, 30)) for _ in range(3000)]
+    for message in crafted + generated:
+        try:
+            expected = _DKIMPY_RFC822_PARSE(message)
+        except Exception as exc:  # noqa: BLE001 - the same exception must come out of ours
+            with pytest.raises(type(exc)):
+                _rfc822_parse(message)
+            continue
+        assert _rfc822_parse(message) == expected, message
+
+
+def test_dkimpy_uses_the_faster_functions() -> None:
+    # The replacements are installed where dkimpy looks them up.
+    from plugins.dkim import _compress_whitespace, _rfc822_parse, _strip_trailing_whitespace
+
+    assert dkim.rfc822_parse is _rfc822_parse
+    assert dkim.canonicalization.compress_whitespace is _compress_whitespace
+    assert dkim.canonicalization.strip_trailing_whitespace is _strip_trailing_whitespace
