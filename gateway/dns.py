@@ -293,6 +293,36 @@ class Resolver:
         if cached is not None:
             self._hits += 1
             return cached
+        return await self._fetch(key)
+
+    def cached(self, name: str, rdtype: str) -> Answer | None:
+        """The answer :meth:`query` would give at once from the cache, or
+        None if it would have to ask.  For callers that can then skip a
+        task or a timer: most lookups on a busy gateway are cache hits."""
+        try:
+            key = _query_key(name, rdtype)
+        except (dns.exception.DNSException, UnicodeError):
+            return None  # query() answers these itself
+        cached = self._cache_get(key)
+        if cached is not None:
+            self._hits += 1
+        return cached
+
+    async def query_all(self, questions: Sequence[tuple[str, str]]) -> list[Answer]:
+        """:meth:`query` for each ``(name, rdtype)``, concurrently; what the
+        cache holds is answered without a task."""
+        answers: list[Answer | None] = [self.cached(name, rdtype) for name, rdtype in questions]
+        missing = [i for i, answer in enumerate(answers) if answer is None]
+        if len(missing) == 1:
+            answers[missing[0]] = await self.query(*questions[missing[0]])
+        elif missing:
+            found = await asyncio.gather(*(self.query(*questions[i]) for i in missing))
+            for i, answer in zip(missing, found):
+                answers[i] = answer
+        return answers  # type: ignore[return-value]  # every slot is filled now
+
+    async def _fetch(self, key: _Key) -> Answer:
+        """Ask for ``key`` once, however many sessions want it meanwhile."""
         loop = asyncio.get_running_loop()
         task = self._inflight.get(key)
         if task is not None and task.get_loop() is loop:
@@ -402,7 +432,7 @@ class Resolver:
         RECORDS if either has records (a TEMPFAIL on the other is dropped:
         the address we have is still an address); else TEMPFAIL if either
         failed; else NXDOMAIN if both say so; else NODATA."""
-        a, aaaa = await asyncio.gather(self.query(name, "A"), self.query(name, "AAAA"))
+        a, aaaa = await self.query_all(((name, "A"), (name, "AAAA")))
         found = [x for x in (a, aaaa) if x.ok]
         if found:
             return Answer(

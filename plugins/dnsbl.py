@@ -600,6 +600,26 @@ class DnsblPlugin(Plugin):
             return entry.zone.action
         return self.options.actions[finding]  # type: ignore[no-any-return]
 
+    def _from_cache(self, entry: _Entry, name: str) -> tuple[Outcome, str] | None:
+        """What :meth:`_ask` would find, when the cache alone can tell
+        (None otherwise): a warm gateway then needs no task or timer."""
+        if not entry.breaker.allows():
+            return Outcome(ZoneStatus.PAUSED), ""
+        answer = self.resolver.cached(name, "A")
+        if answer is None:
+            return None
+        outcome = classify(answer, entry.codes)
+        txt = ""
+        if outcome.status is ZoneStatus.LISTED and entry.wants_txt:
+            finding = "allowed" if entry.zone.type == "allow" else "listed"
+            if self._spec(entry, finding) in ("reject", "defer"):
+                reason = self.resolver.cached(name, "TXT")
+                if reason is None:
+                    return None
+                txt = clean_txt(reason)
+        self._account(entry, name, outcome)
+        return outcome, txt
+
     async def _ask(self, entry: _Entry, name: str, deadline: float) -> tuple[Outcome, str]:
         """One zone, one name: the outcome and, for a refusing listing whose
         reply quotes it, the TXT reason.  Updates the zone's breaker."""
@@ -650,8 +670,10 @@ class DnsblPlugin(Plugin):
             dnsbl_name(subject, e.zone.zone) if identity == "client" else f"{subject}.{e.zone.zone}"
             for e in entries
         ]
-        answers = await asyncio.gather(*(self._ask(e, n, deadline) for e, n in zip(entries, names)))
-        return [(e, outcome, txt) for e, (outcome, txt) in zip(entries, answers)]
+        cached = [self._from_cache(e, n) for e, n in zip(entries, names)]
+        missing = [i for i, found in enumerate(cached) if found is None]
+        asked = iter(await asyncio.gather(*(self._ask(entries[i], names[i], deadline) for i in missing)))
+        return [(e, *(found if found is not None else next(asked))) for e, found in zip(entries, cached)]
 
     # ------------------------------------------------------------ verdicts
 

@@ -273,7 +273,7 @@ async def check_fcrdns(resolver: Resolver, ip: IPAddress, *, max_names: int = MA
         return Fcrdns(Finding.NO_FCRDNS)
     names = [record.rstrip(".") for record in ptr.records[:max_names]]
     rdtype = "A" if ip.version == 4 else "AAAA"
-    answers = await asyncio.gather(*(resolver.query(name, rdtype) for name in names))
+    answers = await resolver.query_all([(name, rdtype) for name in names])
     confirmed = tuple(
         name for name, answer in zip(names, answers)
         if answer.ok and any(ipaddress.ip_address(record) == ip for record in answer.records)

@@ -131,6 +131,9 @@ async def lookup_domain(resolver: Resolver, domain: str) -> Finding | None:
     """Ask MX and A/AAAA of ``domain`` concurrently (A/AAAA are only needed
     when there is no MX, but asking at once saves a round trip then), and
     judge with :func:`domain_finding`."""
+    mx = resolver.cached(domain, "MX")
+    if mx is not None and mx.status is not Status.NODATA:
+        return domain_finding(mx, None)  # the usual case: no task, no wait
     addresses = asyncio.create_task(resolver.a_aaaa(domain))
     try:
         mx = await resolver.mx(domain)
