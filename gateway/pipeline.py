@@ -39,9 +39,15 @@ def _checked(call: HookCall, result: object, session_id: str) -> Verdict | None:
     return result.by(call.plugin)
 
 
-def _raised(call: HookCall, session_id: str) -> Verdict:
-    log.exception("session=%s plugin=%s hook=%s raised", session_id, call.plugin, call.function.__name__)
+def _raised(call: HookCall, session_id: str, error: BaseException | None = None) -> Verdict:
+    log.error("session=%s plugin=%s hook=%s raised", session_id, call.plugin, call.function.__name__,
+              exc_info=error or True)
     return _failed(call, "exception")
+
+
+def _overran(call: HookCall, timeout: float, session_id: str) -> Verdict:
+    log.error("session=%s plugin=%s hook=%s: no answer within %.1fs", session_id, call.plugin, call.function.__name__, timeout)
+    return _failed(call, "timeout")
 
 
 async def _awaited(call: HookCall, pending: Awaitable[object], timeout: float, session_id: str) -> Verdict | None:
@@ -49,13 +55,24 @@ async def _awaited(call: HookCall, pending: Awaitable[object], timeout: float, s
         async with asyncio.timeout(timeout):
             result = await pending
     except TimeoutError:
-        log.error("session=%s plugin=%s hook=%s: no answer within %.1fs", session_id, call.plugin, call.function.__name__, timeout)
-        return _failed(call, "timeout")
+        return _overran(call, timeout, session_id)
     except asyncio.CancelledError:
         raise
     except Exception:
         return _raised(call, session_id)
     return _checked(call, result, session_id)
+
+
+def _outcome(call: HookCall, task: asyncio.Future[object], timeout: float, session_id: str) -> Verdict | None:
+    """The verdict of one of several hooks awaited together."""
+    if not task.done():
+        return _overran(call, timeout, session_id)  # cancelled by run_stage
+    if task.cancelled():
+        return _failed(call, "cancelled")
+    error = task.exception()
+    if error is not None:
+        return _raised(call, session_id, error)
+    return _checked(call, task.result(), session_id)
 
 
 async def run_stage(
@@ -65,10 +82,11 @@ async def run_stage(
 
     Every hook is called here first; what a plain ``def`` returns is used
     at once, and only awaitables (``async def`` hooks, or a plain hook that
-    returned a coroutine because it had to wait) are awaited, together, each
-    under ``timeout``.  A task per hook costs more than most hooks' own work
-    when their answers are cached, so one awaitable is awaited directly and
-    a stage of plain hooks creates none.
+    returned a coroutine because it had to wait) are awaited, together,
+    under ``timeout`` (one timer for all: they started together).  A task
+    per hook costs more than most hooks' own work when their answers are
+    cached, so one awaitable is awaited directly and a stage of plain hooks
+    creates none.
     """
     verdicts: list[Verdict | None] = [None] * len(calls)
     pending: list[tuple[int, Awaitable[object]]] = []
@@ -86,7 +104,13 @@ async def run_stage(
         index, awaitable = pending[0]
         verdicts[index] = await _awaited(calls[index], awaitable, timeout, session_id)
     elif pending:
-        done = await asyncio.gather(*(_awaited(calls[i], a, timeout, session_id) for i, a in pending))
-        for (index, _), verdict in zip(pending, done):
-            verdicts[index] = verdict
+        # The hooks started together, so one timer bounds them all.
+        tasks = [asyncio.ensure_future(awaitable) for _, awaitable in pending]
+        try:
+            await asyncio.wait(tasks, timeout=timeout)
+        finally:
+            for task in tasks:
+                task.cancel()  # those that overran, or all if we are cancelled
+        for (index, _), task in zip(pending, tasks):
+            verdicts[index] = _outcome(calls[index], task, timeout, session_id)
     return combine(verdicts) if calls else CONTINUE

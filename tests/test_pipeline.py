@@ -88,3 +88,53 @@ async def test_plain_hook_may_return_a_coroutine_when_it_must_wait() -> None:
     assert out.action is Action.REJECT  # the stuck one is a 451, the reject is more severe
     out = await run_stage([call("s", stuck)], {"session": "new"}, 0.05, "S1")
     assert (out.action, out.reply.code, out.result) == (Action.DEFER, 451, "error: timeout")
+
+
+async def test_among_several_hooks_the_overrunning_one_defers_and_is_cancelled(caplog: pytest.LogCaptureFixture) -> None:
+    cancelled = asyncio.Event()
+
+    async def slow(session):
+        try:
+            await asyncio.sleep(5)
+        finally:
+            cancelled.set()
+
+    async def quick(session):
+        await asyncio.sleep(0)
+        return Verdict.tag(("X-Quick", "yes"))
+
+    async def broken(session):
+        await asyncio.sleep(0)
+        raise LookupError("gone")
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with caplog.at_level(logging.ERROR, "smtpgate"):
+        out = await run_stage([call("q", quick), call("s", slow), call("b", broken)], {"session": None}, 0.1, "S1")
+    assert loop.time() - started < 1.0
+    assert (out.action, out.reply.code, out.reply.enhanced) == (Action.DEFER, 451, "4.3.0")
+    assert {(v.plugin, v.result) for v in out.parts if v.action is Action.DEFER} == {
+        ("s", "error: timeout"), ("b", "error: exception")}
+    assert any(v.plugin == "q" and v.headers == (("X-Quick", "yes"),) for v in out.parts)
+    assert "plugin=s hook=slow: no answer within 0.1s" in caplog.text
+    assert "plugin=b hook=broken raised" in caplog.text and "LookupError: gone" in caplog.text
+    await asyncio.wait_for(cancelled.wait(), 1.0)
+
+
+async def test_a_cancelled_stage_cancels_its_hooks() -> None:
+    cancelled = []
+
+    async def waits(session):
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    stage = asyncio.ensure_future(run_stage([call("a", waits), call("b", waits)], {"session": None}, 10.0, "S1"))
+    await asyncio.sleep(0.05)
+    stage.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await stage
+    await asyncio.sleep(0)
+    assert cancelled == [True, True]
