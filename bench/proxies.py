@@ -3,7 +3,9 @@
 --gateway-cmd takes a preset name or a command template, so the same
 harness can benchmark smtpgate, the minimal baseline, or any other proxy.
 Template placeholders: {python} {listen} {listen_host} {listen_port}
-{upstream} {upstream_host} {upstream_port} {workers} {policy}.
+{upstream} {upstream_host} {upstream_port} {workers} {policy}, and with
+--checks {checks_policy} (the all-checks policy, to compare two versions of
+the gateway with every check on).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.procs import Child, Children, free_port, wait_for_banner
+from bench.procs import BenchError, Child, Children, free_port, wait_for_banner
 
 PRESETS: dict[str, str] = {
     "gateway": (
@@ -67,6 +69,7 @@ def start_proxy(
     cwd: Path,
     ready_timeout: float,
     host: str = "127.0.0.1",
+    checks_policy: Path | None = None,
 ) -> RunningProxy:
     port = free_port(host)
     values = {
@@ -80,7 +83,12 @@ def start_proxy(
         "workers": str(workers),
         "policy": str(spec.policy or policy),
     }
-    argv = [part.format(**values) for part in shlex.split(spec.template)]
+    if checks_policy is not None:
+        values["checks_policy"] = str(checks_policy)
+    try:
+        argv = [part.format(**values) for part in shlex.split(spec.template)]
+    except KeyError as exc:
+        raise BenchError(f"--gateway-cmd {spec.label}: {{{exc.args[0]}}} is unknown here (checks_policy needs --checks)") from exc
     env = dict(os.environ)
     # So "-m gateway" / "-m bench..." resolve from the repo whatever the caller's cwd.
     env["PYTHONPATH"] = os.pathsep.join(

@@ -333,6 +333,7 @@ def measure(children: Children, up: Upstream, opts: Options) -> Measurement:
                     policy=opts.policy,
                     cwd=opts.repo,
                     ready_timeout=opts.ready_timeout,
+                    checks_policy=checks.policy if checks is not None else None,
                 )
             )
         paths = [_Path(DIRECT, up.host, up.port)]
