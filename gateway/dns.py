@@ -52,6 +52,7 @@ __all__ = [
     "dkim_dnsfunc",
     "dnsbl_name",
     "reverse_name",
+    "spf_cached",
     "spf_check",
 ]
 
@@ -308,6 +309,16 @@ class Resolver:
             self._hits += 1
         return cached
 
+    def is_cached(self, name: str, *rdtypes: str) -> bool:
+        """Whether the cache would answer every ``rdtype`` of ``name`` now
+        (for choosing between awaiting in turn and gathering)."""
+        try:
+            keys = [_query_key(name, rdtype) for rdtype in rdtypes]
+        except (dns.exception.DNSException, UnicodeError):
+            return False
+        now = self._clock()
+        return all((entry := self._cache.get(key)) is not None and entry[0] > now for key in keys)
+
     async def query_all(self, questions: Sequence[tuple[str, str]]) -> list[Answer]:
         """:meth:`query` for each ``(name, rdtype)``, concurrently; what the
         cache holds is answered without a task."""
@@ -562,6 +573,15 @@ def _spf_lookup_via(resolver: Resolver, loop: asyncio.AbstractEventLoop) -> _Spf
 SPF_RESULT_TTL = 60.0
 
 
+def spf_cached(resolver: Resolver, ip: str, sender: str, helo: str) -> tuple[str, str] | None:
+    """What :func:`spf_check` would return at once from its short-lived
+    cache of results, or None if it would have to evaluate."""
+    cached = resolver._spf_results.get((ip, sender.lower(), helo.lower()))
+    if cached is not None and cached[0] > resolver._clock():
+        return cached[1]
+    return None
+
+
 async def spf_check(resolver: Resolver, ip: str, sender: str, helo: str, *, querytime: float = 20.0) -> tuple[str, str]:
     """RFC 7208 check of ``sender`` (MAIL FROM; empty for bounces, then the
     HELO identity is checked) sent from ``ip`` -- pyspf's ``check2`` with its
@@ -571,10 +591,10 @@ async def spf_check(resolver: Resolver, ip: str, sender: str, helo: str, *, quer
     :returns: (result, explanation); result is one of ``pass``, ``fail``,
         ``softfail``, ``neutral``, ``none``, ``temperror``, ``permerror``.
     """
+    cached = spf_cached(resolver, ip, sender, helo)
+    if cached is not None:
+        return cached
     key = (ip, sender.lower(), helo.lower())
-    cached = resolver._spf_results.get(key)
-    if cached is not None and cached[0] > resolver._clock():
-        return cached[1]
     executor = _install_spf_router()
     lookup = _spf_lookup_via(resolver, asyncio.get_running_loop())
 

@@ -266,9 +266,11 @@ async def verify_message(message: Message | bytes, dnsfunc: DkimDnsFunc) -> tupl
             prepared.append(verifier.verify_headerprep(idx))
         except (dkim.DKIMException, KeyError, ValueError, TypeError) as exc:  # missing or bad tags, expired...
             prepared.append(DkimResult("neutral", reason=f"bad signature: {exc}"))
-    keys = await asyncio.gather(
-        *(_fetch_key(p[0], dnsfunc) for p in prepared if not isinstance(p, DkimResult))
-    )
+    wanted = [p[0] for p in prepared if not isinstance(p, DkimResult)]
+    if len(wanted) == 1:  # the usual case; a cached key then needs no task
+        keys = [await _fetch_key(wanted[0], dnsfunc)]
+    else:
+        keys = await asyncio.gather(*(_fetch_key(sig, dnsfunc) for sig in wanted))
     results = []
     key_iter = iter(keys)
     for idx, prep in enumerate(prepared):

@@ -312,11 +312,21 @@ class DmarcPlugin(Plugin):
             return None
         fields = ar.header_fields(message)
         author = ar.author_domain(fields)
-        dkim_results, outcome, discovery = await asyncio.gather(
-            dkim.dkim_results(message, self.context.resolver),
-            self._spf(session, envelope),
-            self._discovery(author),
-        )
+        # The DKIM verification is a task already (the dkim plugin's hook
+        # may have started it): it goes on while we wait for the rest.
+        verifying = dkim.dkim_results(message, self.context.resolver)
+        try:
+            stored = spf.stored_outcome(session, envelope)  # the spf plugin's, if it ran
+            if stored is None:
+                outcome, discovery = await asyncio.gather(
+                    spf.check_envelope(self.context.resolver, session, envelope), self._discovery(author)
+                )
+            else:
+                outcome, discovery = stored, await self._discovery(author)  # no task: usually a cache hit
+        except BaseException:
+            verifying.cancel()  # our wait only; the shared verification goes on
+            raise
+        dkim_results = await verifying
         result = evaluate(
             author, discovery, outcome.identity, dkim_results,
             sample=random.random(), honour_pct=self.options.honour_pct,
@@ -326,13 +336,6 @@ class DmarcPlugin(Plugin):
         reject, defer = _replies(result)
         label = f"dmarc={result.finding}" + (f" {result.domain}" if result.domain else "")
         return decide(result.finding, self.options.actions, reject=reject, defer=defer, headers=(header,), result=label)
-
-    async def _spf(self, session: Session, envelope: Envelope) -> spf.SpfOutcome:
-        """The spf plugin's outcome for this transaction, else our own check."""
-        outcome = spf.stored_outcome(session, envelope)
-        if outcome is not None:
-            return outcome
-        return await spf.check_envelope(self.context.resolver, session, envelope)
 
     async def _discovery(self, author: ar.Author) -> Discovery:
         if not author.domain:

@@ -348,15 +348,20 @@ async def check_helo(
     if found is not None:
         judged.append((found, _verdict(found, actions, hostname, client_ip, f"helo={found}")))
     if resolver is not None and not any(v.refuses for _, v in judged):
-        lookups: dict[str, Any] = {}
-        if resolve and valid_hostname(hostname):
-            lookups["host"] = resolver.a_aaaa(hostname)
-        if fcrdns and reverse is None:
-            lookups["fcrdns"] = check_fcrdns(resolver, client_ip)
-        done = dict(zip(lookups, await asyncio.gather(*lookups.values())))
-        if "host" in done and (host := host_finding(done["host"])) is not None:
+        want_host = resolve and valid_hostname(hostname)
+        want_reverse = fcrdns and reverse is None
+        host_answer: Answer | None = None
+        if want_host and want_reverse and not resolver.is_cached(hostname, "A", "AAAA"):
+            host_answer, reverse = await asyncio.gather(resolver.a_aaaa(hostname), check_fcrdns(resolver, client_ip))
+        else:
+            # A cached answer comes without waiting, so asking in turn loses
+            # nothing and saves a task per lookup.
+            if want_host:
+                host_answer = await resolver.a_aaaa(hostname)
+            if want_reverse:
+                reverse = await check_fcrdns(resolver, client_ip)
+        if host_answer is not None and (host := host_finding(host_answer)) is not None:
             judged.append((host, _verdict(host, actions, hostname, client_ip, f"helo={host}")))
-        reverse = done.get("fcrdns", reverse)
     if fcrdns and reverse is not None and reverse.finding is not None:
         judged.append((reverse.finding, _verdict(reverse.finding, actions, hostname, client_ip, reverse.result)))
     findings = tuple(f for f, _ in judged)

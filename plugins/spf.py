@@ -42,7 +42,7 @@ from gateway import (
     hookimpl,
 )
 from gateway.actions import ActionOptions, ActionSpec, check_actions, decide
-from gateway.dns import Resolver, spf_check
+from gateway.dns import Resolver, spf_cached, spf_check
 
 from . import _authresults as ar
 
@@ -139,13 +139,30 @@ class SpfOutcome:
 # ------------------------------------------------------------------ checking
 
 
-async def check_identity(
-    resolver: Resolver, ip: str, identity: Identity, sender: str, helo: str
-) -> SpfResult:
-    """Evaluate one identity: ``sender`` for ``"mailfrom"`` (``local@domain``),
-    ignored for ``"helo"``.  A domain that is no multi-label host name
-    (an address literal, one label, bad syntax) is ``none`` without a
-    question asked (RFC 7208 §4.3)."""
+@dataclass(frozen=True, slots=True)
+class _Question:
+    """One identity's check, as :func:`gateway.dns.spf_check` takes it."""
+
+    identity: Identity
+    domain: str
+    checked: str
+    ip: str
+    helo: str
+
+    def args(self) -> tuple[str, str, str]:
+        """``(ip, sender, helo)``: the HELO identity is checked as a bounce's."""
+        if self.identity == "helo":
+            return self.ip, "", self.domain
+        return self.ip, self.checked, self.helo
+
+    def result(self, found: tuple[str, str]) -> SpfResult:
+        return SpfResult(self.identity, found[0], self.domain, self.checked, self.ip, self.helo, found[1])
+
+
+def _question(ip: str, identity: Identity, sender: str, helo: str) -> _Question | SpfResult:
+    """What to check for one identity, or its result if no question is
+    needed: a domain that is no multi-label host name (an address literal,
+    one label, bad syntax) is ``none`` (RFC 7208 §4.3)."""
     if identity == "helo":
         raw_domain, local = helo, "postmaster"
     else:
@@ -154,12 +171,27 @@ async def check_identity(
     if domain is None:
         return SpfResult(identity, "none", raw_domain, sender or f"postmaster@{helo}", ip, helo,
                          "not a domain name")
-    checked = f"{local}@{domain}"
-    if identity == "helo":
-        result, explanation = await spf_check(resolver, ip, "", domain)
-    else:
-        result, explanation = await spf_check(resolver, ip, checked, helo)
-    return SpfResult(identity, result, domain, checked, ip, helo, explanation)
+    return _Question(identity, domain, f"{local}@{domain}", ip, helo)
+
+
+def cached_identity(resolver: Resolver, ip: str, identity: Identity, sender: str, helo: str) -> SpfResult | None:
+    """:func:`check_identity`'s result if it needs no waiting, else None."""
+    question = _question(ip, identity, sender, helo)
+    if isinstance(question, SpfResult):
+        return question
+    found = spf_cached(resolver, *question.args())
+    return question.result(found) if found is not None else None
+
+
+async def check_identity(
+    resolver: Resolver, ip: str, identity: Identity, sender: str, helo: str
+) -> SpfResult:
+    """Evaluate one identity: ``sender`` for ``"mailfrom"`` (``local@domain``),
+    ignored for ``"helo"``."""
+    question = _question(ip, identity, sender, helo)
+    if isinstance(question, SpfResult):
+        return question
+    return question.result(await spf_check(resolver, *question.args()))
 
 
 async def check_envelope(
@@ -177,6 +209,10 @@ async def check_envelope(
     mailbox = sender.mailbox
     if not check_helo:
         return SpfOutcome(envelope.id, await check_identity(resolver, ip, "mailfrom", mailbox, helo), mail_from=mailbox)
+    known_helo = cached_identity(resolver, ip, "helo", "", helo)
+    known = cached_identity(resolver, ip, "mailfrom", mailbox, helo)
+    if known_helo is not None and known is not None:
+        return SpfOutcome(envelope.id, known, known_helo, mailbox)  # no tasks for cached results
     helo_result, identity = await asyncio.gather(
         check_identity(resolver, ip, "helo", "", helo),
         check_identity(resolver, ip, "mailfrom", mailbox, helo),

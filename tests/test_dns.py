@@ -226,6 +226,34 @@ async def test_slow_zone_does_not_delay_another(resolver: Resolver, dns: DNSServ
     assert fast_time < 0.2
 
 
+async def test_cached_peeks_without_asking(resolver: Resolver, dns: DNSServer, clock: FakeClock) -> None:
+    assert resolver.cached("host.test.example", "A") is None
+    assert not resolver.is_cached("host.test.example", "A")
+    assert dns.query_count("host.test.example", "A") == 0  # a peek never asks
+    asked = await resolver.query("host.test.example", "A")
+    assert resolver.cached("HOST.test.example.", "A") == asked
+    assert resolver.is_cached("host.test.example", "A")
+    assert not resolver.is_cached("host.test.example", "A", "AAAA")
+    assert not resolver.is_cached("bad..name", "A")
+    clock.now += 301  # past the TTL
+    assert resolver.cached("host.test.example", "A") is None
+    assert not resolver.is_cached("host.test.example", "A")
+
+
+async def test_query_all_asks_only_for_what_the_cache_lacks(resolver: Resolver, dns: DNSServer) -> None:
+    await resolver.query("host.test.example", "A")
+    answers = await resolver.query_all(
+        [("host.test.example", "A"), ("host.test.example", "AAAA"), ("nothing.test.example", "A"), ("bad..name", "A")]
+    )
+    assert [a.status for a in answers] == [Status.RECORDS, Status.RECORDS, Status.NXDOMAIN, Status.NXDOMAIN]
+    assert answers[1].records == ("2001:db8::20",)
+    assert dns.query_count("host.test.example", "A") == 1
+    assert dns.query_count("host.test.example", "AAAA") == 1
+    again = await resolver.query_all([("host.test.example", "AAAA"), ("nothing.test.example", "A")])
+    assert again == answers[1:3]
+    assert dns.query_count("host.test.example", "AAAA") == 1 and dns.query_count("nothing.test.example", "A") == 1
+
+
 # ----------------------------------------------------------------- helpers
 
 

@@ -356,6 +356,23 @@ async def test_txt_is_not_asked_when_nothing_is_refused(dns: DNSServer, resolver
     assert dns.query_count("99.2.0.192.bl.test", "TXT") == 0
 
 
+async def test_a_warm_cache_gives_the_same_verdicts_without_asking(dns: DNSServer, resolver: Resolver) -> None:
+    # The score-only zone asks A only; the refusing one then needs the TXT
+    # reason, which the cache does not have yet: only that is asked.
+    scored = await make(resolver, {"bl.test": {"action": 2.5}}).connect(session("192.0.2.99"))
+    plugin = make(resolver, BL, delay_reject=False)
+    first = await plugin.connect(session("192.0.2.99"))
+    assert (dns.query_count("99.2.0.192.bl.test", "A"), dns.query_count("99.2.0.192.bl.test", "TXT")) == (1, 1)
+    assert first is not None and str(first.reply).endswith(REASON_99)
+    again = await plugin.connect(session("192.0.2.99"))
+    assert again == first
+    assert await make(resolver, {"bl.test": {"action": 2.5}}).connect(session("192.0.2.99")) == scored
+    assert await plugin.connect(session("203.0.113.7")) is None
+    assert await plugin.connect(session("203.0.113.7")) is None
+    assert dns.query_count("99.2.0.192.bl.test", "A") == 1 and dns.query_count("99.2.0.192.bl.test", "TXT") == 1
+    assert dns.query_count("7.113.0.203.bl.test", "A") == 1
+
+
 @pytest.mark.parametrize(
     "ip,code,words",
     [
