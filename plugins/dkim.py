@@ -139,6 +139,14 @@ dkim.RSASSA_PKCS1_v1_5_verify = _rsa_verify
 # random input) and skip the work when the input shows it is not needed.
 # They would be worth offering to dkimpy itself.
 
+_DKIMPY_RE_BTAG = dkim.RE_BTAG
+#: dkimpy's pattern for the b= value of the signature field, whose folding
+#: whitespace (``FWS``, nested optional groups before every base64 character)
+#: makes the matcher backtrack at each one: about 44 us a signature, against
+#: 5 us for this equivalent.  FWS matches exactly the runs of whitespace, so
+#: "FWS before each character" is "a run of whitespace and base64 that ends
+#: in base64".
+_RE_BTAG = re.compile(rb"([;\s]b\s*=)(?:[\sa-zA-Z0-9+/=]*[a-zA-Z0-9+/=])?(?:\r?\n\Z)?")
 _DKIMPY_RFC822_PARSE = dkim.rfc822_parse
 _DKIMPY_STRIP_TRAILING = dkim.canonicalization.strip_trailing_whitespace
 _DKIMPY_COMPRESS = dkim.canonicalization.compress_whitespace
@@ -174,6 +182,7 @@ def _compress_whitespace(content: bytes) -> bytes:
 
 
 dkim.rfc822_parse = _rfc822_parse
+dkim.RE_BTAG = _RE_BTAG
 dkim.canonicalization.strip_trailing_whitespace = _strip_trailing_whitespace
 dkim.canonicalization.compress_whitespace = _compress_whitespace
 
