@@ -6,7 +6,7 @@ in :mod:`gateway` is internal.  Hooks are documented in
 """
 
 from .address import Address
-from .plugin import Context, Plugin, hookimpl
+from .plugin import Context, Plugin, hookimpl, then
 from .replies import Reply
 from .session import Envelope, Message, Recipient, Session
 from .stash import Stash, StashKey
@@ -26,4 +26,5 @@ __all__ = [
     "StashKey",
     "Verdict",
     "hookimpl",
+    "then",
 ]

@@ -27,7 +27,9 @@ How the gateway calls hooks
   then (keep it quick: nothing can interrupt it), while the awaitables,
   from ``async def`` hooks or from a ``def`` that returns a coroutine only
   when it must wait (say, for a DNS answer that is not cached), run
-  concurrently, each under the policy's ``hook_timeout``.
+  concurrently, each under the policy's ``hook_timeout``.  A plain hook
+  that answers at once is the cheapest: no task, no timer.
+  :func:`gateway.then` helps write one that waits only on a cache miss.
 * Each returns a :class:`~gateway.Verdict` or ``None`` (continue).  The
   gateway combines them: the most severe action wins (reject > defer > tag >
   accept > continue), ties go to the plugin listed first in the policy; the
