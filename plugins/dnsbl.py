@@ -44,7 +44,7 @@ import enum
 import ipaddress
 import string
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, Literal
@@ -58,6 +58,7 @@ from gateway import (
     Session,
     Verdict,
     hookimpl,
+    then,
 )
 from gateway.actions import ACTION_NAMES, ActionOptions, ActionSpec, check_actions, decide
 from gateway.address import is_domain
@@ -519,6 +520,12 @@ class _Entry:
     wants_txt: bool
 
 
+#: Each zone with its outcome and, for a quoted refusal, the TXT reason.
+Found = list[tuple[_Entry, Outcome, str]]
+#: What a hook returns: the verdict, or a coroutine when DNS must be asked.
+MaybeVerdict = Verdict | None | Coroutine[Any, Any, Verdict | None]
+
+
 class DnsblPlugin(Plugin):
     """Looks the client up in DNS block and allow lists, and the HELO and
     sender domains in domain lists."""
@@ -660,17 +667,26 @@ class DnsblPlugin(Plugin):
         elif breaker.success():
             self.log.warning("zone %s answers again; resumed", entry.name)
 
-    async def _lookup(
+    def _lookup(
         self, entries: Iterable[_Entry], identity: Identity, subject: str
-    ) -> list[tuple[_Entry, Outcome, str]]:
-        """Every zone at once; each bounded by ``timeout``."""
+    ) -> Found | Coroutine[Any, Any, Found]:
+        """Every zone: from the cache at once when it holds every answer,
+        else a coroutine that asks the rest, all at once, each bounded by
+        ``timeout``."""
         entries = tuple(entries)
-        deadline = asyncio.get_running_loop().time() + self.options.timeout
         names = [
             dnsbl_name(subject, e.zone.zone) if identity == "client" else f"{subject}.{e.zone.zone}"
             for e in entries
         ]
         cached = [self._from_cache(e, n) for e, n in zip(entries, names)]
+        if all(found is not None for found in cached):
+            return [(e, *found) for e, found in zip(entries, cached) if found is not None]
+        return self._ask_missing(entries, names, cached)
+
+    async def _ask_missing(
+        self, entries: tuple[_Entry, ...], names: list[str], cached: list[tuple[Outcome, str] | None]
+    ) -> Found:
+        deadline = asyncio.get_running_loop().time() + self.options.timeout
         missing = [i for i, found in enumerate(cached) if found is None]
         asked = iter(await asyncio.gather(*(self._ask(entries[i], names[i], deadline) for i in missing)))
         return [(e, *(found if found is not None else next(asked))) for e, found in zip(entries, cached)]
@@ -773,17 +789,22 @@ class DnsblPlugin(Plugin):
 
     # --------------------------------------------------------------- hooks
 
+    # Plain hooks: a warm cache answers at once; only a miss returns a
+    # coroutine for the gateway to await (see gateway.then).
+
     @hookimpl
-    async def connect(self, session: Session) -> Verdict | None:
+    def connect(self, session: Session) -> MaybeVerdict:
         state = self._state(session)
         if session.trusted or not self._client:
             return None
         ip = str(session.client_ip)
-        found = await self._lookup(self._client, "client", ip)
-        return self._stage(session, state, "connect", found, "client", ip)
+        return then(
+            self._lookup(self._client, "client", ip),
+            lambda found: self._stage(session, state, "connect", found, "client", ip),
+        )
 
     @hookimpl
-    async def helo(self, session: Session, hostname: str) -> Verdict | None:
+    def helo(self, session: Session, hostname: str) -> MaybeVerdict:
         state = self._state(session)
         state.refusals.pop("helo", None)  # a new name is judged afresh
         if session.trusted or state.allowed is not None or not self._helo:
@@ -791,11 +812,13 @@ class DnsblPlugin(Plugin):
         domain = lookup_domain(hostname)
         if domain is None:
             return None
-        found = await self._lookup(self._helo, "helo", domain)
-        return self._stage(session, state, "helo", found, "helo", domain)
+        return then(
+            self._lookup(self._helo, "helo", domain),
+            lambda found: self._stage(session, state, "helo", found, "helo", domain),
+        )
 
     @hookimpl
-    async def mail(self, session: Session, envelope: Envelope) -> Verdict | None:
+    def mail(self, session: Session, envelope: Envelope) -> MaybeVerdict:
         state = self._state(session)
         state.refusals.pop("mail", None)
         if session.trusted or state.allowed is not None or not self._sender or envelope.sender.is_null:
@@ -803,10 +826,13 @@ class DnsblPlugin(Plugin):
         domain = lookup_domain(envelope.sender.domain)
         if domain is None:
             return None
-        found = await self._lookup(self._sender, "sender", domain)
-        verdict = self._stage(session, state, "mail", found, "sender", domain)
-        state.mail_envelope = envelope.id
-        return verdict
+
+        def judged(found: Found) -> Verdict | None:
+            verdict = self._stage(session, state, "mail", found, "sender", domain)
+            state.mail_envelope = envelope.id
+            return verdict
+
+        return then(self._lookup(self._sender, "sender", domain), judged)
 
     @hookimpl
     def rcpt(self, session: Session, envelope: Envelope, recipient: Recipient) -> Verdict | None:

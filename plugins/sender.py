@@ -25,10 +25,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from gateway import Address, Envelope, Plugin, Reply, Session, Verdict, hookimpl
+from gateway import Address, Envelope, Plugin, Reply, Session, Verdict, hookimpl, then
 from gateway.actions import ActionOptions, ActionSpec, check_actions, decide
 from gateway.dns import Answer, Resolver, Status
 
@@ -127,13 +128,22 @@ def domain_finding(mx: Answer, addresses: Answer | None) -> Finding | None:
     return None if addresses.ok else Finding.NOT_FOUND
 
 
+def cached_domain_finding(resolver: Resolver, domain: str) -> tuple[bool, Finding | None]:
+    """``(True, finding)`` when the cached MX answer settles ``domain``
+    (the usual case on a busy gateway), else ``(False, None)``."""
+    mx = resolver.cached(domain, "MX")
+    if mx is not None and mx.status is not Status.NODATA:
+        return True, domain_finding(mx, None)
+    return False, None
+
+
 async def lookup_domain(resolver: Resolver, domain: str) -> Finding | None:
     """Ask MX and A/AAAA of ``domain`` concurrently (A/AAAA are only needed
     when there is no MX, but asking at once saves a round trip then), and
     judge with :func:`domain_finding`."""
-    mx = resolver.cached(domain, "MX")
-    if mx is not None and mx.status is not Status.NODATA:
-        return domain_finding(mx, None)  # the usual case: no task, no wait
+    known, finding = cached_domain_finding(resolver, domain)
+    if known:
+        return finding  # no task, no wait
     addresses = asyncio.create_task(resolver.a_aaaa(domain))
     try:
         mx = await resolver.mx(domain)
@@ -160,24 +170,30 @@ def _verdict(finding: Finding, address: Address, actions: Mapping[str, ActionSpe
     )
 
 
-async def check_sender(
+def check_sender(
     address: Address,
     resolver: Resolver | None,
     *,
     trusted: bool = False,
     actions: Mapping[str, ActionSpec] = DEFAULT_ACTIONS,
-) -> Verdict | None:
-    """The verdict on one MAIL FROM address; None for the null sender."""
+) -> Verdict | None | Coroutine[Any, Any, Verdict | None]:
+    """The verdict on one MAIL FROM address; None for the null sender.
+    Returned at once when no DNS answer has to be waited for, else as a
+    coroutine (see :func:`gateway.then`)."""
     if address.is_null:
         return None
     if trusted:
         return Verdict(result="sender=trusted")
+
+    def judged(finding: Finding | None) -> Verdict:
+        return Verdict(result="sender=ok") if finding is None else _verdict(finding, address, actions)
+
     finding = syntax_finding(address)
     if finding is None and resolver is not None:
-        finding = await lookup_domain(resolver, address.domain)
-    if finding is None:
-        return Verdict(result="sender=ok")
-    return _verdict(finding, address, actions)
+        known, finding = cached_domain_finding(resolver, address.domain)
+        if not known:
+            return then(lookup_domain(resolver, address.domain), judged)
+    return judged(finding)
 
 
 class SenderPlugin(Plugin):
@@ -200,9 +216,9 @@ class SenderPlugin(Plugin):
     default_enabled = False
 
     @hookimpl
-    async def mail(self, session: Session, envelope: Envelope) -> Verdict | None:
+    def mail(self, session: Session, envelope: Envelope) -> Verdict | None | Coroutine[Any, Any, Verdict | None]:
         if session.allowlisted and self.options.skip_allowlisted and not envelope.sender.is_null:
             return Verdict(result="sender=allowlisted")
-        return await check_sender(
+        return check_sender(
             envelope.sender, self.context.resolver, trusted=session.trusted, actions=self.options.actions
         )

@@ -25,7 +25,7 @@ import asyncio
 import functools
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -40,6 +40,7 @@ from gateway import (
     Session,
     Verdict,
     hookimpl,
+    then,
 )
 from gateway.actions import ActionOptions, ActionSpec, check_actions, decide
 from gateway.dns import Resolver, spf_cached, spf_check
@@ -194,25 +195,42 @@ async def check_identity(
     return question.result(await spf_check(resolver, *question.args()))
 
 
+def _client(session: Session) -> str:
+    address = session.client_ip
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # a dual-stack socket's view of an IPv4 client
+    return str(address)
+
+
+def cached_envelope(
+    resolver: Resolver, session: Session, envelope: Envelope, *, check_helo: bool = False
+) -> SpfOutcome | None:
+    """:func:`check_envelope`'s outcome when every result it needs is in the
+    short-lived result cache (or needs no question), else None."""
+    ip, helo, sender = _client(session), session.helo or "", envelope.sender
+    if sender.is_null:
+        bounce = cached_identity(resolver, ip, "helo", "", helo)
+        return SpfOutcome(envelope.id, bounce) if bounce is not None else None
+    identity = cached_identity(resolver, ip, "mailfrom", sender.mailbox, helo)
+    if identity is None or not check_helo:
+        return SpfOutcome(envelope.id, identity, mail_from=sender.mailbox) if identity is not None else None
+    helo_result = cached_identity(resolver, ip, "helo", "", helo)
+    return SpfOutcome(envelope.id, identity, helo_result, sender.mailbox) if helo_result is not None else None
+
+
 async def check_envelope(
     resolver: Resolver, session: Session, envelope: Envelope, *, check_helo: bool = False
 ) -> SpfOutcome:
     """The SPF outcome of a transaction (both checks run concurrently)."""
-    address = session.client_ip
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped  # a dual-stack socket's view of an IPv4 client
-    ip = str(address)
-    helo = session.helo or ""
-    sender = envelope.sender
+    known = cached_envelope(resolver, session, envelope, check_helo=check_helo)
+    if known is not None:
+        return known
+    ip, helo, sender = _client(session), session.helo or "", envelope.sender
     if sender.is_null:
         return SpfOutcome(envelope.id, await check_identity(resolver, ip, "helo", "", helo))
     mailbox = sender.mailbox
     if not check_helo:
         return SpfOutcome(envelope.id, await check_identity(resolver, ip, "mailfrom", mailbox, helo), mail_from=mailbox)
-    known_helo = cached_identity(resolver, ip, "helo", "", helo)
-    known = cached_identity(resolver, ip, "mailfrom", mailbox, helo)
-    if known_helo is not None and known is not None:
-        return SpfOutcome(envelope.id, known, known_helo, mailbox)  # no tasks for cached results
     helo_result, identity = await asyncio.gather(
         check_identity(resolver, ip, "helo", "", helo),
         check_identity(resolver, ip, "mailfrom", mailbox, helo),
@@ -352,14 +370,19 @@ class SpfPlugin(Plugin):
         super().__init__(options, context, name)
 
     @hookimpl
-    async def mail(self, session: Session, envelope: Envelope) -> Verdict | None:
+    def mail(self, session: Session, envelope: Envelope) -> Verdict | None | Coroutine[Any, Any, Verdict | None]:
         if session.trusted:
             return None
-        outcome = await check_envelope(
-            self.context.resolver, session, envelope, check_helo=self.options.check_helo
-        )
-        session.results[RESULTS_KEY] = outcome
-        return spf_decision(outcome, self.options.actions)
+        resolver, check_helo = self.context.resolver, self.options.check_helo
+        known = cached_envelope(resolver, session, envelope, check_helo=check_helo)
+
+        def decided(outcome: SpfOutcome) -> Verdict | None:
+            session.results[RESULTS_KEY] = outcome
+            return spf_decision(outcome, self.options.actions)
+
+        if known is not None:
+            return decided(known)  # a plain answer: no task for the gateway
+        return then(check_envelope(resolver, session, envelope, check_helo=check_helo), decided)
 
     @hookimpl
     def data(self, session: Session, envelope: Envelope, message: Message) -> Verdict | None:

@@ -22,6 +22,7 @@ from plugins import dkim as dkim_plugin
 from plugins.dkim import DkimResult, dkim_results, verify_message
 from tests.fixtures.dkimkeys import keypair
 from tests.fixtures.dnsserver import DNSServer
+from tests.fixtures.hooks import settle
 from tests.test_spf import (
     GOOD_IP,
     HOSTNAME,
@@ -189,7 +190,7 @@ async def run_data(
     plugins = build(resolver, tables or {"dkim": {}})
     s, e = session(ip), envelope(sender)
     if "spf" in plugins:
-        await plugins["spf"].mail(s, e)
+        await settle(plugins["spf"].mail(s, e))
     return await plugins["dkim"].data(s, e, Message(raw))
 
 

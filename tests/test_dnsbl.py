@@ -40,6 +40,7 @@ from plugins.dnsbl import (
 )
 from tests.fixtures.clock import FakeClock
 from tests.fixtures.dnsserver import DNSServer
+from tests.fixtures.hooks import settle
 
 SETTINGS = GatewaySettings(
     hostname="gw.example.net",
@@ -306,7 +307,7 @@ def test_loaded_through_its_entry_point() -> None:
 )
 async def test_rfc5782_test_points(resolver: Resolver, ip: str, is_listed: bool) -> None:
     plugin = make(resolver, BL, delay_reject=False)
-    verdict = await plugin.connect(session(ip))
+    verdict = await settle(plugin.connect(session(ip)))
     if is_listed:
         assert verdict is not None and verdict.action is Action.REJECT
         assert verdict.result.startswith("dnsbl=listed bl.test:127.0.0.2")
@@ -316,7 +317,7 @@ async def test_rfc5782_test_points(resolver: Resolver, ip: str, is_listed: bool)
 
 async def test_ipv6_is_asked_in_nibble_form(dns: DNSServer, resolver: Resolver) -> None:
     plugin = make(resolver, BL, delay_reject=False)
-    verdict = await plugin.connect(session("2001:db8::99"))
+    verdict = await settle(plugin.connect(session("2001:db8::99")))
     assert verdict is not None
     assert verdict.reply == Reply(554, "5.7.1", "Service unavailable; Client host [2001:db8::99] blocked using bl.test; IPv6 listing")
     nibbles = "9.9.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.bl.test"
@@ -326,31 +327,31 @@ async def test_ipv6_is_asked_in_nibble_form(dns: DNSServer, resolver: Resolver) 
 
 async def test_reply_quotes_the_txt_record(resolver: Resolver) -> None:
     plugin = make(resolver, BL, delay_reject=False)
-    verdict = await plugin.connect(session("192.0.2.99"))
+    verdict = await settle(plugin.connect(session("192.0.2.99")))
     assert verdict is not None
     assert str(verdict.reply) == f"554 5.7.1 Service unavailable; Client host [192.0.2.99] blocked using bl.test; {REASON_99}"
 
 
 async def test_reply_without_txt_is_postfix_default(resolver: Resolver) -> None:
-    verdict = await make(resolver, BL, delay_reject=False).connect(session("192.0.2.95"))
+    verdict = await settle(make(resolver, BL, delay_reject=False).connect(session("192.0.2.95")))
     assert verdict is not None and verdict.reply == listed("192.0.2.95")
 
 
 async def test_txt_with_line_breaks_cannot_split_the_reply(resolver: Resolver) -> None:
-    verdict = await make(resolver, BL, delay_reject=False).connect(session("192.0.2.94"))
+    verdict = await settle(make(resolver, BL, delay_reject=False).connect(session("192.0.2.94")))
     assert verdict is not None and verdict.reply is not None
     assert verdict.reply.wire() == b"554 5.7.1 Service unavailable; Client host [192.0.2.94] blocked using bl.test; first??250 2.0.0 smuggled\r\n"
 
 
 async def test_custom_reply_template(resolver: Resolver) -> None:
     zones = {"bl.test": {"reply": "{ip} is listed ({code}): {txt}"}}
-    verdict = await make(resolver, zones, delay_reject=False).connect(session("192.0.2.99"))
+    verdict = await settle(make(resolver, zones, delay_reject=False).connect(session("192.0.2.99")))
     assert verdict is not None
     assert verdict.reply == Reply(554, "5.7.1", f"192.0.2.99 is listed (127.0.0.2): {REASON_99}")
 
 
 async def test_txt_is_not_asked_when_nothing_is_refused(dns: DNSServer, resolver: Resolver) -> None:
-    verdict = await make(resolver, {"bl.test": {"action": 2.5}}).connect(session("192.0.2.99"))
+    verdict = await settle(make(resolver, {"bl.test": {"action": 2.5}}).connect(session("192.0.2.99")))
     assert verdict is not None and verdict.action is Action.CONTINUE and verdict.score == 2.5
     assert dns.query_count("99.2.0.192.bl.test", "A") == 1
     assert dns.query_count("99.2.0.192.bl.test", "TXT") == 0
@@ -359,16 +360,16 @@ async def test_txt_is_not_asked_when_nothing_is_refused(dns: DNSServer, resolver
 async def test_a_warm_cache_gives_the_same_verdicts_without_asking(dns: DNSServer, resolver: Resolver) -> None:
     # The score-only zone asks A only; the refusing one then needs the TXT
     # reason, which the cache does not have yet: only that is asked.
-    scored = await make(resolver, {"bl.test": {"action": 2.5}}).connect(session("192.0.2.99"))
+    scored = await settle(make(resolver, {"bl.test": {"action": 2.5}}).connect(session("192.0.2.99")))
     plugin = make(resolver, BL, delay_reject=False)
-    first = await plugin.connect(session("192.0.2.99"))
+    first = await settle(plugin.connect(session("192.0.2.99")))
     assert (dns.query_count("99.2.0.192.bl.test", "A"), dns.query_count("99.2.0.192.bl.test", "TXT")) == (1, 1)
     assert first is not None and str(first.reply).endswith(REASON_99)
-    again = await plugin.connect(session("192.0.2.99"))
-    assert again == first
-    assert await make(resolver, {"bl.test": {"action": 2.5}}).connect(session("192.0.2.99")) == scored
-    assert await plugin.connect(session("203.0.113.7")) is None
-    assert await plugin.connect(session("203.0.113.7")) is None
+    again = plugin.connect(session("192.0.2.99"))
+    assert again == first  # a plain answer: no coroutine, so no task for the gateway
+    assert await settle(make(resolver, {"bl.test": {"action": 2.5}}).connect(session("192.0.2.99"))) == scored
+    assert await settle(plugin.connect(session("203.0.113.7"))) is None
+    assert await settle(plugin.connect(session("203.0.113.7"))) is None
     assert dns.query_count("99.2.0.192.bl.test", "A") == 1 and dns.query_count("99.2.0.192.bl.test", "TXT") == 1
     assert dns.query_count("7.113.0.203.bl.test", "A") == 1
 
@@ -385,7 +386,7 @@ async def test_answers_that_are_no_listing_never_reject(
     resolver: Resolver, records: list[logging.LogRecord], ip: str, code: str, words: str
 ) -> None:
     plugin = make(resolver, BL, delay_reject=False)
-    verdict = await plugin.connect(session(ip))
+    verdict = await settle(plugin.connect(session(ip)))
     assert verdict is not None
     assert verdict.action is Action.CONTINUE and verdict.reply is None
     assert verdict.result == f"dnsbl=error bl.test:{code}"
@@ -395,7 +396,7 @@ async def test_answers_that_are_no_listing_never_reject(
 
 
 async def test_error_can_be_scored_but_never_rejected(resolver: Resolver) -> None:
-    verdict = await make(resolver, BL, actions={"error": 0.5}).connect(session("192.0.2.254"))
+    verdict = await settle(make(resolver, BL, actions={"error": 0.5}).connect(session("192.0.2.254")))
     assert verdict is not None and (verdict.action, verdict.score) == (Action.CONTINUE, 0.5)
     assert "error" in problems({"zones": BL, "actions": {"error": "defer"}})["plugins.dnsbl.actions.error"]
 
@@ -407,10 +408,10 @@ async def test_code_filtering_and_one_zone_split_in_two(dns: DNSServer, resolver
         "pbl": {"zone": "bl.test", "codes": ["127.0.0.10-127.0.0.11"], "action": 1.5},
     }
     plugin = make(resolver, zones, delay_reject=False)
-    pbl = await plugin.connect(session("192.0.2.98"))
+    pbl = await settle(plugin.connect(session("192.0.2.98")))
     assert pbl is not None
     assert (pbl.action, pbl.score, pbl.result) == (Action.CONTINUE, 1.5, "dnsbl=listed pbl:127.0.0.10")
-    sbl = await plugin.connect(session("192.0.2.97"))
+    sbl = await settle(plugin.connect(session("192.0.2.97")))
     assert sbl is not None and sbl.action is Action.REJECT
     assert sbl.result == "dnsbl=listed sbl:127.0.0.2,127.0.0.4"
     # both entries share one question on the wire
@@ -419,18 +420,18 @@ async def test_code_filtering_and_one_zone_split_in_two(dns: DNSServer, resolver
 
 async def test_codes_not_counted_are_not_listed(resolver: Resolver) -> None:
     plugin = make(resolver, {"bl.test": {"codes": ["127.0.0.2"]}}, delay_reject=False)
-    assert await plugin.connect(session("192.0.2.98")) is None
+    assert await settle(plugin.connect(session("192.0.2.98"))) is None
 
 
 @pytest.mark.parametrize("bitmask,is_listed", [(0x02, True), (0x01, True), (0x04, False)])
 async def test_bitmask(resolver: Resolver, bitmask: int, is_listed: bool) -> None:
     plugin = make(resolver, {"bl.test": {"bitmask": bitmask}}, delay_reject=False)
-    verdict = await plugin.connect(session("192.0.2.93"))  # 127.0.0.3
+    verdict = await settle(plugin.connect(session("192.0.2.93")))  # 127.0.0.3
     assert (verdict is not None and verdict.refuses) is is_listed
 
 
 async def test_tag_action_adds_a_header(resolver: Resolver) -> None:
-    verdict = await make(resolver, {"bl.test": {"action": "tag", "score": 3}}).connect(session("192.0.2.99"))
+    verdict = await settle(make(resolver, {"bl.test": {"action": "tag", "score": 3}}).connect(session("192.0.2.99")))
     assert verdict is not None and verdict.action is Action.TAG and verdict.score == 3.0
     assert verdict.headers == (("X-DNSBL", "listed bl.test:127.0.0.2 (client host [192.0.2.99])"),)
 
@@ -438,9 +439,9 @@ async def test_tag_action_adds_a_header(resolver: Resolver) -> None:
 async def test_trusted_clients_are_not_looked_up(dns: DNSServer, resolver: Resolver) -> None:
     plugin = make(resolver, {**BL, **WL, **RHS})
     trusted = session("198.51.100.7")
-    assert await plugin.connect(trusted) is None
-    assert await plugin.helo(trusted, "bot.spamhelo.example") is None
-    assert await plugin.mail(trusted, envelope("x@spam.example")) is None
+    assert await settle(plugin.connect(trusted)) is None
+    assert await settle(plugin.helo(trusted, "bot.spamhelo.example")) is None
+    assert await settle(plugin.mail(trusted, envelope("x@spam.example"))) is None
     assert dns.total_queries == 0
 
 
@@ -450,12 +451,12 @@ async def test_trusted_clients_are_not_looked_up(dns: DNSServer, resolver: Resol
 async def test_listing_is_refused_at_rcpt_by_default(resolver: Resolver) -> None:
     plugin = make(resolver, {"bl.test": {"score": 4}})
     client = session("192.0.2.99")
-    found = await plugin.connect(client)
+    found = await settle(plugin.connect(client))
     assert found is not None
     assert (found.action, found.score) == (Action.CONTINUE, 4.0)
     assert found.result == "dnsbl=listed bl.test:127.0.0.2 (refused at RCPT)"
     env = envelope()
-    assert await plugin.mail(client, env) is None
+    assert await settle(plugin.mail(client, env)) is None
     refused = plugin.rcpt(client, env, rcpt())
     assert refused is not None and refused.action is Action.REJECT
     assert refused.reply == listed("192.0.2.99", reason=f"; {REASON_99}")
@@ -480,7 +481,7 @@ async def test_listing_is_refused_at_rcpt_by_default(resolver: Resolver) -> None
 async def test_postmaster_may_still_be_written_to(resolver: Resolver, path: str, exempt: bool) -> None:
     plugin = make(resolver, BL)
     client = session("192.0.2.99")
-    await plugin.connect(client)
+    await settle(plugin.connect(client))
     verdict = plugin.rcpt(client, envelope(), rcpt(path))
     assert verdict is not None
     assert verdict.refuses is not exempt
@@ -491,7 +492,7 @@ async def test_postmaster_may_still_be_written_to(resolver: Resolver, path: str,
 async def test_exempt_recipients_option(resolver: Resolver) -> None:
     plugin = make(resolver, BL, exempt_recipients=["abuse"])
     client = session("192.0.2.99")
-    await plugin.connect(client)
+    await settle(plugin.connect(client))
     assert not plugin.rcpt(client, envelope(), rcpt("<abuse@example.com>")).refuses  # type: ignore[union-attr]
     assert plugin.rcpt(client, envelope(), rcpt("<postmaster@example.com>")).refuses  # type: ignore[union-attr]
 
@@ -499,7 +500,7 @@ async def test_exempt_recipients_option(resolver: Resolver) -> None:
 async def test_without_delay_the_connection_is_refused(resolver: Resolver) -> None:
     plugin = make(resolver, BL, delay_reject=False)
     client = session("192.0.2.99")
-    verdict = await plugin.connect(client)
+    verdict = await settle(plugin.connect(client))
     assert verdict is not None and verdict.action is Action.REJECT
     assert plugin.rcpt(client, envelope(), rcpt()) is None  # nothing held back
 
@@ -512,14 +513,14 @@ async def test_servfail_of_one_zone_does_not_stop_mail(dns: DNSServer, resolver:
     dns.servfail("99.2.0.192.bl.test")
     plugin = make(resolver, {**BL, "bl2.test": {}}, delay_reject=False)
     start = time.monotonic()
-    verdict = await plugin.connect(session("192.0.2.99"))
+    verdict = await settle(plugin.connect(session("192.0.2.99")))
     assert time.monotonic() - start < 0.4
     assert verdict is not None and verdict.action is Action.REJECT
     assert verdict.reply == listed("192.0.2.99", "bl2.test")  # the zone that answered
     assert verdict.result == "dnsbl=tempfail bl.test dnsbl=listed bl2.test:127.0.0.2"
     dns.remove_runtime_zones()
     # Alone, a failing zone lets the client through.
-    alone = await make(Resolver([dns.nameserver], timeout=0.5), BL, delay_reject=False).connect(session("192.0.2.99"))
+    alone = await settle(make(Resolver([dns.nameserver], timeout=0.5), BL, delay_reject=False).connect(session("192.0.2.99")))
     assert alone is not None and alone.action is Action.CONTINUE and alone.result == "dnsbl=tempfail bl.test"
 
 
@@ -528,7 +529,7 @@ async def test_a_silent_zone_costs_at_most_the_timeout(dns: DNSServer) -> None:
     dns.timeout("bl.test")
     plugin = make(Resolver([dns.nameserver], timeout=5.0), {**BL, "bl2.test": {}}, timeout=0.3, delay_reject=False)
     start = time.monotonic()
-    verdict = await plugin.connect(session("192.0.2.99"))
+    verdict = await settle(plugin.connect(session("192.0.2.99")))
     elapsed = time.monotonic() - start
     assert 0.25 < elapsed < 0.6
     assert verdict is not None and verdict.action is Action.REJECT
@@ -539,7 +540,7 @@ async def test_tempfail_may_defer(dns: DNSServer, resolver: Resolver) -> None:
     dns.servfail("99.2.0.192.bl.test")
     plugin = make(resolver, BL, actions={"tempfail": "defer"})
     client = session("192.0.2.99")
-    await plugin.connect(client)
+    await settle(plugin.connect(client))
     verdict = plugin.rcpt(client, envelope(), rcpt())
     assert verdict is not None and verdict.action is Action.DEFER
     assert verdict.reply == LOOKUP_FAILED.format(**{"class": "Client host", "what": "192.0.2.99", "zone": "bl.test"})
@@ -554,24 +555,24 @@ async def test_circuit_breaker_pauses_a_failing_zone(dns: DNSServer, records: li
     plugin.clock = clock
     name = "99.2.0.192.bl.test"
     for _ in range(3):
-        assert (await plugin.connect(session("192.0.2.99"))).result == "dnsbl=tempfail bl.test"  # type: ignore[union-attr]
+        assert (await settle(plugin.connect(session("192.0.2.99")))).result == "dnsbl=tempfail bl.test"  # type: ignore[union-attr]
     assert dns.query_count(name) == 3
     # paused: not asked, no finding, nothing refused
-    assert await plugin.connect(session("192.0.2.99")) is None
+    assert await settle(plugin.connect(session("192.0.2.99"))) is None
     assert dns.query_count(name) == 3
     (paused,) = [r for r in records if r.levelno == logging.ERROR]
     assert "zone bl.test paused for 60s after 3 failures in a row" in paused.getMessage()
     # after the pause one probe; it fails, so the zone is paused again at once
     clock.now += 60
-    await plugin.connect(session("192.0.2.99"))
+    await settle(plugin.connect(session("192.0.2.99")))
     assert dns.query_count(name) == 4
-    assert await plugin.connect(session("192.0.2.99")) is None
+    assert await settle(plugin.connect(session("192.0.2.99"))) is None
     assert dns.query_count(name) == 4
     assert "after a failed probe" in [r for r in records if r.levelno == logging.ERROR][-1].getMessage()
     # the zone recovers: the next probe closes the breaker and it lists again
     dns.reset_faults()
     clock.now += 60
-    verdict = await plugin.connect(session("192.0.2.99"))
+    verdict = await settle(plugin.connect(session("192.0.2.99")))
     assert verdict is not None and "dnsbl=listed bl.test" in verdict.result
     assert "zone bl.test answers again; resumed" == records[-1].getMessage()
 
@@ -580,8 +581,8 @@ async def test_operator_error_codes_pause_the_zone(dns: DNSServer, resolver: Res
     dns.add_zone("err.test", "* A 127.255.255.254\n")
     plugin = make(resolver, {"err.test": {}}, pause_after=2, pause=60)
     for ip in ("192.0.2.10", "192.0.2.11"):
-        assert (await plugin.connect(session(ip))).result.startswith("dnsbl=error err.test")  # type: ignore[union-attr]
-    assert await plugin.connect(session("192.0.2.12")) is None
+        assert (await settle(plugin.connect(session(ip)))).result.startswith("dnsbl=error err.test")  # type: ignore[union-attr]
+    assert await settle(plugin.connect(session("192.0.2.12"))) is None
     assert dns.query_count("12.2.0.192.err.test") == 0
 
 
@@ -594,7 +595,7 @@ async def test_zones_are_asked_concurrently(dns: DNSServer) -> None:
         dns.delay(zone, delay)
     plugin = make(Resolver([dns.nameserver], timeout=2.0), {z: {"action": 1.0} for z in delays}, timeout=2.0)
     start = time.monotonic()
-    verdict = await plugin.connect(session("192.0.2.99"))
+    verdict = await settle(plugin.connect(session("192.0.2.99")))
     elapsed = time.monotonic() - start
     assert 0.55 < elapsed < 0.95, elapsed
     assert verdict is not None and verdict.score == 4.0
@@ -610,15 +611,15 @@ async def test_zones_are_asked_concurrently(dns: DNSServer) -> None:
 async def test_allow_list_wins_and_skips_later_checks(dns: DNSServer, resolver: Resolver) -> None:
     plugin = make(resolver, {**BL, **WL, **RHS})
     client = session("192.0.2.96")  # in bl.test and in wl.test
-    verdict = await plugin.connect(client)
+    verdict = await settle(plugin.connect(client))
     assert verdict is not None
     assert (verdict.action, verdict.result) == (Action.ACCEPT, "dnsbl=allowed wl.test:127.0.10.2")
     hit = allowlisted(client)
     assert hit is not None and (hit.name, hit.codes) == ("wl.test", ("127.0.10.2",))
     assert client.results["dnsbl"].hits == []
-    assert await plugin.helo(client, "bot.spamhelo.example") is None
+    assert await settle(plugin.helo(client, "bot.spamhelo.example")) is None
     env = envelope("x@spam.example")
-    assert await plugin.mail(client, env) is None
+    assert await settle(plugin.mail(client, env)) is None
     assert plugin.rcpt(client, env, rcpt()) is None
     assert dns.query_count("bot.spamhelo.example.rhs.test") == dns.query_count("spam.example.rhs.test") == 0
 
@@ -627,9 +628,9 @@ async def test_allow_list_codes_and_scores(resolver: Resolver) -> None:
     # list.dnswl.org style: trust levels 1-3 in the last octet; 0 is "none"
     plugin = make(resolver, {**BL, "wl.test": {"type": "allow", "bitmask": 3, "score": -2}})
     none = session("192.0.2.92")
-    assert await plugin.connect(none) is None and allowlisted(none) is None
+    assert await settle(plugin.connect(none)) is None and allowlisted(none) is None
     medium = session("192.0.2.96")
-    verdict = await plugin.connect(medium)
+    verdict = await settle(plugin.connect(medium))
     assert verdict is not None and (verdict.action, verdict.score) == (Action.ACCEPT, -2.0)
 
 
@@ -638,15 +639,15 @@ async def test_allow_list_as_a_score_only(resolver: Resolver) -> None:
     lists still count: for [scoring] policies."""
     plugin = make(resolver, {**BL, **WL}, actions={"allowed": -3, "listed": 5})
     client = session("192.0.2.96")
-    verdict = await plugin.connect(client)
+    verdict = await settle(plugin.connect(client))
     assert verdict is not None and (verdict.action, verdict.score) == (Action.CONTINUE, 2.0)
     assert allowlisted(client) is None
 
 
 async def test_allow_list_rfc5782_test_point(resolver: Resolver) -> None:
-    verdict = await make(resolver, WL).connect(session("::ffff:7f00:2"))
+    verdict = await settle(make(resolver, WL).connect(session("::ffff:7f00:2")))
     assert verdict is not None and verdict.action is Action.ACCEPT
-    assert await make(resolver, WL).connect(session("127.0.0.1")) is None
+    assert await settle(make(resolver, WL).connect(session("127.0.0.1"))) is None
 
 
 # ----------------------------------------------------------------- domain lists
@@ -667,9 +668,9 @@ async def test_allow_list_rfc5782_test_point(resolver: Resolver) -> None:
 async def test_rhsbl_on_sender(resolver: Resolver, sender: str, is_listed: bool) -> None:
     plugin = make(resolver, RHS)
     client = session("203.0.113.7")
-    await plugin.connect(client)
+    await settle(plugin.connect(client))
     env = envelope(sender)
-    await plugin.mail(client, env)
+    await settle(plugin.mail(client, env))
     verdict = plugin.rcpt(client, env, rcpt())
     assert (verdict is not None and verdict.refuses) is is_listed
     if sender == "bob@spam.example":
@@ -683,44 +684,44 @@ async def test_rhsbl_sender_refusal_belongs_to_its_transaction(resolver: Resolve
     plugin = make(resolver, RHS)
     client = session("203.0.113.7")
     spam = envelope("bob@spam.example")
-    await plugin.mail(client, spam)
+    await settle(plugin.mail(client, spam))
     assert plugin.rcpt(client, spam, rcpt()).refuses  # type: ignore[union-attr]
     clean = envelope("bob@example.org")
-    await plugin.mail(client, clean)
+    await settle(plugin.mail(client, clean))
     assert plugin.rcpt(client, clean, rcpt()) is None
 
 
 async def test_rhsbl_on_helo(dns: DNSServer, resolver: Resolver) -> None:
     plugin = make(resolver, RHS, delay_reject=False)
     client = session("203.0.113.7")
-    verdict = await plugin.helo(client, "Bot.SpamHelo.example")
+    verdict = await settle(plugin.helo(client, "Bot.SpamHelo.example"))
     assert verdict is not None and verdict.reply == Reply(
         554, "5.7.1", "Service unavailable; Helo command [bot.spamhelo.example] blocked using rhs.test"
     )
-    assert await plugin.helo(client, "mail.example.org") is None
-    assert await plugin.helo(client, "[192.0.2.1]") is None
-    assert await plugin.helo(client, "192.0.2.1") is None
+    assert await settle(plugin.helo(client, "mail.example.org")) is None
+    assert await settle(plugin.helo(client, "[192.0.2.1]")) is None
+    assert await settle(plugin.helo(client, "192.0.2.1")) is None
     assert dns.query_count("1.2.0.192.rhs.test") == 0
 
 
 async def test_rhsbl_domains_option(resolver: Resolver) -> None:
     plugin = make(resolver, {"rhs.test": {"type": "rhs", "domains": ["sender"]}}, delay_reject=False)
     client = session("203.0.113.7")
-    assert await plugin.helo(client, "bot.spamhelo.example") is None
-    assert (await plugin.mail(client, envelope("a@spam.example"))).refuses  # type: ignore[union-attr]
+    assert await settle(plugin.helo(client, "bot.spamhelo.example")) is None
+    assert (await settle(plugin.mail(client, envelope("a@spam.example")))).refuses  # type: ignore[union-attr]
 
 
 async def test_helo_refusal_held_for_rcpt_and_replaced_by_a_new_helo(resolver: Resolver) -> None:
     plugin = make(resolver, {"rhs.test": {"type": "rhs", "score": 2}})
     client = session("203.0.113.7")
-    first = await plugin.helo(client, "bot.spamhelo.example")
+    first = await settle(plugin.helo(client, "bot.spamhelo.example"))
     assert first is not None and first.score == 2.0
-    again = await plugin.helo(client, "bot.spamhelo.example")
+    again = await settle(plugin.helo(client, "bot.spamhelo.example"))
     assert again is not None and again.score == 0.0  # a score counts once per session
     assert len(client.results["dnsbl"].hits) == 1
     env = envelope()
     assert plugin.rcpt(client, env, rcpt()).refuses  # type: ignore[union-attr]
-    assert await plugin.helo(client, "mail.example.org") is None
+    assert await settle(plugin.helo(client, "mail.example.org")) is None
     assert plugin.rcpt(client, env, rcpt()) is None
 
 
@@ -729,9 +730,9 @@ async def test_all_stages_in_one_session(resolver: Resolver) -> None:
     (the first found), and the scores went out at each stage."""
     plugin = make(resolver, {"bl.test": {"score": 1}, "rhs.test": {"type": "rhs", "score": 1}})
     client = session("192.0.2.99")
-    verdicts: list[Verdict | None] = [await plugin.connect(client), await plugin.helo(client, "bot.spamhelo.example")]
+    verdicts: list[Verdict | None] = [await settle(plugin.connect(client)), await settle(plugin.helo(client, "bot.spamhelo.example"))]
     env = envelope("a@spam.example")
-    verdicts.append(await plugin.mail(client, env))
+    verdicts.append(await settle(plugin.mail(client, env)))
     assert [v.score for v in verdicts if v is not None] == [1.0, 1.0, 1.0]
     refused = plugin.rcpt(client, env, rcpt())
     assert refused is not None and refused.reply == listed("192.0.2.99", reason=f"; {REASON_99}")
@@ -750,6 +751,6 @@ async def test_hook_runs_under_the_pipeline(dns: DNSServer, resolver: Resolver) 
     from gateway.plugins import HookCall
 
     plugin = make(resolver, BL)
-    calls = [HookCall("dnsbl", plugin.connect, ("session",), True)]
+    calls = [HookCall("dnsbl", plugin.connect, ("session",), False)]
     verdict = await asyncio.wait_for(run_stage(calls, {"session": session("192.0.2.99")}, 5.0, "t"), 5)
     assert verdict.plugin == "dnsbl" and verdict.action is Action.CONTINUE

@@ -18,6 +18,7 @@ from gateway.plugins import load_plugins
 from plugins import spf
 from plugins.spf import SpfOutcome, SpfResult, received_spf
 from tests.fixtures.dnsserver import DNSServer
+from tests.fixtures.hooks import settle
 
 HOSTNAME = "gw.auth.example"
 TRUSTED = "198.51.100.0/24"
@@ -92,7 +93,7 @@ def plugin(resolver: Resolver) -> spf.SpfPlugin:
 )
 async def test_results(plugin: spf.SpfPlugin, sender: str, ip: str, result: str) -> None:
     s, e = session(ip), envelope(sender)
-    verdict = await plugin.mail(s, e)
+    verdict = await settle(plugin.mail(s, e))
     outcome = s.results["spf"]
     assert outcome.identity.result == result
     assert outcome.identity.identity == "mailfrom"
@@ -102,7 +103,7 @@ async def test_results(plugin: spf.SpfPlugin, sender: str, ip: str, result: str)
 
 async def test_temperror_defers_with_rfc7372_code(plugin: spf.SpfPlugin, dns: DNSServer) -> None:
     dns.servfail("broken.auth.test")
-    verdict = await plugin.mail(session(), envelope("x@tempinc.auth.test"))
+    verdict = await settle(plugin.mail(session(), envelope("x@tempinc.auth.test")))
     assert verdict is not None and verdict.action is Action.DEFER
     assert verdict.reply == Reply(
         451, "4.7.24",
@@ -111,7 +112,7 @@ async def test_temperror_defers_with_rfc7372_code(plugin: spf.SpfPlugin, dns: DN
 
 
 async def test_fail_reply(plugin: spf.SpfPlugin) -> None:
-    verdict = await plugin.mail(session(BAD_IP), envelope("alice@auth.test"))
+    verdict = await settle(plugin.mail(session(BAD_IP), envelope("alice@auth.test")))
     assert verdict is not None and verdict.action is Action.REJECT
     assert str(verdict.reply) == (
         "550 5.7.23 <alice@auth.test>: Sender address rejected: SPF fail - not authorized by auth.test for 203.0.113.66"
@@ -120,7 +121,7 @@ async def test_fail_reply(plugin: spf.SpfPlugin) -> None:
 
 async def test_fail_reply_carries_the_domains_explanation(plugin: spf.SpfPlugin, dns: DNSServer) -> None:
     dns.add_zone("exp.test", '@ IN TXT "v=spf1 -all exp=why.exp.test"\nwhy IN TXT "%{i} may not send for %{d}\\007"')
-    verdict = await plugin.mail(session(BAD_IP), envelope("x@exp.test"))
+    verdict = await settle(plugin.mail(session(BAD_IP), envelope("x@exp.test")))
     assert verdict is not None and verdict.reply is not None
     assert verdict.reply.text.split("\n") == [
         "<x@exp.test>: Sender address rejected: SPF fail - not authorized by exp.test for 203.0.113.66",
@@ -133,7 +134,7 @@ async def test_address_literal_and_single_label_domains_are_none_without_dns(
 ) -> None:
     for sender in ("x@[192.0.2.1]", "x@localhost"):
         s = session(BAD_IP)
-        verdict = await plugin.mail(s, envelope(sender))
+        verdict = await settle(plugin.mail(s, envelope(sender)))
         assert verdict is not None and verdict.result == "spf=none"
     assert dns.total_queries == 0
 
@@ -141,14 +142,14 @@ async def test_address_literal_and_single_label_domains_are_none_without_dns(
 async def test_unicode_domain_is_checked_as_its_a_label(plugin: spf.SpfPlugin, dns: DNSServer) -> None:
     dns.add_zone("xn--bcher-kva.test", '@ IN TXT "v=spf1 -all"')
     s = session(BAD_IP)
-    verdict = await plugin.mail(s, envelope("x@bücher.test"))
+    verdict = await settle(plugin.mail(s, envelope("x@bücher.test")))
     assert verdict is not None and verdict.action is Action.REJECT
     assert s.results["spf"].identity.domain == "xn--bcher-kva.test"
 
 
 async def test_ipv4_mapped_client_is_checked_as_ipv4(plugin: spf.SpfPlugin) -> None:
     s = session(f"::ffff:{GOOD_IP}")
-    assert (await plugin.mail(s, envelope("alice@auth.test"))).result == "spf=pass"  # type: ignore[union-attr]
+    assert (await settle(plugin.mail(s, envelope("alice@auth.test")))).result == "spf=pass"  # type: ignore[union-attr]
 
 
 # ------------------------------------------------------------------ HELO identity
@@ -156,10 +157,10 @@ async def test_ipv4_mapped_client_is_checked_as_ipv4(plugin: spf.SpfPlugin) -> N
 
 async def test_null_sender_is_judged_by_helo_identity(plugin: spf.SpfPlugin) -> None:
     s = session(GOOD_IP, helo="mx.auth.test")
-    await plugin.mail(s, envelope(""))
+    await settle(plugin.mail(s, envelope("")))
     assert s.results["spf"].identity.identity == "helo"
     assert s.results["spf"].identity.result == "pass"
-    verdict = await plugin.mail(session(BAD_IP, helo="mx.auth.test"), envelope(""))
+    verdict = await settle(plugin.mail(session(BAD_IP, helo="mx.auth.test"), envelope("")))
     assert verdict is not None and str(verdict.reply) == (
         "550 5.7.23 <mx.auth.test>: Helo command rejected: SPF fail - not authorized by mx.auth.test for 203.0.113.66"
     )
@@ -168,20 +169,20 @@ async def test_null_sender_is_judged_by_helo_identity(plugin: spf.SpfPlugin) -> 
 async def test_check_helo_fail_decides(resolver: Resolver) -> None:
     plugin = build(resolver, {"spf": {"check_helo": True}})["spf"]
     s = session(GOOD_IP, helo="deny.auth.test")
-    verdict = await plugin.mail(s, envelope("alice@auth.test"))
+    verdict = await settle(plugin.mail(s, envelope("alice@auth.test")))
     assert verdict.action is Action.REJECT and verdict.result == "spf=fail helo"
     assert verdict.reply.text.startswith("<deny.auth.test>: Helo command rejected: SPF fail")
     outcome: SpfOutcome = s.results["spf"]
     assert (outcome.helo.result, outcome.identity.result) == ("fail", "pass")  # type: ignore[union-attr]
     # Without the option the HELO name is not looked at.
     plain = build(resolver, {"spf": {}})["spf"]
-    assert (await plain.mail(session(GOOD_IP, helo="deny.auth.test"), envelope("alice@auth.test"))).result == "spf=pass"
+    assert (await settle(plain.mail(session(GOOD_IP, helo="deny.auth.test"), envelope("alice@auth.test")))).result == "spf=pass"
 
 
 async def test_check_helo_other_results_leave_mail_from_deciding(resolver: Resolver) -> None:
     plugin = build(resolver, {"spf": {"check_helo": True}})["spf"]
     s = session(BAD_IP, helo="[203.0.113.66]")
-    verdict = await plugin.mail(s, envelope("x@soft.auth.test"))
+    verdict = await settle(plugin.mail(s, envelope("x@soft.auth.test")))
     assert verdict.result == "spf=softfail"
     assert s.results["spf"].helo.result == "none"  # an address literal is no SPF identity
 
@@ -191,27 +192,27 @@ async def test_check_helo_other_results_leave_mail_from_deciding(resolver: Resol
 
 async def test_actions_replace_defaults_one_by_one(resolver: Resolver, dns: DNSServer) -> None:
     plugin = build(resolver, {"spf": {"actions": {"permerror": "reject", "softfail": 2.5}}})["spf"]
-    verdict = await plugin.mail(session(), envelope("x@badsyntax.auth.test"))
+    verdict = await settle(plugin.mail(session(), envelope("x@badsyntax.auth.test")))
     assert verdict.action is Action.REJECT
     assert verdict.reply.code == 550 and verdict.reply.enhanced == "5.7.24"
     assert "Invalid IP4 address" in verdict.reply.text
-    soft = await plugin.mail(session(BAD_IP), envelope("x@soft.auth.test"))
+    soft = await settle(plugin.mail(session(BAD_IP), envelope("x@soft.auth.test")))
     assert (soft.action, soft.score) == (Action.CONTINUE, 2.5)
     # fail and temperror keep their defaults
-    assert (await plugin.mail(session(BAD_IP), envelope("alice@auth.test"))).action is Action.REJECT
+    assert (await settle(plugin.mail(session(BAD_IP), envelope("alice@auth.test")))).action is Action.REJECT
     dns.servfail("broken.auth.test")
-    assert (await plugin.mail(session(), envelope("x@tempinc.auth.test"))).action is Action.DEFER
+    assert (await settle(plugin.mail(session(), envelope("x@tempinc.auth.test")))).action is Action.DEFER
 
 
 async def test_fail_can_be_turned_into_a_tag(resolver: Resolver) -> None:
     plugin = build(resolver, {"spf": {"actions": {"fail": "tag"}}})["spf"]
-    verdict = await plugin.mail(session(BAD_IP), envelope("alice@auth.test"))
+    verdict = await settle(plugin.mail(session(BAD_IP), envelope("alice@auth.test")))
     assert verdict.action is Action.TAG and verdict.result == "spf=fail"
 
 
 async def test_softfail_deferred_by_policy_gets_a_temporary_twin(resolver: Resolver) -> None:
     plugin = build(resolver, {"spf": {"actions": {"softfail": "defer"}}})["spf"]
-    verdict = await plugin.mail(session(BAD_IP), envelope("x@soft.auth.test"))
+    verdict = await settle(plugin.mail(session(BAD_IP), envelope("x@soft.auth.test")))
     assert str(verdict.reply) == "451 4.7.1 <x@soft.auth.test>: Sender address rejected: SPF softfail for soft.auth.test"
 
 
@@ -232,14 +233,14 @@ def test_bad_options_are_policy_errors(table: dict[str, Any], key: str) -> None:
 
 async def test_trusted_clients_are_not_checked(plugin: spf.SpfPlugin, dns: DNSServer) -> None:
     s, e = session("198.51.100.7"), envelope("alice@auth.test")
-    assert await plugin.mail(s, e) is None
+    assert await settle(plugin.mail(s, e)) is None
     assert plugin.data(s, e, Message(MESSAGE)) is None
     assert "spf" not in s.results and dns.total_queries == 0
 
 
 async def test_lookups_are_cached_by_the_shared_resolver(plugin: spf.SpfPlugin, dns: DNSServer) -> None:
     for _ in range(3):
-        await plugin.mail(session(BAD_IP), envelope("x@include.auth.test"))
+        await settle(plugin.mail(session(BAD_IP), envelope("x@include.auth.test")))
     assert dns.query_count("include.auth.test", "TXT") == 1
     assert dns.query_count("auth.test", "TXT") == 1
 
@@ -249,7 +250,7 @@ async def test_lookups_are_cached_by_the_shared_resolver(plugin: spf.SpfPlugin, 
 
 async def test_received_spf_once_per_message_at_data(plugin: spf.SpfPlugin) -> None:
     s, e = session(), envelope("alice@auth.test")
-    await plugin.mail(s, e)
+    await settle(plugin.mail(s, e))
     verdict = plugin.data(s, e, Message(MESSAGE))
     (header,) = headers_named(verdict, "Received-SPF")
     assert unfold(header) == (
@@ -265,14 +266,14 @@ async def test_received_spf_once_per_message_at_data(plugin: spf.SpfPlugin) -> N
 
 async def test_no_header_for_another_transaction(plugin: spf.SpfPlugin) -> None:
     s, first = session(), envelope("alice@auth.test")
-    await plugin.mail(s, first)
+    await settle(plugin.mail(s, first))
     assert plugin.data(s, envelope("alice@auth.test"), Message(MESSAGE)) is None
 
 
 async def test_received_spf_per_identity_with_check_helo(resolver: Resolver) -> None:
     plugin = build(resolver, {"spf": {"check_helo": True, "actions": {"fail": "continue"}}})["spf"]
     s, e = session(BAD_IP, helo="mx.auth.test"), envelope("alice@auth.test")
-    await plugin.mail(s, e)
+    await settle(plugin.mail(s, e))
     verdict = plugin.data(s, e, Message(MESSAGE))
     helo, mailfrom = (unfold(h) for h in headers_named(verdict, "Received-SPF"))
     assert helo.startswith("fail (gw.auth.example: domain of postmaster@mx.auth.test does not designate")
@@ -287,14 +288,14 @@ async def test_received_spf_per_identity_with_check_helo(resolver: Resolver) -> 
 async def test_received_spf_can_be_turned_off(resolver: Resolver) -> None:
     plugin = build(resolver, {"spf": {"received_spf": False}})["spf"]
     s, e = session(), envelope("alice@auth.test")
-    await plugin.mail(s, e)
+    await settle(plugin.mail(s, e))
     assert headers_named(plugin.data(s, e, Message(MESSAGE)), "Received-SPF") == []
 
 
 async def test_only_the_reporter_writes_authentication_results(resolver: Resolver) -> None:
     plugins = build(resolver, {"spf": {}, "dkim": {}})
     s, e = session(), envelope("alice@auth.test")
-    await plugins["spf"].mail(s, e)
+    await settle(plugins["spf"].mail(s, e))
     verdict = plugins["spf"].data(s, e, Message(MESSAGE))
     assert headers_named(verdict, "Received-SPF") and not headers_named(verdict, "Authentication-Results")
 
