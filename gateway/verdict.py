@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import Any
 
 from .replies import Reply
 
@@ -87,7 +88,17 @@ class Verdict:
         return self.action >= Action.DEFER
 
     def by(self, plugin: str) -> Verdict:
-        return self if self.plugin == plugin else replace(self, plugin=plugin)
+        return self if self.plugin == plugin else self._with(plugin=plugin)
+
+    def _with(self, **changes: Any) -> Verdict:
+        """``dataclasses.replace`` for the hot path (every hook's verdict
+        passes here): a direct construction costs half as much."""
+        fields: dict[str, Any] = {
+            "action": self.action, "reply": self.reply, "plugin": self.plugin, "headers": self.headers,
+            "score": self.score, "result": self.result, "disconnect": self.disconnect, "parts": self.parts,
+        }
+        fields.update(changes)
+        return Verdict(**fields)
 
 
 CONTINUE = Verdict()
@@ -114,5 +125,5 @@ def combine(verdicts: Sequence[Verdict | None]) -> Verdict:
     headers = tuple(h for v in present for h in v.headers)
     score = sum(v.score for v in present)
     results = " ".join(v.result for v in present if v.result)
-    return replace(winner, headers=headers, score=score, result=results, parts=tuple(present))
+    return winner._with(headers=headers, score=score, result=results, parts=tuple(present))
 

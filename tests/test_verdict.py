@@ -43,3 +43,16 @@ def test_disconnect_breaks_a_tie_of_equal_severity() -> None:
 def test_refusals_need_a_reply_of_the_right_class(make) -> None:
     with pytest.raises(ValueError):
         make()
+
+
+def test_with_changes_exactly_what_replace_would() -> None:
+    from dataclasses import fields, replace
+
+    verdict = Verdict.reject(Reply(550, "5.7.1", "no"), plugin="a", headers=(("X-A", "1"),), score=2.0, result="r",
+                             disconnect=True, parts=(Verdict(),))
+    assert {f.name for f in fields(Verdict)} == {"action", "reply", "plugin", "headers", "score", "result",
+                                                 "disconnect", "parts"}  # _with copies every field
+    assert verdict.by("b") == replace(verdict, plugin="b")
+    assert verdict._with(score=0.5, result="s") == replace(verdict, score=0.5, result="s")
+    with pytest.raises(ValueError):
+        verdict._with(reply=Reply(451, "4.3.0", "later"))  # still validated
