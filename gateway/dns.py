@@ -479,10 +479,13 @@ def dkim_dnsfunc(resolver: Resolver) -> DkimDnsFunc:
 
     async def dnsfunc(name: bytes | str, timeout: float = 5) -> bytes | None:
         qname = name.decode("utf-8", "replace") if isinstance(name, bytes) else name
-        try:
-            answer = await asyncio.wait_for(resolver.query(qname, "TXT"), timeout)
-        except TimeoutError:
-            raise dkim.DnsTimeoutError(f"{qname}: timeout after {timeout}s") from None
+        # A cached key (the usual case) needs no task and no timer.
+        answer = resolver.cached(qname, "TXT")
+        if answer is None:
+            try:
+                answer = await asyncio.wait_for(resolver.query(qname, "TXT"), timeout)
+            except TimeoutError:
+                raise dkim.DnsTimeoutError(f"{qname}: timeout after {timeout}s") from None
         if answer.temporary:
             raise dkim.DnsTimeoutError(f"{qname}: {answer.error}")
         if not answer.ok:
