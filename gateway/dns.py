@@ -50,6 +50,7 @@ __all__ = [
     "Resolver",
     "Status",
     "dkim_dnsfunc",
+    "dkim_key_record",
     "dnsbl_name",
     "reverse_name",
     "spf_cached",
@@ -486,13 +487,20 @@ def dkim_dnsfunc(resolver: Resolver) -> DkimDnsFunc:
                 answer = await asyncio.wait_for(resolver.query(qname, "TXT"), timeout)
             except TimeoutError:
                 raise dkim.DnsTimeoutError(f"{qname}: timeout after {timeout}s") from None
-        if answer.temporary:
-            raise dkim.DnsTimeoutError(f"{qname}: {answer.error}")
-        if not answer.ok:
-            return None
-        return b"".join(answer.rdata[0].strings)  # type: ignore[attr-defined]
+        return dkim_key_record(qname, answer)
 
     return dnsfunc
+
+
+def dkim_key_record(qname: str, answer: Answer) -> bytes | None:
+    """What a dkimpy ``dnsfunc`` returns for ``answer``: the first TXT record
+    with its strings joined, or None; a temporary failure raises
+    ``dkim.DnsTimeoutError``."""
+    if answer.temporary:
+        raise dkim.DnsTimeoutError(f"{qname}: {answer.error}")
+    if not answer.ok:
+        return None
+    return b"".join(answer.rdata[0].strings)  # type: ignore[attr-defined]
 
 
 # -------------------------------------------------------------------- SPF

@@ -27,7 +27,7 @@ import binascii
 import functools
 import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -49,10 +49,11 @@ from gateway import (
     StashKey,
     Verdict,
     hookimpl,
+    then,
 )
 from gateway.actions import ActionOptions, ActionSpec, check_actions, decide
 from gateway.address import is_domain
-from gateway.dns import DkimDnsFunc, Resolver, dkim_dnsfunc
+from gateway.dns import DkimDnsFunc, Resolver, dkim_dnsfunc, dkim_key_record
 
 from . import _authresults as ar
 from . import spf
@@ -93,6 +94,8 @@ DKIM_REQUIRED_TEMP = Reply(451, "4.7.20", "No passing DKIM signature found for {
 DKIM_REJECTED = Reply(550, "5.7.1", "Message rejected: DKIM {finding}")
 
 T = TypeVar("T")
+#: A parsed public key, as dkimpy's ``evaluate_pk`` returns it.
+Key = tuple[Any, int, bytes, bool]
 
 _DKIMPY_RSA_VERIFY = dkim.RSASSA_PKCS1_v1_5_verify
 _HASHES = {"sha256": hashes.SHA256, "sha1": hashes.SHA1}
@@ -209,7 +212,7 @@ class DkimResult:
 
 
 @functools.lru_cache(maxsize=1024)
-def _parse_key(record: bytes) -> tuple[Any, int, bytes, bool]:
+def _parse_key(record: bytes) -> Key:
     """A key record parsed once (dkimpy's ``evaluate_pk``): the resolver
     caches the record, this caches the parsed key."""
     return dkim.evaluate_pk(b"", record)  # type: ignore[no-any-return]
@@ -231,19 +234,42 @@ def _described(result: str, sig: Mapping[bytes, bytes], reason: str = "") -> Dki
     )
 
 
-async def _fetch_key(sig: Mapping[bytes, bytes], dnsfunc: DkimDnsFunc) -> tuple[Any, int, bytes, bool] | DkimResult:
-    """The signature's public key, or the result that ends its verification."""
-    name = sig[b"s"] + b"._domainkey." + sig[b"d"] + b"."
-    try:
-        record = await dnsfunc(name)
-    except dkim.DnsTimeoutError as exc:
-        return _described("temperror", sig, f"key lookup failed: {exc}")
+def _key_name(sig: Mapping[bytes, bytes]) -> bytes:
+    return sig[b"s"] + b"._domainkey." + sig[b"d"] + b"."
+
+
+def _key_from(sig: Mapping[bytes, bytes], record: bytes | None | dkim.DnsTimeoutError) -> Key | DkimResult:
+    """The signature's public key from its key record (or the failed
+    lookup), or the result that ends its verification."""
+    if isinstance(record, dkim.DnsTimeoutError):
+        return _described("temperror", sig, f"key lookup failed: {record}")
     if not record:
         return _described("permerror", sig, "no key for signature")
     try:
         return _parse_key(record)
     except (dkim.DKIMException, binascii.Error, ValueError, TypeError, KeyError, IndexError) as exc:
         return _described("permerror", sig, f"unusable key: {exc}")
+
+
+async def _fetch_key(sig: Mapping[bytes, bytes], dnsfunc: DkimDnsFunc) -> Key | DkimResult:
+    try:
+        record: bytes | None | dkim.DnsTimeoutError = await dnsfunc(_key_name(sig))
+    except dkim.DnsTimeoutError as exc:
+        record = exc
+    return _key_from(sig, record)
+
+
+def _cached_key(sig: Mapping[bytes, bytes], resolver: Resolver) -> Key | DkimResult | None:
+    """:func:`_fetch_key` from the resolver's cache, or None if not cached."""
+    qname = _key_name(sig).decode("utf-8", "replace")
+    answer = resolver.cached(qname, "TXT")
+    if answer is None:
+        return None
+    try:
+        record: bytes | None | dkim.DnsTimeoutError = dkim_key_record(qname, answer)
+    except dkim.DnsTimeoutError as exc:
+        record = exc
+    return _key_from(sig, record)
 
 
 async def _maybe_in_thread(big: bool, function: Callable[..., T], *args: Any) -> T:
@@ -255,16 +281,32 @@ async def _maybe_in_thread(big: bool, function: Callable[..., T], *args: Any) ->
     return function(*args)
 
 
-async def verify_message(message: Message | bytes, dnsfunc: DkimDnsFunc) -> tuple[DkimResult, ...]:
-    """Verify each DKIM signature of ``message``, topmost first (keys
-    fetched concurrently); ``()`` when there is none."""
+@dataclass
+class _Parsed:
+    """A message dkimpy has read, with each signature's prepared fields (or
+    the result that already ends its verification)."""
+
+    verifier: dkim.DKIM
+    prepared: list[DkimResult | tuple[Any, ...]]
+
+    @property
+    def signatures(self) -> list[Mapping[bytes, bytes]]:
+        """The tags of the signatures whose key is needed, in order."""
+        return [p[0] for p in self.prepared if not isinstance(p, DkimResult)]
+
+
+def _signed(message: Message | bytes) -> tuple[Sequence[tuple[str, str]], bytes] | None:
+    """The header fields and bytes of ``message``, or None if it carries no
+    DKIM-Signature (most mail: no need to hand it to dkimpy)."""
     fields = ar.header_fields(message)  # kept on a Message for the other plugins
-    raw = message.raw if isinstance(message, Message) else message
     if not any(name.lower() == "dkim-signature" for name, _ in fields):
-        return ()  # most mail: no need to hand the whole message to dkimpy
-    big = len(raw) > BIG_MESSAGE
+        return None
+    return fields, message.raw if isinstance(message, Message) else message
+
+
+def _parse(raw: bytes, fields: Sequence[tuple[str, str]]) -> _Parsed | tuple[DkimResult, ...]:
     try:
-        verifier = await _maybe_in_thread(big, functools.partial(dkim.DKIM, logger=_log, minkey=MIN_KEY_BITS), raw)
+        verifier = dkim.DKIM(raw, logger=_log, minkey=MIN_KEY_BITS)
     except dkim.DKIMException as exc:  # a header line dkimpy cannot parse
         count = sum(1 for name, _ in fields if name.lower() == "dkim-signature")
         return tuple(DkimResult("permerror", reason=f"malformed message: {exc}") for _ in range(min(count, MAX_SIGNATURES)))
@@ -275,14 +317,15 @@ async def verify_message(message: Message | bytes, dnsfunc: DkimDnsFunc) -> tupl
             prepared.append(verifier.verify_headerprep(idx))
         except (dkim.DKIMException, KeyError, ValueError, TypeError) as exc:  # missing or bad tags, expired...
             prepared.append(DkimResult("neutral", reason=f"bad signature: {exc}"))
-    wanted = [p[0] for p in prepared if not isinstance(p, DkimResult)]
-    if len(wanted) == 1:  # the usual case; a cached key then needs no task
-        keys = [await _fetch_key(wanted[0], dnsfunc)]
-    else:
-        keys = await asyncio.gather(*(_fetch_key(sig, dnsfunc) for sig in wanted))
+    return _Parsed(verifier, prepared)
+
+
+def _finish(parsed: _Parsed, keys: Sequence[Key | DkimResult]) -> tuple[DkimResult, ...]:
+    """Each signature's result, given the keys of :attr:`_Parsed.signatures`."""
+    verifier = parsed.verifier
     results = []
     key_iter = iter(keys)
-    for idx, prep in enumerate(prepared):
+    for idx, prep in enumerate(parsed.prepared):
         if isinstance(prep, DkimResult):
             results.append(_with_tags(prep, verifier, idx))
             continue
@@ -293,7 +336,8 @@ async def verify_message(message: Message | bytes, dnsfunc: DkimDnsFunc) -> tupl
             continue
         verifier.pk, verifier.keysize, verifier.ktag, verifier.seqtlsrpt = key
         try:
-            ok = await _maybe_in_thread(big, verifier.verify_sig_process, sig, include_headers, sigheaders[idx], dnsfunc)
+            # The dnsfunc argument is for ARC; a signature's key is set above.
+            ok = verifier.verify_sig_process(sig, include_headers, sigheaders[idx], None)
         except dkim.ValidationError as exc:  # body hash mismatch, wrong service type
             results.append(_described("fail", sig, str(exc).split(" (")[0]))
         except dkim.DKIMException as exc:  # key too small, bad c=...
@@ -305,6 +349,47 @@ async def verify_message(message: Message | bytes, dnsfunc: DkimDnsFunc) -> tupl
     return tuple(results)
 
 
+async def verify_message(message: Message | bytes, dnsfunc: DkimDnsFunc) -> tuple[DkimResult, ...]:
+    """Verify each DKIM signature of ``message``, topmost first (keys
+    fetched concurrently); ``()`` when there is none."""
+    signed = _signed(message)
+    if signed is None:
+        return ()
+    fields, raw = signed
+    big = len(raw) > BIG_MESSAGE
+    parsed = await _maybe_in_thread(big, _parse, raw, fields)
+    if isinstance(parsed, tuple):
+        return parsed
+    wanted = parsed.signatures
+    if len(wanted) == 1:  # the usual case: no task
+        keys = [await _fetch_key(wanted[0], dnsfunc)]
+    else:
+        keys = await asyncio.gather(*(_fetch_key(sig, dnsfunc) for sig in wanted))
+    return await _maybe_in_thread(big, _finish, parsed, keys)
+
+
+def verify_cached(message: Message | bytes, resolver: Resolver) -> tuple[DkimResult, ...] | None:
+    """:func:`verify_message` done here and now, when nothing has to be
+    waited for: the message is small and every key is in the resolver's
+    cache (the usual case); else None."""
+    signed = _signed(message)
+    if signed is None:
+        return ()
+    fields, raw = signed
+    if len(raw) > BIG_MESSAGE:
+        return None
+    parsed = _parse(raw, fields)
+    if isinstance(parsed, tuple):
+        return parsed
+    keys = []
+    for sig in parsed.signatures:
+        key = _cached_key(sig, resolver)
+        if key is None:
+            return None  # verify_message reads the message again: once per key TTL
+        keys.append(key)
+    return _finish(parsed, keys)
+
+
 def _with_tags(result: DkimResult, verifier: dkim.DKIM, idx: int) -> DkimResult:
     """A ``neutral`` result with whatever tags of the field could be read."""
     try:
@@ -314,18 +399,23 @@ def _with_tags(result: DkimResult, verifier: dkim.DKIM, idx: int) -> DkimResult:
     return _described(result.result, sig, result.reason)
 
 
-_VERIFIED: StashKey[asyncio.Future[tuple[DkimResult, ...]]] = StashKey()
+_VERIFIED: StashKey[tuple[DkimResult, ...] | asyncio.Future[tuple[DkimResult, ...]]] = StashKey()
 
 
-def dkim_results(message: Message, resolver: Resolver) -> asyncio.Future[tuple[DkimResult, ...]]:
-    """Await the verification of ``message``: started by the first caller,
-    shared by every later one (dkim and dmarc run concurrently).  A caller
-    that is cancelled (its hook timed out) does not cancel it for others."""
-    task = message.stash.get(_VERIFIED, None)
-    if task is None:
-        task = asyncio.ensure_future(verify_message(message, dkim_dnsfunc(resolver)))
-        message.stash[_VERIFIED] = task
-    return asyncio.shield(task)
+def dkim_results(
+    message: Message, resolver: Resolver
+) -> tuple[DkimResult, ...] | asyncio.Future[tuple[DkimResult, ...]]:
+    """The verification of ``message``, done once and shared by every caller
+    (dkim and dmarc): the results at once when nothing had to be waited for
+    (:func:`verify_cached`), else a future to await.  A caller that is
+    cancelled (its hook timed out) does not cancel it for the others."""
+    done = message.stash.get(_VERIFIED, None)
+    if done is None:
+        done = verify_cached(message, resolver)
+        if done is None:
+            done = asyncio.ensure_future(verify_message(message, dkim_dnsfunc(resolver)))
+        message.stash[_VERIFIED] = done
+    return done if isinstance(done, tuple) else asyncio.shield(done)
 
 
 # ------------------------------------------------------------------ deciding
@@ -436,10 +526,20 @@ class DkimPlugin(Plugin):
         self.required = tuple(ar.domain_or_none(d) or d for d in options.required_domains)
 
     @hookimpl
-    async def data(self, session: Session, envelope: Envelope, message: Message) -> Verdict | None:
+    def data(
+        self, session: Session, envelope: Envelope, message: Message
+    ) -> Verdict | None | Coroutine[Any, Any, Verdict | None]:
         if session.trusted:
             return None
-        results = await dkim_results(message, self.context.resolver)
+        # A plain answer when the keys are cached; else a coroutine.
+        return then(
+            dkim_results(message, self.context.resolver),
+            lambda results: self._decided(session, envelope, message, results),
+        )
+
+    def _decided(
+        self, session: Session, envelope: Envelope, message: Message, results: tuple[DkimResult, ...]
+    ) -> Verdict | None:
         fields = ar.header_fields(message)
         author = ar.author_domain(fields).domain
         if ar.reporter(self.context) != "dkim":

@@ -34,7 +34,7 @@ import asyncio
 import functools
 import random
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +51,7 @@ from gateway import (
     hookimpl,
 )
 from gateway.actions import ActionOptions, ActionSpec, check_actions, decide
-from gateway.dns import Resolver
+from gateway.dns import Answer, Resolver
 
 from . import _authresults as ar
 from . import dkim, spf
@@ -129,6 +129,7 @@ class DmarcRecord:
     pct: int = 100
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_record(text: str) -> DmarcRecord:
     """Parse one ``v=DMARC1`` record; ValueError if it cannot be used.
 
@@ -171,29 +172,50 @@ class Discovery:
     error: str = ""
 
 
-async def _records_at(resolver: Resolver, domain: str) -> tuple[str, list[str], str]:
-    answer = await resolver.txt(f"_dmarc.{domain}")
+def _places(domain: str) -> tuple[str, ...]:
+    """Where the record of author domain ``domain`` may be: its own
+    ``_dmarc`` name, else its organisational domain's."""
+    org = organizational_domain(domain)
+    return (domain, org) if org != domain else (domain,)
+
+
+def _found_at(at: str, answer: Answer) -> Discovery | None:
+    """What the TXT answer for ``_dmarc.{at}`` settles; None if it holds no
+    DMARC record (look further)."""
     if answer.temporary:
-        return "temperror", [], answer.error or "DNS error"
-    return "ok", [r for r in answer.records if _VERSION.match(r)], ""
+        return Discovery("temperror", at=at, error=f"_dmarc.{at}: {answer.error or 'DNS error'}")
+    records = [r for r in answer.records if _VERSION.match(r)]
+    if len(records) > 1:
+        return Discovery("permerror", at=at, error=f"_dmarc.{at}: {len(records)} DMARC records")
+    if records:
+        try:
+            return Discovery("found", parse_record(records[0]), at)
+        except ValueError as exc:
+            return Discovery("permerror", at=at, error=f"_dmarc.{at}: {exc}")
+    return None
 
 
 async def find_record(resolver: Resolver, domain: str) -> Discovery:
     """The DMARC record for author domain ``domain``: its own, else its
     organisational domain's.  Answers come from the shared resolver, so a
     record is asked for once per TTL, not once per message."""
-    org = organizational_domain(domain)
-    for at in (domain, org) if org != domain else (domain,):
-        status, records, error = await _records_at(resolver, at)
-        if status == "temperror":
-            return Discovery("temperror", at=at, error=f"_dmarc.{at}: {error}")
-        if len(records) > 1:
-            return Discovery("permerror", at=at, error=f"_dmarc.{at}: {len(records)} DMARC records")
-        if records:
-            try:
-                return Discovery("found", parse_record(records[0]), at)
-            except ValueError as exc:
-                return Discovery("permerror", at=at, error=f"_dmarc.{at}: {exc}")
+    for at in _places(domain):
+        found = _found_at(at, await resolver.txt(f"_dmarc.{at}"))
+        if found is not None:
+            return found
+    return Discovery("none")
+
+
+def cached_record(resolver: Resolver, domain: str) -> Discovery | None:
+    """:func:`find_record` from the resolver's cache alone; None if an
+    answer it needs is not cached."""
+    for at in _places(domain):
+        answer = resolver.cached(f"_dmarc.{at}", "TXT")
+        if answer is None:
+            return None
+        found = _found_at(at, answer)
+        if found is not None:
+            return found
     return Discovery("none")
 
 
@@ -307,26 +329,53 @@ class DmarcPlugin(Plugin):
         _psl()  # parsed at start-up, not by the first message
 
     @hookimpl
-    async def data(self, session: Session, envelope: Envelope, message: Message) -> Verdict | None:
+    def data(
+        self, session: Session, envelope: Envelope, message: Message
+    ) -> Verdict | None | Coroutine[Any, Any, Verdict | None]:
         if session.trusted:
             return None
-        fields = ar.header_fields(message)
-        author = ar.author_domain(fields)
-        # The DKIM verification is a task already (the dkim plugin's hook
-        # may have started it): it goes on while we wait for the rest.
-        verifying = dkim.dkim_results(message, self.context.resolver)
+        author = ar.author_domain(ar.header_fields(message))
+        resolver = self.context.resolver
+        # The DKIM verification is shared with the dkim plugin: done already,
+        # or a task that goes on while we wait for the rest.
+        verified = dkim.dkim_results(message, resolver)
+        stored = spf.stored_outcome(session, envelope)  # the spf plugin's, if it ran
+        discovery = cached_record(resolver, author.domain) if author.domain else Discovery("none")
+        if isinstance(verified, tuple) and stored is not None and discovery is not None:
+            return self._decided(author, discovery, stored, verified)  # a plain answer: no task
+        return self._waited(session, envelope, author, verified, stored, discovery)
+
+    async def _waited(
+        self,
+        session: Session,
+        envelope: Envelope,
+        author: ar.Author,
+        verified: tuple[dkim.DkimResult, ...] | asyncio.Future[tuple[dkim.DkimResult, ...]],
+        stored: spf.SpfOutcome | None,
+        discovery: Discovery | None,
+    ) -> Verdict | None:
         try:
-            stored = spf.stored_outcome(session, envelope)  # the spf plugin's, if it ran
             if stored is None:
-                outcome, discovery = await asyncio.gather(
+                outcome, found = await asyncio.gather(
                     spf.check_envelope(self.context.resolver, session, envelope), self._discovery(author)
                 )
             else:
-                outcome, discovery = stored, await self._discovery(author)  # no task: usually a cache hit
+                outcome = stored
+                found = discovery if discovery is not None else await self._discovery(author)
         except BaseException:
-            verifying.cancel()  # our wait only; the shared verification goes on
+            if not isinstance(verified, tuple):
+                verified.cancel()  # our wait only; the shared verification goes on
             raise
-        dkim_results = await verifying
+        results = verified if isinstance(verified, tuple) else await verified
+        return self._decided(author, found, outcome, results)
+
+    def _decided(
+        self,
+        author: ar.Author,
+        discovery: Discovery,
+        outcome: spf.SpfOutcome,
+        dkim_results: tuple[dkim.DkimResult, ...],
+    ) -> Verdict | None:
         result = evaluate(
             author, discovery, outcome.identity, dkim_results,
             sample=random.random(), honour_pct=self.options.honour_pct,

@@ -161,6 +161,23 @@ async def test_malformed_header_section_is_permerror(resolver: Resolver, keys: D
     assert result.result == "permerror" and "malformed" in result.reason
 
 
+async def test_with_cached_keys_a_small_message_is_verified_at_once(resolver: Resolver, keys: DNSServer) -> None:
+    from plugins.dkim import BIG_MESSAGE, verify_cached
+
+    good = sign(MESSAGE)
+    tampered = good.replace(b"numbers are good", b"numbers are bad!")
+    assert verify_cached(good, resolver) is None  # the key is not cached yet
+    assert verify_cached(MESSAGE, resolver) == ()  # unsigned: nothing to wait for
+    expected = [await verify(raw, resolver) for raw in (good, tampered)]
+    assert [r.result for (r,) in expected] == ["pass", "fail"]
+    assert [verify_cached(raw, resolver) for raw in (good, tampered)] == expected
+    big = sign(MESSAGE + (b"x" * 998 + b"\r\n") * (BIG_MESSAGE // 1000 + 1))
+    assert verify_cached(big, resolver) is None  # big ones go to a thread
+    message = Message(good)
+    assert dkim_results(message, resolver) == expected[0]  # the results, not a future
+    assert keys.query_count("s1._domainkey.auth.test", "TXT") == 1
+
+
 async def test_verification_is_shared_by_every_caller(resolver: Resolver, keys: DNSServer) -> None:
     message = Message(sign(MESSAGE))
     first, second = await asyncio.gather(dkim_results(message, resolver), dkim_results(message, resolver))
@@ -191,7 +208,7 @@ async def run_data(
     s, e = session(ip), envelope(sender)
     if "spf" in plugins:
         await settle(plugins["spf"].mail(s, e))
-    return await plugins["dkim"].data(s, e, Message(raw))
+    return await settle(plugins["dkim"].data(s, e, Message(raw)))
 
 
 async def test_findings_only_inform_by_default(resolver: Resolver, keys: DNSServer) -> None:
@@ -291,7 +308,7 @@ def test_bad_options_are_policy_errors(table: dict[str, object], key: str) -> No
 
 async def test_trusted_clients_are_not_checked(resolver: Resolver, keys: DNSServer) -> None:
     plugin = build(resolver, {"dkim": {}})["dkim"]
-    assert await plugin.data(session("198.51.100.7"), envelope("alice@auth.test"), Message(sign(MESSAGE))) is None
+    assert plugin.data(session("198.51.100.7"), envelope("alice@auth.test"), Message(sign(MESSAGE))) is None
     assert keys.total_queries == 0
 
 

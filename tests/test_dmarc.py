@@ -3,6 +3,7 @@ policies, and the one Authentication-Results header of spf+dkim+dmarc."""
 
 from __future__ import annotations
 
+import inspect
 import re
 from typing import Any
 
@@ -110,6 +111,7 @@ def dmarc_clause(verdict: Verdict) -> str:
 )
 def test_parse_record(text: str, record: DmarcRecord) -> None:
     assert parse_record(text) == record
+    assert parse_record(text) is parse_record(text)  # parsed once, not per message
 
 
 @pytest.mark.parametrize("text", ["v=DMARC1", "v=DMARC1; p=bogus", "v=DMARC1; p=reject; sp=maybe"])
@@ -169,6 +171,33 @@ async def test_find_record_tempfail_and_cache(resolver: Resolver, dns: DNSServer
     dns.servfail("_dmarc.quarantine.auth.test")
     found = await find_record(resolver, "quarantine.auth.test")
     assert found.status == "temperror" and "SERVFAIL" in found.error
+
+
+@pytest.mark.parametrize("domain", ["auth.test", "news.auth.test", "twodmarc.auth.test", "badpolicy.auth.test",
+                                    "nodmarc.test", "quarantine.auth.test"])
+async def test_cached_record_is_find_record_without_asking(resolver: Resolver, dns: DNSServer, domain: str) -> None:
+    dns.add_zone("nodmarc.test", '@ IN TXT "v=spf1 -all"')
+    dns.servfail("_dmarc.quarantine.auth.test")
+    assert dmarc.cached_record(resolver, domain) is None  # nothing cached yet
+    found = await find_record(resolver, domain)
+    asked = dns.query_count(f"_dmarc.{domain}"), dns.query_count("_dmarc.auth.test")
+    assert dmarc.cached_record(resolver, domain) == found
+    assert (dns.query_count(f"_dmarc.{domain}"), dns.query_count("_dmarc.auth.test")) == asked
+
+
+async def test_a_warm_data_stage_answers_plainly_with_the_same_verdicts(resolver: Resolver, keys: DNSServer) -> None:
+    """Keys, DMARC record and SPF result cached: the dkim and dmarc hooks
+    answer without a coroutine, exactly as when they had to wait."""
+    reg = registry(resolver, ALL)
+    raw = sign(message())
+    cold = await transaction(resolver, raw)
+    s, e = session(GOOD_IP, "mx.auth.test"), envelope("alice@auth.test")
+    await run_stage(reg.calls["mail"], {"session": s, "envelope": e}, 5.0, s.id)
+    msg = Message(raw)
+    answers = {c.plugin: c.function(session=s, envelope=e, message=msg) for c in reg.calls["data"]}
+    assert not any(inspect.isawaitable(a) for a in answers.values()), answers
+    warm = await run_stage(reg.calls["data"], {"session": s, "envelope": e, "message": Message(raw)}, 5.0, s.id)
+    assert (warm.action, warm.result, warm.headers) == (cold.action, cold.result, cold.headers)
 
 
 # ------------------------------------------------------------------ evaluation (pure)
