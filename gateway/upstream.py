@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Protocol
 
 import aiosmtplib
+from aiosmtplib.esmtp import parse_esmtp_extensions
+from aiosmtplib.protocol import SMTPProtocol
 
 from . import replies
 from .config import Endpoint, GatewaySettings
@@ -75,9 +77,10 @@ class SMTPUpstream:
     sent before the first transaction, so Postfix logs the real client and
     applies its own restrictions to it.
 
-    aiosmtplib makes the connection and parses replies; commands are written
-    here and their replies read with one call, bounded by ``deadline`` (see
-    :mod:`gateway.deadline`) or, without one, by aiosmtplib's own timeout.
+    aiosmtplib's protocol parses replies and fails a read when the connection
+    is lost; commands are written here and their replies read with one call,
+    bounded by ``deadline`` (see :mod:`gateway.deadline`) or, without one,
+    by aiosmtplib's own timeout.
     """
 
     def __init__(
@@ -91,8 +94,8 @@ class SMTPUpstream:
         self._settings = settings
         self._memory = memory if memory is not None else NextHopMemory()
         self._deadline = deadline
-        self._smtp: aiosmtplib.SMTP | None = None
-        self._waiting: aiosmtplib.SMTP | None = None
+        self._smtp: SMTPProtocol | None = None
+        self._waiting: SMTPProtocol | None = None
         self._timed_out = False
         self._identity: tuple[str, ...] | None = None
         self.extensions: frozenset[str] = frozenset()
@@ -110,49 +113,52 @@ class SMTPUpstream:
         """
         if self._smtp is not None and self._smtp.is_connected:
             return
-        smtp = aiosmtplib.SMTP(
-            hostname=self._endpoint.host,
-            port=self._endpoint.port,
-            local_hostname=self._settings.hostname,
-            timeout=self._settings.upstream_timeout,
-            start_tls=False,
-            use_tls=False,
-        )
+        # aiosmtplib's protocol (reply parsing, a lost connection failing the
+        # read) without its client object, whose connect() would cost a lock,
+        # a check of our host name and a wait_for task for the connection and
+        # another for the greeting: per message, here.
+        loop = asyncio.get_running_loop()
+        smtp = SMTPProtocol(loop=loop)
+        limit = self._settings.upstream_connect_timeout
         known = self._memory
         try:
-            await smtp.connect(timeout=self._settings.upstream_connect_timeout)
+            try:
+                async with asyncio.timeout(limit):
+                    await loop.create_connection(lambda: smtp, self._endpoint.host, self._endpoint.port)
+                    greeting = await smtp.read_response(timeout=None)
+            except TimeoutError:
+                raise UpstreamError(f"connect to {self._endpoint}: no greeting within {limit:g}s") from None
+            if greeting.code != 220:
+                raise UpstreamError(f"connect to {self._endpoint}: greeted with {greeting.code} {greeting.message}")
             if known.xclient:
                 self.extensions, self._xclient_attrs = known.extensions, known.xclient
                 self._greeted = False
             else:
                 await self._ehlo(smtp, self._settings.hostname, ours=True)
-        except (aiosmtplib.SMTPException, OSError, ValueError) as exc:
-            smtp.close()
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            _close(smtp)
             raise UpstreamError(f"connect to {self._endpoint}: {self._why(exc)}") from exc
         except BaseException:
-            smtp.close()  # cancelled half-way: the client left first
+            _close(smtp)  # refused above, or cancelled half-way: the client left first
             raise
         self._smtp = smtp
         self._identity = None
 
-    async def _send(self, smtp: aiosmtplib.SMTP, payload: bytes) -> aiosmtplib.SMTPResponse:
+    async def _send(self, smtp: SMTPProtocol, payload: bytes) -> aiosmtplib.SMTPResponse:
         """Write ``payload`` (commands, or BDAT and its bytes) and read the reply.
 
         aiosmtplib's own calls would take a lock and a timer per command and
         run two regular expressions over every message to fix line ends and
         stuff dots that are right already; the session is ours alone.
         """
-        protocol = smtp.protocol
-        if protocol is None:
-            raise aiosmtplib.SMTPServerDisconnected("connection lost")
-        protocol.write(payload)
+        smtp.write(payload)  # SMTPServerDisconnected if the connection is gone
         deadline = self._deadline
         if deadline is None:
-            return await protocol.read_response(timeout=self._settings.upstream_timeout)
+            return await smtp.read_response(timeout=self._settings.upstream_timeout)
         self._waiting = smtp
         deadline.arm(self._settings.upstream_timeout, self._expired)
         try:
-            return await protocol.read_response(timeout=None)
+            return await smtp.read_response(timeout=None)
         finally:
             deadline.disarm()
             self._waiting = None
@@ -164,8 +170,8 @@ class SMTPUpstream:
         if smtp is None:
             return
         self._timed_out = True
-        # Not isinstance(asyncio.WriteTransport): uvloop's transports are
-        # not subclasses of asyncio's.
+        # Typed as a BaseTransport by aiosmtplib; every stream transport
+        # (asyncio's, uvloop's) has abort().
         transport = smtp.transport
         if transport is not None:
             transport.abort()  # type: ignore[attr-defined]
@@ -176,16 +182,16 @@ class SMTPUpstream:
             return f"no reply within {self._settings.upstream_timeout:g}s"
         return str(exc)
 
-    async def _ehlo(self, smtp: aiosmtplib.SMTP, name: str, *, ours: bool) -> None:
+    async def _ehlo(self, smtp: SMTPProtocol, name: str, *, ours: bool) -> None:
         response = await self._send(smtp, b"EHLO %b\r\n" % name.encode("utf-8", "surrogateescape"))
         if response.code != 250:
             raise UpstreamError(f"EHLO refused: {response.code} {response.message}")
-        smtp.last_ehlo_response = response  # aiosmtplib parses the extensions
-        self.extensions = frozenset(smtp.esmtp_extensions)
+        offered, _ = parse_esmtp_extensions(response.message)
+        self.extensions = frozenset(offered)
         if ours:
             # After XCLIENT Postfix judges the new client, whom it does not
             # offer XCLIENT: only our own EHLO says whether we may use it.
-            self._xclient_attrs = frozenset(smtp.esmtp_extensions.get("xclient", "").upper().split())
+            self._xclient_attrs = frozenset(offered.get("xclient", "").upper().split())
             self._greeted = True
             self._memory.xclient = self._xclient_attrs
         self._memory.extensions = self.extensions
@@ -304,12 +310,12 @@ class SMTPUpstream:
         if smtp is None:
             return
         try:
-            if smtp.is_connected and smtp.protocol is not None:
-                smtp.protocol.write(b"QUIT\r\n")
+            if smtp.is_connected:
+                smtp.write(b"QUIT\r\n")
         except (aiosmtplib.SMTPException, OSError):
             pass
         finally:
-            smtp.close()
+            _close(smtp)
 
     def _failed(self, what: str, exc: BaseException) -> UpstreamError:
         why = self._why(exc)
@@ -320,9 +326,15 @@ class SMTPUpstream:
         # After a timeout or a 421 the dialogue's state is unknown; a later
         # transaction gets a fresh connection rather than a desynced one.
         if self._smtp is not None:
-            self._smtp.close()
+            _close(self._smtp)
         self._smtp = None
         self._identity = None
+
+
+def _close(smtp: SMTPProtocol) -> None:
+    transport = smtp.transport
+    if transport is not None:
+        transport.close()
 
 
 def _crlf(message: bytes) -> bytes:

@@ -22,6 +22,22 @@ def test_upstream_down_gives_421_at_mail(start_gateway) -> None:
     assert (code, text) == (421, b"4.4.1 gw.test.example Error: next hop unavailable, try again later")
 
 
+@pytest.mark.parametrize("mode, logged", [
+    ("silent-greeting", "no greeting within 1s"),
+    ("refusing-greeting", "greeted with 554 5.3.2 bad.example not accepting mail"),
+])
+def test_next_hop_that_does_not_greet_gives_421(start_gateway, caplog, mode: str, logged: str) -> None:
+    with BadMTA(mode) as mta:
+        gw = start_gateway(f"127.0.0.1:{mta.port}", upstream_connect_timeout=1.0)
+        with caplog.at_level(logging.WARNING, "smtpgate"), gw.client(xclient=OUTSIDE_IP) as smtp:
+            started = time.monotonic()
+            code, text = smtp.mail("bob@example.org")
+            waited = time.monotonic() - started
+    assert (code, text) == (421, b"4.4.1 gw.test.example Error: next hop unavailable, try again later")
+    assert waited < 1.5
+    assert f"next hop unavailable: connect to 127.0.0.1:{mta.port}: {logged}" in caplog.text
+
+
 @pytest.mark.parametrize("mode", ["drop-at-data-end", "silent-at-data-end"])
 def test_upstream_failing_during_data_gives_451(start_gateway, mode: str) -> None:
     with BadMTA(mode) as mta:
