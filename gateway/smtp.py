@@ -396,11 +396,19 @@ class SMTPSession(_AiosmtpdSMTP):
     async def _upstream_extensions(self) -> frozenset[str]:
         """The next hop's extensions, or none if it cannot be reached now
         (the failure is reported at MAIL, where a 421 makes sense)."""
-        if self._upstream_ready is not None:
-            try:
-                await asyncio.shield(self._upstream_ready)
-            except UpstreamError:
-                return frozenset()
+        ready = self._upstream_ready
+        if ready is not None:
+            if not ready.done():
+                try:
+                    await asyncio.shield(ready)
+                except UpstreamError:
+                    return frozenset()
+            else:  # finished: no shield needed
+                error = ready.exception()
+                if isinstance(error, UpstreamError):
+                    return frozenset()
+                if error is not None:
+                    raise error
         return self.upstream.extensions
 
     async def _reset_transaction(self) -> None:
