@@ -4,8 +4,9 @@ Each ``DKIM-Signature`` field (up to :data:`MAX_SIGNATURES`, topmost first)
 is verified with dkimpy, its key fetched through the gateway's shared
 resolver (:func:`gateway.dns.dkim_dnsfunc`, so keys are cached by their
 TTL) and parsed once per distinct key record (:func:`_parse_key`).  The
-verification of one message runs once, whoever asks first: the ``dkim``
-and ``dmarc`` plugins both await the same task (:func:`dkim_results`).
+verification of one message runs once, whoever asks first, and the
+``dkim`` and ``dmarc`` plugins share its results (:func:`dkim_results`):
+at once when every key was cached, else through one future both await.
 
 Per signature the result is an RFC 8601 ``dkim=`` result: ``pass``,
 ``fail`` (the signature or body hash does not verify), ``neutral`` (the
