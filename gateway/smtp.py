@@ -99,6 +99,10 @@ class SMTPSession(_AiosmtpdSMTP):
         self._finishing = False
         self._helo_tags: list[Verdict] = []
         self._counted_ip: str | None = None
+        # Judged once, on the client the connection comes from (after a
+        # PROXY header: the client behind the balancer, as Postfix does), so
+        # neither a balancer in xclient_hosts nor an XCLIENT can widen it.
+        self._xclient_allowed = False
 
     # --- transport ---------------------------------------------------------
 
@@ -183,6 +187,7 @@ class SMTPSession(_AiosmtpdSMTP):
                 ip, port = proxy.src_addr, proxy.src_port or 0
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
+        self._xclient_allowed = self.gateway.may_xclient(ip)
         self.session = Session(
             client_ip=ip,
             client_port=port,
@@ -455,7 +460,7 @@ class SMTPSession(_AiosmtpdSMTP):
     async def _extensions(self) -> list[str]:
         upstream = await self._upstream_extensions()
         lines = ["PIPELINING", f"SIZE {self.settings.max_message_size}"]
-        if self.gateway.may_xclient(self.session.peer_ip):
+        if self._xclient_allowed:
             lines.append("XCLIENT NAME ADDR PORT PROTO HELO LOGIN DESTADDR DESTPORT")
         lines += ["ENHANCEDSTATUSCODES", "8BITMIME"]
         # Only what the next hop can honour: a DSN request or a UTF-8 address
@@ -718,7 +723,7 @@ class SMTPSession(_AiosmtpdSMTP):
         await self.reply(reply)
 
     async def smtp_XCLIENT(self, arg: str | None) -> None:
-        if not self.gateway.may_xclient(self.session.peer_ip):
+        if not self._xclient_allowed:
             await self._error(replies.XCLIENT_DENIED)
             return
         if self.envelope is not None:

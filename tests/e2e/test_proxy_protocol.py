@@ -4,7 +4,7 @@ balancer is the one every check and Postfix see."""
 import socket
 import struct
 
-from tests.fixtures.gateway import recv_reply
+from tests.fixtures.gateway import TRUSTED_IP, recv_reply
 
 
 def conversation(sock: socket.socket) -> None:
@@ -39,3 +39,40 @@ def test_missing_proxy_header_closes_the_connection(start_gateway, postfix) -> N
     with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
         sock.sendall(b"EHLO direct.example.net\r\n")
         assert sock.recv(100) == b""
+
+
+def say(sock: socket.socket, line: bytes) -> bytes:
+    sock.sendall(line + b"\r\n")
+    return recv_reply(sock)
+
+
+def test_xclient_is_judged_on_the_client_behind_the_balancer(start_gateway, postfix) -> None:
+    # The balancer (127.0.0.1) is in xclient_hosts; the client it carries is
+    # not, so it may not claim a trusted address and relay through us.
+    gw = start_gateway(f"127.0.0.1:{postfix.port}", proxy_protocol=True, xclient_hosts=["127.0.0.0/8"])
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+        sock.sendall(b"PROXY TCP4 203.0.113.9 192.0.2.1 40000 25\r\n")
+        assert recv_reply(sock).startswith(b"220 ")
+        assert b"XCLIENT" not in say(sock, b"EHLO c.example.net")
+        assert say(sock, f"XCLIENT ADDR={TRUSTED_IP}".encode()) == b"550 5.7.0 Error: insufficient authorization\r\n"
+        assert say(sock, b"MAIL FROM:<bob@example.org>").startswith(b"250 ")
+        assert say(sock, b"RCPT TO:<victim@remote.example>") == b"554 5.7.1 <victim@remote.example>: Relay access denied\r\n"
+    assert "victim@remote.example" not in postfix.maillog()
+
+
+def test_xclient_from_an_authorised_host_behind_the_balancer(start_gateway, postfix) -> None:
+    gw = start_gateway(f"127.0.0.1:{postfix.port}", proxy_protocol=True, xclient_hosts=["192.0.2.0/24"])
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+        sock.sendall(b"PROXY TCP4 192.0.2.25 192.0.2.1 40000 25\r\n")
+        assert recv_reply(sock).startswith(b"220 ")
+        assert b"XCLIENT" in say(sock, b"EHLO front.example.net")
+        assert say(sock, b"XCLIENT ADDR=203.0.113.77 NAME=[UNAVAILABLE]").startswith(b"220 ")
+        conversation_after_greeting(sock)
+    postfix.wait_for_client("203.0.113.77")
+
+
+def conversation_after_greeting(sock: socket.socket) -> None:
+    for line in (b"EHLO real-client.example.net", b"MAIL FROM:<bob@example.org>", b"RCPT TO:<alice@example.com>", b"DATA"):
+        assert say(sock, line)[:1] in (b"2", b"3")
+    assert say(sock, b"Subject: behind a balancer\r\n\r\nx\r\n.").startswith(b"250 ")
+    say(sock, b"QUIT")
