@@ -110,6 +110,9 @@ class GatewaySettings:
     #: Hosts allowed to send XCLIENT to us (e.g. a front proxy, tests).
     xclient_hosts: tuple[str, ...] = ()
     proxy_protocol: bool = False
+    #: Seconds to wait for the PROXY header (Postfix's
+    #: smtpd_upstream_proxy_timeout); a balancer sends it at once.
+    proxy_timeout: float = 5.0
     max_message_size: int = 10_240_000
     max_recipients: int = 1000
     max_line_length: int = 2048

@@ -74,6 +74,11 @@ class Counts:
         view = self._view
         return sum(view[row + bucket] for row in self._rows)
 
+    def add_unnamed(self, delta: int) -> None:
+        """Count a connection in the total only: its client is not known
+        yet (it has not sent its PROXY header)."""
+        self._view[self._mine + self._buckets] += delta
+
     def add(self, bucket: int, delta: int) -> None:
         view, mine = self._view, self._mine
         view[mine + bucket] += delta

@@ -93,6 +93,18 @@ class Gateway:
         counts.add(bucket, 1)
         return None
 
+    def admit_unnamed(self) -> Reply | None:
+        """Count a connection whose client is not known yet (it is to send
+        a PROXY header) against ``max_connections``; ``release_unnamed``
+        once the header is in or the wait is over."""
+        if self._counts.total() >= self.settings.max_connections or self.closing:
+            return replies.SERVICE_BUSY.format(hostname=self.settings.hostname)
+        self._counts.add_unnamed(1)
+        return None
+
+    def release_unnamed(self) -> None:
+        self._counts.add_unnamed(-1)
+
     def release(self, ip: str) -> None:
         self._counts.add(self._counts.bucket(ip), -1)
 

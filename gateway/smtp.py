@@ -175,11 +175,20 @@ class SMTPSession(_AiosmtpdSMTP):
         peer_ip = ipaddress.ip_address(peer[0])
         ip, port = peer_ip, peer[1]
         if self.settings.proxy_protocol:
+            # Connections still waiting for their header count against the
+            # total, so a flood of silent ones cannot go past the limit.
+            busy = self.gateway.admit_unnamed()
+            if busy is not None:
+                log.warning("client %s: %s", peer_ip, busy)
+                await self.reply(busy)
+                return False
             try:
-                async with asyncio.timeout(self.settings.command_timeout):
+                async with asyncio.timeout(self.settings.proxy_timeout):
                     proxy = await get_proxy(self._reader)
             except TimeoutError:
                 proxy = None
+            finally:
+                self.gateway.release_unnamed()
             if not proxy or not proxy.valid:
                 log.warning("client %s: invalid or missing PROXY header", peer_ip)
                 return False

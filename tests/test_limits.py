@@ -22,6 +22,17 @@ def test_rows_add_up_per_address_and_in_total() -> None:
     assert (second.of(a), second.total()) == (1, 2)
 
 
+def test_unnamed_connections_count_in_the_total_only() -> None:
+    shared = SharedCounts(workers=2)
+    first, second = shared.row(0), shared.row(1)
+    bucket = first.bucket("192.0.2.1")
+    first.add_unnamed(2)
+    second.add(bucket, 1)
+    assert (second.of(bucket), second.total()) == (1, 3)
+    first.add_unnamed(-2)
+    assert (first.of(bucket), first.total()) == (1, 1)
+
+
 def test_clearing_a_gone_worker_forgets_its_connections() -> None:
     shared = SharedCounts(workers=2)
     first, second = shared.row(0), shared.row(1)

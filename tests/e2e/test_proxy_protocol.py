@@ -3,6 +3,7 @@ balancer is the one every check and Postfix see."""
 
 import socket
 import struct
+import time
 
 from tests.fixtures.gateway import TRUSTED_IP, recv_reply
 
@@ -76,3 +77,23 @@ def conversation_after_greeting(sock: socket.socket) -> None:
         assert say(sock, line)[:1] in (b"2", b"3")
     assert say(sock, b"Subject: behind a balancer\r\n\r\nx\r\n.").startswith(b"250 ")
     say(sock, b"QUIT")
+
+
+def test_connections_waiting_for_their_header_are_counted_and_bounded(start_gateway, postfix) -> None:
+    gw = start_gateway(f"127.0.0.1:{postfix.port}", proxy_protocol=True, proxy_timeout=1.0,
+                       max_connections=2, max_connections_per_ip=2)
+    silent = [socket.create_connection(("127.0.0.1", gw.port), timeout=10) for _ in range(2)]
+    try:
+        time.sleep(0.2)  # both are accepted and waiting for a header
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as third:
+            assert recv_reply(third) == b"421 4.7.0 gw.test.example Error: too many connections\r\n"
+        started = time.monotonic()
+        for sock in silent:
+            assert sock.recv(100) == b""  # closed once proxy_timeout is over
+        assert time.monotonic() - started < 3
+    finally:
+        for sock in silent:
+            sock.close()
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+        sock.sendall(b"PROXY TCP4 203.0.113.9 192.0.2.1 40000 25\r\n")
+        conversation(sock)
