@@ -37,6 +37,11 @@ How the gateway calls hooks
 * A hook that raises or overruns its budget counts as ``451 4.3.0``: the
   client retries later, the traceback is logged with the plugin's name, and
   the session and the gateway go on.  A crashed check never lets mail pass.
+* In monitor mode (``[gateway] monitor = true``) refusals and failures are
+  logged as what would have happened and the command goes on -- except
+  those of a plugin whose class sets ``monitored = False``, as ``relay``
+  and ``commands`` do.  A check that guards access rather than judges
+  mail should set it: trying a policy must never open the relay.
 * A refused command never reaches the next hop.  Replies to commands that
   pass come from the next hop (Postfix), verbatim.
 * An implementation may accept fewer arguments than the spec names; pass

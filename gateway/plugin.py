@@ -72,10 +72,15 @@ class Plugin:
         errors in the policy; ``enabled`` is handled by the gateway.
     :cvar default_enabled: whether the plugin runs when the policy has no
         table for it.  Only safety checks (relay, VRFY/EXPN) should say yes.
+    :cvar monitored: whether ``[gateway] monitor = true`` turns the plugin's
+        refusals (and its failures) into log lines.  Say no for a check that
+        guards access rather than judges mail: trying a policy must never
+        make the gateway an open relay.
     """
 
     Options: ClassVar[type] = NoOptions
     default_enabled: ClassVar[bool] = False
+    monitored: ClassVar[bool] = True
 
     def __init__(self, options: Any, context: Context, name: str = "") -> None:
         self.options = options

@@ -60,6 +60,8 @@ class Registry:
     calls: Mapping[str, tuple[HookCall, ...]]
     #: The context the plugins were built with (``plugins`` filled in).
     context: Context
+    #: Plugins whose refusals monitor mode leaves in force (``monitored = False``).
+    enforced: frozenset[str] = frozenset()
 
 
 def installed() -> dict[str, EntryPoint]:
@@ -193,4 +195,5 @@ def load_plugins(
         LoadedPlugin(p.name, p.instance, p.origin, tuple(s for s in STAGES if any(c.plugin == p.name for c in calls[s])))
         for p in loaded
     )
-    return Registry(pm, plugins, calls, context)
+    enforced = frozenset(p.name for p in loaded if not getattr(p.instance, "monitored", True))
+    return Registry(pm, plugins, calls, context, enforced)

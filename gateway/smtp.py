@@ -37,7 +37,7 @@ from .replies import Reply
 from .session import Envelope, Message, Recipient, Session
 from .stash import Stash
 from .upstream import Upstream, UpstreamError
-from .verdict import CONTINUE, Action, Verdict
+from .verdict import CONTINUE, Action, Verdict, combine
 
 if TYPE_CHECKING:
     from .server import Gateway
@@ -350,12 +350,27 @@ class SMTPSession(_AiosmtpdSMTP):
 
     def _monitored(self, stage: str, verdict: Verdict) -> Verdict:
         """In monitor mode a refusal is logged as what would have happened
-        and the command goes on; its headers and score are kept."""
+        and the command goes on; its headers and score are kept.  Refusals
+        of plugins that guard access (``Plugin.monitored = False``: relay)
+        stay in force."""
         if not (verdict.refuses and self.settings.monitor):
             return verdict
+        enforced = self.gateway.registry.enforced
+        parts = verdict.parts or (verdict,)
+        if not any(p.refuses and p.plugin in enforced for p in parts):
+            self._log_monitored(stage, verdict)
+            return replace(verdict, action=Action.CONTINUE, reply=None, disconnect=False)
+        kept: list[Verdict | None] = []
+        for part in parts:
+            if part.refuses and part.plugin not in enforced:
+                self._log_monitored(stage, part)
+                part = replace(part, action=Action.CONTINUE, reply=None, disconnect=False)
+            kept.append(part)
+        return combine(kept)
+
+    def _log_monitored(self, stage: str, verdict: Verdict) -> None:
         decisions.decision(self.session, stage, "monitor", verdict.reply, plugin=verdict.plugin,
                            result=f"would {verdict.action.name.lower()}: {verdict.result}".rstrip(": "))
-        return replace(verdict, action=Action.CONTINUE, reply=None, disconnect=False)
 
     def _score(self, envelope: Envelope) -> Verdict:
         """The transaction's summed score against the [scoring] thresholds."""

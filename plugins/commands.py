@@ -53,6 +53,8 @@ class CommandsPlugin(Plugin):
         vrfy: VrfyMode = "disabled"
 
     default_enabled = True
+    # Its answers disclose nothing in any mode; a trial changes none of them.
+    monitored = False
 
     def __init__(self, options: Any, context: Context, name: str = "") -> None:
         super().__init__(options, context, name)

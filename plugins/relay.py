@@ -141,8 +141,10 @@ class RelayPlugin(Plugin):
     class Options:
         allow_subdomains: bool = False
 
-    # Forgetting the table must never make the gateway an open relay.
+    # Forgetting the table, or trying a policy in monitor mode, must never
+    # make the gateway an open relay.
     default_enabled = True
+    monitored = False
 
     # A plain def: the check is pure computation, no coroutine needed.
     @hookimpl

@@ -62,6 +62,32 @@ def test_monitor_mode_refuses_nothing_and_logs_what_it_would_have_done(start_gat
     assert 'result=would reject: scorer:score-s5(5) reply="554 5.7.1 Error: message rejected as spam (score 5.0)"' in caplog.text
 
 
+def test_monitor_mode_never_opens_the_relay(start_gateway, postfix, caplog) -> None:
+    gw = start(start_gateway, postfix, plugins=("scorer",), scoring={"reject": 1.0}, monitor=True)
+    with caplog.at_level(logging.INFO, "smtpgate"):
+        with gw.client(xclient=OUTSIDE_IP) as smtp:
+            smtp.mail("bob@example.org")
+            assert smtp.rcpt("victim@remote.example") == (554, b"5.7.1 <victim@remote.example>: Relay access denied")
+            assert smtp.rcpt("bob%remote.example@example.com") == (
+                554, b"5.7.1 <bob%remote.example@example.com>: Relay access denied")
+            assert smtp.rcpt("alice@example.com")[0] == 250
+    assert "rcpt reject: client=unknown[203.0.113.7]" in caplog.text
+    assert "victim@remote.example" not in postfix.maillog()
+
+
+class GuardBoom(Boom):
+    monitored = False
+
+
+def test_monitor_mode_keeps_the_451_of_a_guarding_plugin_that_fails(start_gateway, postfix) -> None:
+    gw = start_gateway(f"127.0.0.1:{postfix.port}", plugins={"scorer": {}, "guard": {}},
+                       extra={**EXTRA, "guard": GuardBoom}, scoring={"reject": 1.0}, monitor=True)
+    with gw.client(xclient=TRUSTED_IP) as smtp:
+        smtp.mail("bob@example.org")
+        assert smtp.rcpt("boom@remote.example") == (451, b"4.3.0 Error: internal policy failure, try again later")
+        assert smtp.rcpt("alice@example.com")[0] == 250
+
+
 def test_forged_authentication_results_are_removed(gateway, postfix) -> None:
     forged = (
         b"Authentication-Results: gw.test.example; spf=pass smtp.mailfrom=example.org\r\n"
