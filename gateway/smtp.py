@@ -517,17 +517,17 @@ class SMTPSession(_AiosmtpdSMTP):
         if arg is None:
             await self._error(replies.SYNTAX_MAIL)
             return
-        utf8 = "SMTPUTF8" in arg.upper() and self._offered("smtputf8")
+        offered_utf8 = self._offered("smtputf8")
         try:
-            sender, params, params_text = parse_path(arg, "FROM", utf8=utf8)
+            sender, params, params_text = parse_path(arg, "FROM", utf8=offered_utf8)
         except PathError as exc:
             await self._error(replies.SYNTAX_MAIL if str(exc).startswith("expected") else replies.BAD_SENDER_SYNTAX)
             return
         dsn = self._offered("dsn")
         bad = self._check_params(params, {
-            "SIZE": lambda v: v is not None and v.isdigit(),
+            "SIZE": lambda v: v is not None and v.isascii() and v.isdigit(),
             "BODY": lambda v: v is not None and v.upper() in ("7BIT", "8BITMIME"),
-            **({"SMTPUTF8": lambda v: v is None} if utf8 else {}),
+            **({"SMTPUTF8": lambda v: v is None} if offered_utf8 else {}),
             **({"RET": lambda v: v is not None and v.upper() in ("FULL", "HDRS"),
                 "ENVID": lambda v: v is not None} if dsn else {}),
         })
@@ -535,6 +535,9 @@ class SMTPSession(_AiosmtpdSMTP):
             await self._error(bad)
             return
         envelope = Envelope(sender, params)
+        if not envelope.utf8 and not arg.isascii():
+            await self._error(replies.UTF8_NOT_DECLARED)
+            return
         size = envelope.param("SIZE")
         if size is not None and int(size) > self.settings.max_message_size:
             decisions.decision(self.session, "mail", "reject", replies.MESSAGE_TOO_BIG, envelope=envelope)
@@ -574,6 +577,9 @@ class SMTPSession(_AiosmtpdSMTP):
             return
         if arg is None:
             await self._error(replies.SYNTAX_RCPT)
+            return
+        if not envelope.utf8 and not arg.isascii():
+            await self._error(replies.UTF8_NOT_DECLARED)
             return
         try:
             address, params, params_text = parse_path(arg, "TO", utf8=envelope.utf8)

@@ -89,11 +89,17 @@ def test_transaction_order(sock) -> None:
         (b"MAIL FROM:<a@example.org> SIZE=big", b"501 5.5.4 Bad SIZE parameter value\r\n"),
         (b"MAIL FROM:<a@example.org> BODY=BINARYMIME", b"501 5.5.4 Bad BODY parameter value\r\n"),
         (b"MAIL FROM:<a@example.org> SIZE=99999999999", b"552 5.3.4 Message size exceeds fixed limit\r\n"),
+        # A digit to str.isdigit() but not to SMTP: a syntax error, not a 451.
+        ("MAIL FROM:<a@example.org> SIZE=\u00b2".encode(), b"501 5.5.4 Bad SIZE parameter value\r\n"),
+        # RFC 6531: UTF-8 only in a transaction that says SMTPUTF8.
+        ("MAIL FROM:<smtputf8@ex\u00e4mple.org>".encode(), b"553 5.6.7 Must declare SMTPUTF8 to send unicode address\r\n"),
+        ("MAIL FROM:<a@example.org> ENVID=\u00e4".encode(), b"553 5.6.7 Must declare SMTPUTF8 to send unicode address\r\n"),
     ],
 )
 def test_mail_syntax(sock, line: bytes, reply: bytes) -> None:
     say(sock, b"EHLO client.example.net")
     assert say(sock, line) == reply
+    assert say(sock, b"NOOP") == b"250 2.0.0 Ok\r\n"  # the session goes on
 
 
 def test_rcpt_syntax(sock) -> None:
@@ -103,6 +109,8 @@ def test_rcpt_syntax(sock) -> None:
     assert say(sock, b"RCPT TO:<a@b@example.com>") == b"501 5.1.3 Bad recipient address syntax\r\n"
     assert say(sock, b"RCPT TO:<alice@example.com> FOO") == b"555 5.5.4 Unsupported option: FOO\r\n"
     assert say(sock, b"RCPT FROM:<alice@example.com>") == b"501 5.5.4 Syntax: RCPT TO:<address>\r\n"
+    assert say(sock, "RCPT TO:<\u00fc@example.com>".encode()) == (
+        b"553 5.6.7 Must declare SMTPUTF8 to send unicode address\r\n")
 
 
 def test_helo_client_may_not_use_esmtp_parameters(sock) -> None:
