@@ -75,9 +75,13 @@ def connect(session: Session) -> Verdict | None:
 
     :param session: the client's address, name and port; ``helo`` is ``None``.
     :returns: ``None`` to greet the client; a DEFER or REJECT verdict to
-        refuse it: its reply replaces the greeting and answers every later
-        command but QUIT (RFC 5321 §3.1).  With ``disconnect=True`` the
-        gateway closes the connection after the reply.  TAG verdicts stay on
+        refuse it.  A greeting may only be 220, 554, or 421 and a close
+        (RFC 5321 §4.3.2), so the gateway sends a REJECT's reply with code
+        554 in place of the greeting and answers every later command but
+        QUIT with ``503 5.7.0 Error: access denied for name[address]``
+        (§3.1, Postfix's words), and a DEFER's reply with code 421, then
+        closes; the enhanced code and text are the plugin's.  With
+        ``disconnect=True`` a REJECT closes after the reply too.  TAG verdicts stay on
         the session and their headers go on every message of the session.
         An ACCEPT verdict allow-lists the client for the session: the
         gateway sets ``session.allowlisted`` to ``"plugin:result"``, and

@@ -113,6 +113,9 @@ BAD_SENDER_SYNTAX = Reply(501, "5.1.7", "Bad sender address syntax")
 BAD_RECIPIENT_SYNTAX = Reply(501, "5.1.3", "Bad recipient address syntax")
 BAD_PARAMETER = Reply(501, "5.5.4", "Bad {name} parameter value")
 UNSUPPORTED_PARAMETER = Reply(555, "5.5.4", "Unsupported option: {name}")
+#: Every command but QUIT after a 554 greeting (RFC 5321 §3.1), as Postfix
+#: words it with smtpd_delay_reject = no.
+ACCESS_DENIED = Reply(503, "5.7.0", "Error: access denied for {client}")
 #: RFC 6531 §3.7.4.1, in Postfix's words: UTF-8 in a command of a
 #: transaction that did not say SMTPUTF8 at MAIL.
 UTF8_NOT_DECLARED = Reply(553, "5.6.7", "Must declare SMTPUTF8 to send unicode address")

@@ -93,7 +93,8 @@ class SMTPSession(_AiosmtpdSMTP):
         self._upstream_ready: asyncio.Task[None] | None = None
         self._upstream_txn = False
         self._greeted = False
-        self._refusal: Verdict | None = None
+        #: The 554 that replaced the greeting (RFC 5321 §3.1), if any.
+        self._refusal: Reply | None = None
         self._errors = 0
         self._idle = False
         self._finishing = False
@@ -213,9 +214,8 @@ class SMTPSession(_AiosmtpdSMTP):
             return False
         if self._refusal is not None:
             # RFC 5321 §3.1: a 554 instead of the greeting; the command loop
-            # repeats it to everything but QUIT.  The next hop is never asked.
-            assert self._refusal.reply is not None
-            await self.reply(self._refusal.reply)
+            # answers everything but QUIT with 503.  The next hop is never asked.
+            await self.reply(self._refusal)
             return True
         self._upstream_ready = self.loop.create_task(self.upstream.connect())
         await self.reply(replies.GREETING.format(hostname=self.hostname))
@@ -225,12 +225,18 @@ class SMTPSession(_AiosmtpdSMTP):
         verdict = await self._stage("connect", session=self.session)
         if verdict.refuses:
             assert verdict.reply is not None
-            decisions.decision(self.session, "connect", verdict.action.name.lower(), verdict.reply,
+            # RFC 5321 §4.3.2: in place of the greeting only 554, or 421 and
+            # a close; a plugin's other codes are made one of those.
+            temporary = verdict.reply.is_temporary
+            reply = verdict.reply
+            if reply.code != (421 if temporary else 554):
+                reply = Reply(421 if temporary else 554, reply.enhanced, reply.text)
+            decisions.decision(self.session, "connect", verdict.action.name.lower(), reply,
                                plugin=verdict.plugin, result=verdict.result)
-            if verdict.disconnect or verdict.reply.code == 421:
-                await self.reply(verdict.reply)
+            if verdict.disconnect or temporary:
+                await self.reply(reply)
                 return False
-            self._refusal = verdict
+            self._refusal = reply
         else:
             _keep(verdict, self.session.tags)
             accepted = next((v for v in verdict.parts or (verdict,) if v.action is Action.ACCEPT), None)
@@ -273,9 +279,8 @@ class SMTPSession(_AiosmtpdSMTP):
             if handler is None:
                 await self._error(replies.BAD_SYNTAX if not verb else replies.UNKNOWN_COMMAND)
                 continue
-            if self._refusal is not None and verb not in ("QUIT", "NOOP", "RSET"):
-                assert self._refusal.reply is not None
-                await self._error(self._refusal.reply)
+            if self._refusal is not None and verb != "QUIT":
+                await self._error(replies.ACCESS_DENIED.format(client=self.session.client))
                 continue
             await handler(self, arg.strip(" ") or None)
 
@@ -805,8 +810,7 @@ class SMTPSession(_AiosmtpdSMTP):
         if not await self._connect_checks():
             raise _Close
         if self._refusal is not None:
-            assert self._refusal.reply is not None
-            await self.reply(self._refusal.reply)
+            await self.reply(self._refusal)
             return
         await self.reply(replies.GREETING.format(hostname=self.hostname))
 

@@ -25,10 +25,27 @@ def test_connect_refusal_answers_every_command_but_quit(gw, postfix) -> None:
     sock = gw.raw()
     with sock:
         assert say(sock, b"XCLIENT ADDR=192.0.2.66") == b"554 5.7.1 Service unavailable; Client host [192.0.2.66] blocked\r\n"
-        assert say(sock, b"EHLO c.example.net") == b"554 5.7.1 Service unavailable; Client host [192.0.2.66] blocked\r\n"
-        assert say(sock, b"MAIL FROM:<a@example.org>") == b"554 5.7.1 Service unavailable; Client host [192.0.2.66] blocked\r\n"
+        # RFC 5321 §3.1: 503 to everything but QUIT, in Postfix's words.
+        denied = b"503 5.7.0 Error: access denied for unknown[192.0.2.66]\r\n"
+        for line in (b"EHLO c.example.net", b"MAIL FROM:<a@example.org>", b"NOOP", b"RSET"):
+            assert say(sock, line) == denied
         assert say(sock, b"QUIT") == b"221 2.0.0 Bye\r\n"
     assert postfix.clients() == []
+
+
+@pytest.mark.parametrize("ip,reply,closes", [
+    ("192.0.2.68", b"421 4.7.1 Client host [192.0.2.68] under review\r\n", True),
+    ("192.0.2.69", b"554 5.7.1 Client host [192.0.2.69] refused\r\n", False),
+])
+def test_connect_refusal_takes_a_code_a_greeting_may_have(gw, ip, reply, closes) -> None:
+    # RFC 5321 §4.3.2: only 220, 554, or 421 and a close, in place of the greeting.
+    sock = gw.raw()
+    with sock:
+        assert say(sock, f"XCLIENT ADDR={ip}".encode()) == reply
+        if closes:
+            assert sock.recv(10) == b""
+        else:
+            assert say(sock, b"EHLO c.example.net").startswith(b"503 5.7.0 ")
 
 
 def test_connect_defer_with_disconnect_closes(gw) -> None:
@@ -70,6 +87,6 @@ def test_connect_refusal_replaces_the_greeting(start_gateway, postfix) -> None:
     with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
         sock.sendall(b"PROXY TCP4 192.0.2.66 192.0.2.1 40000 25\r\n")
         assert recv_reply(sock) == b"554 5.7.1 Service unavailable; Client host [192.0.2.66] blocked\r\n"
-        assert say(sock, b"EHLO c.example.net") == b"554 5.7.1 Service unavailable; Client host [192.0.2.66] blocked\r\n"
+        assert say(sock, b"EHLO c.example.net") == b"503 5.7.0 Error: access denied for unknown[192.0.2.66]\r\n"
         assert say(sock, b"QUIT") == b"221 2.0.0 Bye\r\n"
     assert "192.0.2.66" not in postfix.maillog()
