@@ -17,7 +17,7 @@ therefore never starts rejecting mail unless its defaults say so.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -49,15 +49,24 @@ class ActionOptions:
         object.__setattr__(self, "actions", {**self.DEFAULT_ACTIONS, **self.actions})
 
 
-def check_actions(actions: Mapping[str, ActionSpec], findings: tuple[str, ...]) -> dict[str, str]:
+def check_actions(
+    actions: Mapping[str, ActionSpec], findings: tuple[str, ...], temporary: Collection[str] = ()
+) -> dict[str, str]:
     """Problems in an ``actions`` table, as ``{key: expected}`` for a
-    plugin's ``Options.check()``."""
+    plugin's ``Options.check()``.
+
+    :param temporary: the findings that report a temporary failure (a DNS
+        timeout, a SERVFAIL): they may not map to ``reject``, since a 5yz
+        for a temporary problem bounces mail that a retry would deliver.
+    """
     bad = {}
     for finding, action in actions.items():
         if finding not in findings:
             bad[f"actions.{finding}"] = f"a finding of this plugin ({', '.join(findings)})"
         elif isinstance(action, str) and action not in ACTION_NAMES:
             bad[f"actions.{finding}"] = f"one of {', '.join(ACTION_NAMES)} or a score"
+        elif action == "reject" and finding in temporary:
+            bad[f"actions.{finding}"] = "defer, tag, accept, continue or a score (a temporary failure must not bounce mail)"
     return bad
 
 

@@ -516,7 +516,7 @@ class DkimPlugin(Plugin):
         required_domains: tuple[str, ...] = ()
 
         def check(self) -> dict[str, str]:
-            bad = check_actions(self.actions, FINDINGS)
+            bad = check_actions(self.actions, FINDINGS, ("temperror", "required_temperror"))
             for i, domain in enumerate(self.required_domains):
                 if ar.domain_or_none(domain) is None:
                     bad[f"required_domains[{i}]"] = f"expected a domain name, got {domain!r}"

@@ -406,10 +406,7 @@ class HeloPlugin(Plugin):
         skip_allowlisted: bool = True
 
         def check(self) -> dict[str, str]:
-            bad = check_actions(self.actions, FINDINGS)
-            for finding in _TEMPORARY:
-                if self.actions.get(finding) == "reject":
-                    bad[f"actions.{finding}"] = "defer, tag, accept, continue or a score (a DNS failure is temporary)"
+            bad = check_actions(self.actions, FINDINGS, _TEMPORARY)
             for i, name in enumerate(self.own_names):
                 if not is_domain(name) or name.startswith("["):
                     bad[f"own_names[{i}]"] = f"expected a host name, got {name!r}"

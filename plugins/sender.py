@@ -208,10 +208,7 @@ class SenderPlugin(Plugin):
         skip_allowlisted: bool = True
 
         def check(self) -> dict[str, str]:
-            bad = check_actions(self.actions, FINDINGS)
-            if self.actions.get(Finding.TEMPFAIL) == "reject":
-                bad["actions.tempfail"] = "defer, tag, accept, continue or a score (a DNS failure is temporary)"
-            return bad
+            return check_actions(self.actions, FINDINGS, (Finding.TEMPFAIL,))
 
     default_enabled = False
 

@@ -364,7 +364,7 @@ class SpfPlugin(Plugin):
         received_spf: bool = True
 
         def check(self) -> dict[str, str]:
-            return check_actions(self.actions, FINDINGS)
+            return check_actions(self.actions, FINDINGS, ("temperror",))
 
     def __init__(self, options: Any, context: Context, name: str = "") -> None:
         super().__init__(options, context, name)

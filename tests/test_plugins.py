@@ -81,3 +81,17 @@ def test_a_broken_plugin_is_an_error_only_where_the_policy_names_it(monkeypatch,
     (problem,) = info.value.problems
     assert problem.key == "plugins.broken"
     assert problem.expected.startswith("an importable plugin (no_such_module_anywhere:Plugin")
+
+
+@pytest.mark.parametrize("plugin,finding", [
+    ("helo", "tempfail"), ("helo", "fcrdns_tempfail"), ("sender", "tempfail"), ("dnsbl", "tempfail"),
+    ("spf", "temperror"), ("dkim", "temperror"), ("dkim", "required_temperror"), ("dmarc", "temperror"),
+])
+def test_a_temporary_failure_may_not_be_mapped_to_reject(plugin: str, finding: str) -> None:
+    policy = policy_from_dict(
+        {"gateway": {"hostname": "gw.example"}, "plugins": {plugin: {"actions": {finding: "reject"}}}}, "p.toml"
+    )
+    with pytest.raises(PolicyError) as info:
+        load_plugins(policy, Context(policy.gateway))
+    assert [p.key for p in info.value.problems] == [f"plugins.{plugin}.actions.{finding}"]
+    assert "defer" in str(info.value)
