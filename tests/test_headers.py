@@ -1,0 +1,66 @@
+"""Edits of the raw header block: fields put in front, fields removed, and
+whether an Authentication-Results field claims our authserv-id."""
+
+import pytest
+
+from gateway.headers import claims_authserv_id, prepend, remove_fields
+
+MESSAGE = (
+    b"Received: from a\r\n\tby b\r\n"
+    b"Authentication-Results: gw.example; spf=pass\r\n"
+    b"Subject: Authentication-Results: gw.example\r\n"
+    b"Authentication-Results: other.example;\r\n dkim=pass\r\n"
+    b"\r\n"
+    b"Authentication-Results: gw.example; in the body\r\n"
+)
+
+
+def test_prepend_puts_fields_first_in_order() -> None:
+    assert prepend(b"Subject: x\r\n\r\nbody\r\n", [("X-A", "1"), ("X-B", "2")]) == (
+        b"X-A: 1\r\nX-B: 2\r\nSubject: x\r\n\r\nbody\r\n")
+
+
+def test_prepend_nothing_keeps_the_message() -> None:
+    raw = b"Subject: x\r\n\r\nbody\r\n"
+    assert prepend(raw, []) is raw
+
+
+def test_remove_fields_drops_whole_folded_fields_and_nothing_else() -> None:
+    out = remove_fields(MESSAGE, "Authentication-Results", lambda f: b"other.example" in f)
+    assert out == (
+        b"Received: from a\r\n\tby b\r\n"
+        b"Subject: Authentication-Results: gw.example\r\n"
+        b"Authentication-Results: other.example;\r\n dkim=pass\r\n"
+        b"\r\n"
+        b"Authentication-Results: gw.example; in the body\r\n"
+    )
+
+
+def test_remove_fields_sees_the_obsolete_blank_before_the_colon() -> None:
+    raw = b"authentication-results \t: gw.example; spf=pass\r\nSubject: x\r\n\r\nbody\r\n"
+    assert remove_fields(raw, "Authentication-Results", lambda f: False) == b"Subject: x\r\n\r\nbody\r\n"
+
+
+def test_remove_fields_without_a_match_returns_the_message_itself() -> None:
+    raw = b"Subject: x\r\n\r\nAuthentication-Results: only in the body\r\n"
+    assert remove_fields(raw, "Authentication-Results", lambda f: False) is raw
+
+
+def test_remove_fields_in_a_message_without_a_body() -> None:
+    raw = b"Authentication-Results: gw.example; spf=pass\r\nSubject: x\r\n"
+    assert remove_fields(raw, "Authentication-Results", lambda f: False) == b"Subject: x\r\n"
+
+
+@pytest.mark.parametrize("field,claims", [
+    (b"Authentication-Results: gw.example; spf=pass", True),
+    (b"Authentication-Results: GW.Example.; spf=pass", True),
+    (b"Authentication-Results: (a (nested) comment) gw.example; spf=pass", True),
+    (b'Authentication-Results: "gw.example"; spf=pass', True),
+    (b"Authentication-Results:\r\n gw.example\r\n ; dkim=pass", True),
+    (b"Authentication-Results: gw.example.evil; spf=pass", False),
+    (b"Authentication-Results: other.example; x=gw.example", False),
+    (b"Authentication-Results: (gw.example) other.example; spf=pass", False),
+    (b"Authentication-Results: ;", False),
+])
+def test_claims_authserv_id(field: bytes, claims: bool) -> None:
+    assert claims_authserv_id(field, "gw.example") is claims

@@ -1,0 +1,58 @@
+"""One line per decision: Postfix-like text, or JSON for log pipelines."""
+
+import ipaddress
+import json
+import logging
+
+from gateway import log
+from gateway.address import Address
+from gateway.replies import Reply
+from gateway.session import Envelope, Session
+
+REPLY = Reply(554, "5.7.1", "<x@remote.example>: Relay access denied")
+
+
+def session() -> Session:
+    return Session(client_ip=ipaddress.ip_address("203.0.113.7"), helo="mx.example.org")
+
+
+def test_text_line_carries_what_finds_the_mail_in_postfixs_log(caplog) -> None:
+    s = session()
+    envelope = Envelope(Address("bob", "example.org"), ())
+    with caplog.at_level(logging.INFO, "smtpgate.decision"):
+        log.decision(s, "rcpt", "reject", REPLY, envelope=envelope, rcpt="x@remote.example",
+                     plugin="relay", result="relay=denied remote")
+    (record,) = caplog.records
+    assert record.getMessage() == (
+        f"{s.id}: rcpt reject: client=unknown[203.0.113.7] helo=<mx.example.org> from=<bob@example.org> "
+        'to=<x@remote.example> plugin=relay result=relay=denied remote '
+        'reply="554 5.7.1 <x@remote.example>: Relay access denied"'
+    )
+
+
+def test_json_has_the_same_fields() -> None:
+    s = session()
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("smtpgate.decision")
+    logger.addHandler(handler)
+    old = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        log.decision(s, "connect", "defer", Reply(421, "4.7.0", "busy"))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old)
+    out = json.loads(log.JSONFormatter().format(records[0]))
+    assert {k: out[k] for k in ("level", "logger", "session", "stage", "action", "client", "helo", "reply")} == {
+        "level": "info", "logger": "smtpgate.decision", "session": s.id, "stage": "connect", "action": "defer",
+        "client": "unknown[203.0.113.7]", "helo": "mx.example.org", "reply": "421 4.7.0 busy",
+    }
+    assert out["time"].endswith("Z")
+
+
+def test_nothing_is_formatted_when_the_level_is_off(caplog) -> None:
+    with caplog.at_level(logging.WARNING, "smtpgate.decision"):
+        log.decision(session(), "data", "delivered", Reply(250, "2.0.0", "Ok"))
+    assert caplog.records == []
