@@ -13,7 +13,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["Address", "Params", "PathError", "parse_path", "is_domain"]
+import idna
+
+__all__ = ["Address", "Params", "PathError", "parse_path", "is_domain", "to_ascii_domain"]
 
 # atext of RFC 5322 §3.2.3; non-ASCII is allowed only with SMTPUTF8.
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -169,6 +171,19 @@ def _parse_params(text: str) -> Params:
             raise PathError(f"bad parameter {token!r}")
         out.append((name.upper(), value if eq else None))
     return tuple(out)
+
+
+def to_ascii_domain(name: str) -> str:
+    """``name`` with its U-labels as A-labels, by IDNA2008 with UTS #46
+    mapping (non-transitional: ``straße`` stays ``xn--strae-oqa``, where
+    Python's IDNA2003 codec turns it into another domain, ``strasse``).
+    Raises :class:`UnicodeError` for a name IDNA cannot convert."""
+    if name.isascii():
+        return name
+    try:
+        return idna.encode(name, uts46=True, transitional=False).decode("ascii")
+    except idna.IDNAError as exc:
+        raise UnicodeError(str(exc)) from exc
 
 
 def is_domain(text: str) -> bool:

@@ -44,6 +44,8 @@ import dns.rdtypes.txtbase
 import dns.resolver
 import spf
 
+from .address import to_ascii_domain
+
 __all__ = [
     "Answer",
     "CacheStats",
@@ -210,7 +212,10 @@ def _negative_ttl(response: dns.message.Message | None) -> int:
 def _query_key(name: str, rdtype: str) -> _Key:
     """The cache key of a question.  Memoised: parsing the name was a
     visible cost of every cache hit, and busy senders ask the same names."""
-    return dns.name.from_text(name).canonicalize().to_text(), dns.rdatatype.from_text(rdtype)
+    return (
+        dns.name.from_text(to_ascii_domain(name)).canonicalize().to_text(),
+        dns.rdatatype.from_text(rdtype),
+    )
 
 
 class Resolver:

@@ -30,6 +30,7 @@ from typing import Any
 import authres
 
 from gateway import Context, Message, StashKey
+from gateway.address import to_ascii_domain
 
 __all__ = [
     "AR_HEADER",
@@ -113,7 +114,7 @@ def domain_or_none(domain: str) -> str | None:
     domain = domain.strip().rstrip(".").lower()
     if not domain.isascii():
         try:
-            domain = domain.encode("idna").decode("ascii")
+            domain = to_ascii_domain(domain)
         except UnicodeError:
             return None
     if len(domain) > 253 or not _DOMAIN.match(domain):

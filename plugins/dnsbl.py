@@ -61,7 +61,7 @@ from gateway import (
     then,
 )
 from gateway.actions import ACTION_NAMES, ActionOptions, ActionSpec, check_actions, decide
-from gateway.address import is_domain
+from gateway.address import is_domain, to_ascii_domain
 from gateway.config import parse_table
 from gateway.dns import Answer, Resolver, Status, dnsbl_name
 from gateway.verdict import Action, combine
@@ -304,7 +304,7 @@ def lookup_domain(text: str) -> str | None:
         pass
     if not name.isascii():
         try:
-            name = name.encode("idna").decode("ascii")
+            name = to_ascii_domain(name)
         except UnicodeError:
             return None
     return name if is_domain(name) else None

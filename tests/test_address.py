@@ -1,6 +1,6 @@
 import pytest
 
-from gateway.address import PathError, is_domain, parse_path
+from gateway.address import PathError, is_domain, parse_path, to_ascii_domain
 
 
 @pytest.mark.parametrize(
@@ -73,3 +73,17 @@ def test_quoted_local_unquoted() -> None:
 @pytest.mark.parametrize("text,ok", [("example.com", True), ("[192.0.2.1]", True), ("a_b.example", False), ("", False), ("x.", False)])
 def test_is_domain(text: str, ok: bool) -> None:
     assert is_domain(text) is ok
+
+
+@pytest.mark.parametrize("name,ascii_name", [
+    ("example.org", "example.org"),
+    ("straße.example", "xn--strae-oqa.example"),  # not strasse.example (IDNA2003)
+    ("BÜCHER.example", "xn--bcher-kva.example"),
+])
+def test_to_ascii_domain(name: str, ascii_name: str) -> None:
+    assert to_ascii_domain(name) == ascii_name
+
+
+def test_to_ascii_domain_refuses_what_idna_cannot_convert() -> None:
+    with pytest.raises(UnicodeError):
+        to_ascii_domain("a\u200db.example")  # a ZERO WIDTH JOINER out of context

@@ -53,6 +53,11 @@ async def test_records(resolver: Resolver) -> None:
     assert answer.rdata[0].to_text() == "192.0.2.20"
 
 
+async def test_unicode_names_are_asked_by_idna2008(resolver: Resolver) -> None:
+    answer = await resolver.query("Straße.mail.test", "MX")
+    assert answer.status is Status.RECORDS and answer.records == ("10 good.mail.test.",)
+
+
 async def test_txt_strings_are_joined_and_kept(resolver: Resolver) -> None:
     answer = await resolver.txt("multi.test.example")
     assert answer.records == ("onetwo",)
