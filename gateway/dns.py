@@ -224,7 +224,8 @@ class Resolver:
     :param nameservers: ``"IP"``, ``"IP:PORT"`` or ``"[V6]:PORT"``; empty means
         the system's (/etc/resolv.conf).
     :param timeout: seconds one question may take in all (retries and TCP
-        fallback included) before it is TEMPFAIL.
+        fallback included) before it is TEMPFAIL; with several nameservers
+        each gets an equal share before the next is asked.
     :param cache_size: most entries kept (least recently used go first); 0
         disables the cache (de-duplication still works).
     :param tempfail_ttl: seconds a TEMPFAIL is remembered (0 = not at all).
@@ -268,10 +269,12 @@ class Resolver:
             self._dns.nameservers = servers
         self._dns.cache = None  # ours, see above
         self._dns.lifetime = timeout
-        # One try per lookup: a retry sends a new query and drops the late
-        # answer to the first, so with short tries a list that always takes
-        # longer than a try could never be read, whatever `timeout` says.
-        self._dns.timeout = timeout
+        # One try per server, each an equal share of the time: a retry sends
+        # a new query and drops the late answer to the first, so with short
+        # tries a list that always takes longer than a try could never be
+        # read, whatever `timeout` says; but a second server must still get
+        # its turn when the first is silent.
+        self._dns.timeout = timeout / max(1, len(self._dns.nameservers))
         self._dns.use_edns(0, 0, _EDNS_PAYLOAD)
         self.timeout = timeout
         self._cache_size = cache_size

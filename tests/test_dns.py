@@ -8,6 +8,7 @@ uses a fake clock instead of sleeping.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Awaitable
 from typing import TypeVar
@@ -102,6 +103,18 @@ async def test_timeout_is_tempfail_within_the_timeout(dns: DNSServer) -> None:
     resolver = Resolver([dns.nameserver], timeout=0.5)
     answer, elapsed = await timed(resolver.query("www.other.example", "A"))
     assert answer.status is Status.TEMPFAIL and "timeout" in answer.error
+    assert 0.45 <= elapsed < 0.9
+
+
+async def test_a_silent_first_nameserver_leaves_time_for_the_second(dns: DNSServer) -> None:
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # bound, never answers
+    silent.bind(("127.0.0.1", 0))
+    try:
+        resolver = Resolver([f"127.0.0.1:{silent.getsockname()[1]}", dns.nameserver], timeout=1.0)
+        answer, elapsed = await timed(resolver.query("host.test.example", "A"))
+    finally:
+        silent.close()
+    assert answer.status is Status.RECORDS and answer.records == ("192.0.2.20",)
     assert 0.45 <= elapsed < 0.9
 
 
