@@ -566,8 +566,9 @@ def _spf_records(name: str, qtype: str, answer: Answer) -> list[tuple[tuple[str,
     return []
 
 
-def _spf_lookup_via(resolver: Resolver, loop: asyncio.AbstractEventLoop) -> _SpfLookup:
-    """A blocking lookup for a worker thread: runs resolver.query on ``loop``."""
+def _spf_lookup_via(resolver: Resolver, loop: asyncio.AbstractEventLoop, ttls: list[int]) -> _SpfLookup:
+    """A blocking lookup for a worker thread: runs resolver.query on ``loop``
+    and appends each answer's remaining TTL to ``ttls``."""
 
     def lookup(name: str, qtype: str, timeout: float) -> list[tuple[tuple[str, str], Any]]:
         bound = min(timeout, resolver.timeout) + 1.0
@@ -582,13 +583,15 @@ def _spf_lookup_via(resolver: Resolver, loop: asyncio.AbstractEventLoop) -> _Spf
             raise spf.TempError(f"DNS {name} {qtype}: timeout") from None
         if answer.temporary:
             raise spf.TempError(f"DNS {name} {qtype}: {answer.error}")
+        ttls.append(answer.ttl)
         return _spf_records(name, qtype, answer)
 
     return lookup
 
 
-#: Seconds an SPF result is reused for the same (ip, sender, HELO).  Short:
-#: a domain that changes its SPF record is obeyed within a minute.
+#: Most seconds an SPF result is reused for the same (ip, sender, HELO):
+#: no longer than the shortest TTL among the answers it was made of, and
+#: short anyway, so a domain that changes its SPF record is obeyed soon.
 SPF_RESULT_TTL = 60.0
 
 
@@ -615,7 +618,8 @@ async def spf_check(resolver: Resolver, ip: str, sender: str, helo: str, *, quer
         return cached
     key = (ip, sender.lower(), helo.lower())
     executor = _install_spf_router()
-    lookup = _spf_lookup_via(resolver, asyncio.get_running_loop())
+    ttls: list[int] = []
+    lookup = _spf_lookup_via(resolver, asyncio.get_running_loop(), ttls)
 
     def run() -> tuple[str, str]:
         token = _SPF_LOOKUP.set(lookup)
@@ -628,12 +632,13 @@ async def spf_check(resolver: Resolver, ip: str, sender: str, helo: str, *, quer
         return str(result), str(explanation)
 
     outcome = await asyncio.get_running_loop().run_in_executor(executor, run)
-    if outcome[0] != "temperror":
+    keep = min([SPF_RESULT_TTL, *ttls])
+    if outcome[0] != "temperror" and keep > 0:
         # The same client, sender and HELO get the same answer while the DNS
         # data does: keeping it a short while saves the thread hop and
         # pyspf's evaluation for every message of a busy sender.
         results = resolver._spf_results
-        results[key] = (resolver._clock() + SPF_RESULT_TTL, outcome)
+        results[key] = (resolver._clock() + keep, outcome)
         results.move_to_end(key)
         while len(results) > max(resolver._cache_size, 1):
             results.popitem(last=False)

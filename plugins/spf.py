@@ -275,7 +275,9 @@ def _replies(result: SpfResult) -> tuple[Reply, Reply | None]:
         return reply, None
     if result.result in ("temperror", "permerror"):
         problem = _reply_text(result.explanation) or f"error in the SPF record of {result.domain}"
-        return SPF_ERROR.format(problem=problem, **fields), SPF_TEMPERROR.format(**fields)
+        # A deferred permerror says what it is, in the 4yz twin of its 5yz.
+        temporary = SPF_TEMPERROR.format(**fields) if result.result == "temperror" else None
+        return SPF_ERROR.format(problem=problem, **fields), temporary
     return SPF_REJECTED.format(**fields), None
 
 

@@ -20,7 +20,7 @@ import pytest
 import spf
 
 from gateway import dns as gdns
-from gateway.dns import Answer, Resolver, Status, dkim_dnsfunc, dnsbl_name, reverse_name, spf_check
+from gateway.dns import Answer, Resolver, Status, dkim_dnsfunc, dnsbl_name, reverse_name, spf_cached, spf_check
 from tests.fixtures.clock import FakeClock
 from tests.fixtures.dkimkeys import keypair
 from tests.fixtures.dnsserver import DNSServer, dns, dns_server  # noqa: F401
@@ -522,6 +522,21 @@ async def test_spf_results_are_reused_for_a_minute(resolver: Resolver, dns: DNSS
     clock.now += 61
     assert await spf_check(resolver, "198.51.100.5", "a@strict.spf.example", "helo.example") == first
     assert dns.total_queries > sent
+
+
+async def test_spf_results_last_no_longer_than_their_records(resolver: Resolver, dns: DNSServer, clock: FakeClock) -> None:
+    dns.add_zone("shortttl.example", (
+        "$TTL 20\n@ IN SOA ns.shortttl.example. h.shortttl.example. 1 60 60 60 20\n"
+        '@ IN TXT "v=spf1 ip4:198.51.100.0/24 -all"\n'
+    ))
+    try:
+        assert (await spf_check(resolver, "198.51.100.5", "a@shortttl.example", "h.example"))[0] == "pass"
+        clock.now += 15
+        assert spf_cached(resolver, "198.51.100.5", "a@shortttl.example", "h.example") == ("pass", "sender SPF authorized")
+        clock.now += 6  # the TXT record (TTL 20) is gone, and so is the result made of it
+        assert spf_cached(resolver, "198.51.100.5", "a@shortttl.example", "h.example") is None
+    finally:
+        dns.remove_runtime_zones()
 
 
 async def test_spf_temperror_is_not_reused(resolver: Resolver, dns: DNSServer, clock: FakeClock) -> None:

@@ -204,6 +204,14 @@ async def test_actions_replace_defaults_one_by_one(resolver: Resolver, dns: DNSS
     assert (await settle(plugin.mail(session(), envelope("x@tempinc.auth.test")))).action is Action.DEFER
 
 
+async def test_a_deferred_permerror_is_called_a_permerror(resolver: Resolver, dns: DNSServer) -> None:
+    plugin = build(resolver, {"spf": {"actions": {"permerror": "defer"}}})["spf"]
+    verdict = await settle(plugin.mail(session(), envelope("x@badsyntax.auth.test")))
+    assert verdict.action is Action.DEFER
+    assert (verdict.reply.code, verdict.reply.enhanced) == (451, "4.7.24")
+    assert verdict.reply.text.startswith("<x@badsyntax.auth.test>: Sender address rejected: SPF permerror - ")
+
+
 async def test_fail_can_be_turned_into_a_tag(resolver: Resolver) -> None:
     plugin = build(resolver, {"spf": {"actions": {"fail": "tag"}}})["spf"]
     verdict = await settle(plugin.mail(session(BAD_IP), envelope("alice@auth.test")))
