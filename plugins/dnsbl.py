@@ -22,10 +22,13 @@ TXT record of the same name is the list's reason, quoted in the reply.
   postmaster to sort it out, and the log shows whom the mail was for.
 
 Trusted clients skip every check.  Answers that are no listing are never
-counted as one: anything outside 127.0.0.0/8 (an expired or hijacked zone),
+counted as one, in block and allow lists alike, with ``codes``, ``bitmask``
+or neither: anything outside 127.0.0.0/8 (an expired or hijacked zone),
 127.255.255.0/24 (list operators' error codes, e.g. 127.255.255.254 "query
-through a public resolver") and 127.0.0.1 (RFC 5782 §5; "query refused" at
-URIBL/SURBL).  They are the finding ``error``, logged with the zone's name.
+through a public resolver"), 127.0.0.1 (RFC 5782 §5; "query refused" at
+URIBL/SURBL) and 127.0.0.255 (list.dnswl.org's answer to every query once it
+blocks the resolver) -- the last two unless ``codes`` names them.  They are
+the finding ``error``, logged with the zone's name.
 A zone that fails (timeout, SERVFAIL, error codes) ``pause_after`` times in a
 row is paused for ``pause`` seconds: not asked, so it costs no time, and
 counted as not listing anybody.  A lookup failure is the finding
@@ -139,7 +142,14 @@ MAX_TXT = 200
 
 _LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
 _OPERATOR = ipaddress.IPv4Network("127.255.255.0/24")
-_NEVER_LISTED = ipaddress.IPv4Address("127.0.0.1")
+# Answers in 127.0.0.0/24 that lists give for problems, not listings: an
+# error for every zone, whatever its codes or bitmask, unless its ``codes``
+# names the address itself.
+_REFUSED_CODES = {
+    int(ipaddress.IPv4Address("127.0.0.1")): "never a listing (RFC 5782 §5), 'query refused' at URIBL and SURBL",
+    int(ipaddress.IPv4Address("127.0.0.255")): "access blocked: list.dnswl.org answers it to every query"
+    " once it blocks the resolver (too many queries, or a public resolver)",
+}
 # Spamhaus's return codes for problems on the querying side.
 _OPERATOR_MEANING = {
     "127.255.255.252": "typing error in the DNSBL name",
@@ -156,20 +166,27 @@ class Codes:
     """Which A records of a zone count as a listing.
 
     :param ranges: inclusive ``(first, last)`` ranges of addresses as
-        integers; empty means every code but 127.0.0.1.
+        integers; empty means every code.
     :param bitmask: when not 0, a code counts if its last octet has any of
         these bits (SURBL/URIBL-style multi lists); ``ranges`` is then empty.
+
+    127.0.0.1 and 127.0.0.255 (lists' "query refused" and "blocked") never
+    count, whatever the ranges or the bitmask, unless a range is that one
+    address (``codes = ["127.0.0.1"]``).
     """
 
     ranges: tuple[tuple[int, int], ...] = ()
     bitmask: int = 0
 
     def matches(self, code: ipaddress.IPv4Address) -> bool:
+        value = int(code)
+        if value in _REFUSED_CODES:
+            return (value, value) in self.ranges
         if self.bitmask:
-            return bool(int(code) & 0xFF & self.bitmask)
+            return bool(value & 0xFF & self.bitmask)
         if self.ranges:
-            return any(first <= int(code) <= last for first, last in self.ranges)
-        return code != _NEVER_LISTED
+            return any(first <= value <= last for first, last in self.ranges)
+        return True
 
 
 def parse_codes(specs: Iterable[str], bitmask: int = 0) -> Codes:
@@ -227,9 +244,9 @@ def classify(answer: Answer, codes: Codes) -> Outcome:
     """Turn an A-record answer into LISTED, CLEAR, ERROR or TEMPFAIL.
 
     A record counts only if it is in 127.0.0.0/8, outside 127.255.255.0/24,
-    and accepted by ``codes``; 127.0.0.1 is an error unless ``codes`` names
-    it.  One counting record is enough; without one, any error record makes
-    the outcome ERROR.
+    and accepted by ``codes``; 127.0.0.1 and 127.0.0.255 are errors unless
+    ``codes`` names them.  One counting record is enough; without one, any
+    error record makes the outcome ERROR.
 
     >>> classify(Answer(Status.RECORDS, ("127.0.0.2",)), Codes()).status
     <ZoneStatus.LISTED: 'listed'>
@@ -257,9 +274,9 @@ def classify(answer: Answer, codes: Codes) -> Outcome:
             why.append(f"{record}: {_OPERATOR_MEANING.get(record, 'list operator error code')}")
         elif codes.matches(code):
             listed.append(record)
-        elif code == _NEVER_LISTED:
+        elif int(code) in _REFUSED_CODES:
             errors.append(record)
-            why.append(f"{record}: never a listing (RFC 5782 §5), 'query refused' at some lists")
+            why.append(f"{record}: {_REFUSED_CODES[int(code)]}")
         else:
             ignored.append(record)
     if listed:
@@ -489,14 +506,19 @@ class DnsblResults:
     :param hits: every block-list listing found so far.
     :param refusals: refusals held back until RCPT (``delay_reject``), by
         the stage that found them; ``"mail"`` only for ``mail_envelope``.
-    :param reported: (zone, identity, subject) whose score already counted,
-        so a repeated HELO does not count it twice.
+    :param helo_refusal: the verdict of the first HELO/EHLO whose name was
+        refused (or held for RCPT), repeated to every later HELO/EHLO of the
+        session, so another name cannot wash it out; None while none was.
+    :param reported: (zone, identity, subject) whose score already counted
+        at connect or MAIL.  (Not for HELO: the gateway replaces what an
+        earlier HELO contributed, so a HELO verdict carries its score.)
     """
 
     allowed: Hit | None = None
     hits: list[Hit] = field(default_factory=list)
     refusals: dict[str, Verdict] = field(default_factory=dict)
     mail_envelope: str = ""
+    helo_refusal: Verdict | None = None
     reported: set[tuple[str, str, str]] = field(default_factory=set)
 
 
@@ -518,6 +540,9 @@ class _Entry:
     breaker: Breaker
     #: the reply template uses the TXT record
     wants_txt: bool
+    #: names this zone is being asked for now by a session that will count
+    #: the answer for the breaker (others waiting for the same answer don't)
+    asking: set[str] = field(default_factory=set)
 
 
 #: Each zone with its outcome and, for a quoted refusal, the TXT reason.
@@ -609,7 +634,9 @@ class DnsblPlugin(Plugin):
 
     def _from_cache(self, entry: _Entry, name: str) -> tuple[Outcome, str] | None:
         """What :meth:`_ask` would find, when the cache alone can tell
-        (None otherwise): a warm gateway then needs no task or timer."""
+        (None otherwise): a warm gateway then needs no task or timer.  A
+        cached answer was counted by the breaker when it was asked for, so
+        it is not counted again (nor logged again)."""
         if not entry.breaker.allows():
             return Outcome(ZoneStatus.PAUSED), ""
         answer = self.resolver.cached(name, "A")
@@ -624,21 +651,29 @@ class DnsblPlugin(Plugin):
                 if reason is None:
                     return None
                 txt = clean_txt(reason)
-        self._account(entry, name, outcome)
         return outcome, txt
 
     async def _ask(self, entry: _Entry, name: str, deadline: float) -> tuple[Outcome, str]:
         """One zone, one name: the outcome and, for a refusing listing whose
-        reply quotes it, the TXT reason.  Updates the zone's breaker."""
+        reply quotes it, the TXT reason.  Updates the zone's breaker once per
+        query: not for an answer another session is already waiting for,
+        nor for one the cache has meanwhile."""
         if not entry.breaker.allows():
             return Outcome(ZoneStatus.PAUSED), ""
+        counts = name not in entry.asking and not self.resolver.is_cached(name, "A")
+        if counts:
+            entry.asking.add(name)
         try:
             async with asyncio.timeout_at(deadline):
                 answer = await self.resolver.query(name, "A")
         except TimeoutError:
             answer = Answer(Status.TEMPFAIL, error=f"no answer within {self.options.timeout:g}s")
+        finally:
+            if counts:
+                entry.asking.discard(name)
         outcome = classify(answer, entry.codes)
-        self._account(entry, name, outcome)
+        if counts:
+            self._account(entry, name, outcome)
         txt = ""
         if outcome.status is ZoneStatus.LISTED and entry.wants_txt:
             finding = "allowed" if entry.zone.type == "allow" else "listed"
@@ -743,7 +778,9 @@ class DnsblPlugin(Plugin):
         lists' verdicts count and the client is allow-listed.  Otherwise the
         most severe verdict decides, and with ``delay_reject`` a refusal is
         kept in ``state`` for RCPT while the stage goes on with the score.
-        A (zone, name) scores once per session, however often it is asked.
+        A (zone, name) scores once per session, however often it is asked;
+        at HELO the gateway itself replaces the score an earlier HELO gave,
+        so there each verdict carries it.
         """
         allow: list[Verdict] = []
         others: list[Verdict] = []
@@ -753,7 +790,7 @@ class DnsblPlugin(Plugin):
             if verdict is None:
                 continue
             key = (entry.name, identity, subject)
-            if key in state.reported:
+            if key in state.reported and identity != "helo":
                 verdict = replace(verdict, score=0.0, headers=())
             state.reported.add(key)
             hit = None
@@ -806,16 +843,25 @@ class DnsblPlugin(Plugin):
     @hookimpl
     def helo(self, session: Session, hostname: str) -> MaybeVerdict:
         state = self._state(session)
-        state.refusals.pop("helo", None)  # a new name is judged afresh
+        if state.helo_refusal is not None:
+            # A refused HELO stays refused until XCLIENT (which clears
+            # session.results): another name does not wash it out, and the
+            # refusal held for RCPT stays held.  Same score: the gateway
+            # replaces the previous HELO's, so it counts once.
+            return replace(state.helo_refusal, result=f"{state.helo_refusal.result} (repeated)")
         if session.trusted or state.allowed is not None or not self._helo:
             return None
         domain = lookup_domain(hostname)
         if domain is None:
             return None
-        return then(
-            self._lookup(self._helo, "helo", domain),
-            lambda found: self._stage(session, state, "helo", found, "helo", domain),
-        )
+
+        def judged(found: Found) -> Verdict | None:
+            verdict = self._stage(session, state, "helo", found, "helo", domain)
+            if verdict is not None and (verdict.refuses or "helo" in state.refusals):
+                state.helo_refusal = verdict
+            return verdict
+
+        return then(self._lookup(self._helo, "helo", domain), judged)
 
     @hookimpl
     def mail(self, session: Session, envelope: Envelope) -> MaybeVerdict:

@@ -181,6 +181,25 @@ def test_classify_filters_codes() -> None:
     assert classify(answer("127.0.0.1"), parse_codes(["127.0.0.1"])).status is ZoneStatus.LISTED
 
 
+@pytest.mark.parametrize("record", ["127.0.0.1", "127.0.0.255"])
+@pytest.mark.parametrize(
+    "codes",
+    [Codes(), parse_codes([], bitmask=0x03), parse_codes([], bitmask=0xFF), parse_codes(["127.0.0.0/24"]),
+     parse_codes(["127.0.0.1-127.0.0.255"])],
+    ids=["any", "bitmask-3", "bitmask-255", "network", "range"],
+)
+def test_refused_and_blocked_answers_are_errors_whatever_the_codes(codes: Codes, record: str) -> None:
+    """127.0.0.1 (URIBL/SURBL "query refused") and 127.0.0.255 (what
+    list.dnswl.org answers to everything once it blocks the resolver) are
+    no listing, with a bitmask too (their last octets have every bit)."""
+    outcome = classify(answer(record), codes)
+    assert (outcome.status, outcome.codes) == (ZoneStatus.ERROR, (record,))
+    assert not codes.matches(ipaddress.IPv4Address(record))
+    # ... unless the zone's codes name that very address
+    assert classify(answer(record), parse_codes([record])).status is ZoneStatus.LISTED
+    assert classify(answer(record), parse_codes([f"{record}/32", "127.0.0.2"])).status is ZoneStatus.LISTED
+
+
 def test_clean_txt_keeps_one_printable_line() -> None:
     assert clean_txt(Answer(Status.RECORDS, ("a\r\n250 ok\x00 \t b  é",))) == "a??250 ok? b ?"
     assert len(clean_txt(Answer(Status.RECORDS, ("x" * 1000,)))) == 200
@@ -577,6 +596,46 @@ async def test_circuit_breaker_pauses_a_failing_zone(dns: DNSServer, records: li
     assert "zone bl.test answers again; resumed" == records[-1].getMessage()
 
 
+async def test_the_breaker_does_not_count_cache_hits(dns: DNSServer, resolver: Resolver) -> None:
+    """One SERVFAIL, remembered by the resolver for a few seconds, is one
+    failure: the sessions that find it in the cache do not pause the zone."""
+    plugin = make(resolver, BL, delay_reject=False)  # pause_after = 5
+    dns.servfail("1.2.0.192.bl.test")
+    for _ in range(5):
+        verdict = await settle(plugin.connect(session("192.0.2.1")))
+        assert verdict is not None and verdict.result == "dnsbl=tempfail bl.test"
+    assert dns.query_count("1.2.0.192.bl.test", "A") == 1
+    assert plugin.entries[0].breaker.failures == 1
+    dns.reset_faults()
+    verdict = await settle(plugin.connect(session("192.0.2.99")))
+    assert verdict is not None and verdict.reply == listed("192.0.2.99", reason=f"; {REASON_99}")
+
+
+async def test_the_breaker_does_not_count_sessions_waiting_for_one_answer(dns: DNSServer, resolver: Resolver) -> None:
+    plugin = make(resolver, BL, delay_reject=False, pause_after=2)
+    dns.servfail("1.2.0.192.bl.test")
+    dns.delay("bl.test", 0.1)
+    verdicts = await asyncio.gather(*(settle(plugin.connect(session("192.0.2.1"))) for _ in range(5)))
+    assert [v.result for v in verdicts if v is not None] == ["dnsbl=tempfail bl.test"] * 5
+    assert dns.query_count("1.2.0.192.bl.test", "A") == 1
+    assert plugin.entries[0].breaker.failures == 1 and plugin.entries[0].breaker.allows()
+
+
+async def test_cached_successes_do_not_reset_the_failure_count(dns: DNSServer) -> None:
+    """A zone that fails every question it is asked is paused, even while
+    sessions keep finding its earlier good answers in the cache."""
+    plugin = make(Resolver([dns.nameserver], timeout=0.5, tempfail_ttl=0), BL, pause_after=2, delay_reject=False)
+    plugin.clock = FakeClock()
+    assert (await settle(plugin.connect(session("192.0.2.99")))).action is Action.REJECT  # type: ignore[union-attr]
+    dns.servfail("bl.test", subtree=True)
+    assert (await settle(plugin.connect(session("192.0.2.1")))).result == "dnsbl=tempfail bl.test"  # type: ignore[union-attr]
+    assert (await settle(plugin.connect(session("192.0.2.99")))).action is Action.REJECT  # type: ignore[union-attr]
+    assert (await settle(plugin.connect(session("192.0.2.2")))).result == "dnsbl=tempfail bl.test"  # type: ignore[union-attr]
+    # two failures in a row: paused, not asked
+    assert await settle(plugin.connect(session("192.0.2.3"))) is None
+    assert dns.query_count("3.2.0.192.bl.test") == 0
+
+
 async def test_operator_error_codes_pause_the_zone(dns: DNSServer, resolver: Resolver) -> None:
     dns.add_zone("err.test", "* A 127.255.255.254\n")
     plugin = make(resolver, {"err.test": {}}, pause_after=2, pause=60)
@@ -632,6 +691,31 @@ async def test_allow_list_codes_and_scores(resolver: Resolver) -> None:
     medium = session("192.0.2.96")
     verdict = await settle(plugin.connect(medium))
     assert verdict is not None and (verdict.action, verdict.score) == (Action.ACCEPT, -2.0)
+
+
+@pytest.mark.parametrize(
+    "code,options",
+    [("127.0.0.255", {"bitmask": 3}), ("127.0.0.255", {}), ("127.0.0.1", {"bitmask": 3})],
+)
+async def test_a_blocked_allow_list_allows_nobody(
+    dns: DNSServer, resolver: Resolver, records: list[logging.LogRecord], code: str, options: dict[str, Any]
+) -> None:
+    """list.dnswl.org answers 127.0.0.255 to every query once it blocks the
+    resolver (URIBL-style lists 127.0.0.1): an error, not an allow-listing
+    that would let every client skip every check; counted by the breaker."""
+    dns.add_zone("dnswl.test", f"* A {code}\n")
+    plugin = make(resolver, {**BL, "dnswl.test": {"type": "allow", **options}}, delay_reject=False, pause_after=2)
+    client = session("192.0.2.99")
+    verdict = await settle(plugin.connect(client))
+    assert verdict is not None and verdict.action is Action.REJECT
+    assert verdict.reply == listed("192.0.2.99", reason=f"; {REASON_99}")
+    assert verdict.result == f"dnsbl=listed bl.test:127.0.0.2 dnsbl=error dnswl.test:{code}"
+    assert allowlisted(client) is None
+    (warning,) = [r for r in records if r.levelno == logging.WARNING]
+    assert warning.getMessage().startswith(f"zone dnswl.test answered {code} for 99.2.0.192.dnswl.test: {code}: ")
+    # an error like the others: a second one in a row pauses the zone
+    await settle(plugin.connect(session("192.0.2.1")))
+    assert not plugin.entries[1].breaker.allows()
 
 
 async def test_allow_list_as_a_score_only(resolver: Resolver) -> None:
@@ -693,11 +777,11 @@ async def test_rhsbl_sender_refusal_belongs_to_its_transaction(resolver: Resolve
 
 async def test_rhsbl_on_helo(dns: DNSServer, resolver: Resolver) -> None:
     plugin = make(resolver, RHS, delay_reject=False)
-    client = session("203.0.113.7")
-    verdict = await settle(plugin.helo(client, "Bot.SpamHelo.example"))
+    verdict = await settle(plugin.helo(session("203.0.113.7"), "Bot.SpamHelo.example"))
     assert verdict is not None and verdict.reply == Reply(
         554, "5.7.1", "Service unavailable; Helo command [bot.spamhelo.example] blocked using rhs.test"
     )
+    client = session("203.0.113.7")
     assert await settle(plugin.helo(client, "mail.example.org")) is None
     assert await settle(plugin.helo(client, "[192.0.2.1]")) is None
     assert await settle(plugin.helo(client, "192.0.2.1")) is None
@@ -711,18 +795,57 @@ async def test_rhsbl_domains_option(resolver: Resolver) -> None:
     assert (await settle(plugin.mail(client, envelope("a@spam.example")))).refuses  # type: ignore[union-attr]
 
 
-async def test_helo_refusal_held_for_rcpt_and_replaced_by_a_new_helo(resolver: Resolver) -> None:
+HELO_LISTED = Reply(554, "5.7.1", "Service unavailable; Helo command [bot.spamhelo.example] blocked using rhs.test")
+
+
+async def test_a_refused_helo_stays_refused(dns: DNSServer, resolver: Resolver) -> None:
+    """As with the helo plugin: another name in a second HELO/EHLO gets the
+    first refusal again, until XCLIENT (which clears session.results)."""
+    plugin = make(resolver, RHS, delay_reject=False)
+    client = session("203.0.113.7")
+    first = await settle(plugin.helo(client, "bot.spamhelo.example"))
+    assert first is not None and (first.action, first.reply) == (Action.REJECT, HELO_LISTED)
+    for name in ("clean.example.org", "bot.spamhelo.example", "[192.0.2.1]"):
+        again = await settle(plugin.helo(client, name))
+        assert again is not None and (again.action, again.reply) == (Action.REJECT, HELO_LISTED)
+        assert again.result == "dnsbl=listed rhs.test:127.0.0.2 helo=bot.spamhelo.example (repeated)"
+    assert dns.query_count("clean.example.org.rhs.test") == 0
+    assert len(client.results["dnsbl"].hits) == 1
+    client.results.clear()  # XCLIENT: a new client identity
+    assert await settle(plugin.helo(client, "clean.example.org")) is None
+
+
+async def test_a_helo_refusal_held_for_rcpt_stays_held(resolver: Resolver) -> None:
     plugin = make(resolver, {"rhs.test": {"type": "rhs", "score": 2}})
     client = session("203.0.113.7")
     first = await settle(plugin.helo(client, "bot.spamhelo.example"))
-    assert first is not None and first.score == 2.0
-    again = await settle(plugin.helo(client, "bot.spamhelo.example"))
-    assert again is not None and again.score == 0.0  # a score counts once per session
-    assert len(client.results["dnsbl"].hits) == 1
+    assert first is not None and (first.action, first.score) == (Action.CONTINUE, 2.0)
+    assert first.result == "dnsbl=listed rhs.test:127.0.0.2 helo=bot.spamhelo.example (refused at RCPT)"
     env = envelope()
-    assert plugin.rcpt(client, env, rcpt()).refuses  # type: ignore[union-attr]
-    assert await settle(plugin.helo(client, "mail.example.org")) is None
-    assert plugin.rcpt(client, env, rcpt()) is None
+    for name in ("clean.example.org", "bot.spamhelo.example"):
+        again = await settle(plugin.helo(client, name))
+        # The same score: the gateway replaces the previous HELO's, so it
+        # counts once (tests/e2e/test_dnsbl.py checks X-Spam-Status).
+        assert again is not None and (again.action, again.score) == (Action.CONTINUE, 2.0)
+        assert again.result == f"{first.result} (repeated)"
+        await settle(plugin.mail(client, env))
+        refused = plugin.rcpt(client, env, rcpt())
+        assert refused is not None and (refused.action, refused.reply) == (Action.REJECT, HELO_LISTED)
+    assert len(client.results["dnsbl"].hits) == 1
+
+
+async def test_a_helo_listing_that_only_scores_scores_at_each_helo(resolver: Resolver) -> None:
+    """Not refused, so not sticky: a new name is judged afresh.  The score
+    of a repeated name goes out again, as the gateway replaces (not adds)
+    what the previous HELO gave."""
+    plugin = make(resolver, {"rhs.test": {"type": "rhs", "action": 2.0}})
+    client = session("203.0.113.7")
+    for _ in range(2):
+        verdict = await settle(plugin.helo(client, "bot.spamhelo.example"))
+        assert verdict is not None and (verdict.action, verdict.score) == (Action.CONTINUE, 2.0)
+        assert verdict.result == "dnsbl=listed rhs.test:127.0.0.2 helo=bot.spamhelo.example"
+    assert await settle(plugin.helo(client, "clean.example.org")) is None
+    assert len(client.results["dnsbl"].hits) == 1
 
 
 async def test_all_stages_in_one_session(resolver: Resolver) -> None:

@@ -175,3 +175,84 @@ def test_allow_listing_ends_with_xclient_naming_another_client(start_gateway: An
         assert talk(sock, "HELO localhost") == b"250 gw.test.example\r\n"
         assert talk(sock, f"XCLIENT ADDR={OUTSIDE_IP} NAME=[UNAVAILABLE]").startswith(b"220 ")
         assert talk(sock, "HELO localhost").startswith(b"550 5.7.1 <localhost>")
+
+
+@pytest.mark.parametrize(
+    "code,options",
+    [("127.0.0.255", {"bitmask": 3}), ("127.0.0.255", {}), ("127.0.0.1", {"bitmask": 3})],
+)
+def test_a_blocked_allow_list_allows_nobody(
+    start_gateway: Any, postfix: Any, dns: Any, code: str, options: dict[str, Any]
+) -> None:
+    # list.dnswl.org, once it blocks our resolver, answers 127.0.0.255 to
+    # every query (URIBL-style lists 127.0.0.1): no client is allow-listed.
+    dns.add_zone("dnswl.test", f"* A {code}\n")
+    zones = {**ZONES, "dnswl.test": {"type": "allow", **options}}
+    gw = start(start_gateway, postfix, dns, zones=zones)
+    with gw.raw() as sock:
+        assert talk(sock, f"XCLIENT ADDR={LISTED_IP} NAME=[UNAVAILABLE]").startswith(b"220 ")
+        assert talk(sock, "EHLO bot.spamhelo.example").startswith(b"250-")
+        assert talk(sock, "MAIL FROM:<bob@example.org>") == b"250 2.1.0 Ok\r\n"
+        assert talk(sock, "RCPT TO:<alice@example.com>") == (
+            f"554 5.7.1 Service unavailable; Client host [{LISTED_IP}] blocked using bl.test; {REASON}\r\n".encode()
+        )
+        assert talk(sock, "QUIT").startswith(b"221 ")
+    assert postfix.rejections() == []
+    assert "alice@example.com" not in postfix.maillog()
+
+
+HELO_LISTED = b"554 5.7.1 Service unavailable; Helo command [bot.spamhelo.example] blocked using rhs.test\r\n"
+
+
+def test_a_refused_helo_stays_refused(start_gateway: Any, postfix: Any, dns: Any) -> None:
+    gw = start(start_gateway, postfix, dns, delay_reject=False)
+    with gw.raw() as sock:
+        assert talk(sock, f"XCLIENT ADDR={OUTSIDE_IP} NAME=[UNAVAILABLE]").startswith(b"220 ")
+        assert talk(sock, "HELO bot.spamhelo.example") == HELO_LISTED
+        # another name does not wash the refusal out
+        assert talk(sock, "HELO clean.example.org") == HELO_LISTED
+        assert talk(sock, "EHLO clean.example.org") == HELO_LISTED
+        assert talk(sock, "MAIL FROM:<bob@example.org>") == b"503 5.5.1 Error: send HELO/EHLO first\r\n"
+        # XCLIENT names a new client: judged afresh
+        assert talk(sock, f"XCLIENT ADDR={OUTSIDE_IP} NAME=[UNAVAILABLE]").startswith(b"220 ")
+        assert talk(sock, "HELO clean.example.org") == b"250 gw.test.example\r\n"
+        assert talk(sock, "MAIL FROM:<bob@example.org>") == b"250 2.1.0 Ok\r\n"
+        assert talk(sock, "RCPT TO:<alice@example.com>") == b"250 2.1.5 Ok\r\n"
+        assert talk(sock, "QUIT").startswith(b"221 ")
+
+
+def test_a_helo_refusal_held_for_rcpt_stays_held(start_gateway: Any, postfix: Any, dns: Any) -> None:
+    gw = start(start_gateway, postfix, dns)  # delay_reject = true
+    with gw.raw() as sock:
+        assert talk(sock, f"XCLIENT ADDR={OUTSIDE_IP} NAME=[UNAVAILABLE]").startswith(b"220 ")
+        assert talk(sock, "HELO bot.spamhelo.example") == b"250 gw.test.example\r\n"
+        assert talk(sock, "HELO clean.example.org") == b"250 gw.test.example\r\n"
+        assert talk(sock, "MAIL FROM:<bob@example.org>") == b"250 2.1.0 Ok\r\n"
+        assert talk(sock, "RCPT TO:<alice@example.com>") == HELO_LISTED
+        assert talk(sock, "RSET") == b"250 2.0.0 Ok\r\n"
+        assert talk(sock, "EHLO clean.example.org").startswith(b"250-")
+        assert talk(sock, "MAIL FROM:<bob@example.org>") == b"250 2.1.0 Ok\r\n"
+        assert talk(sock, "RCPT TO:<alice@example.com>") == HELO_LISTED
+        assert talk(sock, "QUIT").startswith(b"221 ")
+    assert "alice@example.com" not in postfix.maillog()
+
+
+@pytest.mark.parametrize(
+    "zone,test",
+    [
+        ({"score": 2}, "dnsbl=listed_rhs.test:127.0.0.2_helo=bot.spamhelo.example_(refused_at_RCPT)_(repeated)"),
+        ({"action": 2.0}, "dnsbl=listed_rhs.test:127.0.0.2_helo=bot.spamhelo.example"),
+    ],
+    ids=["refused-at-rcpt", "score-only"],
+)
+def test_a_repeated_helo_counts_its_score_once(
+    start_gateway: Any, postfix: Any, dns: Any, zone: dict[str, Any], test: str
+) -> None:
+    gw = start(start_gateway, postfix, dns, zones={"rhs.test": {"type": "rhs", **zone}}, scoring={"tag": 1.0})
+    with gw.client(xclient=OUTSIDE_IP, helo="bot.spamhelo.example") as smtp:  # EHLO once
+        assert smtp.ehlo("bot.spamhelo.example")[0] == 250  # and again
+        # the postmaster may be written to, refused HELO or not
+        assert smtp.sendmail("bob@example.org", ["postmaster@example.com"], MSG) == {}
+    (delivered,) = postfix.wait_for_messages("postmaster")
+    assert b"X-Spam-Score: 2.0\n" in delivered
+    assert f"X-Spam-Status: Yes, score=2.0 required=1.0 tests=dnsbl:{test}(2)\n".encode() in delivered
