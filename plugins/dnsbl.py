@@ -509,9 +509,10 @@ class DnsblResults:
     :param helo_refusal: the verdict of the first HELO/EHLO whose name was
         refused (or held for RCPT), repeated to every later HELO/EHLO of the
         session, so another name cannot wash it out; None while none was.
-    :param reported: (zone, identity, subject) whose score already counted
-        at connect or MAIL.  (Not for HELO: the gateway replaces what an
-        earlier HELO contributed, so a HELO verdict carries its score.)
+
+    Scores are not de-duplicated here: connect runs once per client, the
+    gateway replaces what an earlier HELO contributed, and each transaction
+    keeps its own MAIL score.
     """
 
     allowed: Hit | None = None
@@ -519,7 +520,6 @@ class DnsblResults:
     refusals: dict[str, Verdict] = field(default_factory=dict)
     mail_envelope: str = ""
     helo_refusal: Verdict | None = None
-    reported: set[tuple[str, str, str]] = field(default_factory=set)
 
 
 def allowlisted(session: Session, name: str = "dnsbl") -> Hit | None:
@@ -778,9 +778,8 @@ class DnsblPlugin(Plugin):
         lists' verdicts count and the client is allow-listed.  Otherwise the
         most severe verdict decides, and with ``delay_reject`` a refusal is
         kept in ``state`` for RCPT while the stage goes on with the score.
-        A (zone, name) scores once per session, however often it is asked;
-        at HELO the gateway itself replaces the score an earlier HELO gave,
-        so there each verdict carries it.
+        Each verdict carries its score: the gateway keeps a HELO's only
+        until the next HELO, and a MAIL's with its transaction.
         """
         allow: list[Verdict] = []
         others: list[Verdict] = []
@@ -789,10 +788,6 @@ class DnsblPlugin(Plugin):
             verdict = self._verdict(entry, outcome, identity, subject, txt, session)
             if verdict is None:
                 continue
-            key = (entry.name, identity, subject)
-            if key in state.reported and identity != "helo":
-                verdict = replace(verdict, score=0.0, headers=())
-            state.reported.add(key)
             hit = None
             if outcome.status is ZoneStatus.LISTED:
                 hit = Hit(entry.name, entry.zone.zone, identity, subject, outcome.codes, txt)

@@ -26,7 +26,7 @@ import enum
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from gateway import Context, Plugin, Reply, Session, Verdict, hookimpl
@@ -297,15 +297,12 @@ class HeloState:
     :param refusal: the first refusal of the session, repeated to every later
         HELO/EHLO; None while nothing was refused.
     :param fcrdns: the reverse DNS outcome, checked once per session.
-    :param reported: findings whose (non-refusing) verdict already went out,
-        so a score or header is not counted again at the next HELO.
     """
 
     hostname: str
     findings: tuple[str, ...] = ()
     refusal: Verdict | None = None
     fcrdns: Fcrdns | None = None
-    reported: frozenset[str] = field(default_factory=frozenset)
 
 
 def _verdict(
@@ -341,7 +338,6 @@ async def check_helo(
     """
     if previous is not None and previous.refusal is not None:
         return replace(previous.refusal, result=f"{previous.refusal.result} (repeated)"), previous
-    reported = previous.reported if previous is not None else frozenset()
     reverse = previous.fcrdns if previous is not None else None
     judged: list[tuple[Finding, Verdict]] = []
     found = classify(hostname, client_ip, own_names=own_names, own_networks=own_networks)
@@ -365,17 +361,16 @@ async def check_helo(
     if fcrdns and reverse is not None and reverse.finding is not None:
         judged.append((reverse.finding, _verdict(reverse.finding, actions, hostname, client_ip, reverse.result)))
     findings = tuple(f for f, _ in judged)
-    # A score or header goes out once per session, not again at every HELO.
-    verdict = combine([v if f not in reported else replace(v, score=0.0, headers=()) for f, v in judged])
+    # Each HELO's verdict carries its score and headers: the gateway drops
+    # what the previous HELO contributed, so nothing counts twice.
+    verdict = combine([v for _, v in judged])
     parts = [verdict.result] if verdict.result else []
     if not any(f not in _CLIENT for f in findings):
         parts.insert(0, "helo=ok")
     if fcrdns and reverse is not None and reverse.finding is None:
         parts.append(reverse.result)
     verdict = replace(verdict, result=" ".join(parts))
-    state = HeloState(
-        hostname, findings, verdict if verdict.refuses else None, reverse, reported | frozenset(findings)
-    )
+    state = HeloState(hostname, findings, verdict if verdict.refuses else None, reverse)
     return verdict, state
 
 

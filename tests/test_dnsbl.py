@@ -764,6 +764,15 @@ async def test_rhsbl_on_sender(resolver: Resolver, sender: str, is_listed: bool)
         assert verdict.result == "dnsbl=listed rhs.test:127.0.0.2 sender=spam.example"
 
 
+async def test_a_listed_sender_scores_in_every_transaction(resolver: Resolver) -> None:
+    # Scores live with their transaction: the second message's must not be 0.
+    plugin = make(resolver, {"rhs.test": {"type": "rhs", "action": 3.0}})
+    client = session("203.0.113.7")
+    for _ in range(2):
+        verdict = await settle(plugin.mail(client, envelope("bob@spam.example")))
+        assert verdict is not None and (verdict.action, verdict.score) == (Action.CONTINUE, 3.0)
+
+
 async def test_rhsbl_sender_refusal_belongs_to_its_transaction(resolver: Resolver) -> None:
     plugin = make(resolver, RHS)
     client = session("203.0.113.7")

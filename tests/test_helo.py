@@ -248,12 +248,14 @@ def test_an_accepted_helo_does_not_protect_a_later_bad_one() -> None:
     assert str(verdict.reply) == "550 5.7.1 <localhost>: Helo command rejected: You are not localhost"
 
 
-def test_a_score_is_counted_once_per_session() -> None:
+def test_every_helo_verdict_carries_its_score() -> None:
+    # The gateway drops what the previous HELO contributed, so a repeated
+    # HELO must bring its score again or the session loses it.
     actions = {**DEFAULT_ACTIONS, "not_fqdn": 2.5}
     first, state = judge("mailserver", actions=actions)
     assert (first.action, first.score, first.result) == (Action.CONTINUE, 2.5, "helo=not_fqdn")
     second, state = judge("mailserver", state, actions=actions)
-    assert (second.score, second.result) == (0.0, "helo=not_fqdn")
+    assert (second.score, second.result) == (2.5, "helo=not_fqdn")
 
 
 def test_defer_action_uses_the_temporary_twin() -> None:
@@ -399,14 +401,14 @@ async def test_no_fcrdns_only_informs_by_default(resolver: Resolver, reverse: DN
     assert (verdict.action, verdict.score, verdict.result) == (Action.CONTINUE, 0.0, "helo=ok fcrdns=fail")
 
 
-async def test_no_fcrdns_score_is_counted_once(resolver: Resolver, reverse: DNSServer) -> None:
+async def test_no_fcrdns_is_checked_once_and_scored_at_every_helo(resolver: Resolver, reverse: DNSServer) -> None:
     p = plugin(resolver, fcrdns=True, actions={"no_fcrdns": 2.0})
     s = session(ipaddress.ip_address("203.0.113.9"))
     first = await p.helo(s, "good.mail.test")
     assert (first.score, first.result) == (2.0, "helo=ok fcrdns=fail")
     reverse.reset_counts()
     second = await p.helo(s, "good.mail.test")
-    assert (second.score, second.result) == (0.0, "helo=ok fcrdns=fail")
+    assert (second.score, second.result) == (2.0, "helo=ok fcrdns=fail")
     assert reverse.total_queries == 0  # checked once per session
 
 

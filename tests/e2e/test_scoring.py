@@ -75,6 +75,15 @@ def test_monitor_mode_never_opens_the_relay(start_gateway, postfix, caplog) -> N
     assert "victim@remote.example" not in postfix.maillog()
 
 
+def test_a_repeated_helo_keeps_a_plugins_score_once(start_gateway, postfix) -> None:
+    gw = start_gateway(f"127.0.0.1:{postfix.port}", plugins={"helo": {"actions": {"not_fqdn": 2.5}}})
+    with gw.client(xclient=OUTSIDE_IP, helo="mailserver") as smtp:
+        assert smtp.ehlo("mailserver")[0] == 250
+        assert send(smtp, "alice@example.com")[0] == 250
+    (delivered,) = postfix.wait_for_messages("alice")
+    assert b"X-Spam-Status: No, score=2.5 tests=helo:helo=not_fqdn(2.5)\n" in delivered
+
+
 class GuardBoom(Boom):
     monitored = False
 
