@@ -3,8 +3,9 @@
 * **The header section, split once per message** (:func:`header_fields`), by
   one rule used for every decision about headers here: a field starts on a
   line that does not begin with a space or tab, continuation lines do, the
-  section ends at the first empty line.  The DMARC author domain and
-  the presence of DKIM signatures come from this one split.
+  section ends at the first empty line.  The author domains (every
+  domain of every From field, :func:`author_domains`) and the presence of
+  DKIM signatures come from this one split.
 * **One Authentication-Results header per message** (RFC 8601).  The
   plugins of a stage run concurrently, so which of them writes it is fixed at
   start-up from the plugins the policy enables (``Context.plugins``):
@@ -35,8 +36,10 @@ from gateway.address import to_ascii_domain
 __all__ = [
     "AR_HEADER",
     "Author",
+    "Authors",
     "authentication_results",
     "author_domain",
+    "author_domains",
     "clause",
     "comment",
     "domain_or_none",
@@ -147,39 +150,84 @@ _SIMPLE_FROM = re.compile(
 )
 
 
+@dataclass(frozen=True, slots=True)
+class Authors:
+    """Every RFC5322.From domain of a message (RFC 7489 §6.6.1: each is an
+    author domain), distinct, in order of appearance; and the first reason
+    a From field gave no usable domain (``problem``), if any."""
+
+    domains: tuple[str, ...] = ()
+    problem: str = ""
+
+
+def _from_field(value: str) -> tuple[tuple[str | None, ...], str]:
+    """The domain of each address of one From field (None where an address
+    has no usable one), or ``((), problem)`` when the field cannot be read
+    without a guess."""
+    simple = _SIMPLE_FROM.match(value)
+    if simple is not None:
+        # The common, unambiguous shapes ("Name <a@b>", "<a@b>", "a@b"),
+        # without the stdlib parser, which cost a few percent of a message.
+        return (domain_or_none(simple["domain"] or simple["bare_domain"]),), ""
+    try:
+        header = _REGISTRY("from", value)
+    except Exception:  # noqa: BLE001 - the stdlib parser has raised more than HeaderParseError on junk
+        return (), "unparseable From header field"
+    if any(not isinstance(d, errors.ObsoleteHeaderDefect) for d in header.defects):
+        # Invalid syntax is where readers disagree: "a@b.test <c@d.test>" is
+        # b.test to Python and may be d.test to a mail reader.  Judge none.
+        return (), "invalid From header field"
+    addresses = header.addresses  # type: ignore[attr-defined]  # an AddressHeader
+    return tuple(domain_or_none(a.domain) for a in addresses), ""
+
+
 def author_domain(fields: Sequence[tuple[str, str]]) -> Author:
     """The domain of the one address in the one From field.
 
     No From field, several From fields, several addresses or a From
-    without a usable domain leave no author domain: that is a ``problem``
-    (RFC 7489 §6.6.1), never a guess at one of the candidates.
+    without a usable domain leave no author domain: that is a ``problem``,
+    never a guess at one of the candidates.  (The plugins judge every From
+    domain: :func:`author_domains`.)
     """
     values = [value for name, value in fields if name.lower() == "from"]
     if not values:
         return Author(problem="no From header field")
     if len(values) > 1:
         return Author(problem=f"{len(values)} From header fields")
-    simple = _SIMPLE_FROM.match(values[0])
-    if simple is not None:
-        # The common, unambiguous shapes ("Name <a@b>", "<a@b>", "a@b"),
-        # without the stdlib parser, which cost a few percent of a message.
-        domain = domain_or_none(simple["domain"] or simple["bare_domain"])
-        return Author(domain) if domain is not None else Author(problem="no usable domain in From")
-    try:
-        header = _REGISTRY("from", values[0])
-    except Exception:  # noqa: BLE001 - the stdlib parser has raised more than HeaderParseError on junk
-        return Author(problem="unparseable From header field")
-    if any(not isinstance(d, errors.ObsoleteHeaderDefect) for d in header.defects):
-        # Invalid syntax is where readers disagree: "a@b.test <c@d.test>" is
-        # b.test to Python and may be d.test to a mail reader.  Judge none.
-        return Author(problem="invalid From header field")
-    addresses = header.addresses  # type: ignore[attr-defined]  # an AddressHeader
-    if len(addresses) != 1:
-        return Author(problem=f"{len(addresses)} addresses in From")
-    domain = domain_or_none(addresses[0].domain)
-    if domain is None:
+    domains, problem = _from_field(values[0])
+    if problem:
+        return Author(problem=problem)
+    if len(domains) != 1:
+        return Author(problem=f"{len(domains)} addresses in From")
+    if domains[0] is None:
         return Author(problem="no usable domain in From")
-    return Author(domain)
+    return Author(domains[0])
+
+
+def author_domains(fields: Sequence[tuple[str, str]]) -> Authors:
+    """Every domain of every address of every From field (RFC 7489 §6.6.1:
+    a message with several is checked with each as the author domain).
+
+    A From field that cannot be read without a guess (invalid syntax), a
+    group without addresses, an address without a usable domain, or no
+    From field at all is a ``problem``; the domains of the other fields
+    and addresses are still given, so a field that cannot be read never
+    hides one that can.
+    """
+    values = [value for name, value in fields if name.lower() == "from"]
+    if not values:
+        return Authors(problem="no From header field")
+    domains: dict[str, None] = {}  # distinct, in order
+    problem = ""
+    for value in values:
+        found, trouble = _from_field(value)
+        if not trouble and not found:
+            trouble = "0 addresses in From"
+        elif not trouble and None in found:
+            trouble = "no usable domain in From"
+        problem = problem or trouble
+        domains.update((d, None) for d in found if d is not None)
+    return Authors(tuple(domains), problem)
 
 
 # ----------------------------------------------------------- formatting

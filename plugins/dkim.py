@@ -14,9 +14,9 @@ signature field is unusable: syntax, missing tags, expired),
 ``permerror`` (no key, a revoked, malformed or too small key),
 ``temperror`` (the key lookup failed).  The message's finding is ``pass``
 (a signature passed), ``fail``, ``temperror``, ``permerror`` or ``none``
-(no signature) -- and ``required`` / ``required_temperror`` when the
-RFC5322.From domain is in ``required_domains`` and no passing signature
-of that domain was found.
+(no signature) -- and ``required`` / ``required_temperror`` when a
+From domain (of any address of any From field) is in ``required_domains``
+and no passing signature of that domain was found.
 
 Clients in ``trusted_networks`` are not checked.
 """
@@ -434,37 +434,51 @@ def required_domain(author: str, required: Sequence[str]) -> str:
 
 def dkim_decision(
     results: Sequence[DkimResult],
-    author: str,
+    authors: str | Sequence[str],
     actions: Mapping[str, ActionSpec],
     required: Sequence[str] = (),
     headers: tuple[tuple[str, str], ...] = (),
 ) -> Verdict:
     """The DATA verdict for a message's DKIM results.
 
-    With ``author`` (the From domain) under an entry of ``required``, a
-    signature counts only if it passed and its ``d=`` is that entry or a
-    subdomain of it, and ``author`` is ``d=`` or a subdomain of it.
+    ``authors`` are the From domains: every address of every From field
+    (:func:`plugins._authresults.author_domains`), or one domain as a
+    string.  Each author under an entry of ``required`` needs a signature
+    that passed, whose ``d=`` is that entry or a subdomain of it, and of
+    which the author is ``d=`` or a subdomain.  An author without one is
+    ``required`` (refused, naming that author); when the only such
+    signatures could not be checked (DNS), ``required_temperror`` --
+    unless another author is ``required`` outright, which a retry would
+    not change.
     """
+    if isinstance(authors, str):
+        authors = (authors,) if authors else ()
     if any(r.result == "pass" for r in results):
         finding = "pass"
     elif not results:
         finding = "none"
     else:
         finding = next((f for f in ("temperror", "fail") if any(r.result == f for r in results)), "permerror")
+    author = authors[0] if authors else ""
     reject = DKIM_REJECTED.format(finding=finding) if finding == "pass" else DKIM_NO_PASS.format(domain=author or "sender")
     defer = None
-    listed = required_domain(author, required)
-    if listed:
-        listed = listed.lower().rstrip(".")
-        candidates = [r for r in results if _within(r.domain, listed) and _within(author, r.domain)]
+    unsigned: list[str] = []  # required authors without a passing signature
+    unchecked: list[str] = []  # ... of which one could not be checked (DNS)
+    for domain in authors:
+        listed = required_domain(domain, required).lower().rstrip(".")
+        if not listed:
+            continue
+        candidates = [r for r in results if _within(r.domain, listed) and _within(domain, r.domain)]
         if not any(r.result == "pass" for r in candidates):
-            if any(r.result == "temperror" for r in candidates):
-                finding = "required_temperror"
-                defer = DKIM_REQUIRED_TEMP.format(domain=author)
-            else:
-                finding = "required"
-            passing = any(r.result == "pass" for r in results)
-            reject = (DKIM_NOT_AUTHOR if passing else DKIM_NO_PASS).format(domain=author)
+            (unchecked if any(r.result == "temperror" for r in candidates) else unsigned).append(domain)
+    if unsigned or unchecked:
+        if unsigned:
+            finding, author = "required", unsigned[0]
+        else:
+            finding, author = "required_temperror", unchecked[0]
+            defer = DKIM_REQUIRED_TEMP.format(domain=author)
+        passing = any(r.result == "pass" for r in results)
+        reject = (DKIM_NOT_AUTHOR if passing else DKIM_NO_PASS).format(domain=author)
     label = f"dkim={finding}" + (" " + ",".join(f"{r.domain or '?'}:{r.result}" for r in results) if results else "")
     return decide(finding, actions, reject=reject, defer=defer, headers=headers, result=label)
 
@@ -512,7 +526,8 @@ class DkimPlugin(Plugin):
         DEFAULT_ACTIONS = DEFAULT_ACTIONS
 
         #: From domains (and their subdomains) whose mail must carry a
-        #: passing signature of that domain.
+        #: passing signature of that domain -- checked for every address of
+        #: every From field.
         required_domains: tuple[str, ...] = ()
 
         def check(self) -> dict[str, str]:
@@ -542,13 +557,13 @@ class DkimPlugin(Plugin):
         self, session: Session, envelope: Envelope, message: Message, results: tuple[DkimResult, ...]
     ) -> Verdict | None:
         fields = ar.header_fields(message)
-        author = ar.author_domain(fields).domain
+        authors = ar.author_domains(fields).domains  # every one: a second From hides none
         if ar.reporter(self.context) != "dkim":
-            return dkim_decision(results, author, self.options.actions, self.required)
+            return dkim_decision(results, authors, self.options.actions, self.required)
         clauses = []
         outcome = spf.stored_outcome(session, envelope)
         if outcome is not None:
             clauses += spf.ar_results(outcome)
         clauses += ar_results(results)
         header = ar.authentication_results(self.context.hostname, clauses)
-        return dkim_decision(results, author, self.options.actions, self.required, headers=(header,))
+        return dkim_decision(results, authors, self.options.actions, self.required, headers=(header,))

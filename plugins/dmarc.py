@@ -21,7 +21,12 @@ the organisational domain).  ``pct=`` is honoured by default (RFC 7489
 §6.6.4: mail outside the sample gets the next milder policy).  The finding is
 ``reject``, ``quarantine`` or ``fail`` (``p=none``); the others are
 ``pass``, ``none`` (no record), ``temperror``, ``permerror`` (an unusable
-record) and ``bad_from`` (no single author domain, §6.6.1).
+record) and ``bad_from`` (no From field, or one that gives no usable domain).
+
+A message with several From domains (several addresses, several From
+fields) is checked with each as the author domain, and the strictest
+result decides (RFC 7489 §6.6.1, :func:`strictest`): it passes only if
+every one passes.
 
 The plugin writes the message's one Authentication-Results header, with
 the spf, dkim and dmarc results together (:mod:`plugins._authresults`).
@@ -35,7 +40,7 @@ import functools
 import random
 import re
 from collections.abc import Coroutine, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from publicsuffixlist import PublicSuffixList
@@ -63,6 +68,7 @@ __all__ = [
     "DMARC_REJECTED",
     "DMARC_TEMPERROR",
     "FINDINGS",
+    "MAX_LOOKUPS",
     "Discovery",
     "DmarcPlugin",
     "DmarcRecord",
@@ -70,13 +76,17 @@ __all__ = [
     "aligned",
     "ar_result",
     "evaluate",
+    "evaluate_all",
     "find_record",
     "organizational_domain",
     "parse_record",
+    "strictest",
 ]
 
 FINDINGS = ("pass", "none", "fail", "quarantine", "reject", "temperror", "permerror", "bad_from")
 DEFAULT_ACTIONS: Mapping[str, ActionSpec] = {"reject": "reject", "quarantine": "tag"}
+#: DMARC records looked up at once for a message with several From domains.
+MAX_LOOKUPS = 8
 
 # Replies (OpenDMARC's wording for the rejection).
 DMARC_REJECT = Reply(550, "5.7.1", "Rejected by DMARC policy for {domain}")
@@ -231,6 +241,9 @@ class DmarcResult:
     :param finding: what the policy's ``actions`` see (:data:`FINDINGS`).
     :param policy: the requested policy that applied (``p`` or ``sp``).
     :param disposition: the policy after ``pct`` sampling.
+    :param authors: of how many checks this is the strictest: one per
+        From domain, and one for From fields that gave none
+        (:func:`strictest`).
     """
 
     result: str
@@ -240,6 +253,7 @@ class DmarcResult:
     policy: str = ""
     disposition: str = ""
     reason: str = ""
+    authors: int = 1
 
 
 def evaluate(
@@ -284,6 +298,44 @@ def evaluate(
     return DmarcResult("fail", finding, domain, record, policy, disposition, reason)
 
 
+#: Which result decides for a message with several From domains, the
+#: first listed first: a failure by the policy it applies (reject,
+#: quarantine), then a From field that gave no domain, then a DNS error (a
+#: retry might fail), then the rest; ``pass`` only if every domain passed.
+_SEVERITY = ("reject", "quarantine", "bad_from", "temperror", "fail", "permerror", "none", "pass")
+
+
+def strictest(results: Sequence[DmarcResult]) -> DmarcResult:
+    """The result that decides for a message with several From domains
+    (RFC 7489 §6.6.1: the strictest policy among the checks that fail), by
+    :data:`_SEVERITY`; the first of equals.  ``authors`` counts them."""
+    worst = min(results, key=lambda r: _SEVERITY.index(r.finding))
+    return worst if len(results) == 1 else replace(worst, authors=len(results))
+
+
+def evaluate_all(
+    authors: ar.Authors,
+    discoveries: Sequence[Discovery],
+    spf_result: spf.SpfResult | None,
+    dkim_results: Sequence[dkim.DkimResult],
+    *,
+    sample: float = 0.0,
+    honour_pct: bool = True,
+) -> DmarcResult:
+    """The DMARC result of a message: :func:`evaluate` for each From domain
+    (``discoveries`` in the order of ``authors.domains``; one ``sample``
+    for the message), the :func:`strictest` deciding.  A From field that
+    gave no domain (``authors.problem``) counts as ``bad_from``; without
+    any domain that is the result."""
+    results = [
+        evaluate(ar.Author(domain), found, spf_result, dkim_results, sample=sample, honour_pct=honour_pct)
+        for domain, found in zip(authors.domains, discoveries, strict=True)
+    ]
+    if authors.problem or not results:
+        results.append(DmarcResult("permerror", "bad_from", reason=authors.problem or "no From address"))
+    return strictest(results)
+
+
 def _replies(result: DmarcResult) -> tuple[Reply, Reply | None]:
     domain = result.domain or "sender"
     if result.finding == "bad_from":
@@ -303,6 +355,8 @@ def ar_result(result: DmarcResult) -> Any:
             notes.append(f"dis={result.disposition}")
     if result.reason:
         notes.append(result.reason)
+    if result.authors > 1:
+        notes.append(f"strictest of {result.authors} From checks")
     props = [ar.property_("header", "from", result.domain)] if result.domain else []
     return ar.clause("dmarc", result.result, " ".join(notes), props)
 
@@ -334,50 +388,51 @@ class DmarcPlugin(Plugin):
     ) -> Verdict | None | Coroutine[Any, Any, Verdict | None]:
         if session.trusted:
             return None
-        author = ar.author_domain(ar.header_fields(message))
+        authors = ar.author_domains(ar.header_fields(message))
         resolver = self.context.resolver
         # The DKIM verification is shared with the dkim plugin: done already,
         # or a task that goes on while we wait for the rest.
         verified = dkim.dkim_results(message, resolver)
         stored = spf.stored_outcome(session, envelope)  # the spf plugin's, if it ran
-        discovery = cached_record(resolver, author.domain) if author.domain else Discovery("none")
-        if isinstance(verified, tuple) and stored is not None and discovery is not None:
-            return self._decided(author, discovery, stored, verified)  # a plain answer: no task
-        return self._waited(session, envelope, author, verified, stored, discovery)
+        discoveries = [cached_record(resolver, domain) for domain in authors.domains]
+        cached = [d for d in discoveries if d is not None]
+        if isinstance(verified, tuple) and stored is not None and len(cached) == len(discoveries):
+            return self._decided(authors, cached, stored, verified)  # a plain answer: no task
+        return self._waited(session, envelope, authors, verified, stored, discoveries)
 
     async def _waited(
         self,
         session: Session,
         envelope: Envelope,
-        author: ar.Author,
+        authors: ar.Authors,
         verified: tuple[dkim.DkimResult, ...] | asyncio.Future[tuple[dkim.DkimResult, ...]],
         stored: spf.SpfOutcome | None,
-        discovery: Discovery | None,
+        discoveries: list[Discovery | None],
     ) -> Verdict | None:
         try:
             if stored is None:
                 outcome, found = await asyncio.gather(
-                    spf.check_envelope(self.context.resolver, session, envelope), self._discovery(author)
+                    spf.check_envelope(self.context.resolver, session, envelope), self._discover(authors, discoveries)
                 )
             else:
                 outcome = stored
-                found = discovery if discovery is not None else await self._discovery(author)
+                found = await self._discover(authors, discoveries)
         except BaseException:
             if not isinstance(verified, tuple):
                 verified.cancel()  # our wait only; the shared verification goes on
             raise
         results = verified if isinstance(verified, tuple) else await verified
-        return self._decided(author, found, outcome, results)
+        return self._decided(authors, found, outcome, results)
 
     def _decided(
         self,
-        author: ar.Author,
-        discovery: Discovery,
+        authors: ar.Authors,
+        discoveries: Sequence[Discovery],
         outcome: spf.SpfOutcome,
         dkim_results: tuple[dkim.DkimResult, ...],
     ) -> Verdict | None:
-        result = evaluate(
-            author, discovery, outcome.identity, dkim_results,
+        result = evaluate_all(
+            authors, discoveries, outcome.identity, dkim_results,
             sample=random.random(), honour_pct=self.options.honour_pct,
         )
         clauses = [*spf.ar_results(outcome), *dkim.ar_results(dkim_results), ar_result(result)]
@@ -386,7 +441,18 @@ class DmarcPlugin(Plugin):
         label = f"dmarc={result.finding}" + (f" {result.domain}" if result.domain else "")
         return decide(result.finding, self.options.actions, reject=reject, defer=defer, headers=(header,), result=label)
 
-    async def _discovery(self, author: ar.Author) -> Discovery:
-        if not author.domain:
-            return Discovery("none")
-        return await find_record(self.context.resolver, author.domain)
+    async def _discover(self, authors: ar.Authors, discoveries: list[Discovery | None]) -> list[Discovery]:
+        """``discoveries`` with the records the cache did not have looked
+        up: :data:`MAX_LOOKUPS` at a time, so a From stuffed with domains
+        costs time (bounded by the hook timeout), not a flood of queries."""
+        resolver = self.context.resolver
+        missing = [domain for domain, d in zip(authors.domains, discoveries, strict=True) if d is None]
+        looked_up: list[Discovery] = []
+        for start in range(0, len(missing), MAX_LOOKUPS):
+            batch = missing[start : start + MAX_LOOKUPS]
+            if len(batch) == 1:  # the usual case: no task
+                looked_up.append(await find_record(resolver, batch[0]))
+            else:
+                looked_up += await asyncio.gather(*(find_record(resolver, domain) for domain in batch))
+        answers = iter(looked_up)
+        return [d if d is not None else next(answers) for d in discoveries]

@@ -288,6 +288,79 @@ async def test_required_domain_with_key_lookup_failure_is_deferred(resolver: Res
     assert str(verdict.reply) == "451 4.7.20 No passing DKIM signature found for auth.test: DNS error, try again later"
 
 
+def with_from(*values: str) -> bytes:
+    """MESSAGE with its From field replaced by one field per value."""
+    fields = "".join(f"From: {v}\r\n" for v in values).encode()
+    return MESSAGE.replace(b"From: Alice <alice@auth.test>\r\n", fields)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        with_from("ceo@auth.test, x@thirdparty.test"),
+        with_from("x@thirdparty.test, The CEO <ceo@auth.test>"),
+        with_from("ceo@auth.test", "x@thirdparty.test"),
+        with_from("x@thirdparty.test", "ceo@news.auth.test"),  # a subdomain, in the second field
+        with_from("ceo@auth.test", "undisclosed"),  # a field that cannot be read hides nothing
+    ],
+)
+async def test_required_domain_in_any_from_address_is_required(
+    resolver: Resolver, keys: DNSServer, raw: bytes
+) -> None:
+    verdict = await run_data(resolver, raw, tables=REQUIRED)
+    assert verdict.action is Action.REJECT and verdict.result == "dkim=required"
+    assert verdict.reply.code == 550 and verdict.reply.enhanced == "5.7.20"
+    assert re.fullmatch(r"No passing DKIM signature found for (news\.)?auth\.test", verdict.reply.text)
+
+
+async def test_required_domain_among_several_authors_signed_by_another_is_refused(
+    resolver: Resolver, dns: DNSServer
+) -> None:
+    publish_keys(dns, "thirdparty.test", {"tp": key_record()})
+    # (dkimpy fails any signature of a message with two From fields, so one field.)
+    raw = sign(with_from("x@thirdparty.test, ceo@auth.test"), "thirdparty.test", "tp")
+    verdict = await run_data(resolver, raw, tables=REQUIRED)
+    assert verdict.reply == Reply(550, "5.7.22", "No valid author-matched DKIM signature found for auth.test")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [sign(with_from("alice@auth.test, x@thirdparty.test")), sign(with_from("x@thirdparty.test, alice@news.auth.test"))],
+)
+async def test_required_domain_signed_among_several_authors_passes(
+    resolver: Resolver, keys: DNSServer, raw: bytes
+) -> None:
+    verdict = await run_data(resolver, raw, tables=REQUIRED)
+    assert verdict.action is Action.CONTINUE and verdict.result == "dkim=pass auth.test:pass"
+
+
+async def test_required_domain_among_several_authors_with_key_lookup_failure_is_deferred(
+    resolver: Resolver, keys: DNSServer
+) -> None:
+    keys.servfail("s1._domainkey.auth.test")
+    verdict = await run_data(resolver, b"From: x@thirdparty.test\r\n" + sign(MESSAGE), tables=REQUIRED)
+    assert str(verdict.reply) == "451 4.7.20 No passing DKIM signature found for auth.test: DNS error, try again later"
+
+
+def test_an_author_refused_outright_is_not_deferred_for_another() -> None:
+    # auth.test's key could not be fetched (a retry may pass); bank.test has no signature at all.
+    results = (DkimResult("temperror", "auth.test", "s1"),)
+    required = ("auth.test", "bank.test")
+    actions = dkim_plugin.DEFAULT_ACTIONS
+    deferred = dkim_plugin.dkim_decision(results, ("auth.test", "example.com"), actions, required)
+    assert (deferred.action, str(deferred.reply)) == (
+        Action.DEFER, "451 4.7.20 No passing DKIM signature found for auth.test: DNS error, try again later"
+    )
+    refused = dkim_plugin.dkim_decision(results, ("auth.test", "bank.test"), actions, required)
+    assert (refused.action, str(refused.reply)) == (Action.REJECT, "550 5.7.20 No passing DKIM signature found for bank.test")
+    assert dkim_plugin.dkim_decision(results, "auth.test", actions, required).action is Action.DEFER  # one, as a string
+
+
+async def test_no_from_field_requires_nothing(resolver: Resolver, keys: DNSServer) -> None:
+    verdict = await run_data(resolver, with_from(), tables=REQUIRED)
+    assert verdict.action is Action.CONTINUE and verdict.result == "dkim=none"
+
+
 async def test_actions_can_refuse_unsigned_mail(resolver: Resolver, keys: DNSServer) -> None:
     verdict = await run_data(resolver, MESSAGE, tables={"dkim": {"actions": {"none": "reject"}}})
     assert str(verdict.reply) == "550 5.7.20 No passing DKIM signature found for auth.test"
@@ -358,6 +431,25 @@ def test_header_fields_are_split_once_per_message() -> None:
 def test_author_domain(headers: bytes, domain: str, problem: str) -> None:
     author = ar.author_domain(ar.header_fields(headers + b"\r\nbody\r\n"))
     assert (author.domain, author.problem) == (domain, problem)
+
+
+@pytest.mark.parametrize(
+    "headers, domains, problem",
+    [
+        (b"From: Alice <alice@Auth.Test>\r\n", ("auth.test",), ""),
+        (b"From: a@auth.test, b@evil.test\r\n", ("auth.test", "evil.test"), ""),
+        (b"From: a@auth.test\r\nTo: x@y.test\r\nfrom: b@evil.test, c@AUTH.test\r\n", ("auth.test", "evil.test"), ""),
+        (b"From: Group: a@auth.test, b@evil.test;\r\n", ("auth.test", "evil.test"), ""),
+        (b"From: a@auth.test\r\nFrom: undisclosed\r\n", ("auth.test",), "invalid From header field"),
+        (b"From: a@localhost, b@evil.test\r\n", ("evil.test",), "no usable domain in From"),
+        (b"From: Undisclosed recipients:;\r\nFrom: b@evil.test\r\n", ("evil.test",), "0 addresses in From"),
+        (b"From: alice@auth.test <ceo@evil.test>\r\n", (), "invalid From header field"),  # no guess
+        (b"To: b@example.com\r\n", (), "no From header field"),
+    ],
+)
+def test_author_domains_are_every_from_domain(headers: bytes, domains: tuple[str, ...], problem: str) -> None:
+    authors = ar.author_domains(ar.header_fields(headers + b"\r\nbody\r\n"))
+    assert (authors.domains, authors.problem) == (domains, problem)
 
 
 def test_fold_keeps_the_value() -> None:

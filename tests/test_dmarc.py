@@ -358,12 +358,123 @@ async def test_every_check_runs_once_per_message(resolver: Resolver, keys: DNSSe
 
 
 async def test_bad_from(resolver: Resolver, keys: DNSServer) -> None:
-    raw = message("alice@auth.test", extra=b"From: ceo@auth.test\r\n")
+    raw = message().replace(b"From: alice@auth.test\r\n", b"")
     verdict = await transaction(resolver, raw)
     assert verdict.action is Action.CONTINUE
-    assert dmarc_clause(verdict) == "dmarc=permerror (2 From header fields)"
+    assert dmarc_clause(verdict) == "dmarc=permerror (no From header field)"
     refused = await transaction(resolver, raw, plugins={"dmarc": {"actions": {"bad_from": "reject"}}})
-    assert str(refused.reply) == "550 5.7.1 Message needs exactly one From address with a domain: 2 From header fields"
+    assert str(refused.reply) == "550 5.7.1 Message needs exactly one From address with a domain: no From header field"
+
+
+# ------------------------------------------------------------------ several From domains (RFC 7489 §6.6.1)
+
+SPOOFED = {"sender": "bounce@thirdparty.test", "ip": BAD_IP}  # SPF and DKIM pass for thirdparty.test only
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        message("ceo@auth.test, x@thirdparty.test"),
+        message("x@thirdparty.test, The CEO <ceo@auth.test>"),
+        message("ceo@auth.test", extra=b"From: x@thirdparty.test\r\n"),
+        message("x@thirdparty.test", extra=b"From: ceo@auth.test\r\n"),
+        message("Group: x@thirdparty.test, ceo@auth.test;"),
+    ],
+)
+async def test_several_from_domains_get_the_strictest_policy(resolver: Resolver, keys: DNSServer, raw: bytes) -> None:
+    verdict = await transaction(resolver, raw, **SPOOFED)
+    assert verdict.action is Action.REJECT and verdict.plugin == "dmarc"
+    assert verdict.reply == Reply(550, "5.7.1", "Rejected by DMARC policy for auth.test")
+    assert verdict.result.endswith(" dmarc=reject auth.test")
+    (header,) = headers_named(verdict, "Authentication-Results")
+    assert [c.split("=")[0] for c in unfold(header).split("; ")[1:]] == ["spf", "dkim", "dmarc"]
+    assert dmarc_clause(verdict) == (
+        "dmarc=fail (p=reject sp=quarantine dis=reject strictest of 2 From checks) header.from=auth.test"
+    )
+
+
+async def test_signed_by_a_third_party_with_its_address_added(resolver: Resolver, keys: DNSServer) -> None:
+    # SPF and DKIM pass and align for thirdparty.test (no DMARC record), not for auth.test.
+    raw = sign(message("x@thirdparty.test, ceo@auth.test"), "thirdparty.test", "tp")
+    verdict = await transaction(resolver, raw, **SPOOFED)
+    assert verdict.reply == Reply(550, "5.7.1", "Rejected by DMARC policy for auth.test")
+
+
+async def test_reject_beats_quarantine_and_none(resolver: Resolver, keys: DNSServer) -> None:
+    raw = message("a@monitor.auth.test, b@news.auth.test", extra=b"From: c@auth.test\r\n")
+    verdict = await transaction(resolver, raw, **SPOOFED)
+    assert verdict.action is Action.REJECT and verdict.result.endswith(" dmarc=reject auth.test")
+    assert "strictest of 3 From checks" in dmarc_clause(verdict)
+    tagged = await transaction(resolver, message("a@monitor.auth.test, b@news.auth.test"), **SPOOFED)
+    assert tagged.action is Action.TAG
+    assert dmarc_clause(tagged) == (
+        "dmarc=fail (p=reject sp=quarantine dis=quarantine strictest of 2 From checks) header.from=news.auth.test"
+    )
+
+
+async def test_several_from_domains_pass_only_if_every_one_passes(resolver: Resolver, keys: DNSServer) -> None:
+    both = await transaction(resolver, message("alice@auth.test, bob@news.auth.test"))
+    assert both.action is Action.CONTINUE
+    assert dmarc_clause(both) == "dmarc=pass (p=reject sp=quarantine dis=none strictest of 2 From checks) header.from=auth.test"
+    one = await transaction(resolver, message("alice@auth.test", extra=b"From: x@thirdparty.test\r\n"))
+    assert one.action is Action.CONTINUE
+    assert dmarc_clause(one) == "dmarc=none (strictest of 2 From checks) header.from=thirdparty.test"
+
+
+async def test_a_from_field_that_cannot_be_read_hides_no_failure(resolver: Resolver, keys: DNSServer) -> None:
+    raw = message("ceo@auth.test", extra=b"From: undisclosed\r\n")
+    verdict = await transaction(resolver, raw, **SPOOFED)
+    assert verdict.reply == Reply(550, "5.7.1", "Rejected by DMARC policy for auth.test")
+    passing = await transaction(resolver, message("alice@auth.test", extra=b"From: undisclosed\r\n"))
+    assert passing.action is Action.CONTINUE and passing.result.endswith(" dmarc=bad_from")
+    assert dmarc_clause(passing) == "dmarc=permerror (invalid From header field strictest of 2 From checks)"
+
+
+async def test_several_from_domains_with_a_dns_error(resolver: Resolver, keys: DNSServer) -> None:
+    keys.servfail("_dmarc.quarantine.auth.test")
+    raw = message("a@monitor.auth.test, b@quarantine.auth.test")
+    verdict = await transaction(resolver, raw, **SPOOFED, plugins={"spf": {}, "dmarc": {"actions": {"temperror": "defer"}}})
+    assert str(verdict.reply) == (
+        "451 4.7.1 Temporary error evaluating DMARC policy for quarantine.auth.test, try again later"
+    )
+
+
+async def test_several_from_domains_warm_answer_plainly(resolver: Resolver, keys: DNSServer) -> None:
+    """Every record cached: the plain-hook path (no coroutine, no task) for
+    several From domains too, each record asked for once."""
+    raw = message("ceo@auth.test, x@news.auth.test", extra=b"From: y@quarantine.auth.test, z@thirdparty.test\r\n")
+    cold = await transaction(resolver, raw, **SPOOFED)
+    assert [keys.query_count(f"_dmarc.{d}", "TXT") for d in ("auth.test", "news.auth.test", "quarantine.auth.test")] == [1, 1, 1]
+    reg = registry(resolver, ALL)
+    s, e = session(BAD_IP, "mx.auth.test"), envelope("bounce@thirdparty.test")
+    await run_stage(reg.calls["mail"], {"session": s, "envelope": e}, 5.0, s.id)
+    plugin = next(c for c in reg.calls["data"] if c.plugin == "dmarc")
+    answer = plugin.function(session=s, envelope=e, message=Message(raw))
+    assert not inspect.isawaitable(answer)
+    assert answer.action is cold.action and answer.result == "dmarc=reject auth.test"
+    assert answer.headers == tuple(h for h in cold.headers if h[0] == "Authentication-Results")
+
+
+def test_evaluate_all_takes_the_strictest() -> None:
+    def judged(*domains: str, problem: str = "", found: dict[str, Discovery] | None = None) -> tuple[str, str, int]:
+        authors = ar.Authors(domains, problem)
+        discoveries = [(found or {}).get(d, Discovery("found", RECORD, d)) for d in domains]  # p=reject
+        r = dmarc.evaluate_all(authors, discoveries, spf_result("news.auth.test"), [dkim_result("thirdparty.test")])
+        return r.finding, r.domain, r.authors
+
+    none = Discovery("none")
+    assert judged("auth.test") == ("pass", "auth.test", 1)  # one domain: as before
+    assert judged("auth.test", "thirdparty.test", found={"thirdparty.test": none}) == ("none", "thirdparty.test", 2)
+    assert judged("other.test", "auth.test") == ("reject", "other.test", 2)  # first of equals
+    sub = {"a.other.test": Discovery("found", RECORD, "other.test")}  # sp=quarantine
+    assert judged("a.other.test", "other.test", found=sub) == ("reject", "other.test", 2)
+    assert judged("a.other.test", "auth.test", found=sub) == ("quarantine", "a.other.test", 2)
+    assert judged("auth.test", problem="invalid From header field") == ("bad_from", "", 2)
+    assert judged("other.test", problem="invalid From header field") == ("reject", "other.test", 2)
+    assert judged(problem="no From header field") == ("bad_from", "", 1)
+    temp = Discovery("temperror", at="x.test", error="SERVFAIL")
+    monitor = Discovery("found", DmarcRecord("none", "none"), "m.test")
+    assert judged("m.test", "x.test", found={"m.test": monitor, "x.test": temp}) == ("temperror", "x.test", 2)
 
 
 async def test_temperror(resolver: Resolver, keys: DNSServer) -> None:
@@ -423,6 +534,6 @@ FROM_VALUES = [
 
 @pytest.mark.parametrize("value", FROM_VALUES)
 def test_the_simple_from_fast_path_agrees_with_the_full_parser(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    fast = ar.author_domain([("From", value)])
+    fast = ar.author_domain([("From", value)]), ar.author_domains([("From", value)])
     monkeypatch.setattr(ar, "_SIMPLE_FROM", re.compile(r"(?!)"))
-    assert fast == ar.author_domain([("From", value)])
+    assert fast == (ar.author_domain([("From", value)]), ar.author_domains([("From", value)]))

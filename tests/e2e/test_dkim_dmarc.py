@@ -1,0 +1,106 @@
+"""Several From domains end to end (RFC 7489 §6.6.1): a second address or a
+second From field must not take a message past DKIM ``required_domains``
+or a DMARC ``p=reject``.  A client (impersonated with XCLIENT) talks to the
+gateway, which asks the loopback DNS server and forwards to the real
+Postfix; what the client hears and what Postfix received are checked."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from tests.e2e.test_auth import AUTHSERV_ID, MX_IP, SPOOFER_IP, header_values, send
+from tests.fixtures.dnsserver import DNSServer
+from tests.fixtures.gateway import GatewayThread
+from tests.fixtures.postfix import PostfixInstance
+from tests.test_dkim import key_record, publish_keys, sign
+
+pytestmark = pytest.mark.e2e
+
+
+def message(*froms: str, message_id: str = "refused@thirdparty.test") -> bytes:
+    """A message with one From field per value of ``froms``."""
+    return "".join(f"From: {f}\r\n" for f in froms).encode() + (
+        "To: Alice <alice@example.com>\r\n"
+        "Subject: wire transfer\r\n"
+        "Date: Mon, 01 Jan 2024 00:00:00 +0000\r\n"
+        f"Message-ID: <{message_id}>\r\n"
+        "\r\n"
+        "Please pay today.\r\n"
+    ).encode()
+
+
+SEVERAL_FROMS = [
+    pytest.param(("The CEO <ceo@auth.test>, x@thirdparty.test",), id="two-addresses"),
+    pytest.param(("x@thirdparty.test", "ceo@auth.test"), id="two-fields"),
+]
+
+
+def nothing_else_arrived(gw: GatewayThread, postfix: PostfixInstance) -> None:
+    """Send authentic mail after the refused one and wait for it: it is the
+    only message Postfix delivered, and Postfix never queued the refused one."""
+    barrier = sign(message("Alice <alice@auth.test>", message_id="barrier@auth.test"))
+    assert send(gw, MX_IP, "alice@auth.test", barrier)[-1][0] == 250
+    (delivered,) = postfix.wait_for_messages("alice")
+    assert b"Message-ID: <barrier@auth.test>" in delivered
+    assert "refused@thirdparty.test" not in postfix.maillog()
+
+
+@pytest.fixture
+def dkim_gateway(start_gateway: Callable[..., GatewayThread], postfix: PostfixInstance, dns: DNSServer) -> GatewayThread:
+    publish_keys(dns, "auth.test", {"s1": key_record()})
+    dns.add_zone("thirdparty.test", f'@ IN TXT "v=spf1 ip4:{SPOOFER_IP} -all"')
+    return start_gateway(
+        f"127.0.0.1:{postfix.port}",
+        plugins={"spf": {}, "dkim": {"required_domains": ["auth.test"]}},
+        dns={"nameservers": [dns.nameserver], "timeout": 1.0},
+    )
+
+
+@pytest.fixture
+def dmarc_gateway(start_gateway: Callable[..., GatewayThread], postfix: PostfixInstance, dns: DNSServer) -> GatewayThread:
+    publish_keys(dns, "auth.test", {"s1": key_record()})
+    dns.add_zone("thirdparty.test", f'@ IN TXT "v=spf1 ip4:{SPOOFER_IP} -all"')
+    return start_gateway(
+        f"127.0.0.1:{postfix.port}",
+        plugins={"spf": {}, "dkim": {}, "dmarc": {}},
+        dns={"nameservers": [dns.nameserver], "timeout": 1.0},
+    )
+
+
+@pytest.mark.parametrize("froms", SEVERAL_FROMS)
+def test_dkim_required_domain_behind_a_second_from_is_refused(
+    dkim_gateway: GatewayThread, postfix: PostfixInstance, froms: tuple[str, ...]
+) -> None:
+    # SPF passes for thirdparty.test; nothing is signed.
+    replies = send(dkim_gateway, SPOOFER_IP, "bounce@thirdparty.test", message(*froms))
+    assert replies == [
+        (250, b"2.1.0 Ok"),
+        (250, b"2.1.5 Ok"),
+        (550, b"5.7.20 No passing DKIM signature found for auth.test"),
+    ]
+    nothing_else_arrived(dkim_gateway, postfix)
+
+
+@pytest.mark.parametrize("froms", SEVERAL_FROMS)
+def test_dmarc_reject_behind_a_second_from_is_refused(
+    dmarc_gateway: GatewayThread, postfix: PostfixInstance, froms: tuple[str, ...]
+) -> None:
+    # SPF passes and aligns for thirdparty.test (no DMARC record), not for auth.test (p=reject).
+    replies = send(dmarc_gateway, SPOOFER_IP, "bounce@thirdparty.test", message(*froms))
+    assert replies == [(250, b"2.1.0 Ok"), (250, b"2.1.5 Ok"), (550, b"5.7.1 Rejected by DMARC policy for auth.test")]
+    nothing_else_arrived(dmarc_gateway, postfix)
+
+
+def test_several_authentic_from_domains_arrive_with_one_header(
+    dmarc_gateway: GatewayThread, postfix: PostfixInstance
+) -> None:
+    raw = sign(message("alice@auth.test, bob@news.auth.test", message_id="both@auth.test"))
+    assert send(dmarc_gateway, MX_IP, "alice@auth.test", raw)[-1][0] == 250
+    (delivered,) = postfix.wait_for_messages("alice")
+    (results,) = header_values(delivered, "Authentication-Results")
+    assert results.startswith(f"{AUTHSERV_ID}; spf=pass smtp.mailfrom=alice@auth.test; dkim=pass header.d=auth.test")
+    assert results.endswith(
+        "; dmarc=pass (p=reject sp=quarantine dis=none strictest of 2 From checks) header.from=auth.test"
+    )
