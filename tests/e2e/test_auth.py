@@ -35,17 +35,28 @@ def message(author: str) -> bytes:
     return f"From: {author}\r\n".encode() + BODY
 
 
-@pytest.fixture
-def auth_gateway(
-    start_gateway: Callable[..., GatewayThread], postfix: PostfixInstance, dns: DNSServer
+def start_auth_gateway(
+    start_gateway: Callable[..., GatewayThread],
+    postfix: PostfixInstance,
+    dns: DNSServer,
+    plugins: dict[str, dict[str, object]] | None = None,
 ) -> GatewayThread:
+    """The gateway in front of Postfix with ``plugins`` (spf, dkim and dmarc
+    by default), auth.test's key and thirdparty.test's SPF record served."""
     publish_keys(dns, "auth.test", {"s1": key_record()})
     dns.add_zone("thirdparty.test", f'@ IN TXT "v=spf1 ip4:{SPOOFER_IP} -all"')
     return start_gateway(
         f"127.0.0.1:{postfix.port}",
-        plugins={"spf": {}, "dkim": {}, "dmarc": {}},
+        plugins=plugins if plugins is not None else {"spf": {}, "dkim": {}, "dmarc": {}},
         dns={"nameservers": [dns.nameserver], "timeout": 1.0},
     )
+
+
+@pytest.fixture
+def auth_gateway(
+    start_gateway: Callable[..., GatewayThread], postfix: PostfixInstance, dns: DNSServer
+) -> GatewayThread:
+    return start_auth_gateway(start_gateway, postfix, dns)
 
 
 def header_values(delivered: bytes, name: str) -> list[str]:

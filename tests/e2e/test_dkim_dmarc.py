@@ -10,11 +10,11 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.e2e.test_auth import AUTHSERV_ID, MX_IP, SPOOFER_IP, header_values, send
+from tests.e2e.test_auth import AUTHSERV_ID, MX_IP, SPOOFER_IP, header_values, send, start_auth_gateway
 from tests.fixtures.dnsserver import DNSServer
 from tests.fixtures.gateway import GatewayThread
 from tests.fixtures.postfix import PostfixInstance
-from tests.test_dkim import key_record, publish_keys, sign
+from tests.test_dkim import sign
 
 pytestmark = pytest.mark.e2e
 
@@ -49,24 +49,14 @@ def nothing_else_arrived(gw: GatewayThread, postfix: PostfixInstance) -> None:
 
 @pytest.fixture
 def dkim_gateway(start_gateway: Callable[..., GatewayThread], postfix: PostfixInstance, dns: DNSServer) -> GatewayThread:
-    publish_keys(dns, "auth.test", {"s1": key_record()})
-    dns.add_zone("thirdparty.test", f'@ IN TXT "v=spf1 ip4:{SPOOFER_IP} -all"')
-    return start_gateway(
-        f"127.0.0.1:{postfix.port}",
-        plugins={"spf": {}, "dkim": {"required_domains": ["auth.test"]}},
-        dns={"nameservers": [dns.nameserver], "timeout": 1.0},
+    return start_auth_gateway(
+        start_gateway, postfix, dns, {"spf": {}, "dkim": {"required_domains": ["auth.test"]}}
     )
 
 
 @pytest.fixture
 def dmarc_gateway(start_gateway: Callable[..., GatewayThread], postfix: PostfixInstance, dns: DNSServer) -> GatewayThread:
-    publish_keys(dns, "auth.test", {"s1": key_record()})
-    dns.add_zone("thirdparty.test", f'@ IN TXT "v=spf1 ip4:{SPOOFER_IP} -all"')
-    return start_gateway(
-        f"127.0.0.1:{postfix.port}",
-        plugins={"spf": {}, "dkim": {}, "dmarc": {}},
-        dns={"nameservers": [dns.nameserver], "timeout": 1.0},
-    )
+    return start_auth_gateway(start_gateway, postfix, dns)
 
 
 @pytest.mark.parametrize("froms", SEVERAL_FROMS)
