@@ -160,10 +160,22 @@ class Authors:
     problem: str = ""
 
 
+#: Whatever follows an @ in a From field that cannot be read: a domain some
+#: reader may show.
+_AT_DOMAIN = re.compile(r"@[ \t]*([^\s<>()\[\],;:\"@\\]+)")
+
+
+def _candidates(value: str) -> tuple[str, ...]:
+    """Every domain a reader might take from an unreadable From field."""
+    found = (domain_or_none(m) for m in _AT_DOMAIN.findall(value))
+    return tuple(dict.fromkeys(d for d in found if d is not None))
+
+
 def _from_field(value: str) -> tuple[tuple[str | None, ...], str]:
     """The domain of each address of one From field (None where an address
-    has no usable one), or ``((), problem)`` when the field cannot be read
-    without a guess."""
+    has no usable one), or, with a ``problem``, when the field cannot be
+    read without a guess, every domain after an @ in it (the candidates a
+    reader might show, so invalid syntax cannot hide a domain)."""
     simple = _SIMPLE_FROM.match(value)
     if simple is not None:
         # The common, unambiguous shapes ("Name <a@b>", "<a@b>", "a@b"),
@@ -172,11 +184,11 @@ def _from_field(value: str) -> tuple[tuple[str | None, ...], str]:
     try:
         header = _REGISTRY("from", value)
     except Exception:  # noqa: BLE001 - the stdlib parser has raised more than HeaderParseError on junk
-        return (), "unparseable From header field"
+        return _candidates(value), "unparseable From header field"
     if any(not isinstance(d, errors.ObsoleteHeaderDefect) for d in header.defects):
         # Invalid syntax is where readers disagree: "a@b.test <c@d.test>" is
-        # b.test to Python and may be d.test to a mail reader.  Judge none.
-        return (), "invalid From header field"
+        # b.test to Python and may be d.test to a mail reader.  Judge both.
+        return _candidates(value), "invalid From header field"
     addresses = header.addresses  # type: ignore[attr-defined]  # an AddressHeader
     return tuple(domain_or_none(a.domain) for a in addresses), ""
 
@@ -211,8 +223,9 @@ def author_domains(fields: Sequence[tuple[str, str]]) -> Authors:
     A From field that cannot be read without a guess (invalid syntax), a
     group without addresses, an address without a usable domain, or no
     From field at all is a ``problem``; the domains of the other fields
-    and addresses are still given, so a field that cannot be read never
-    hides one that can.
+    and addresses are still given, and of an unreadable field every domain
+    after an @ in it, so invalid syntax never hides a domain a reader
+    might show.
     """
     values = [value for name, value in fields if name.lower() == "from"]
     if not values:

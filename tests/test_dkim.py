@@ -443,7 +443,9 @@ def test_author_domain(headers: bytes, domain: str, problem: str) -> None:
         (b"From: a@auth.test\r\nFrom: undisclosed\r\n", ("auth.test",), "invalid From header field"),
         (b"From: a@localhost, b@evil.test\r\n", ("evil.test",), "no usable domain in From"),
         (b"From: Undisclosed recipients:;\r\nFrom: b@evil.test\r\n", ("evil.test",), "0 addresses in From"),
-        (b"From: alice@auth.test <ceo@evil.test>\r\n", (), "invalid From header field"),  # no guess
+        # Readers take invalid syntax two ways: every domain after an @ is judged.
+        (b"From: alice@auth.test <ceo@evil.test>\r\n", ("auth.test", "evil.test"), "invalid From header field"),
+        (b"From: Bob <bob@Auth.Test\r\n", ("auth.test",), "invalid From header field"),
         (b"To: b@example.com\r\n", (), "no From header field"),
     ],
 )

@@ -430,6 +430,12 @@ async def test_a_from_field_that_cannot_be_read_hides_no_failure(resolver: Resol
     assert dmarc_clause(passing) == "dmarc=permerror (invalid From header field strictest of 2 From checks)"
 
 
+async def test_invalid_from_syntax_hides_no_domain(resolver: Resolver, keys: DNSServer) -> None:
+    # A reader may show ceo@auth.test; Python's parser reads thirdparty.test.
+    verdict = await transaction(resolver, message("ceo@auth.test <x@thirdparty.test>"), **SPOOFED)
+    assert verdict.reply == Reply(550, "5.7.1", "Rejected by DMARC policy for auth.test")
+
+
 async def test_several_from_domains_with_a_dns_error(resolver: Resolver, keys: DNSServer) -> None:
     keys.servfail("_dmarc.quarantine.auth.test")
     raw = message("a@monitor.auth.test, b@quarantine.auth.test")

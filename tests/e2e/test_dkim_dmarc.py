@@ -34,6 +34,8 @@ def message(*froms: str, message_id: str = "refused@thirdparty.test") -> bytes:
 SEVERAL_FROMS = [
     pytest.param(("The CEO <ceo@auth.test>, x@thirdparty.test",), id="two-addresses"),
     pytest.param(("x@thirdparty.test", "ceo@auth.test"), id="two-fields"),
+    # Invalid syntax that readers take two ways: both domains are judged.
+    pytest.param(("ceo@auth.test <x@thirdparty.test>",), id="invalid-syntax"),
 ]
 
 
