@@ -49,6 +49,8 @@ class Gateway:
         self.closing = False
         self._next_hop = NextHopMemory()
         self._upstream = self.settings.upstream_endpoint  # parsed once, not per session
+        #: The 220 every accepted connection gets, made once.
+        self.greeting = replies.GREETING.format(hostname=self.settings.hostname)
 
     def new_upstream(self, deadline: Deadline | None = None) -> Upstream:
         return make_upstream(self.settings, self._next_hop, deadline, self._upstream)

@@ -218,7 +218,7 @@ class SMTPSession(_AiosmtpdSMTP):
             await self.reply(self._refusal)
             return True
         self._upstream_ready = self.loop.create_task(self.upstream.connect())
-        await self.reply(replies.GREETING.format(hostname=self.hostname))
+        await self.reply(self.gateway.greeting)
         return True
 
     async def _connect_checks(self) -> bool:
@@ -812,7 +812,7 @@ class SMTPSession(_AiosmtpdSMTP):
         if self._refusal is not None:
             await self.reply(self._refusal)
             return
-        await self.reply(replies.GREETING.format(hostname=self.hostname))
+        await self.reply(self.gateway.greeting)
 
 
 def _keep(verdict: Verdict, into: list[Verdict]) -> None:
