@@ -9,13 +9,34 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 
-__all__ = ["prepend", "remove_fields", "claims_authserv_id"]
+__all__ = ["prepend", "field_value", "remove_fields", "claims_authserv_id"]
+
+
+#: RFC 5322 §3.6.8 field name: printable ASCII but the colon.
+_FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+\Z")
+#: A line break that does not fold (is not followed by a blank), or a lone CR.
+_UNFOLDED = re.compile(r"\r?\n(?![ \t])|\r(?!\n)")
+
+
+def field_value(value: str) -> str:
+    """``value`` safe as one header field's value: a line break that would
+    start a field of its own (say, from a DNS TXT record or a plugin's
+    result) becomes a fold, so no text can add a header line."""
+    if "\n" not in value and "\r" not in value:
+        return value
+    return _UNFOLDED.sub("\r\n\t", value.rstrip("\r\n"))
 
 
 def prepend(raw: bytes, headers: Iterable[tuple[str, str]]) -> bytes:
-    """``raw`` with ``Name: value`` fields put in front, in order."""
-    block = b"".join(f"{k}: {v}\r\n".encode("utf-8", "surrogateescape") for k, v in headers)
-    return block + raw if block else raw
+    """``raw`` with ``Name: value`` fields put in front, in order.  Values
+    go through :func:`field_value`; a name that is not a field name is a
+    programming error (ValueError), never written."""
+    lines = []
+    for name, value in headers:
+        if not _FIELD_NAME.match(name):
+            raise ValueError(f"not a header field name: {name!r}")
+        lines.append(f"{name}: {field_value(value)}\r\n".encode("utf-8", "surrogateescape"))
+    return b"".join(lines) + raw if lines else raw
 
 
 def _header_end(raw: bytes) -> int:
@@ -25,18 +46,19 @@ def _header_end(raw: bytes) -> int:
     return len(raw) if end < 0 else end + 2
 
 
-def remove_fields(raw: bytes, name: str, keep: Callable[[bytes], bool]) -> bytes:
-    """Drop the header fields called ``name`` for which ``keep(field)`` is
-    false; ``field`` is the whole field, folding included.  Other fields and
-    the body are untouched."""
+def remove_fields(raw: bytes, names: str | tuple[str, ...], keep: Callable[[bytes], bool]) -> bytes:
+    """Drop the header fields called one of ``names`` for which
+    ``keep(field)`` is false; ``field`` is the whole field, folding
+    included.  Other fields and the body are untouched."""
     end = _header_end(raw)
     head = raw[:end]
-    lowered = name.lower().encode()
-    if lowered not in head.lower():
+    wanted = [n.lower().encode() for n in ((names,) if isinstance(names, str) else names)]
+    lowered_head = head.lower()
+    if not any(n in lowered_head for n in wanted):
         return raw  # the common case: nothing to look at
     # "Name :" (blanks before the colon, RFC 5322 §4.5 obsolete syntax) is
     # still that field to Postfix and to most readers.
-    named = re.compile(re.escape(lowered) + rb"[ \t]*:")
+    named = re.compile(rb"(?:" + rb"|".join(re.escape(n) for n in wanted) + rb")[ \t]*:")
     fields = re.split(rb"\r\n(?![ \t])", head)
     kept = [f for f in fields if not (named.match(f.lower()) and not keep(f))]
     return b"\r\n".join(kept) + raw[end:] if len(kept) != len(fields) else raw

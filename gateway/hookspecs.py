@@ -32,8 +32,11 @@ How the gateway calls hooks
   :func:`gateway.then` helps write one that waits only on a cache miss.
 * Each returns a :class:`~gateway.Verdict` or ``None`` (continue).  The
   gateway combines them: the most severe action wins (reject > defer > tag >
-  accept > continue), ties go to the plugin listed first in the policy; the
-  headers and scores of every verdict are kept.
+  accept > continue), ties go to the plugin listed first in the policy
+  (among equal refusals, one with ``disconnect=True`` wins); the headers
+  and scores of every verdict are kept.  A TAG verdict without headers of
+  its own puts ``X-Smtpgate-Tag: PLUGIN: RESULT`` on the message; ACCEPT
+  allow-lists the client only at connect, elsewhere it is recorded only.
 * A hook that raises or overruns its budget counts as ``451 4.3.0``: the
   client retries later, the traceback is logged with the plugin's name, and
   the session and the gateway go on.  A crashed check never lets mail pass.

@@ -92,6 +92,8 @@ class Reply:
 
 # --- session ---------------------------------------------------------------
 GREETING = Reply(220, "", "{hostname} ESMTP smtpgate")
+#: The header a TAG verdict without headers of its own puts on the message.
+TAG_FIELD = "X-Smtpgate-Tag"
 CLOSING = Reply(221, "2.0.0", "Bye")
 OK = Reply(250, "2.0.0", "Ok")
 SENDER_OK = Reply(250, "2.1.0", "Ok")

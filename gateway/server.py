@@ -49,6 +49,11 @@ class Gateway:
         self.closing = False
         self._next_hop = NextHopMemory()
         self._upstream = self.settings.upstream_endpoint  # parsed once, not per session
+        #: Fields a client's message may not bring: ours are written below
+        #: them and a reader would take theirs (smtp.py, at DATA).
+        self.forgeable_fields = ("Authentication-Results",) + (
+            ("X-Spam-Score", "X-Spam-Status") if policy.scoring.headers else ()
+        )
         #: The 220 every accepted connection gets, made once.
         self.greeting = replies.GREETING.format(hostname=self.settings.hostname)
 

@@ -20,7 +20,7 @@ import asyncio
 import ipaddress
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +49,7 @@ log = logging.getLogger("smtpgate.smtp")
 _READ_LIMIT = 64 * 1024
 _NEWLINES = re.compile(rb"\r\n|\r|\n")
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_BLANKS = re.compile(r"\s")
 
 
 class _Close(Exception):
@@ -351,9 +352,13 @@ class SMTPSession(_AiosmtpdSMTP):
         verdict = await run_stage(
             self.gateway.registry.calls[stage], kwargs, self.settings.hook_timeout, self.session.id
         )
-        return self._monitored(stage, verdict)
+        if not (verdict.refuses and self.settings.monitor):
+            return verdict
+        return self._monitored(stage, verdict, kwargs.get("envelope"), kwargs.get("recipient"))
 
-    def _monitored(self, stage: str, verdict: Verdict) -> Verdict:
+    def _monitored(
+        self, stage: str, verdict: Verdict, envelope: Envelope | None = None, recipient: Recipient | None = None
+    ) -> Verdict:
         """In monitor mode a refusal is logged as what would have happened
         and the command goes on; its headers and score are kept.  Refusals
         of plugins that guard access (``Plugin.monitored = False``: relay)
@@ -362,46 +367,63 @@ class SMTPSession(_AiosmtpdSMTP):
             return verdict
         enforced = self.gateway.registry.enforced
         parts = verdict.parts or (verdict,)
+        where = {"envelope": envelope, "rcpt": recipient.address.mailbox if recipient is not None else None}
         if not any(p.refuses and p.plugin in enforced for p in parts):
-            self._log_monitored(stage, verdict)
+            self._log_monitored(stage, verdict, **where)
             return replace(verdict, action=Action.CONTINUE, reply=None, disconnect=False)
         kept: list[Verdict | None] = []
         for part in parts:
             if part.refuses and part.plugin not in enforced:
-                self._log_monitored(stage, part)
+                self._log_monitored(stage, part, **where)
                 part = replace(part, action=Action.CONTINUE, reply=None, disconnect=False)
             kept.append(part)
         return combine(kept)
 
-    def _log_monitored(self, stage: str, verdict: Verdict) -> None:
+    def _log_monitored(self, stage: str, verdict: Verdict, **where: Any) -> None:
         decisions.decision(self.session, stage, "monitor", verdict.reply, plugin=verdict.plugin,
-                           result=f"would {verdict.action.name.lower()}: {verdict.result}".rstrip(": "))
+                           result=f"would {verdict.action.name.lower()}: {verdict.result}".rstrip(": "), **where)
 
-    def _score(self, envelope: Envelope) -> Verdict:
-        """The transaction's summed score against the [scoring] thresholds."""
+    def _score(self, envelope: Envelope, pending: Sequence[Verdict] = ()) -> Verdict:
+        """The transaction's summed score (with ``pending``, a recipient's
+        verdicts not yet in it) against the [scoring] thresholds."""
         scoring = self.gateway.policy.scoring
         if not scoring.enabled:
             return CONTINUE
-        total = _total(self.session, envelope)
-        detail = _tests(self.session, envelope)
+        verdicts = _scored(self.session, envelope, pending)
+        total = _total(verdicts)
+        detail = _tests(verdicts)
         if scoring.reject is not None and total >= scoring.reject:
             verdict = Verdict.reject(replies.SCORE_REJECT.format(score=total), plugin="scoring", result=detail)
         elif scoring.defer is not None and total >= scoring.defer:
             verdict = Verdict.defer(replies.SCORE_DEFER.format(score=total), plugin="scoring", result=detail)
         else:
             return CONTINUE
-        return self._monitored(self.gateway.policy.scoring.stage, verdict)
+        return self._monitored(self.gateway.policy.scoring.stage, verdict, envelope)
+
+    def _keep_field(self, field: bytes) -> bool:
+        """For :func:`remove_fields`: only others' Authentication-Results stay."""
+        return field[:1] in b"Aa" and not claims_authserv_id(field, self.hostname)
 
     def _headers(self, envelope: Envelope) -> list[tuple[str, str]]:
-        verdicts = (*self.session.tags, *envelope.tags)
-        headers = [h for v in verdicts for h in v.headers]
+        verdicts = _scored(self.session, envelope)
+        headers: list[tuple[str, str]] = []
+        for v in verdicts:
+            if v.headers:
+                headers += v.headers
+            elif v.action is Action.TAG:
+                # "tag" means a header: a plugin that brings none gets ours.
+                headers.append((replies.TAG_FIELD, f"{v.plugin}: {v.result or 'tagged'}"))
         scoring = self.gateway.policy.scoring
         if scoring.headers and any(v.score for v in verdicts):
-            total = _total(self.session, envelope)
-            spam = scoring.tag is not None and total >= scoring.tag
-            required = f" required={scoring.tag:.1f}" if scoring.tag is not None else ""
+            total = _total(verdicts)
+            # Spam from the lowest threshold the policy sets: with only
+            # `reject`, a message at or above it (delivered in monitor mode)
+            # is not marked "No".
+            lowest = min((t for t in (scoring.tag, scoring.defer, scoring.reject) if t is not None), default=None)
+            spam = lowest is not None and total >= lowest
+            required = f" required={lowest:.1f}" if lowest is not None else ""
             headers.append(("X-Spam-Score", f"{total:.1f}"))
-            headers.append(("X-Spam-Status", f"{'Yes' if spam else 'No'}, score={total:.1f}{required} tests={_tests(self.session, envelope)}"))
+            headers.append(("X-Spam-Status", f"{'Yes' if spam else 'No'}, score={total:.1f}{required} tests={_tests(verdicts)}"))
         return headers
 
     def _refused(self, stage: str, verdict: Verdict, **log_fields: Any) -> Reply:
@@ -611,9 +633,12 @@ class SMTPSession(_AiosmtpdSMTP):
         if verdict.refuses:
             await self.reply(self._refused("rcpt", verdict, envelope=envelope, rcpt=address.mailbox))
             return
-        _keep(verdict, envelope.tags)
+        # This recipient's scores and headers join the transaction only once
+        # the recipient is in it: a refused one must not weigh on the others.
+        tags: list[Verdict] = []
+        _keep(verdict, tags)
         if self.gateway.policy.scoring.stage == "rcpt":
-            verdict = self._score(envelope)
+            verdict = self._score(envelope, tags)
             if verdict.refuses:
                 await self.reply(self._refused("rcpt", verdict, envelope=envelope, rcpt=address.mailbox))
                 return
@@ -621,6 +646,7 @@ class SMTPSession(_AiosmtpdSMTP):
         reply = await self._forward(line)
         if reply.is_positive:
             envelope.recipients.append(recipient)
+            envelope.tags.extend(tags)
         else:
             decisions.decision(self.session, "rcpt", "upstream", reply, envelope=envelope, rcpt=address.mailbox)
         await self.reply(reply)
@@ -659,8 +685,9 @@ class SMTPSession(_AiosmtpdSMTP):
                 await self.reply(reply)
                 return
         # RFC 8601 §5: results that claim to be ours but arrived with the
-        # message are forgeries; ours are added below.
-        raw = remove_fields(raw, "Authentication-Results", lambda f: not claims_authserv_id(f, self.hostname))
+        # message are forgeries; ours are added below.  So are the client's
+        # own X-Spam-* fields when we write those.
+        raw = remove_fields(raw, self.gateway.forgeable_fields, self._keep_field)
         raw = prepend(raw, self._headers(envelope))
         try:
             reply = await self.upstream.data(envelope, raw)
@@ -823,16 +850,19 @@ def _keep(verdict: Verdict, into: list[Verdict]) -> None:
     )
 
 
-def _total(session: Session, envelope: Envelope) -> float:
-    return sum(v.score for v in (*session.tags, *envelope.tags))
+def _scored(session: Session, envelope: Envelope, pending: Sequence[Verdict] = ()) -> tuple[Verdict, ...]:
+    return (*session.tags, *envelope.tags, *pending)
 
 
-def _tests(session: Session, envelope: Envelope) -> str:
+def _total(verdicts: Sequence[Verdict]) -> float:
+    # Rounded: 0.7 + 0.2 + 0.1 must reach a threshold of 1, as it reads.
+    return round(sum(v.score for v in verdicts), 6)
+
+
+def _tests(verdicts: Sequence[Verdict]) -> str:
     """``plugin:result(score)`` for every scored verdict, for logs and headers."""
     return ",".join(
-        f"{v.plugin}:{(v.result or 'hit').replace(' ', '_')}({v.score:g})"
-        for v in (*session.tags, *envelope.tags)
-        if v.score
+        f"{v.plugin}:{_BLANKS.sub('_', v.result or 'hit')}({v.score:g})" for v in verdicts if v.score
     ) or "none"
 
 

@@ -24,9 +24,12 @@ class Action(enum.IntEnum):
     """Outcomes, ordered by severity: a larger value overrides a smaller one."""
 
     CONTINUE = 0
-    #: An allow-list hit: the client skips the checks that honour it.
+    #: An allow-list hit.  At connect the client is allow-listed for the
+    #: session (it skips the checks that honour it); at other stages it is
+    #: recorded and otherwise the same as CONTINUE.
     ACCEPT = 1
-    #: Add headers (and score); the command goes on to the next hop.
+    #: Add headers (and score); the command goes on to the next hop.  A TAG
+    #: verdict without headers gets ``X-Smtpgate-Tag: plugin: result``.
     TAG = 2
     #: Temporary refusal (4yz): the client keeps the mail and retries.
     DEFER = 3
@@ -88,6 +91,10 @@ class Verdict:
         return self.action >= Action.DEFER
 
     def by(self, plugin: str) -> Verdict:
+        """This verdict as ``plugin``'s, and so are the parts it combined
+        (a plugin that folds several findings with :func:`combine`)."""
+        if self.parts and any(p.plugin != plugin for p in self.parts):
+            return self._with(plugin=plugin, parts=tuple(p.by(plugin) for p in self.parts))
         return self if self.plugin == plugin else self._with(plugin=plugin)
 
     def _with(self, **changes: Any) -> Verdict:
@@ -108,8 +115,10 @@ def combine(verdicts: Sequence[Verdict | None]) -> Verdict:
     """Fold one stage's verdicts, given in policy order, into one.
 
     The first verdict with the highest action decides the reply and the
-    plugin; every verdict's headers and score are kept (a refused command
-    never reaches the next hop, so they only matter when nothing refuses).
+    plugin -- except that among equal actions one that closes the
+    connection (``disconnect``) wins, the more severe of the two; every
+    verdict's headers and score are kept (a refused command never reaches
+    the next hop, so they only matter when nothing refuses).
     """
     present = [v for v in verdicts if v is not None]
     if not present:

@@ -3,7 +3,7 @@ whether an Authentication-Results field claims our authserv-id."""
 
 import pytest
 
-from gateway.headers import claims_authserv_id, prepend, remove_fields
+from gateway.headers import claims_authserv_id, field_value, prepend, remove_fields
 
 MESSAGE = (
     b"Received: from a\r\n\tby b\r\n"
@@ -64,3 +64,26 @@ def test_remove_fields_in_a_message_without_a_body() -> None:
 ])
 def test_claims_authserv_id(field: bytes, claims: bool) -> None:
     assert claims_authserv_id(field, "gw.example") is claims
+
+
+@pytest.mark.parametrize("value,safe", [
+    ("plain", "plain"),
+    ("a;\r\n\tb=c", "a;\r\n\tb=c"),  # a fold stays a fold
+    ("ok\r\nX-Injected: yes", "ok\r\n\tX-Injected: yes"),
+    ("bare\nX-Injected: yes", "bare\r\n\tX-Injected: yes"),
+    ("lone\rcr", "lone\r\n\tcr"),
+    ("trailing\r\n", "trailing"),
+])
+def test_field_value_cannot_start_a_new_field(value: str, safe: str) -> None:
+    assert field_value(value) == safe
+
+
+def test_prepend_refuses_what_is_not_a_field_name() -> None:
+    with pytest.raises(ValueError):
+        prepend(b"Subject: x\r\n\r\n", [("X-Bad: injected\r\nX-A", "1")])
+
+
+def test_remove_fields_takes_several_names_in_one_pass() -> None:
+    raw = b"X-Spam-Status: No\r\nx-spam-score : -9\r\nX-Spam-Level: *\r\nSubject: s\r\n\r\nX-Spam-Status: body\r\n"
+    assert remove_fields(raw, ("X-Spam-Status", "X-Spam-Score"), lambda f: False) == (
+        b"X-Spam-Level: *\r\nSubject: s\r\n\r\nX-Spam-Status: body\r\n")

@@ -45,6 +45,15 @@ def test_refusals_need_a_reply_of_the_right_class(make) -> None:
         make()
 
 
+def test_by_names_the_parts_a_plugin_combined() -> None:
+    listed = Verdict(score=10.0, result="listed bl.test")
+    allowed = Verdict(score=-5.0, result="allowed wl.test")
+    folded = combine([listed, allowed]).by("dnsbl")
+    assert folded.plugin == "dnsbl" and [p.plugin for p in folded.parts] == ["dnsbl", "dnsbl"]
+    named = Verdict(plugin="dnsbl")
+    assert named.by("dnsbl") is named  # nothing to change: the same object
+
+
 def test_with_changes_exactly_what_replace_would() -> None:
     from dataclasses import fields, replace
 
@@ -52,7 +61,8 @@ def test_with_changes_exactly_what_replace_would() -> None:
                              disconnect=True, parts=(Verdict(),))
     assert {f.name for f in fields(Verdict)} == {"action", "reply", "plugin", "headers", "score", "result",
                                                  "disconnect", "parts"}  # _with copies every field
-    assert verdict.by("b") == replace(verdict, plugin="b")
+    # by() also names the parts it was combined from
+    assert verdict.by("b") == replace(verdict, plugin="b", parts=(Verdict(plugin="b"),))
     assert verdict._with(score=0.5, result="s") == replace(verdict, score=0.5, result="s")
     with pytest.raises(ValueError):
         verdict._with(reply=Reply(451, "4.3.0", "later"))  # still validated

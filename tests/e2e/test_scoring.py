@@ -3,6 +3,7 @@ headers from plugins; forged Authentication-Results removed."""
 
 import logging
 
+from gateway import Plugin, Verdict, hookimpl
 from tests.fixtures.gateway import OUTSIDE_IP, TRUSTED_IP
 from tests.fixtures.testplugins import Boom, Scorer, Tagger
 
@@ -84,6 +85,67 @@ def test_a_repeated_helo_keeps_a_plugins_score_once(start_gateway, postfix) -> N
     assert b"X-Spam-Status: No, score=2.5 tests=helo:helo=not_fqdn(2.5)\n" in delivered
 
 
+def test_a_refused_recipients_score_does_not_count(start_gateway, postfix) -> None:
+    # s6@example.com scores 6, then Postfix refuses it (no such user): the
+    # message to alice must not be judged, or marked, by its score.
+    gw = start(start_gateway, postfix, scoring={"reject": 5.0})
+    with gw.client(xclient=TRUSTED_IP) as smtp:
+        smtp.mail("bob@example.org")
+        assert smtp.rcpt("s6@example.com")[0] == 550
+        assert smtp.rcpt("alice@example.com")[0] == 250
+        assert smtp.data(MSG)[0] == 250
+    (delivered,) = postfix.wait_for_messages("alice")
+    assert b"X-Spam-" not in delivered
+
+
+def test_at_rcpt_a_refused_recipient_does_not_refuse_the_next(start_gateway, postfix) -> None:
+    gw = start(start_gateway, postfix, scoring={"reject": 5.0, "stage": "rcpt"})
+    with gw.client(xclient=TRUSTED_IP) as smtp:
+        smtp.mail("bob@example.org")
+        assert smtp.rcpt("s6@remote.example") == (554, b"5.7.1 Error: message rejected as spam (score 6.0)")
+        assert smtp.rcpt("alice@example.com")[0] == 250
+
+
+def test_monitor_marks_what_it_would_have_rejected_as_spam(start_gateway, postfix, caplog) -> None:
+    gw = start(start_gateway, postfix, scoring={"reject": 5.0}, monitor=True)
+    with caplog.at_level(logging.INFO, "smtpgate"):
+        with gw.client(xclient=TRUSTED_IP) as smtp:
+            assert send(smtp, "s6@remote.example", "alice@example.com")[0] == 250
+    (delivered,) = postfix.wait_for_messages("alice")
+    assert b"X-Spam-Status: Yes, score=6.0 required=5.0 tests=scorer:score-s6(6)\n" in delivered
+    # The monitor line names the transaction, as the delivery line does.
+    assert "data monitor: client=unknown[198.51.100.7] helo=<client.example.net> from=<bob@example.org>" in caplog.text
+
+
+class Injector(Plugin):
+    """Puts line breaks where a careless plugin might: a header value and a
+    result copied from outside text (a DNS TXT record, the message)."""
+
+    @hookimpl
+    def data(self, message):
+        return Verdict(headers=(("X-Checked", "ok\r\nX-Injected-Header: yes"),), score=1.0,
+                       result="txt=evil\r\nX-Injected-Result: yes")
+
+
+def test_plugin_text_cannot_add_header_lines(start_gateway, postfix) -> None:
+    gw = start_gateway(f"127.0.0.1:{postfix.port}", plugins={"injector": {}}, extra={"injector": Injector})
+    with gw.client(xclient=TRUSTED_IP) as smtp:
+        assert send(smtp, "alice@example.com")[0] == 250
+    (delivered,) = postfix.wait_for_messages("alice")
+    head = delivered.split(b"\n\n", 1)[0]
+    assert not [line for line in head.split(b"\n") if line.startswith((b"X-Injected-Header", b"X-Injected-Result"))]
+    assert b"X-Checked: ok\n\tX-Injected-Header: yes\n" in head
+    assert b"tests=injector:txt=evil__X-Injected-Result:_yes(1)" in head
+
+
+def test_a_tag_without_headers_gets_ours(start_gateway, postfix) -> None:
+    gw = start_gateway(f"127.0.0.1:{postfix.port}", plugins={"helo": {"actions": {"not_fqdn": "tag"}}})
+    with gw.client(xclient=OUTSIDE_IP, helo="mailserver") as smtp:
+        assert send(smtp, "alice@example.com")[0] == 250
+    (delivered,) = postfix.wait_for_messages("alice")
+    assert b"X-Smtpgate-Tag: helo: helo=not_fqdn\n" in delivered
+
+
 class GuardBoom(Boom):
     monitored = False
 
@@ -99,6 +161,8 @@ def test_monitor_mode_keeps_the_451_of_a_guarding_plugin_that_fails(start_gatewa
 
 def test_forged_authentication_results_are_removed(gateway, postfix) -> None:
     forged = (
+        b"X-Spam-Status: No, score=-100.0\r\n"
+        b"x-spam-score : -100.0\r\n"
         b"Authentication-Results: gw.test.example; spf=pass smtp.mailfrom=example.org\r\n"
         b"Authentication-Results: (comment) GW.TEST.EXAMPLE;\r\n  dkim=pass header.d=example.org\r\n"
         b"Authentication-Results: other.example; spf=fail\r\n"
@@ -107,6 +171,7 @@ def test_forged_authentication_results_are_removed(gateway, postfix) -> None:
         smtp.sendmail("bob@example.org", ["alice@example.com"], forged + b"Subject: ar\r\n\r\nbody\r\n")
     (delivered,) = postfix.wait_for_messages("alice")
     assert delivered.count(b"Authentication-Results:") == 1
+    assert b"-100.0" not in delivered  # the client's X-Spam-* are gone too
     assert b"Authentication-Results: other.example; spf=fail\nSubject: ar\n" in delivered
 
 
