@@ -39,6 +39,16 @@ def _report(exc: PolicyError) -> int:
     return 2
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server import run  # the server's imports are not needed by lint
 
@@ -94,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--policy", help="policy file (default: policies/default.toml)")
     serve.add_argument("--listen", help="HOST:PORT to listen on (overrides gateway.listen)")
     serve.add_argument("--upstream", help="HOST:PORT or maildir:DIR (overrides gateway.upstream)")
-    serve.add_argument("--workers", type=int, help="processes sharing the port (default: one per core)")
+    serve.add_argument("--workers", type=_positive, help="processes sharing the port (default: one per core)")
     serve.add_argument("--log-format", choices=("text", "json"), default="text")
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     serve.set_defaults(func=cmd_serve)

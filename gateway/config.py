@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import socket
 import tomllib
 import types
@@ -94,12 +95,37 @@ class Endpoint:
         return f"{host}:{self.port}"
 
 
+def _is_fqdn(name: str) -> bool:
+    """A host name with a dot, not an address (RFC 5321 §2.3.5)."""
+    try:
+        ipaddress.ip_address(name)
+        return False
+    except ValueError:
+        return is_domain(name) and not name.startswith("[") and "." in name.strip(".")
+
+
+def default_hostname() -> str:
+    """This machine's fully qualified name; without one (``localhost``, a
+    bare host name), that name under ``.localdomain``, as Postfix does for
+    ``myhostname``, so the default policy still starts."""
+    name = socket.getfqdn()
+    return name if _is_fqdn(name) else f"{name.split('.')[0] or 'localhost'}.localdomain"
+
+
+def _loopback_or_any(host: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host == "localhost"
+    return ip.is_loopback or ip.is_unspecified
+
+
 @dataclass(frozen=True)
 class GatewaySettings:
     """The ``[gateway]`` table.  Key names are the public contract."""
 
     #: Name in the greeting, the EHLO reply and our headers.
-    hostname: str = field(default_factory=socket.getfqdn)
+    hostname: str = field(default_factory=lambda: default_hostname())
     listen: str = "127.0.0.1:2525"
     #: The next hop: ``HOST:PORT`` of an MTA, or ``maildir:DIR``.
     upstream: str = "maildir:maildir"
@@ -132,13 +158,20 @@ class GatewaySettings:
     def check(self) -> dict[str, str]:
         """Checks beyond types; returns ``{key: expected}`` for each problem."""
         bad: dict[str, str] = {}
-        if not is_domain(self.hostname) or self.hostname.startswith("["):
-            bad["hostname"] = "expected a fully qualified host name"
+        if not _is_fqdn(self.hostname):
+            bad["hostname"] = "expected a fully qualified host name (with a dot, not an address)"
+        endpoints: dict[str, Endpoint] = {}
         for key, maildir_ok in (("listen", False), ("upstream", True)):
             try:
-                Endpoint.parse(getattr(self, key), maildir_ok=maildir_ok)
+                endpoints[key] = Endpoint.parse(getattr(self, key), maildir_ok=maildir_ok)
             except ValueError as exc:
                 bad[key] = str(exc)
+        listen, upstream = endpoints.get("listen"), endpoints.get("upstream")
+        if listen is not None and upstream is not None and upstream.maildir is None and upstream.port == listen.port:
+            if upstream.host == listen.host or (_loopback_or_any(listen.host) and _loopback_or_any(upstream.host)):
+                bad["upstream"] = "another address than listen (the gateway would connect to itself)"
+        if upstream is not None and upstream.maildir is not None and upstream.maildir.exists() and not upstream.maildir.is_dir():
+            bad["upstream"] = f"maildir:DIR with a directory ({upstream.maildir} is not one)"
         for i, domain in enumerate(self.local_domains):
             if not is_domain(domain) or domain.startswith("["):
                 bad[f"local_domains[{i}]"] = f"expected a domain name, got {domain!r}"
@@ -230,10 +263,12 @@ class ScoringSettings:
 
     def check(self) -> dict[str, str]:
         order = [(k, getattr(self, k)) for k in ("tag", "defer", "reject") if getattr(self, k) is not None]
+        # A threshold at or below 0 would judge mail no plugin scored at all.
+        bad = {k: "a threshold above 0" for k, v in order if v <= 0}
         values = [v for _, v in order]
-        if values != sorted(values):
-            return {"reject": "thresholds with tag <= defer <= reject"}
-        return {}
+        if not bad and values != sorted(values):
+            bad["reject"] = "thresholds with tag <= defer <= reject"
+        return bad
 
     @property
     def enabled(self) -> bool:
@@ -274,6 +309,10 @@ def load_policy(path: str | Path) -> Policy:
             data = tomllib.load(fh)
     except FileNotFoundError:
         raise PolicyError([Problem(name, "(file)", "no such file")]) from None
+    except OSError as exc:  # a directory, no permission
+        raise PolicyError([Problem(name, "(file)", f"a readable file ({exc.strerror})")]) from None
+    except UnicodeDecodeError as exc:
+        raise PolicyError([Problem(name, "(syntax)", f"UTF-8 text (byte {exc.start}: {exc.reason})")]) from None
     except tomllib.TOMLDecodeError as exc:
         raise PolicyError([Problem(name, "(syntax)", f"valid TOML: {exc}")]) from None
     return policy_from_dict(data, name)
@@ -356,9 +395,11 @@ def _coerce(value: Any, hint: Any) -> Any:
             return value
         raise TypeError(f"expected an integer, got {value!r}")
     if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        # TOML has nan and inf; no setting means either (a nan timeout
+        # fires at once, a nan threshold compares false with everything).
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
-        raise TypeError(f"expected a number, got {value!r}")
+        raise TypeError(f"expected a finite number, got {value!r}")
     if hint is str:
         if isinstance(value, str):
             return value

@@ -96,15 +96,15 @@ def load_plugins(
     problems: list[Problem] = []
     classes: dict[str, type | None] = {}
 
-    def load(name: str) -> type | None:
-        # Imported on demand: a plugin the policy disables is never imported,
-        # and a broken plugin the policy does not name is no reason to stop.
+    def load(name: str, *, required: bool = True) -> type | None:
+        # Imported on demand.  A broken plugin the policy does not name, or
+        # names only to disable it, is no reason to stop.
         if name not in classes:
             try:
                 classes[name] = available[name][0]()
             except Exception as exc:
                 classes[name] = None
-                if name in policy.plugins:
+                if name in policy.plugins and required:
                     problems.append(Problem(policy.source, f"plugins.{name}",
                                             f"an importable plugin ({available[name][1]}: {exc!r})"))
                 else:
@@ -142,6 +142,13 @@ def load_plugins(
             )
             continue
         if not switch:
+            # Still checked, so a typo made while preparing a table does not
+            # wait for the day it is enabled.
+            off = load(name, required=False)
+            if off is not None and getattr(off, "Options", None) is not None:
+                problems += parse_table(
+                    off.Options, table, f"plugins.{name}", policy.source, extra=frozenset({"enabled"})
+                )[1]
             continue
         origin = available[name][1]
         loaded_cls = load(name)

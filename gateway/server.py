@@ -132,6 +132,9 @@ class Gateway:
                 session.transport.close()
 
 
+#: listen(2) queue: absorbs a burst of connections while workers are busy.
+BACKLOG = 1024
+
 def bind(host: str, port: int, *, reuse_port: bool) -> socket.socket:
     """A listening socket; with ``reuse_port`` every worker binds its own
     and the kernel spreads connections over them (SO_REUSEPORT)."""
@@ -141,7 +144,7 @@ def bind(host: str, port: int, *, reuse_port: bool) -> socket.socket:
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
-    sock.listen(1024)
+    sock.listen(BACKLOG)
     sock.setblocking(False)
     return sock
 
@@ -149,7 +152,8 @@ def bind(host: str, port: int, *, reuse_port: bool) -> socket.socket:
 async def serve(gateway: Gateway, sock: socket.socket, stop: asyncio.Event) -> None:
     """Serve on ``sock`` until ``stop`` is set, then shut down gracefully."""
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(gateway.protocol, sock=sock)
+    # create_server calls listen() again, with 100 unless told.
+    server = await loop.create_server(gateway.protocol, sock=sock, backlog=BACKLOG)
     watch = loop.create_task(gateway.watch())
     try:
         await stop.wait()
@@ -182,15 +186,18 @@ def run(policy: Policy, workers: int) -> int:
     # Plugins are loaded once here so a broken policy fails before listening.
     load_plugins(policy, Context(policy.gateway))
     endpoint = policy.gateway.listen_endpoint
-    log.info(
-        "listening on %s, next hop %s, %d worker(s)", endpoint, policy.gateway.upstream_endpoint, workers
-    )
+
+    def listening() -> None:  # once the socket is bound: a port in use is reported instead
+        log.info("listening on %s, next hop %s, %d worker(s)", endpoint, policy.gateway.upstream_endpoint, workers)
+
     if workers <= 1:
         sock = bind(endpoint.host, endpoint.port, reuse_port=False)
+        listening()
         _worker(policy, sock)
         return 0
     # Bind once in the parent first, so a port in use is reported once, early.
     probe = bind(endpoint.host, endpoint.port, reuse_port=True)
+    listening()
     shared = SharedCounts(workers)  # before forking: every worker maps it
     children: dict[int, int] = {}
     for index in range(workers):

@@ -58,6 +58,57 @@ def test_semantic_checks(tmp_path: Path) -> None:
     assert f"{path}: gateway.upstream: expected HOST:PORT or maildir:DIR" in found
 
 
+@pytest.mark.parametrize("text,line", [
+    ("[gateway]\ncommand_timeout = nan\n", "gateway.command_timeout: expected a finite number, got nan"),
+    ("[gateway]\nshutdown_timeout = inf\n", "gateway.shutdown_timeout: expected a finite number, got inf"),
+    ("[scoring]\ntag = 10\ndefer = nan\nreject = 5\n", "scoring.defer: expected a finite number, got nan"),
+    ("[scoring]\nreject = 0\n", "scoring.reject: a threshold above 0"),
+    ("[scoring]\ntag = -1\n", "scoring.tag: a threshold above 0"),
+    ('[gateway]\nhostname = "mx"\n', "gateway.hostname: expected a fully qualified host name (with a dot, not an address)"),
+    ('[gateway]\nhostname = "192.0.2.1"\n', "gateway.hostname: expected a fully qualified host name (with a dot, not an address)"),
+    ('[gateway]\nlisten = "127.0.0.1:2525"\nupstream = "127.0.0.1:2525"\n',
+     "gateway.upstream: another address than listen (the gateway would connect to itself)"),
+    ('[gateway]\nlisten = "0.0.0.0:25"\nupstream = "localhost:25"\n',
+     "gateway.upstream: another address than listen (the gateway would connect to itself)"),
+])
+def test_values_that_would_break_at_run_time(tmp_path: Path, text: str, line: str) -> None:
+    path = write(tmp_path, text)
+    assert f"{path}: {line}" in problems(path)
+
+
+def test_a_disabled_plugins_table_is_checked_too(tmp_path: Path) -> None:
+    path = write(tmp_path, '[plugins.spf]\nenabled = false\ncheck_helo = "maybe"\n')
+    run = subprocess.run(
+        [sys.executable, "-m", "gateway", "lint", str(path)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert run.returncode == 2
+    assert f"{path}: plugins.spf.check_helo: expected true or false, got 'maybe'" in run.stderr
+
+
+def test_a_maildir_that_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    path = write(tmp_path, f'[gateway]\nupstream = "maildir:{tmp_path / "file"}"\n')
+    assert problems(path) == [f"{path}: gateway.upstream: maildir:DIR with a directory ({tmp_path / 'file'} is not one)"]
+
+
+def test_a_policy_that_is_no_text_file(tmp_path: Path) -> None:
+    assert problems(tmp_path) == [f"{tmp_path}: (file): a readable file (Is a directory)"]
+    binary = tmp_path / "b.toml"
+    binary.write_bytes(b"[gateway]\nhostname = \"\xff\"\n")
+    (line,) = problems(binary)
+    assert line.startswith(f"{binary}: (syntax): UTF-8 text")
+
+
+def test_default_hostname_is_fully_qualified(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway import config
+
+    monkeypatch.setattr(config.socket, "getfqdn", lambda: "localhost")
+    assert config.default_hostname() == "localhost.localdomain"
+    monkeypatch.setattr(config.socket, "getfqdn", lambda: "mx.example.org")
+    assert config.default_hostname() == "mx.example.org"
+    assert not GatewaySettings().check().get("hostname")
+
+
 def test_toml_syntax_error(tmp_path: Path) -> None:
     (line,) = problems(write(tmp_path, "[gateway\n"))
     assert line.startswith(f"{tmp_path / 'p.toml'}: (syntax): valid TOML")

@@ -126,6 +126,13 @@ def test_port_in_use_is_a_clear_error(serve, tmp_path: Path) -> None:
                          capture_output=True, text=True, cwd=tmp_path, timeout=30)
     assert run.returncode == 1
     assert f"smtpgate: cannot listen on 127.0.0.1:{port}: Address already in use" in run.stderr
+    assert "listening on" not in run.stderr  # said only once the socket is bound
+
+
+def test_workers_must_be_positive(tmp_path: Path) -> None:
+    run = subprocess.run([*SMTPGATE, "serve", "--workers", "0"], capture_output=True, text=True, cwd=tmp_path, timeout=30)
+    assert run.returncode == 2
+    assert "--workers: expected a positive integer, got '0'" in run.stderr
 
 
 def serve_two_workers(serve, tmp_path: Path, max_connections_per_ip: int) -> int:
