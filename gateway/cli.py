@@ -29,8 +29,23 @@ def _default_policy() -> Path:
 def _load(path: str | None, **overrides: object) -> Policy:
     policy = load_policy(path or _default_policy())
     policy = policy.with_overrides(**overrides)
-    load_plugins(policy, Context(policy.gateway))  # validates every plugin table
+    registry = load_plugins(policy, Context(policy.gateway))  # validates every plugin table
+    for risk in relay_risks(policy, {p.name for p in registry.plugins}):
+        print(f"{policy.source}: warning: {risk}", file=sys.stderr)
     return policy
+
+
+def relay_risks(policy: Policy, enabled: set[str]) -> list[str]:
+    """Valid settings that let anyone relay unless the next hop refuses."""
+    risks = []
+    if "relay" not in enabled:
+        risks.append("plugins.relay is disabled: the next hop must refuse relaying itself")
+    risks += [
+        f"gateway.trusted_networks[{i}] ({net}) trusts every client to relay"
+        for i, net in enumerate(policy.gateway.trusted)
+        if net.prefixlen == 0
+    ]
+    return risks
 
 
 def _report(exc: PolicyError) -> int:

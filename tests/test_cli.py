@@ -1,0 +1,28 @@
+"""The command line's own logic (serving is tested in tests/e2e/test_cli.py)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_lint_warns_of_settings_that_open_the_relay(tmp_path: Path) -> None:
+    policy = tmp_path / "open.toml"
+    policy.write_text(
+        '[gateway]\nhostname = "gw.example.org"\ntrusted_networks = ["192.0.2.0/24", "::/0"]\n'
+        "[plugins.relay]\nenabled = false\n"
+    )
+    run = subprocess.run([sys.executable, "-m", "gateway", "lint", str(policy)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert run.returncode == 0 and run.stdout == f"{policy}: ok\n"  # valid, but said
+    assert run.stderr.splitlines() == [
+        f"{policy}: warning: plugins.relay is disabled: the next hop must refuse relaying itself",
+        f"{policy}: warning: gateway.trusted_networks[1] (::/0) trusts every client to relay",
+    ]
+
+
+def test_shipped_policies_give_no_warning() -> None:
+    run = subprocess.run([sys.executable, "-m", "gateway", "lint", *sorted(map(str, (ROOT / "policies").glob("*.toml")))],
+                         capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert run.returncode == 0 and run.stderr == ""
