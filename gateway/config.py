@@ -120,6 +120,24 @@ def _loopback_or_any(host: str) -> bool:
     return ip.is_loopback or ip.is_unspecified
 
 
+def parse_nameserver(text: str) -> tuple[str, int]:
+    """``IP``, ``IP:PORT``, ``[V6]`` or ``[V6]:PORT`` (a bare v6 has no
+    port) as (address, port); ValueError otherwise."""
+    host, port = text, "53"
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"bad nameserver {text!r}")
+            port = rest[1:]
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    ipaddress.ip_address(host)  # ValueError for a name or garbage
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bad port in nameserver {text!r}")
+    return host, int(port)
+
+
 @dataclass(frozen=True)
 class GatewaySettings:
     """The ``[gateway]`` table.  Key names are the public contract."""
@@ -230,15 +248,8 @@ class DNSSettings:
     def check(self) -> dict[str, str]:
         bad: dict[str, str] = {}
         for i, ns in enumerate(self.nameservers):
-            host, port = ns, "53"
-            if ns.startswith("["):
-                host, _, port = ns[1:].partition("]:")
-            elif ns.count(":") == 1:
-                host, _, port = ns.partition(":")
             try:
-                ipaddress.ip_address(host)
-                if not port.isdigit() or not 0 < int(port) < 65536:
-                    raise ValueError
+                parse_nameserver(ns)
             except ValueError:
                 bad[f"nameservers[{i}]"] = f"expected \"IP\" or \"IP:PORT\", got {ns!r}"
         if self.timeout <= 0:

@@ -45,6 +45,7 @@ import dns.resolver
 import spf
 
 from .address import to_ascii_domain
+from .config import parse_nameserver
 
 __all__ = [
     "Answer",
@@ -171,20 +172,7 @@ def dnsbl_name(ip: str, zone: str) -> str:
 
 def _parse_nameserver(text: str) -> dns.nameserver.Do53Nameserver:
     """``IP``, ``IP:PORT``, ``[V6]`` or ``[V6]:PORT`` (a bare v6 has no port)."""
-    host, port = text, 53
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        if rest:
-            if not rest.startswith(":"):
-                raise ValueError(f"bad nameserver {text!r}")
-            port = int(rest[1:])
-    elif text.count(":") == 1:
-        host, _, port_text = text.partition(":")
-        port = int(port_text)
-    ipaddress.ip_address(host)  # ValueError for a name or garbage
-    if not 0 < port < 65536:
-        raise ValueError(f"bad port in nameserver {text!r}")
-    return dns.nameserver.Do53Nameserver(host, port)
+    return dns.nameserver.Do53Nameserver(*parse_nameserver(text))
 
 
 # --------------------------------------------------------------- resolver

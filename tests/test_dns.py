@@ -20,6 +20,7 @@ import pytest
 import spf
 
 from gateway import dns as gdns
+from gateway.config import DNSSettings
 from gateway.dns import Answer, Resolver, Status, dkim_dnsfunc, dnsbl_name, reverse_name, spf_cached, spf_check
 from tests.fixtures.clock import FakeClock
 from tests.fixtures.dkimkeys import keypair
@@ -337,6 +338,7 @@ async def test_dnsbl_lookup_ipv6(resolver: Resolver, dns: DNSServer) -> None:
 def test_nameserver_forms(text: str, address: str, port: int) -> None:
     server = gdns._parse_nameserver(text)
     assert (server.address, server.port) == (address, port)
+    assert DNSSettings(nameservers=(text,)).check() == {}  # lint takes what the resolver takes
 
 
 @pytest.mark.parametrize("text", ["ns.example.com", "127.0.0.1:0", "[::1]x", "1.2.3.4:99999"])
