@@ -1,3 +1,5 @@
+import dataclasses
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +32,40 @@ def test_default_policy_documents_every_gateway_key() -> None:
     text = (ROOT / "policies" / "default.toml").read_text()
     for field in GatewaySettings.__dataclass_fields__:
         assert f"\n{field} = " in text, field
+
+
+def plugin_sections(text: str) -> dict[str, str]:
+    """``{name: text}`` of each ``[plugins.NAME]`` table, up to the next
+    uncommented ``[plugins.OTHER]`` header (its own sub-tables and commented
+    examples stay in)."""
+    headers = [(m.start(), m.group(1)) for m in re.finditer(r"(?m)^\[plugins\.([A-Za-z0-9_-]+)[].]", text)]
+    sections: dict[str, str] = {}
+    for i, (start, name) in enumerate(headers):
+        if name in sections:
+            continue
+        end = next((s for s, other in headers[i + 1 :] if other != name), len(text))
+        sections[name] = text[start:end]
+    return sections
+
+
+def test_default_policy_documents_every_plugin_option() -> None:
+    from gateway.plugins import installed
+
+    sections = plugin_sections((ROOT / "policies" / "default.toml").read_text())
+    builtin = {name: ep for name, ep in installed().items() if ep.value.startswith("plugins.")}
+    assert builtin, "no built-in plugins installed"
+    missing = []
+    for name, ep in sorted(builtin.items()):
+        section = sections.get(name)
+        if section is None:
+            missing.append(f"[plugins.{name}]")
+            continue
+        options = getattr(ep.load(), "Options", None)
+        for field in [f.name for f in dataclasses.fields(options)] if options else []:
+            # `KEY = ...` (set, or a commented example) or a (commented) sub-table.
+            if not re.search(rf"(?m)^(# )?{field} =|\[plugins\.{name}\.{field}[].]", section):
+                missing.append(f"plugins.{name}.{field}")
+    assert not missing, f"policies/default.toml does not document: {', '.join(missing)}"
 
 
 def test_unknown_key_names_file_key_and_expectation(tmp_path: Path) -> None:
