@@ -112,11 +112,15 @@ def test_values_that_would_break_at_run_time(tmp_path: Path, text: str, line: st
     assert f"{path}: {line}" in problems(path)
 
 
+def lint(*paths: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "lint", *map(str, paths)], capture_output=True, text=True, cwd=ROOT
+    )
+
+
 def test_a_disabled_plugins_table_is_checked_too(tmp_path: Path) -> None:
     path = write(tmp_path, '[plugins.spf]\nenabled = false\ncheck_helo = "maybe"\n')
-    run = subprocess.run(
-        [sys.executable, "-m", "gateway", "lint", str(path)], capture_output=True, text=True, cwd=ROOT
-    )
+    run = lint(path)
     assert run.returncode == 2
     assert f"{path}: plugins.spf.check_helo: expected true or false, got 'maybe'" in run.stderr
 
@@ -152,9 +156,7 @@ def test_toml_syntax_error(tmp_path: Path) -> None:
 
 def test_unknown_plugin(tmp_path: Path) -> None:
     path = write(tmp_path, "[plugins.nosuch]\n")
-    run = subprocess.run(
-        [sys.executable, "-m", "gateway", "lint", str(path)], capture_output=True, text=True, cwd=ROOT
-    )
+    run = lint(path)
     assert run.returncode == 2
     assert f"{path}: plugins.nosuch: an installed plugin (installed: " in run.stderr
 
@@ -162,7 +164,7 @@ def test_unknown_plugin(tmp_path: Path) -> None:
 def test_lint_cli_ok_and_failure(tmp_path: Path) -> None:
     good = ROOT / "policies" / "default.toml"
     bad = write(tmp_path, '[gateway]\nmax_recipients = 0\n')
-    run = subprocess.run([sys.executable, "-m", "gateway", "lint", str(good), str(bad)], capture_output=True, text=True, cwd=ROOT)
+    run = lint(good, bad)
     assert run.returncode == 2
     assert f"{good}: ok" in run.stdout
     assert f"{bad}: gateway.max_recipients: expected a positive integer" in run.stderr
