@@ -112,7 +112,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="smtpgate", description=__doc__)
+    parser = argparse.ArgumentParser(prog="smtpgate", description="A pluggable anti-spam policy gateway in front of an SMTP server (see README.md).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gateway")
