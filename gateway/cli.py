@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from . import log as logsetup
-from .config import Policy, PolicyError, load_policy
+from .config import DNSSettings, GatewaySettings, Policy, PolicyError, Problem, ScoringSettings, load_policy
 from .plugin import Context
 from .plugins import installed, load_plugins
 
@@ -27,12 +29,27 @@ def _default_policy() -> Path:
 
 
 def _load(path: str | None, **overrides: object) -> Policy:
-    policy = load_policy(path or _default_policy())
+    try:
+        policy = load_policy(path or _default_policy())
+    except PolicyError as exc:
+        if exc.plugins:  # report the plugin tables' problems in the same round
+            raise PolicyError(exc.problems + _plugin_problems(str(path or _default_policy()), exc.plugins)) from None
+        raise
     policy = policy.with_overrides(**overrides)
     registry = load_plugins(policy, Context(policy.gateway))  # validates every plugin table
     for risk in relay_risks(policy, {p.name for p in registry.plugins}):
         print(f"{policy.source}: warning: {risk}", file=sys.stderr)
     return policy
+
+
+def _plugin_problems(source: str, tables: Mapping[str, Any]) -> list[Problem]:
+    """What is wrong in ``tables``, judged with default core settings."""
+    policy = Policy(source, GatewaySettings(hostname="policy.check.invalid"), DNSSettings(), ScoringSettings(), dict(tables))
+    try:
+        load_plugins(policy, Context(policy.gateway))
+    except PolicyError as exc:
+        return exc.problems
+    return []
 
 
 def relay_risks(policy: Policy, enabled: set[str]) -> list[str]:

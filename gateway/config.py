@@ -57,10 +57,16 @@ class Problem:
 
 
 class PolicyError(Exception):
-    """A policy file is wrong; ``problems`` lists every finding."""
+    """A policy file is wrong; ``problems`` lists every finding.
 
-    def __init__(self, problems: list[Problem]):
+    ``plugins`` holds the file's plugin tables when the core tables were
+    wrong, so a caller that can load plugins may check those too and report
+    everything at once.
+    """
+
+    def __init__(self, problems: list[Problem], plugins: Mapping[str, Any] | None = None):
         self.problems = problems
+        self.plugins = plugins
         super().__init__("\n".join(map(str, problems)))
 
 
@@ -346,7 +352,9 @@ def policy_from_dict(data: Mapping[str, Any], source: str) -> Policy:
     for name, table in plugins.items():
         if not isinstance(table, dict):
             problems.append(Problem(source, f"plugins.{name}", "expected a table"))
-    _raise_if(problems)
+    if problems:
+        tables = {name: table for name, table in plugins.items() if isinstance(table, dict)}
+        raise PolicyError(problems, plugins=tables)
     assert gateway is not None and dns is not None and scoring is not None
     return Policy(source, gateway, dns, scoring, plugins)
 

@@ -26,3 +26,20 @@ def test_shipped_policies_give_no_warning() -> None:
     run = subprocess.run([sys.executable, "-m", "gateway", "lint", *sorted(map(str, (ROOT / "policies").glob("*.toml")))],
                          capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert run.returncode == 0 and run.stderr == ""
+
+
+def test_lint_reports_core_and_plugin_problems_in_one_round(tmp_path: Path) -> None:
+    policy = tmp_path / "bad.toml"
+    policy.write_text(
+        '[gateway]\nmax_recipients = 0\n[scoring]\nreject = -1\n'
+        '[plugins.spf]\ncheck_helo = "maybe"\n[plugins.dnsbl]\nenabled = false\ntimeout = "x"\n'
+    )
+    run = subprocess.run([sys.executable, "-m", "gateway", "lint", str(policy)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert run.returncode == 2
+    assert run.stderr.splitlines() == [
+        f"{policy}: gateway.max_recipients: expected a positive integer",
+        f"{policy}: scoring.reject: a threshold above 0",
+        f"{policy}: plugins.spf.check_helo: expected true or false, got 'maybe'",
+        f"{policy}: plugins.dnsbl.timeout: expected a finite number, got 'x'",
+    ]
