@@ -91,7 +91,7 @@ MAX_LOOKUPS = 8
 # Replies (OpenDMARC's wording for the rejection).
 DMARC_REJECT = Reply(550, "5.7.1", "Rejected by DMARC policy for {domain}")
 DMARC_TEMPERROR = Reply(451, "4.7.1", "Temporary error evaluating DMARC policy for {domain}, try again later")
-DMARC_BAD_FROM = Reply(550, "5.7.1", "Message needs exactly one From address with a domain: {problem}")
+DMARC_BAD_FROM = Reply(550, "5.7.1", "Message needs From addresses with domains that can be checked: {problem}")
 #: For a policy that refuses on a finding that is no DMARC failure.
 DMARC_REJECTED = Reply(550, "5.7.1", "Message rejected: DMARC {finding} for {domain}")
 
