@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Mapping
@@ -28,7 +29,27 @@ def _default_policy() -> Path:
     return beside if beside.exists() else DEFAULT_POLICY
 
 
-def _load(path: str | None, **overrides: object) -> Policy:
+class _Say:
+    """Where the CLI's own messages go: stderr lines, or with
+    ``--log-format json`` the log, so a pipeline sees them as records."""
+
+    def __init__(self, json_log: bool = False) -> None:
+        self._log = logging.getLogger("smtpgate") if json_log else None
+
+    def error(self, line: str) -> None:
+        self._say(logging.ERROR, line)
+
+    def warning(self, line: str) -> None:
+        self._say(logging.WARNING, line)
+
+    def _say(self, level: int, line: str) -> None:
+        if self._log is None:
+            print(line, file=sys.stderr)
+        else:
+            self._log.log(level, "%s", line)
+
+
+def _load(path: str | None, say: _Say | None = None, **overrides: object) -> Policy:
     try:
         policy = load_policy(path or _default_policy())
     except PolicyError as exc:
@@ -38,7 +59,7 @@ def _load(path: str | None, **overrides: object) -> Policy:
     policy = policy.with_overrides(**overrides)
     registry = load_plugins(policy, Context(policy.gateway))  # validates every plugin table
     for risk in relay_risks(policy, {p.name for p in registry.plugins}):
-        print(f"{policy.source}: warning: {risk}", file=sys.stderr)
+        (say or _Say()).warning(f"{policy.source}: warning: {risk}")
     return policy
 
 
@@ -65,9 +86,9 @@ def relay_risks(policy: Policy, enabled: set[str]) -> list[str]:
     return risks
 
 
-def _report(exc: PolicyError) -> int:
+def _report(exc: PolicyError, say: _Say | None = None) -> int:
     for problem in exc.problems:
-        print(problem, file=sys.stderr)
+        (say or _Say()).error(str(problem))
     return 2
 
 
@@ -85,15 +106,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server import run  # the server's imports are not needed by lint
 
     logsetup.configure(args.log_format, args.log_level)
+    say = _Say(json_log=args.log_format == "json")
     try:
-        policy = _load(args.policy, listen=args.listen, upstream=args.upstream)
+        policy = _load(args.policy, say, listen=args.listen, upstream=args.upstream)
     except PolicyError as exc:
-        return _report(exc)
+        return _report(exc, say)
     workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
     try:
         return run(policy, workers)
     except OSError as exc:
-        print(f"smtpgate: cannot listen on {policy.gateway.listen}: {exc.strerror}", file=sys.stderr)
+        say.error(f"smtpgate: cannot listen on {policy.gateway.listen}: {exc.strerror}")
         return 1
 
 

@@ -1,5 +1,6 @@
 """The command line's own logic (serving is tested in tests/e2e/test_cli.py)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -43,3 +44,13 @@ def test_lint_reports_core_and_plugin_problems_in_one_round(tmp_path: Path) -> N
         f"{policy}: plugins.spf.check_helo: expected true or false, got 'maybe'",
         f"{policy}: plugins.dnsbl.timeout: expected a finite number, got 'x'",
     ]
+
+
+def test_serve_with_json_logs_reports_a_bad_policy_as_json(tmp_path: Path) -> None:
+    policy = tmp_path / "bad.toml"
+    policy.write_text("[gateway]\nmax_recipients = 0\n")
+    run = subprocess.run([sys.executable, "-m", "gateway", "serve", "--policy", str(policy), "--log-format", "json"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert run.returncode == 2
+    (record,) = [json.loads(line) for line in run.stderr.splitlines()]
+    assert (record["level"], record["message"]) == ("error", f"{policy}: gateway.max_recipients: expected a positive integer")
