@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -164,6 +165,21 @@ async def serve(gateway: Gateway, sock: socket.socket, stop: asyncio.Event) -> N
         watch.cancel()
 
 
+#: prctl(2) option: the signal a process gets when its parent dies.
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with(parent: int) -> None:
+    """A worker whose parent is gone (killed with SIGKILL, say) must not go
+    on holding the port: ask Linux for a SIGTERM then, which drains and
+    exits like any other; elsewhere this does nothing."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _worker(policy: Policy, sock: socket.socket, counts: Counts | None = None) -> None:
     async def main() -> None:
         stop = asyncio.Event()
@@ -200,11 +216,13 @@ def run(policy: Policy, workers: int) -> int:
     listening()
     shared = SharedCounts(workers)  # before forking: every worker maps it
     children: dict[int, int] = {}
+    parent = os.getpid()
     for index in range(workers):
         pid = os.fork()
         if pid == 0:
             code = 0
             try:
+                _die_with(parent)
                 sock = probe
                 if index:
                     probe.close()

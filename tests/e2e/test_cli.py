@@ -1,6 +1,8 @@
 """The smtpgate command as a user runs it: a real process, real signals."""
 
+import contextlib
 import json
+import os
 import shutil
 import signal
 import smtplib
@@ -40,7 +42,7 @@ def serve(tmp_path: Path):
         port = free_port()
         proc = subprocess.Popen(
             [*SMTPGATE, "serve", "--listen", f"127.0.0.1:{port}", *args],
-            cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+            cwd=tmp_path, stderr=subprocess.PIPE, text=True, start_new_session=True,
         )
         procs.append(proc)
         wait_for_port(port, proc)
@@ -48,9 +50,10 @@ def serve(tmp_path: Path):
 
     yield start
     for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        # The whole group: a worker must not outlive the test.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
         proc.stderr.close()
 
 
@@ -127,6 +130,26 @@ def test_port_in_use_is_a_clear_error(serve, tmp_path: Path) -> None:
     assert run.returncode == 1
     assert f"smtpgate: cannot listen on 127.0.0.1:{port}: Address already in use" in run.stderr
     assert "listening on" not in run.stderr  # said only once the socket is bound
+
+
+def running(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+def test_workers_do_not_outlive_a_killed_parent(serve, tmp_path: Path) -> None:
+    proc, port = serve("--workers", "2")
+    workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()]
+    assert len(workers) == 2
+    os.kill(proc.pid, signal.SIGKILL)  # as a careless supervisor might
+    deadline = time.monotonic() + 10
+    while any(map(running, workers)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [w for w in workers if running(w)]
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2)
 
 
 def test_workers_must_be_positive(tmp_path: Path) -> None:
