@@ -172,6 +172,10 @@ class GatewaySettings:
     command_timeout: float = 300.0
     data_timeout: float = 300.0
     upstream_timeout: float = 120.0
+    #: The next hop's reply to a whole message (RFC 5321 §4.5.3.2.6 allows
+    #: 10 minutes: content filters, milters); giving up earlier makes the
+    #: client retry a message the next hop may still queue, a duplicate.
+    upstream_data_timeout: float = 600.0
     upstream_connect_timeout: float = 10.0
     hook_timeout: float = 30.0
     shutdown_timeout: float = 30.0

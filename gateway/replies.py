@@ -34,7 +34,9 @@ class Reply:
         lines = self.text.replace("\r", " ").split("\n")
         prefix = f"{self.enhanced} " if self.enhanced else ""
         out = [f"{self.code}-{prefix}{line}" for line in lines[:-1]]
-        out.append(f"{self.code} {prefix}{lines[-1]}")
+        last = f"{self.code} {prefix}{lines[-1]}"
+        # "250" alone stays alone: a trailing blank is not what was said.
+        out.append(last if lines[-1] else last.rstrip(" "))
         object.__setattr__(self, "_wire", ("\r\n".join(out) + "\r\n").encode("utf-8", "surrogateescape"))
 
     def format(self, **fields: object) -> Reply:

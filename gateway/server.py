@@ -64,7 +64,7 @@ class Gateway:
     async def watch(self) -> None:
         """Enforce every session's time limits (gateway/deadline.py), until cancelled."""
         s = self.settings
-        tick = tick_for(s.command_timeout, s.data_timeout, s.upstream_timeout)
+        tick = tick_for(s.command_timeout, s.data_timeout, s.upstream_timeout, s.upstream_data_timeout)
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(tick)

@@ -513,7 +513,9 @@ class SMTPSession(_AiosmtpdSMTP):
         lines = ["PIPELINING", f"SIZE {self.settings.max_message_size}"]
         if self._xclient_allowed:
             lines.append("XCLIENT NAME ADDR PORT PROTO HELO LOGIN DESTADDR DESTPORT")
-        lines += ["ENHANCEDSTATUSCODES", "8BITMIME"]
+        lines.append("ENHANCEDSTATUSCODES")
+        if "8bitmime" in upstream:
+            lines.append("8BITMIME")
         # Only what the next hop can honour: a DSN request or a UTF-8 address
         # we accepted but could not pass on would be lost.
         if "dsn" in upstream:
@@ -553,7 +555,7 @@ class SMTPSession(_AiosmtpdSMTP):
         dsn = self._offered("dsn")
         bad = self._check_params(params, {
             "SIZE": lambda v: v is not None and v.isascii() and v.isdigit(),
-            "BODY": lambda v: v is not None and v.upper() in ("7BIT", "8BITMIME"),
+            **({"BODY": lambda v: v is not None and v.upper() in ("7BIT", "8BITMIME")} if self._offered("8bitmime") else {}),
             **({"SMTPUTF8": lambda v: v is None} if offered_utf8 else {}),
             **({"RET": lambda v: v is not None and v.upper() in ("FULL", "HDRS"),
                 "ENVID": lambda v: v is not None} if dsn else {}),
@@ -576,6 +578,9 @@ class SMTPSession(_AiosmtpdSMTP):
             return
         _keep(verdict, envelope.tags)
         await self._upstream()
+        if size is not None and not self._offered("size"):
+            # Our limit, announced by us; a next hop without SIZE would refuse it.
+            params_text = " ".join(p for p in params_text.split(" ") if not p.upper().startswith("SIZE="))
         line = f"MAIL FROM:<{sender.path}>" + (f" {params_text}" if params_text else "")
         reply = await self._forward(line)
         if reply.is_positive:
@@ -583,7 +588,14 @@ class SMTPSession(_AiosmtpdSMTP):
             self._upstream_txn = True
         else:
             decisions.decision(self.session, "mail", "upstream", reply, envelope=envelope)
+        await self._relay(reply)
+
+    async def _relay(self, reply: Reply) -> None:
+        """The next hop's reply, verbatim; its 421 closes our session too
+        (RFC 5321 §3.8), so nothing the client pipelined meets a 503."""
         await self.reply(reply)
+        if reply.code == 421:
+            raise _Close
 
     async def _forward(self, line: str) -> Reply:
         try:
@@ -649,7 +661,7 @@ class SMTPSession(_AiosmtpdSMTP):
             envelope.tags.extend(tags)
         else:
             decisions.decision(self.session, "rcpt", "upstream", reply, envelope=envelope, rcpt=address.mailbox)
-        await self.reply(reply)
+        await self._relay(reply)
 
     async def smtp_DATA(self, arg: str | None) -> None:
         envelope = self.envelope
@@ -698,7 +710,7 @@ class SMTPSession(_AiosmtpdSMTP):
         self._upstream_txn = False
         decisions.decision(self.session, "data", "delivered" if reply.is_positive else "upstream", reply,
                            envelope=envelope, rcpt=",".join(r.address.mailbox for r in envelope.recipients))
-        await self.reply(reply)
+        await self._relay(reply)
 
     async def _read_data(self) -> tuple[bytes, Reply | None]:
         """Read the message up to ``<CR><LF>.<CR><LF>``; undo dot-stuffing.

@@ -41,6 +41,34 @@ class UpstreamError(Exception):
     """The next hop failed; nothing it was given may be taken as delivered."""
 
 
+#: A reply line: a 2yz-5yz code, then a space, a hyphen or the line's end.
+_REPLY_LINE = re.compile(rb"[2-5][0-9][0-9](?:[ -]|\r?\n)")
+
+
+class _NextHopProtocol(SMTPProtocol):
+    """aiosmtplib's protocol, strict about what the next hop may say.
+
+    We never pipeline to the next hop, so bytes left over after a reply mean
+    the dialogue is out of step: the next command would be paired with a
+    stale reply (a refused message answered 250).  And a line must start
+    with a 2yz-5yz code and a separator: "2500 ok" is no 250.  Either fails
+    the read, and the connection is dropped.
+    """
+
+    def _read_response_from_buffer(self) -> aiosmtplib.SMTPResponse | None:
+        buffer = self._buffer
+        start = 0
+        while (end := buffer.find(b"\n", start)) != -1:
+            if not _REPLY_LINE.match(buffer, start, end + 1):
+                line = bytes(buffer[start:end]).decode("utf-8", "replace")
+                raise aiosmtplib.SMTPResponseException(-1, f"malformed reply line {line[:80]!r}")
+            start = end + 1
+        response = super()._read_response_from_buffer()
+        if response is not None and buffer:
+            raise aiosmtplib.SMTPResponseException(-1, "more than one reply at once (out of step)")
+        return response
+
+
 class Upstream(Protocol):
     #: ESMTP extensions the next hop offers, lower-case keywords.
     extensions: frozenset[str]
@@ -97,6 +125,7 @@ class SMTPUpstream:
         self._smtp: SMTPProtocol | None = None
         self._waiting: SMTPProtocol | None = None
         self._timed_out = False
+        self._limit = settings.upstream_timeout  # of the wait under way, for the log
         self._identity: tuple[str, ...] | None = None
         self.extensions: frozenset[str] = frozenset()
         self._xclient_attrs: frozenset[str] = frozenset()
@@ -118,7 +147,7 @@ class SMTPUpstream:
         # a check of our host name and a wait_for task for the connection and
         # another for the greeting: per message, here.
         loop = asyncio.get_running_loop()
-        smtp = SMTPProtocol(loop=loop)
+        smtp = _NextHopProtocol(loop=loop)
         limit = self._settings.upstream_connect_timeout
         known = self._memory
         try:
@@ -144,19 +173,23 @@ class SMTPUpstream:
         self._smtp = smtp
         self._identity = None
 
-    async def _send(self, smtp: SMTPProtocol, payload: bytes) -> aiosmtplib.SMTPResponse:
-        """Write ``payload`` (commands, or BDAT and its bytes) and read the reply.
+    async def _send(self, smtp: SMTPProtocol, payload: bytes, *, final: bool = False) -> aiosmtplib.SMTPResponse:
+        """Write ``payload`` (commands, or BDAT and its bytes) and read the reply;
+        ``final``: the reply to a whole message, which may take longer
+        (``upstream_data_timeout``, RFC 5321 §4.5.3.2.6).
 
         aiosmtplib's own calls would take a lock and a timer per command and
         run two regular expressions over every message to fix line ends and
         stuff dots that are right already; the session is ours alone.
         """
         smtp.write(payload)  # SMTPServerDisconnected if the connection is gone
+        limit = self._settings.upstream_data_timeout if final else self._settings.upstream_timeout
+        self._limit = limit
         deadline = self._deadline
         if deadline is None:
-            return await smtp.read_response(timeout=self._settings.upstream_timeout)
+            return await smtp.read_response(timeout=limit)
         self._waiting = smtp
-        deadline.arm(self._settings.upstream_timeout, self._expired)
+        deadline.arm(limit, self._expired)
         try:
             return await smtp.read_response(timeout=None)
         finally:
@@ -179,7 +212,7 @@ class SMTPUpstream:
     def _why(self, exc: BaseException) -> str:
         if self._timed_out:
             self._timed_out = False
-            return f"no reply within {self._settings.upstream_timeout:g}s"
+            return f"no reply within {self._limit:g}s"
         return str(exc)
 
     async def _ehlo(self, smtp: SMTPProtocol, name: str, *, ours: bool) -> None:
@@ -279,11 +312,19 @@ class SMTPUpstream:
         message = _crlf(message)
         try:
             if "chunking" in self.extensions:
-                response = await self._send(smtp, b"BDAT %d LAST\r\n%b" % (len(message), message))
+                response = await self._send(smtp, b"BDAT %d LAST\r\n%b" % (len(message), message), final=True)
+                if response.code >= 400:
+                    # Whether it read the chunk or will take it for commands
+                    # is the server's business: never speak on this connection
+                    # again (message text must not become commands).
+                    self._drop()
             else:
                 response = await self._send(smtp, b"DATA\r\n")
                 if response.code == 354:
-                    response = await self._send(smtp, _dot_stuff(message) + b".\r\n")
+                    response = await self._send(smtp, _dot_stuff(message) + b".\r\n", final=True)
+                elif response.code < 400:
+                    # A 250 here would be taken for the message's: it is not.
+                    raise aiosmtplib.SMTPResponseException(response.code, f"DATA answered {response.code}, not 354")
         except (aiosmtplib.SMTPException, OSError) as exc:
             raise self._failed("DATA", exc) from exc
         if response.code == 421:

@@ -48,3 +48,8 @@ def test_parse_splits_enhanced_code() -> None:
 
 def test_a_cr_inside_a_line_cannot_end_it() -> None:
     assert Reply(554, "5.7.1", "listed; reason\rINJECTED").wire() == b"554 5.7.1 listed; reason INJECTED\r\n"
+
+
+def test_an_empty_text_leaves_no_trailing_blank() -> None:
+    assert Reply.parse(250, "").wire() == b"250\r\n"
+    assert Reply(250, "2.0.0", "").wire() == b"250 2.0.0\r\n"

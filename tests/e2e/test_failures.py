@@ -41,12 +41,72 @@ def test_next_hop_that_does_not_greet_gives_421(start_gateway, caplog, mode: str
 @pytest.mark.parametrize("mode", ["drop-at-data-end", "silent-at-data-end"])
 def test_upstream_failing_during_data_gives_451(start_gateway, mode: str) -> None:
     with BadMTA(mode) as mta:
-        gw = start_gateway(f"127.0.0.1:{mta.port}", upstream_timeout=1.0)
+        gw = start_gateway(f"127.0.0.1:{mta.port}", upstream_timeout=1.0, upstream_data_timeout=1.0)
         with gw.client(xclient=OUTSIDE_IP) as smtp:
             assert smtp.mail("bob@example.org")[0] == 250
             assert smtp.rcpt("alice@example.com")[0] == 250
+            started = time.monotonic()
             assert smtp.data(MSG) == (451, b"4.4.1 Error: next hop failed during the transaction, try again later")
+            assert time.monotonic() - started < 2.0
         assert len(mta.received) == 1
+
+
+def test_the_reply_to_a_message_may_take_longer_than_a_command(start_gateway) -> None:
+    # A content filter behind the MTA: the final reply comes after 1.5 s,
+    # past upstream_timeout but within upstream_data_timeout.
+    with BadMTA("slow-at-data-end", delay=1.5) as mta:
+        gw = start_gateway(f"127.0.0.1:{mta.port}", upstream_timeout=1.0, upstream_data_timeout=5.0)
+        with gw.client(xclient=OUTSIDE_IP) as smtp:
+            assert smtp.sendmail("bob@example.org", ["alice@example.com"], MSG) == {}
+        assert len(mta.received) == 1
+
+
+@pytest.mark.parametrize("mode,stage", [
+    ("250-to-data", "data"),          # a 250 to DATA is no 250 for the message
+    ("garbage-at-data-end", "data"),  # "2500 queued" is no 250
+    ("double-at-rcpt", "rcpt"),       # two replies to one RCPT: out of step
+])
+def test_a_next_hop_out_of_step_is_never_taken_for_delivery(start_gateway, mode: str, stage: str) -> None:
+    with BadMTA(mode) as mta:
+        gw = start_gateway(f"127.0.0.1:{mta.port}")
+        with gw.client(xclient=OUTSIDE_IP) as smtp:
+            assert smtp.mail("bob@example.org")[0] == 250
+            code, text = smtp.rcpt("alice@example.com")
+            if stage == "rcpt":
+                assert (code, text) == (421, b"4.4.1 gw.test.example Error: next hop unavailable, try again later")
+                return
+            assert code == 250
+            assert smtp.data(MSG) == (451, b"4.4.1 Error: next hop failed during the transaction, try again later")
+
+
+def test_a_refused_bdat_ends_that_connection(start_gateway) -> None:
+    # RFC 3030 says a server reads a chunk it refuses; one that does not
+    # would take the chunk's lines for commands.  What was sent is sent, but
+    # nothing more goes on that connection: the next transaction gets a new one.
+    body = b"Subject: x\r\n\r\nRSET\r\n"
+    with BadMTA("bdat-refused") as mta:
+        gw = start_gateway(f"127.0.0.1:{mta.port}")
+        with gw.client(xclient=OUTSIDE_IP) as smtp:
+            assert smtp.mail("bob@example.org")[0] == 250
+            assert smtp.rcpt("alice@example.com")[0] == 250
+            assert smtp.data(body) == (502, b"5.5.1 BDAT not today")
+            assert smtp.mail("bob@example.org")[0] == 250  # on a new connection
+        deadline = time.monotonic() + 3
+        while mta.sessions < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert mta.sessions == 2
+
+
+def test_a_421_from_the_next_hop_ends_the_session(start_gateway) -> None:
+    with BadMTA("421-at-mail") as mta:
+        gw = start_gateway(f"127.0.0.1:{mta.port}")
+        sock = gw.raw()
+        with sock:
+            sock.sendall(b"EHLO c.example.net\r\n")
+            recv_reply(sock)
+            sock.sendall(b"MAIL FROM:<bob@example.org>\r\nRCPT TO:<alice@example.com>\r\nDATA\r\n")
+            assert recv_reply(sock) == b"421 4.3.0 bad.example shutting down\r\n"
+            assert sock.recv(100) == b""  # closed: no 503s for the pipelined commands
 
 
 def test_upstream_silent_at_rcpt_gives_421_after_upstream_timeout(start_gateway) -> None:
@@ -99,3 +159,14 @@ def test_plugin_overrunning_its_budget_gives_451(start_gateway, postfix) -> None
     )
     with gw.client(xclient=OUTSIDE_IP) as smtp:
         assert smtp.mail("bob@example.org") == (451, b"4.3.0 Error: internal policy failure, try again later")
+
+
+def test_only_what_the_next_hop_honours_is_offered_and_passed_on(start_gateway) -> None:
+    # This next hop offers neither 8BITMIME nor SIZE.
+    with BadMTA("silent-at-data-end") as mta:
+        gw = start_gateway(f"127.0.0.1:{mta.port}")
+        with gw.client(xclient=OUTSIDE_IP) as smtp:
+            assert not smtp.has_extn("8bitmime") and smtp.has_extn("size")  # SIZE is our own limit
+            assert smtp.mail("bob@example.org", ["BODY=8BITMIME"]) == (555, b"5.5.4 Unsupported option: BODY")
+            assert smtp.mail("bob@example.org", ["SIZE=100"])[0] == 250
+        assert b"MAIL FROM:<bob@example.org>" in mta.commands  # without SIZE=
