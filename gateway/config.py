@@ -180,7 +180,8 @@ class GatewaySettings:
     hook_timeout: float = 30.0
     shutdown_timeout: float = 30.0
     bare_newline: Literal["reject", "normalize"] = "reject"
-    #: Trial mode: log what plugins would have refused, refuse nothing.
+    #: Trial mode: log what plugins would have refused, refuse nothing but
+    #: what guarding plugins (relay, commands) refuse.
     monitor: bool = False
 
     def check(self) -> dict[str, str]:

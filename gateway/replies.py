@@ -122,8 +122,9 @@ UNSUPPORTED_PARAMETER = Reply(555, "5.5.4", "Unsupported option: {name}")
 #: Every command but QUIT after a 554 greeting (RFC 5321 §3.1), as Postfix
 #: words it with smtpd_delay_reject = no.
 ACCESS_DENIED = Reply(503, "5.7.0", "Error: access denied for {client}")
-#: RFC 6531 §3.7.4.1, in Postfix's words: UTF-8 in a command of a
-#: transaction that did not say SMTPUTF8 at MAIL.
+#: RFC 6531 §3.7.4.1, in Postfix's words: UTF-8 in RCPT of a transaction
+#: that did not say SMTPUTF8 at MAIL, or in MAIL without it (when offered;
+#: otherwise a UTF-8 address is a syntax error).
 UTF8_NOT_DECLARED = Reply(553, "5.6.7", "Must declare SMTPUTF8 to send unicode address")
 NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
 NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")

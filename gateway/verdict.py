@@ -43,7 +43,8 @@ class Verdict:
 
     :param action: what to do with the command.
     :param reply: the reply to send for DEFER and REJECT (its code must be
-        4yz or 5yz respectively); ignored for the other actions.
+        4yz or 5yz respectively); for ACCEPT at VRFY/EXPN it is the
+        answer; ignored otherwise.
     :param plugin: the plugin that decided; the gateway fills it in.
     :param headers: ``(name, value)`` pairs to prepend to the message.
     :param score: added to the transaction's score.
