@@ -24,6 +24,9 @@ def field_value(value: str) -> str:
     result) becomes a fold, so no text can add a header line."""
     if "\n" not in value and "\r" not in value:
         return value
+    flat = value.replace("\r\n\t", "").replace("\r\n ", "")
+    if "\n" not in flat and "\r" not in flat:
+        return value  # folded already (Authentication-Results): the common case
     return _UNFOLDED.sub("\r\n\t", value.rstrip("\r\n"))
 
 
