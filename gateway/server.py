@@ -181,7 +181,24 @@ def _die_with(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+#: mallopt(3) option: allocations from this size up are mmap'ed.
+_M_MMAP_THRESHOLD = -3
+
+
+def _steady_malloc() -> None:
+    """asyncio reads sockets into 256 KiB buffers and shrinks them to what
+    arrived.  Above glibc's mmap threshold (128 KiB until it adapts) each
+    read is then an mmap, an mremap and an munmap: 36 system calls per
+    message, a fifth of a worker's CPU.  Whether glibc adapts depends on the
+    process's history, which made benchmarks bimodal.  A fixed threshold of
+    1 MiB keeps such buffers on the heap; elsewhere this does nothing."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+
+
 def _worker(policy: Policy, sock: socket.socket, counts: Counts | None = None) -> None:
+    _steady_malloc()
+
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
