@@ -734,14 +734,16 @@ class SMTPSession(_AiosmtpdSMTP):
             finally:
                 deadline.disarm()
             total += len(piece)
-            if total <= limit + 5:
+            # The message is what precedes the final ".\r\n" (its last CRLF
+            # included), so `total` may exceed the limit by those 3 bytes.
+            if total <= limit + 3:
                 buf += piece
             elif buf:
                 buf = bytearray()  # over the limit: keep reading, keep nothing
             tail = (tail + piece)[-5:]
             if tail.endswith(b".\r\n") and (total == 3 or tail == b"\r\n.\r\n"):
                 break
-        if total > limit + 5:
+        if total > limit + 3:
             return b"", replies.MESSAGE_TOO_BIG
         data = bytes(buf[:-3])
         crlf = data.count(b"\r\n")

@@ -12,6 +12,7 @@ file that is on disk (fsync'ed) before the reply.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import itertools
 import os
@@ -445,11 +446,16 @@ class MaildirUpstream:
         now = time.time()
         name = f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{next(_counter)}.{self._host}"
         tmp = self._dir / "tmp" / name
-        with open(tmp, "xb") as fh:
-            fh.write(content.replace(b"\r\n", b"\n"))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.rename(tmp, self._dir / "new" / name)
+        try:
+            with open(tmp, "xb") as fh:
+                fh.write(content.replace(b"\r\n", b"\n"))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.rename(tmp, self._dir / "new" / name)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()  # a half-written file is no message: leave no trace
+            raise
         dir_fd = os.open(self._dir / "new", os.O_RDONLY)
         try:
             os.fsync(dir_fd)

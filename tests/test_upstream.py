@@ -31,3 +31,18 @@ def test_dot_stuffing(message: bytes, stuffed: bytes) -> None:
 )
 def test_every_line_ends_in_crlf(message: bytes, clean: bytes) -> None:
     assert _crlf(message) == clean
+
+
+async def test_a_failed_maildir_delivery_leaves_nothing_behind(tmp_path) -> None:
+    from gateway.address import Address
+    from gateway.config import GatewaySettings
+    from gateway.session import Envelope
+    from gateway.upstream import MaildirUpstream, UpstreamError
+
+    box = MaildirUpstream(tmp_path, GatewaySettings(hostname="gw.example.org"))
+    await box.connect()
+    (tmp_path / "new").rmdir()
+    (tmp_path / "new").write_text("")  # the rename into new/ fails
+    with pytest.raises(UpstreamError):
+        await box.data(Envelope(Address("bob", "example.org"), ()), b"Subject: x\r\n\r\nbody\r\n")
+    assert list((tmp_path / "tmp").iterdir()) == []  # no half-delivered file either

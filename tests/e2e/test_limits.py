@@ -22,6 +22,22 @@ def test_oversized_message_gets_552_and_nothing_arrives(start_gateway, postfix) 
     assert b"Subject: small" in delivered
 
 
+def test_the_size_limit_is_exact(start_gateway, postfix) -> None:
+    gw = start_gateway(f"127.0.0.1:{postfix.port}", max_message_size=10_000)
+
+    def message(size: int) -> bytes:  # exactly `size` bytes, its last CRLF included
+        head = b"Subject: exact\r\n\r\n"
+        return head + b"x" * (size - len(head) - 2) + b"\r\n"
+
+    with gw.client(xclient=OUTSIDE_IP) as smtp:
+        assert smtp.sendmail("bob@example.org", ["alice@example.com"], message(10_000)) == {}
+        smtp.mail("bob@example.org")
+        smtp.rcpt("alice@example.com")
+        assert smtp.data(message(10_001)) == (552, b"5.3.4 Message size exceeds fixed limit")
+    (delivered,) = postfix.wait_for_messages("alice")
+    assert b"Subject: exact" in delivered
+
+
 def test_announced_size_over_the_limit(start_gateway, postfix) -> None:
     gw = start_gateway(f"127.0.0.1:{postfix.port}", max_message_size=10_000)
     with gw.client(xclient=OUTSIDE_IP) as smtp:
