@@ -8,14 +8,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def smtpgate(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True, cwd=ROOT, timeout=30)
+
+
+def policy_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "policy.toml"
+    path.write_text(text)
+    return path
+
+
 def test_lint_warns_of_settings_that_open_the_relay(tmp_path: Path) -> None:
-    policy = tmp_path / "open.toml"
-    policy.write_text(
-        '[gateway]\nhostname = "gw.example.org"\ntrusted_networks = ["192.0.2.0/24", "::/0"]\n'
-        "[plugins.relay]\nenabled = false\n"
-    )
-    run = subprocess.run([sys.executable, "-m", "gateway", "lint", str(policy)],
-                         capture_output=True, text=True, cwd=ROOT, timeout=30)
+    policy = policy_file(tmp_path, '[gateway]\nhostname = "gw.example.org"\n'
+                         'trusted_networks = ["192.0.2.0/24", "::/0"]\n[plugins.relay]\nenabled = false\n')
+    run = smtpgate("lint", str(policy))
     assert run.returncode == 0 and run.stdout == f"{policy}: ok\n"  # valid, but said
     assert run.stderr.splitlines() == [
         f"{policy}: warning: plugins.relay is disabled: the next hop must refuse relaying itself",
@@ -24,19 +30,14 @@ def test_lint_warns_of_settings_that_open_the_relay(tmp_path: Path) -> None:
 
 
 def test_shipped_policies_give_no_warning() -> None:
-    run = subprocess.run([sys.executable, "-m", "gateway", "lint", *sorted(map(str, (ROOT / "policies").glob("*.toml")))],
-                         capture_output=True, text=True, cwd=ROOT, timeout=30)
+    run = smtpgate("lint", *sorted(map(str, (ROOT / "policies").glob("*.toml"))))
     assert run.returncode == 0 and run.stderr == ""
 
 
 def test_lint_reports_core_and_plugin_problems_in_one_round(tmp_path: Path) -> None:
-    policy = tmp_path / "bad.toml"
-    policy.write_text(
-        '[gateway]\nmax_recipients = 0\n[scoring]\nreject = -1\n'
-        '[plugins.spf]\ncheck_helo = "maybe"\n[plugins.dnsbl]\nenabled = false\ntimeout = "x"\n'
-    )
-    run = subprocess.run([sys.executable, "-m", "gateway", "lint", str(policy)],
-                         capture_output=True, text=True, cwd=ROOT, timeout=30)
+    policy = policy_file(tmp_path, '[gateway]\nmax_recipients = 0\n[scoring]\nreject = -1\n'
+                         '[plugins.spf]\ncheck_helo = "maybe"\n[plugins.dnsbl]\nenabled = false\ntimeout = "x"\n')
+    run = smtpgate("lint", str(policy))
     assert run.returncode == 2
     assert run.stderr.splitlines() == [
         f"{policy}: gateway.max_recipients: expected a positive integer",
@@ -47,10 +48,8 @@ def test_lint_reports_core_and_plugin_problems_in_one_round(tmp_path: Path) -> N
 
 
 def test_serve_with_json_logs_reports_a_bad_policy_as_json(tmp_path: Path) -> None:
-    policy = tmp_path / "bad.toml"
-    policy.write_text("[gateway]\nmax_recipients = 0\n")
-    run = subprocess.run([sys.executable, "-m", "gateway", "serve", "--policy", str(policy), "--log-format", "json"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=30)
+    policy = policy_file(tmp_path, "[gateway]\nmax_recipients = 0\n")
+    run = smtpgate("serve", "--policy", str(policy), "--log-format", "json")
     assert run.returncode == 2
     (record,) = [json.loads(line) for line in run.stderr.splitlines()]
     assert (record["level"], record["message"]) == ("error", f"{policy}: gateway.max_recipients: expected a positive integer")
