@@ -133,7 +133,6 @@ class Gateway:
                 session.transport.close()
 
 
-
 def bind(host: str, port: int, *, reuse_port: bool) -> socket.socket:
     """A listening socket; with ``reuse_port`` every worker binds its own
     and the kernel spreads connections over them (SO_REUSEPORT)."""
@@ -152,9 +151,9 @@ async def serve(gateway: Gateway, sock: socket.socket, stop: asyncio.Event) -> N
     """Serve on ``sock`` until ``stop`` is set, then shut down gracefully."""
     loop = asyncio.get_running_loop()
     # create_server calls listen() again, with its default of 100, and that
-    # stays: asyncio also accepts up to `backlog` connections per wakeup,
-    # and 1024 measured 15 % more CPU per message under load
-    # (bench/results/2026-12-02-backlog-bisect.txt).
+    # stays: a run with 1024 measured 15 % more CPU per message
+    # (bench/results/2026-12-02-backlog-bisect.txt), though that run may
+    # have met the malloc effect _steady_malloc now prevents; not retried.
     server = await loop.create_server(gateway.protocol, sock=sock)
     watch = loop.create_task(gateway.watch())
     try:
