@@ -50,11 +50,12 @@ class _Say:
 
 
 def _load(path: str | None, say: _Say | None = None, **overrides: object) -> Policy:
+    source = path or _default_policy()
     try:
-        policy = load_policy(path or _default_policy())
+        policy = load_policy(source)
     except PolicyError as exc:
         if exc.plugins:  # report the plugin tables' problems in the same round
-            raise PolicyError(exc.problems + _plugin_problems(str(path or _default_policy()), exc.plugins)) from None
+            raise PolicyError(exc.problems + _plugin_problems(str(source), exc.plugins)) from None
         raise
     policy = policy.with_overrides(**overrides)
     registry = load_plugins(policy, Context(policy.gateway))  # validates every plugin table

@@ -149,7 +149,7 @@ class GatewaySettings:
     """The ``[gateway]`` table.  Key names are the public contract."""
 
     #: Name in the greeting, the EHLO reply and our headers.
-    hostname: str = field(default_factory=lambda: default_hostname())
+    hostname: str = field(default_factory=default_hostname)
     listen: str = "127.0.0.1:2525"
     #: The next hop: ``HOST:PORT`` of an MTA, or ``maildir:DIR``.
     upstream: str = "maildir:maildir"

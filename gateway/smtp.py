@@ -402,7 +402,7 @@ class SMTPSession(_AiosmtpdSMTP):
 
     def _keep_field(self, field: bytes) -> bool:
         """For :func:`remove_fields`: only others' Authentication-Results stay."""
-        return field[:1] in b"Aa" and not claims_authserv_id(field, self.hostname)
+        return field[:22].lower() == b"authentication-results" and not claims_authserv_id(field, self.hostname)
 
     def _headers(self, envelope: Envelope) -> list[tuple[str, str]]:
         verdicts = _scored(self.session, envelope)
