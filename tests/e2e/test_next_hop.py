@@ -80,3 +80,32 @@ async def test_stale_memory_of_xclient_falls_back_to_ehlo(postfix_without_xclien
     # Learnt from the EHLO that followed the refused XCLIENT.
     assert memory.xclient == frozenset()
     assert "xclient" not in upstream.extensions
+
+
+@pytest.fixture(scope="module")
+def postfix_discarding_chunking_for_one_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostfixInstance]:
+    """A Postfix that offers CHUNKING to the gateway but not to OUTSIDE_IP
+    (smtpd_discard_ehlo_keyword_address_maps), and refuses BDAT from a
+    client it did not offer CHUNKING to, EHLO or not."""
+    base = tmp_path_factory.mktemp("postfix-discard-per-client")
+    (base / "discard.cidr").write_text(f"{OUTSIDE_IP} chunking\n")
+    with PostfixInstance(
+        base, extra_main_cf={"smtpd_discard_ehlo_keyword_address_maps": f"cidr:{base / 'discard.cidr'}"}
+    ) as instance:
+        yield instance
+
+
+def test_extensions_come_from_the_ehlo_after_xclient(start_gateway, postfix_discarding_chunking_for_one_client) -> None:
+    # Postfix recomputes what it offers for the client XCLIENT names.  The
+    # EHLO after XCLIENT is what tells us; skipping it to save a round trip
+    # would send BDAT and turn the message into a 521.
+    postfix = postfix_discarding_chunking_for_one_client
+    gateway = start_gateway(f"127.0.0.1:{postfix.port}")
+    for client in (SECOND_IP, OUTSIDE_IP):
+        with gateway.client(xclient=client) as smtp:
+            assert smtp.sendmail("bob@example.org", ["alice@example.com"], MESSAGE) == {}
+    assert len(postfix.wait_for_messages("alice", count=2)) == 2
+    assert postfix.wait_for_commands(SECOND_IP)["bdat"] == "1"
+    discarded = postfix.wait_for_commands(OUTSIDE_IP)
+    assert discarded["data"] == "1"
+    assert "bdat" not in discarded
