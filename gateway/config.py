@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import math
+import re
 import socket
 import tomllib
 import types
@@ -398,12 +399,18 @@ def parse_table(
             values[key] = _coerce(value, hints[key])
         except TypeError as exc:
             problems.append(Problem(source, path, str(exc)))
-    if problems:
+    # The other keys' values are still checked, with defaults standing in
+    # for the wrong ones, so one round of lint shows every problem.
+    try:
+        obj = cls(**values)
+    except (TypeError, ValueError):
         return None, problems
-    obj = cls(**values)
     check = getattr(obj, "check", None)
     if check is not None:
-        problems = [Problem(source, f"{prefix}.{k}", e) for k, e in check().items()]
+        wrong = {p.key.removeprefix(f"{prefix}.") for p in problems}
+        problems += [
+            Problem(source, f"{prefix}.{k}", e) for k, e in check().items() if re.split(r"[\[.]", k, 1)[0] not in wrong
+        ]
     return (None if problems else obj), problems
 
 

@@ -87,6 +87,20 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     assert f"{path}: dns.nameservers[0]: expected \"IP\" or \"IP:PORT\", got 'x'" in found
 
 
+def test_a_wrong_type_does_not_hide_other_keys_value_problems(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[gateway]\nmax_recipients = "many"\nhostname = "mx"\n'
+        'trusted_networks = ["10.0.0.0/33", 7]\nxclient_hosts = ["10.0.0.0/33"]\n',
+    )
+    assert problems(path) == [
+        f"{path}: gateway.max_recipients: expected an integer, got 'many'",
+        f"{path}: gateway.trusted_networks: item 1: expected a string, got 7",
+        f"{path}: gateway.hostname: expected a fully qualified host name (with a dot, not an address)",
+        f"{path}: gateway.xclient_hosts[0]: expected an address or network, got '10.0.0.0/33'",
+    ]
+
+
 def test_semantic_checks(tmp_path: Path) -> None:
     path = write(tmp_path, '[gateway]\ntrusted_networks = ["10.0.0.0/33"]\nupstream = "nowhere"\n')
     found = problems(path)
