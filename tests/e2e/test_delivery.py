@@ -1,12 +1,8 @@
 """Through the gateway to the real Postfix: what arrives, and what the client
 hears, must be what Postfix alone would give."""
 
-from collections.abc import Iterator
-
-import pytest
-
 from tests.fixtures.gateway import OUTSIDE_IP, TRUSTED_IP, recv_reply
-from tests.fixtures.postfix import QUEUED, PostfixInstance
+from tests.fixtures.postfix import QUEUED
 
 MESSAGE = (
     b"From: Bob <bob@example.org>\r\n"
@@ -45,24 +41,6 @@ def test_message_goes_as_one_bdat_when_postfix_offers_chunking(gateway, postfix)
     commands = postfix.wait_for_commands(OUTSIDE_IP)
     assert commands["bdat"] == "1"
     assert "data" not in commands
-
-
-@pytest.fixture(scope="module")
-def postfix_without_chunking_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostfixInstance]:
-    with PostfixInstance(
-        tmp_path_factory.mktemp("postfix-nochunking"),
-        extra_main_cf={"smtpd_discard_ehlo_keywords": "chunking"},
-    ) as instance:
-        yield instance
-
-
-@pytest.fixture
-def postfix_without_chunking(postfix_without_chunking_module: PostfixInstance) -> PostfixInstance:
-    """A Postfix that does not offer CHUNKING, as before 3.4 or when an
-    administrator turns it off: the message must go by DATA, dot-stuffed.
-    Emptied for each test, as ``postfix`` is."""
-    postfix_without_chunking_module.clear()
-    return postfix_without_chunking_module
 
 
 def test_without_chunking_the_message_goes_by_data_byte_identical(start_gateway, postfix_without_chunking) -> None:
