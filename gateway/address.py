@@ -79,13 +79,21 @@ class Address:
 
     @property
     def local_unquoted(self) -> str:
-        """The local part with quoting and quoted-pairs removed."""
-        if len(self.local) >= 2 and self.local[0] == '"':
-            return re.sub(r"\\(.)", r"\1", self.local[1:-1])
-        return self.local
+        """The local part with quoting and quoted-pairs removed.  Only a
+        whole quoted string is unquoted: an unbalanced quote (which
+        parse_path refuses) must not cost the character it ends with."""
+        local = self.local
+        if len(local) >= 2 and local[0] == '"' and local[-1] == '"' and not _ends_escaped(local[:-1]):
+            return re.sub(r"\\(.)", r"\1", local[1:-1])
+        return local
 
     def __str__(self) -> str:
         return self.mailbox
+
+
+def _ends_escaped(text: str) -> bool:
+    """Whether ``text`` ends in a backslash that quotes what follows."""
+    return (len(text) - len(text.rstrip("\\"))) % 2 == 1
 
 
 NULL = Address("")
