@@ -275,6 +275,9 @@ def test_policy_errors_name_the_key() -> None:
         "plugins.dnsbl.zones.xbl.codes",
         'plugins.dnsbl.zones."bl.test".action',
         'plugins.dnsbl.zones."x.test".colour',
+        # An unknown key does not hide the same table's other problems.
+        'plugins.dnsbl.zones."x.test".bitmask',
+        'plugins.dnsbl.zones."x.test".reply',
         'plugins.dnsbl.zones."rhs.test".domains',
         "plugins.dnsbl.actions.error",
         "plugins.dnsbl.actions.tempfail",
@@ -292,12 +295,13 @@ def test_policy_errors_in_zone_values() -> None:
         "rhs.test": {"type": "rhs", "codes": ["127.0.0.2"], "bitmask": 2},
     }})
     assert set(found) == {
+        # A wrong type (codes) does not hide the values wrong in the same table.
         'plugins.dnsbl.zones."bl.test".codes',
+        'plugins.dnsbl.zones."bl.test".bitmask',
+        'plugins.dnsbl.zones."bl.test".reply',
         'plugins.dnsbl.zones."wl.test".domains',
         'plugins.dnsbl.zones."rhs.test".bitmask',
     }
-    found = problems({"zones": {"bl.test": {"bitmask": 300, "reply": "{ip} {nope}"}}})
-    assert set(found) == {'plugins.dnsbl.zones."bl.test".bitmask', 'plugins.dnsbl.zones."bl.test".reply'}
 
 
 def test_loaded_through_its_entry_point() -> None:
