@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import idna
 
-__all__ = ["Address", "Params", "PathError", "parse_path", "is_domain", "to_ascii_domain"]
+__all__ = ["Address", "Params", "PathError", "parse_path", "is_domain", "is_hostname", "to_ascii_domain"]
 
 # atext of RFC 5322 §3.2.3; non-ASCII is allowed only with SMTPUTF8.
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -40,6 +40,10 @@ def _mailbox(atom: str, quoted: str, label: str) -> re.Pattern[str]:
 _MAILBOX = _mailbox(_ATOM, _QUOTED, _LABEL)
 _MAILBOX_UTF8 = _mailbox(_ATOM_U, _QUOTED_U, _LABEL_U)
 _DOMAIN = re.compile(rf"(?:{_LABEL}(?:\.{_LABEL})*|{_LITERAL})\Z")
+# Postfix's valid_hostname(): letters, digits, hyphens and underscores,
+# not all digits (that would be an address), at most 255 octets.
+_HOST_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOSTNAME = re.compile(rf"(?=.{{1,255}}\Z)(?=.*[A-Za-z_-]){_HOST_LABEL}(?:\.{_HOST_LABEL})*\.?\Z")
 _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
 _VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e\x80-\U0010ffff]+\Z")
 
@@ -197,3 +201,9 @@ def to_ascii_domain(name: str) -> str:
 def is_domain(text: str) -> bool:
     """Whether ``text`` is a domain or address literal by RFC 5321 syntax."""
     return _DOMAIN.match(text) is not None
+
+
+def is_hostname(text: str) -> bool:
+    """Whether ``text`` is a host name as Postfix's XCLIENT takes it for
+    ``NAME`` (no address literal, not all digits, at most 255 octets)."""
+    return _HOSTNAME.match(text) is not None

@@ -109,7 +109,8 @@ CANNOT_VRFY = Reply(252, "2.5.2", "Cannot VRFY user, but will accept message and
 BAD_SYNTAX = Reply(500, "5.5.2", "Error: bad syntax")
 UNKNOWN_COMMAND = Reply(500, "5.5.2", "Error: command not recognized")
 LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")
-NOT_ASCII = Reply(500, "5.5.2", "Error: non-ASCII command without SMTPUTF8")
+#: Postfix's reply (with smtputf8_enable) to a command that is not UTF-8.
+BAD_UTF8 = Reply(500, "5.5.2", "Error: bad UTF-8 syntax")
 SYNTAX_HELO = Reply(501, "5.5.4", "Syntax: {command} hostname")
 SYNTAX_MAIL = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
 SYNTAX_RCPT = Reply(501, "5.5.4", "Syntax: RCPT TO:<address>")

@@ -29,7 +29,7 @@ from aiosmtpd.smtp import SMTP as _AiosmtpdSMTP
 
 from . import log as decisions
 from . import replies
-from .address import PathError, parse_path
+from .address import PathError, is_hostname, parse_path
 from .deadline import Deadline
 from .headers import claims_authserv_id, prepend, remove_fields
 from .pipeline import run_stage
@@ -48,6 +48,8 @@ log = logging.getLogger("smtpgate.smtp")
 
 _READ_LIMIT = 64 * 1024
 _NEWLINES = re.compile(rb"\r\n|\r|\n")
+#: Postfix's XCLIENT refuses longer values ("attribute value too long").
+_XCLIENT_VALUE_MAX = 255
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _BLANKS = re.compile(r"\s")
 
@@ -273,7 +275,13 @@ class SMTPSession(_AiosmtpdSMTP):
                 # up in the next hop's command line or in our logs.
                 await self._error(replies.BAD_SYNTAX)
                 continue
-            text = line.decode("utf-8", "surrogateescape")
+            try:
+                text = line.decode()
+            except UnicodeDecodeError:
+                # What Postfix answers; and bytes that are no UTF-8 have no
+                # faithful way into XCLIENT, our logs or a plugin's str.
+                await self._error(replies.BAD_UTF8)
+                continue
             verb, _, arg = text.partition(" ")
             verb = verb.upper()
             handler = self._commands.get(verb)
@@ -821,9 +829,17 @@ class SMTPSession(_AiosmtpdSMTP):
                     if not unavailable:
                         text = value[5:] if value.upper().startswith("IPV6:") else value
                         changes["client_ip"] = ipaddress.ip_address(text)
+                elif len(value) > _XCLIENT_VALUE_MAX:
+                    raise ValueError
                 elif name == "NAME":
+                    # Only what the next hop's own XCLIENT takes: a value it
+                    # refused would make it unavailable for this client.
+                    if not unavailable and not is_hostname(value):
+                        raise ValueError
                     changes["client_name"] = "unknown" if unavailable else value
                 elif name == "PORT":
+                    if not unavailable and not (value.isascii() and value.isdigit() and int(value) <= 65535):
+                        raise ValueError
                     changes["client_port"] = 0 if unavailable else int(value)
                 elif name == "HELO":
                     changes["helo"] = None if unavailable else value

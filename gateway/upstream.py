@@ -254,7 +254,9 @@ class SMTPUpstream:
             "ADDR": addr,
             # Without NAME Postfix keeps the previous (our) name for the client.
             "NAME": name,
-            "HELO": session.helo or "[UNAVAILABLE]",
+            # Postfix refuses a longer HELO= (the client's EHLO that follows
+            # gives it the name anyway); the SMTP front checks NAME and PORT.
+            "HELO": session.helo if session.helo and len(session.helo) <= 255 else "[UNAVAILABLE]",
             "PROTO": session.protocol,
         }
         if session.client_port:
