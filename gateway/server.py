@@ -150,11 +150,12 @@ def bind(host: str, port: int, *, reuse_port: bool) -> socket.socket:
 async def serve(gateway: Gateway, sock: socket.socket, stop: asyncio.Event) -> None:
     """Serve on ``sock`` until ``stop`` is set, then shut down gracefully."""
     loop = asyncio.get_running_loop()
-    # create_server calls listen() again, with its default of 100, and that
-    # stays: a run with 1024 measured 15 % more CPU per message
-    # (bench/results/2026-12-02-backlog-bisect.txt), though that run may
-    # have met the malloc effect _steady_malloc now prevents; not retried.
-    server = await loop.create_server(gateway.protocol, sock=sock)
+    # create_server calls listen() again (default 100): keep bind()'s deeper
+    # queue, so a burst of connections waits in the kernel rather than being
+    # refused.  It costs nothing per message (0.67 against 0.68 ms of CPU in
+    # bench/results/2026-12-02-backlog-ab-malloc.txt; an earlier bisect that
+    # blamed it for 15 % had met the malloc effect _steady_malloc prevents).
+    server = await loop.create_server(gateway.protocol, sock=sock, backlog=1024)
     watch = loop.create_task(gateway.watch())
     try:
         await stop.wait()
