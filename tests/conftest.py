@@ -27,4 +27,7 @@ settings.register_profile(
     print_blob=True,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
+# New examples each run, for a developer looking for trouble:
+# pytest --hypothesis-profile=explore tests/test_relay_properties.py
+settings.register_profile("explore", settings.get_profile("smtpgate"), derandomize=False)
 settings.load_profile("smtpgate")
