@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import idna
 
-__all__ = ["Address", "Params", "PathError", "parse_path", "is_domain", "is_hostname", "to_ascii_domain"]
+__all__ = ["Address", "Params", "PathError", "ParamError", "parse_path", "is_domain", "is_hostname", "to_ascii_domain"]
 
 # atext of RFC 5322 §3.2.3; non-ASCII is allowed only with SMTPUTF8.
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -50,6 +50,16 @@ _VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e\x80-\U0010ffff]+\Z")
 
 class PathError(ValueError):
     """The argument of MAIL or RCPT is not RFC 5321 syntax."""
+
+
+class ParamError(PathError):
+    """A parameter after the path is not RFC 5321 syntax: ``name`` is its
+    keyword, upper-cased, or the whole token if that is no keyword."""
+
+    def __init__(self, name: str, *, keyword_ok: bool) -> None:
+        super().__init__(f"bad parameter {name!r}")
+        self.name = name
+        self.keyword_ok = keyword_ok
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,8 +189,10 @@ def _parse_params(text: str) -> Params:
         if not token:
             continue
         name, eq, value = token.partition("=")
-        if not _KEYWORD.match(name) or (eq and not _VALUE.match(value)):
-            raise PathError(f"bad parameter {token!r}")
+        if not _KEYWORD.match(name):
+            raise ParamError(token, keyword_ok=False)
+        if eq and not _VALUE.match(value):
+            raise ParamError(name.upper(), keyword_ok=True)
         out.append((name.upper(), value if eq else None))
     return tuple(out)
 

@@ -29,7 +29,7 @@ from aiosmtpd.smtp import SMTP as _AiosmtpdSMTP
 
 from . import log as decisions
 from . import replies
-from .address import PathError, is_hostname, parse_path
+from .address import ParamError, PathError, is_hostname, parse_path
 from .deadline import Deadline
 from .headers import claims_authserv_id, prepend, remove_fields
 from .pipeline import run_stage
@@ -558,7 +558,7 @@ class SMTPSession(_AiosmtpdSMTP):
         try:
             sender, params, params_text = parse_path(arg, "FROM", utf8=offered_utf8)
         except PathError as exc:
-            await self._error(replies.SYNTAX_MAIL if str(exc).startswith("expected") else replies.BAD_SENDER_SYNTAX)
+            await self._error(_path_reply(exc, replies.SYNTAX_MAIL, replies.BAD_SENDER_SYNTAX))
             return
         dsn = self._offered("dsn")
         bad = self._check_params(params, {
@@ -631,7 +631,7 @@ class SMTPSession(_AiosmtpdSMTP):
         try:
             address, params, params_text = parse_path(arg, "TO", utf8=envelope.utf8)
         except PathError as exc:
-            await self._error(replies.SYNTAX_RCPT if str(exc).startswith("expected") else replies.BAD_RECIPIENT_SYNTAX)
+            await self._error(_path_reply(exc, replies.SYNTAX_RCPT, replies.BAD_RECIPIENT_SYNTAX))
             return
         allowed: dict[str, Callable[[str | None], bool]] = {}
         if self._offered("dsn"):
@@ -870,6 +870,15 @@ class SMTPSession(_AiosmtpdSMTP):
             await self.reply(self._refusal)
             return
         await self.reply(self.gateway.greeting)
+
+
+def _path_reply(exc: PathError, syntax: Reply, bad_address: Reply) -> Reply:
+    """The reply to a MAIL or RCPT argument parse_path refused: the
+    command's syntax, the address, or one parameter (as Postfix tells them
+    apart; an empty ``SIZE=`` is no bad address)."""
+    if isinstance(exc, ParamError):
+        return (replies.BAD_PARAMETER if exc.keyword_ok else replies.UNSUPPORTED_PARAMETER).format(name=exc.name)
+    return syntax if str(exc).startswith("expected") else bad_address
 
 
 def _keep(verdict: Verdict, into: list[Verdict]) -> None:

@@ -88,6 +88,9 @@ def test_transaction_order(sock) -> None:
         (b"MAIL FROM:<a@example.org> FOO=bar", b"555 5.5.4 Unsupported option: FOO\r\n"),
         (b"MAIL FROM:<a@example.org> SIZE=big", b"501 5.5.4 Bad SIZE parameter value\r\n"),
         (b"MAIL FROM:<a@example.org> BODY=BINARYMIME", b"501 5.5.4 Bad BODY parameter value\r\n"),
+        # A parameter with no value, or no keyword, is no bad address.
+        (b"MAIL FROM:<a@example.org> SIZE=", b"501 5.5.4 Bad SIZE parameter value\r\n"),
+        (b"MAIL FROM:<a@example.org> =x", b"555 5.5.4 Unsupported option: =x\r\n"),
         (b"MAIL FROM:<a@example.org> SIZE=99999999999", b"552 5.3.4 Message size exceeds fixed limit\r\n"),
         # A digit to str.isdigit() but not to SMTP: a syntax error, not a 451.
         ("MAIL FROM:<a@example.org> SIZE=\u00b2".encode(), b"501 5.5.4 Bad SIZE parameter value\r\n"),
@@ -108,6 +111,7 @@ def test_rcpt_syntax(sock) -> None:
     assert say(sock, b"RCPT TO:<>") == b"501 5.1.3 Bad recipient address syntax\r\n"
     assert say(sock, b"RCPT TO:<a@b@example.com>") == b"501 5.1.3 Bad recipient address syntax\r\n"
     assert say(sock, b"RCPT TO:<alice@example.com> FOO") == b"555 5.5.4 Unsupported option: FOO\r\n"
+    assert say(sock, b"RCPT TO:<alice@example.com> NOTIFY=") == b"501 5.5.4 Bad NOTIFY parameter value\r\n"
     assert say(sock, b"RCPT FROM:<alice@example.com>") == b"501 5.5.4 Syntax: RCPT TO:<address>\r\n"
     assert say(sock, "RCPT TO:<\u00fc@example.com>".encode()) == (
         b"553 5.6.7 Must declare SMTPUTF8 to send unicode address\r\n")
