@@ -409,7 +409,7 @@ def parse_table(
     if check is not None:
         wrong = {p.key.removeprefix(f"{prefix}.") for p in problems}
         problems += [
-            Problem(source, f"{prefix}.{k}", e) for k, e in check().items() if re.split(r"[\[.]", k, 1)[0] not in wrong
+            Problem(source, f"{prefix}.{k}", e) for k, e in check().items() if re.split(r"[\[.]", k, maxsplit=1)[0] not in wrong
         ]
     return (None if problems else obj), problems
 

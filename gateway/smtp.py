@@ -829,7 +829,7 @@ class SMTPSession(_AiosmtpdSMTP):
                     if not unavailable:
                         text = value[5:] if value.upper().startswith("IPV6:") else value
                         changes["client_ip"] = ipaddress.ip_address(text)
-                elif len(value) > _XCLIENT_VALUE_MAX:
+                elif len(value.encode()) > _XCLIENT_VALUE_MAX:
                     raise ValueError
                 elif name == "NAME":
                     # Only what the next hop's own XCLIENT takes: a value it

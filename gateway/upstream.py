@@ -256,7 +256,7 @@ class SMTPUpstream:
             "NAME": name,
             # Postfix refuses a longer HELO= (the client's EHLO that follows
             # gives it the name anyway); the SMTP front checks NAME and PORT.
-            "HELO": session.helo if session.helo and len(session.helo) <= 255 else "[UNAVAILABLE]",
+            "HELO": session.helo if session.helo and len(session.helo.encode()) <= 255 else "[UNAVAILABLE]",
             "PROTO": session.protocol,
         }
         if session.client_port:

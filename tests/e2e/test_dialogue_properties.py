@@ -651,7 +651,9 @@ def test_a_command_that_is_not_utf8_gets_postfixs_500(gateway, gateway_errors) -
     assert not gateway_errors, [r.getMessage() for r in gateway_errors]
 
 
-@pytest.mark.parametrize("attribute", ["NAME=a+20b", "NAME=-", "NAME=12.34", "NAME=" + "a" * 256, "PORT=-1", "PORT=65536"])
+@pytest.mark.parametrize("attribute", ["NAME=a+20b", "NAME=-", "NAME=12.34", "NAME=" + "a" * 256, "PORT=-1", "PORT=65536",
+                                       "HELO=" + "\u00e4" * 128],  # 256 octets
+                         ids=lambda attribute: attribute[:16])
 def test_xclient_values_the_next_hop_would_refuse_are_refused(gateway, attribute: str) -> None:
     # Taken, they made Postfix refuse our XCLIENT, and every MAIL of the
     # session got "421 4.4.1 next hop unavailable" with the next hop up.
@@ -661,11 +663,14 @@ def test_xclient_values_the_next_hop_would_refuse_are_refused(gateway, attribute
     assert mail == b"250 2.1.0 Ok\r\n"
 
 
-def test_a_helo_name_too_long_for_xclient_still_reaches_postfix(gateway, postfix) -> None:
+@pytest.mark.parametrize("name", ["a" * 300, "\u00e4" * 128], ids=["300-ascii", "256-octets-utf8"])
+def test_a_helo_name_too_long_for_xclient_still_reaches_postfix(gateway, postfix, name: str) -> None:
     # Postfix's XCLIENT takes at most 255 octets; the gateway sends
     # HELO=[UNAVAILABLE] there and the name in the EHLO that follows.
-    name = "a" * 300
-    with gateway.client(xclient=OUTSIDE_IP, helo=name) as smtp:
-        assert smtp.sendmail("bob@example.org", ["alice@example.com"], b"Subject: long helo\r\n\r\nbody\r\n") == {}
+    replies = _dialogue(gateway, [
+        f"XCLIENT ADDR={OUTSIDE_IP}".encode(), f"EHLO {name}".encode(), b"MAIL FROM:<bob@example.org>",
+        b"RCPT TO:<alice@example.com>", b"DATA", b"Subject: long helo\r\n\r\nbody\r\n.",
+    ])
+    assert QUEUED.match(replies[-1]), replies
     (delivered,) = postfix.wait_for_messages("alice")
     assert f"Received: from {name} (unknown [{OUTSIDE_IP}])".encode() in delivered
