@@ -42,7 +42,9 @@ from tests.fixtures.gateway import OUTSIDE_IP, TRUSTED_IP, GatewayThread, recv_r
 from tests.fixtures.postfix import QUEUED, PostfixInstance
 
 #: Every socket read; a missing reply fails the example after this long.
-TIMEOUT = 2.0
+#: Passing runs never wait it out, so it is set for a slow CI machine (Postfix
+#: itself sleeps 1 s per reply once a session has made 10 errors).
+TIMEOUT = 5.0
 #: Every bounded wait for the gateway or Postfix to finish.
 SETTLE = 5.0
 #: Upper bound on socket reads for one reply (the longest is EHLO's).
