@@ -145,9 +145,10 @@ def load_plugins(
             # Still checked, so a typo made while preparing a table does not
             # wait for the day it is enabled.
             off = load(name, required=False)
-            if off is not None and getattr(off, "Options", None) is not None:
+            options = getattr(off, "Options", None)
+            if options is not None:
                 problems += parse_table(
-                    off.Options, table, f"plugins.{name}", policy.source, extra=frozenset({"enabled"})
+                    options, table, f"plugins.{name}", policy.source, extra=frozenset({"enabled"})
                 )[1]
             continue
         origin = available[name][1]
