@@ -31,10 +31,12 @@ def _default_policy() -> Path:
 
 class _Say:
     """Where the CLI's own messages go: stderr lines, or with
-    ``--log-format json`` the log, so a pipeline sees them as records."""
+    ``--log-format json`` (and once the gateway runs) the log, so a
+    pipeline sees them as records; or nowhere (``silent``)."""
 
-    def __init__(self, json_log: bool = False) -> None:
+    def __init__(self, json_log: bool = False, *, silent: bool = False) -> None:
         self._log = logging.getLogger("smtpgate") if json_log else None
+        self._silent = silent
 
     def error(self, line: str) -> None:
         self._say(logging.ERROR, line)
@@ -43,6 +45,8 @@ class _Say:
         self._say(logging.WARNING, line)
 
     def _say(self, level: int, line: str) -> None:
+        if self._silent:
+            return
         if self._log is None:
             print(line, file=sys.stderr)
         else:
@@ -108,13 +112,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     logsetup.configure(args.log_format, args.log_level)
     say = _Say(json_log=args.log_format == "json")
+    overrides = {"listen": args.listen, "upstream": args.upstream}
     try:
-        policy = _load(args.policy, say, listen=args.listen, upstream=args.upstream)
+        policy = _load(args.policy, say, **overrides)
     except PolicyError as exc:
         return _report(exc, say)
+
+    def reload(warn: bool) -> Policy:
+        # Running, our words go to the log; the parent's check warns once,
+        # the workers reading the file after it need not repeat it.
+        return _load(args.policy, _Say(json_log=True, silent=not warn), **overrides)
+
     workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
     try:
-        return run(policy, workers)
+        return run(policy, workers, reload)
     except OSError as exc:
         say.error(f"smtpgate: cannot listen on {policy.gateway.listen}: {exc.strerror}")
         return 1

@@ -1,10 +1,15 @@
 """Every hook a plugin can implement: the plugin author's manual.
 
 A plugin is a class registered under the entry-point group
-``smtpgate.plugins``.  The gateway builds one instance per policy with the
-plugin's options (its ``[plugins.NAME]`` table, validated against the class's
-``Options`` dataclass) and the shared :class:`~gateway.plugin.Context`, then
-calls the methods marked with :data:`gateway.hookimpl`::
+``smtpgate.plugins``.  Each worker process builds one instance per policy
+with the plugin's options (its ``[plugins.NAME]`` table, validated against
+the class's ``Options`` dataclass) and the shared
+:class:`~gateway.plugin.Context`, then calls the methods marked with
+:data:`gateway.hookimpl`.  A reload (SIGHUP) builds new instances for the
+new policy; the old ones go on serving the sessions that were open and are
+then dropped, with no hook called.  So keep state that must outlive a
+reload outside the instance, and let the constructor raise if the plugin
+cannot work: the reload is then refused and the running policy stays::
 
     from dataclasses import dataclass
     from gateway import Plugin, Verdict, Reply, hookimpl

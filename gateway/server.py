@@ -1,4 +1,4 @@
-"""Listeners, worker processes, signals and graceful shutdown."""
+"""A worker process: its listener, its Gateway, graceful shutdown and reload."""
 
 from __future__ import annotations
 
@@ -6,10 +6,9 @@ import asyncio
 import contextlib
 import ctypes
 import logging
-import os
 import signal
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from . import replies
@@ -21,12 +20,13 @@ from .plugin import Context
 from .plugins import load_plugins
 from .replies import Reply
 from .smtp import SMTPSession
+from .supervisor import Supervisor, policy_for_reload
 from .upstream import NextHopMemory, Upstream, make_upstream
 
 if TYPE_CHECKING:
     from .session import IPAddress
 
-__all__ = ["Gateway", "serve", "run", "bind"]
+__all__ = ["Gateway", "Service", "serve", "reload", "run", "bind"]
 
 log = logging.getLogger("smtpgate.server")
 
@@ -45,9 +45,12 @@ class Gateway:
         self._trusted = self.settings.trusted
         self._xclient = self.settings.xclient
         # Shared with the other workers (gateway/limits.py); alone, our own.
-        self._counts = counts if counts is not None else SharedCounts(1).row(0)
+        self.counts = counts if counts is not None else SharedCounts(1).row(0)
         self.sessions: set[SMTPSession] = set()
         self.closing = False
+        #: Replaced by a reload: takes no new connections, and its watch
+        #: ends with its last session.
+        self.retired = False
         self._next_hop = NextHopMemory()
         self._upstream = self.settings.upstream_endpoint  # parsed once, not per session
         #: Fields a client's message may not bring: ours are written below
@@ -62,11 +65,12 @@ class Gateway:
         return make_upstream(self.settings, self._next_hop, deadline, self._upstream)
 
     async def watch(self) -> None:
-        """Enforce every session's time limits (gateway/deadline.py), until cancelled."""
+        """Enforce every session's time limits (gateway/deadline.py), until
+        cancelled or, once retired, until the last session has ended."""
         s = self.settings
         tick = tick_for(s.command_timeout, s.data_timeout, s.upstream_timeout, s.upstream_data_timeout)
         loop = asyncio.get_running_loop()
-        while True:
+        while not (self.retired and not self.sessions):
             await asyncio.sleep(tick)
             now = loop.time()
             for session in list(self.sessions):
@@ -92,7 +96,7 @@ class Gateway:
 
         The limits hold for all workers together (gateway/limits.py).
         """
-        counts = self._counts
+        counts = self.counts
         if counts.total() >= self.settings.max_connections or self.closing:
             return replies.SERVICE_BUSY.format(hostname=self.settings.hostname)
         bucket = counts.bucket(ip)
@@ -105,16 +109,16 @@ class Gateway:
         """Count a connection whose client is not known yet (it is to send
         a PROXY header) against ``max_connections``; ``release_unnamed``
         once the header is in or the wait is over."""
-        if self._counts.total() >= self.settings.max_connections or self.closing:
+        if self.counts.total() >= self.settings.max_connections or self.closing:
             return replies.SERVICE_BUSY.format(hostname=self.settings.hostname)
-        self._counts.add_unnamed(1)
+        self.counts.add_unnamed(1)
         return None
 
     def release_unnamed(self) -> None:
-        self._counts.add_unnamed(-1)
+        self.counts.add_unnamed(-1)
 
     def release(self, ip: str) -> None:
-        self._counts.add(self._counts.bucket(ip), -1)
+        self.counts.add(self.counts.bucket(ip), -1)
 
     async def drain(self) -> None:
         """Let open sessions finish, within ``shutdown_timeout``."""
@@ -147,7 +151,49 @@ def bind(host: str, port: int, *, reuse_port: bool) -> socket.socket:
     return sock
 
 
-async def serve(gateway: Gateway, sock: socket.socket, stop: asyncio.Event) -> None:
+class Service:
+    """A worker's listener side: the Gateway its new connections go to.
+
+    :meth:`replace` (a reload) puts a Gateway for a new policy in place:
+    connections accepted from then on get it, while sessions already open
+    finish under the policy they started with, as a Postfix smtpd process
+    keeps its configuration until it exits.  Nobody is cut off by a reload.
+    """
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self._watches: dict[Gateway, asyncio.Task[None]] = {}
+
+    def protocol(self) -> SMTPSession:
+        return self.gateway.protocol()
+
+    def start(self) -> None:
+        if self.gateway not in self._watches:  # a reload may have come first
+            self._watch(self.gateway)
+
+    def _watch(self, gateway: Gateway) -> None:
+        task = asyncio.get_running_loop().create_task(gateway.watch())
+        self._watches[gateway] = task
+        task.add_done_callback(lambda _: self._watches.pop(gateway, None))
+
+    def replace(self, gateway: Gateway) -> None:
+        old, self.gateway = self.gateway, gateway
+        old.retired = True
+        self._watch(gateway)
+
+    @property
+    def gateways(self) -> list[Gateway]:
+        """The current Gateway and the retired ones with sessions left."""
+        return [self.gateway, *(g for g in self._watches if g is not self.gateway)]
+
+    async def stop(self) -> None:
+        """Let every open session finish (bounded), then stop watching."""
+        await asyncio.gather(*(g.drain() for g in self.gateways))
+        for task in list(self._watches.values()):
+            task.cancel()
+
+
+async def serve(service: Service, sock: socket.socket, stop: asyncio.Event) -> None:
     """Serve on ``sock`` until ``stop`` is set, then shut down gracefully."""
     loop = asyncio.get_running_loop()
     # create_server calls listen() again (default 100): keep bind()'s deeper
@@ -155,30 +201,14 @@ async def serve(gateway: Gateway, sock: socket.socket, stop: asyncio.Event) -> N
     # refused.  It costs nothing per message (0.67 against 0.68 ms of CPU in
     # bench/results/2026-12-02-backlog-ab-malloc.txt; an earlier bisect that
     # blamed it for 15 % had met the malloc effect _steady_malloc prevents).
-    server = await loop.create_server(gateway.protocol, sock=sock, backlog=1024)
-    watch = loop.create_task(gateway.watch())
+    server = await loop.create_server(service.protocol, sock=sock, backlog=1024)
+    service.start()
     try:
         await stop.wait()
     finally:
         server.close()  # stop accepting first, then let sessions finish
-        await gateway.drain()
+        await service.stop()
         await server.wait_closed()
-        watch.cancel()
-
-
-#: prctl(2) option: the signal a process gets when its parent dies.
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with(parent: int) -> None:
-    """A worker whose parent is gone (killed with SIGKILL, say) must not go
-    on holding the port: ask Linux for a SIGTERM then, which drains and
-    exits like any other; elsewhere this does nothing."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:  # it died before the request was made
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 #: mallopt(3) option: allocations from this size up are mmap'ed.
@@ -196,84 +226,78 @@ def _steady_malloc() -> None:
         ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, 1 << 20)
 
 
-def _worker(policy: Policy, sock: socket.socket, counts: Counts | None = None) -> None:
+def _worker(policy: Policy, sock: socket.socket, counts: Counts, early: set[int], load: Callable[[], Policy]) -> None:
+    """A worker's life: serve until SIGTERM or SIGINT; reload on SIGHUP.
+
+    :param early: signals that arrived before the event loop took over.
+    :param load: reads and checks the policy file again (for SIGHUP).
+    """
     _steady_malloc()
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        service = Service(Gateway(policy, counts=counts))
+
+        def on_hup() -> None:
+            if not stop.is_set():
+                reload(service, load)
+
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        gateway = Gateway(policy, counts=counts)
-        await serve(gateway, sock, stop)
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+        if early & {signal.SIGTERM, signal.SIGINT}:
+            stop.set()
+        elif signal.SIGHUP in early:
+            on_hup()
+        await serve(service, sock, stop)
         # A second SIGTERM (a process-group kill on top of the parent's
         # forwarded one) must not hit a closed loop's wakeup fd while we exit.
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
             signal.signal(sig, signal.SIG_IGN)
 
     asyncio.run(main())
 
 
-def run(policy: Policy, workers: int) -> int:
-    """Serve ``policy`` with ``workers`` processes; returns the exit code."""
+def reload(service: Service, load: Callable[[], Policy], extra: Mapping[str, type] | None = None) -> None:
+    """Put the policy file's current content in force for new connections,
+    or log why not and keep the running policy."""
+    policy = policy_for_reload(load, service.gateway.policy)
+    if policy is None:
+        return
+    try:
+        # Plugins are built here, with the new options, before anything changes.
+        gateway = Gateway(policy, extra, counts=service.gateway.counts)
+    except Exception:
+        log.exception("reload failed, the running policy stays")
+        return
+    service.replace(gateway)
+    log.info("policy %s in force for new connections", policy.source)
+
+
+def run(policy: Policy, workers: int, load: Callable[[bool], Policy]) -> int:
+    """Serve ``policy`` with ``workers`` processes under a supervising
+    parent (gateway/supervisor.py); returns the exit code.
+
+    :param load: reads and checks the policy file again for a reload;
+        ``load(True)`` also warns of risky settings (the parent's check).
+    """
     # Plugins are loaded once here so a broken policy fails before listening.
     load_plugins(policy, Context(policy.gateway))
     endpoint = policy.gateway.listen_endpoint
+    # Bound here, so a port in use is reported once, early.  The first bind
+    # is exclusive: a second smtpgate on the same port (SO_REUSEPORT would
+    # let it share the port with us) fails here too.
+    first = bind(endpoint.host, endpoint.port, reuse_port=False)
+    socks = [first]
+    if workers > 1:
+        port = first.getsockname()[1]  # also when the policy says port 0
+        first.close()
+        socks = [bind(endpoint.host, port, reuse_port=True) for _ in range(workers)]
+    log.info("listening on %s, next hop %s, %d worker(s)", endpoint, policy.gateway.upstream_endpoint, workers)
 
-    def listening() -> None:  # once the socket is bound: a port in use is reported instead
-        log.info("listening on %s, next hop %s, %d worker(s)", endpoint, policy.gateway.upstream_endpoint, workers)
+    def work(policy: Policy, sock: socket.socket, counts: Counts, early: set[int]) -> None:
+        _worker(policy, sock, counts, early, lambda: load(False))
 
-    if workers <= 1:
-        sock = bind(endpoint.host, endpoint.port, reuse_port=False)
-        listening()
-        _worker(policy, sock)
-        return 0
-    # Bind once in the parent first, so a port in use is reported once, early.
-    probe = bind(endpoint.host, endpoint.port, reuse_port=True)
-    listening()
-    shared = SharedCounts(workers)  # before forking: every worker maps it
-    children: dict[int, int] = {}
-    parent = os.getpid()
-    for index in range(workers):
-        pid = os.fork()
-        if pid == 0:
-            code = 0
-            try:
-                _die_with(parent)
-                sock = probe
-                if index:
-                    probe.close()
-                    sock = bind(endpoint.host, endpoint.port, reuse_port=True)
-                _worker(policy, sock, shared.row(index))
-            except BaseException:
-                log.exception("worker failed")
-                code = 1
-            finally:
-                os._exit(code)
-        children[pid] = index
-    probe.close()
-
-    def forward(signum: int, _frame: object) -> None:
-        for child in list(children):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    status = 0
-    while children:
-        try:
-            pid, code = os.wait()
-        except InterruptedError:
-            continue
-        except ChildProcessError:
-            break
-        if pid not in children:
-            continue
-        index = children.pop(pid)
-        # Its connections died with it; the other workers must not count them.
-        shared.clear(index)
-        if os.waitstatus_to_exitcode(code) != 0:
-            status = 1
-    return status
+    return Supervisor(policy, socks, work, lambda: load(True)).run()

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import select
 import shutil
 import signal
 import smtplib
@@ -123,9 +124,12 @@ def test_console_script_is_installed() -> None:
     assert run.returncode == 0 and run.stdout.strip().endswith(": ok")
 
 
-def test_port_in_use_is_a_clear_error(serve, tmp_path: Path) -> None:
-    _, port = serve("--workers", "1")
-    run = subprocess.run([*SMTPGATE, "serve", "--listen", f"127.0.0.1:{port}", "--workers", "1"],
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_port_in_use_is_a_clear_error(serve, tmp_path: Path, workers: str) -> None:
+    # Workers share the port through SO_REUSEPORT; a second smtpgate of the
+    # same user must not be able to join them and take half the mail.
+    _, port = serve("--workers", workers)
+    run = subprocess.run([*SMTPGATE, "serve", "--listen", f"127.0.0.1:{port}", "--workers", workers],
                          capture_output=True, text=True, cwd=tmp_path, timeout=30)
     assert run.returncode == 1
     assert f"smtpgate: cannot listen on 127.0.0.1:{port}: Address already in use" in run.stderr
@@ -195,3 +199,120 @@ def test_a_client_may_reconnect_as_soon_as_it_reads_221(serve, tmp_path: Path) -
             assert recv_reply(sock).startswith(b"220 ")
             sock.sendall(b"QUIT\r\n")
             assert recv_reply(sock).startswith(b"221 ")
+
+
+class StderrTail:
+    """What a running smtpgate has written to stderr so far, read without
+    blocking, so a test can wait for a log line and go on."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self._fd = proc.stderr.fileno()
+        os.set_blocking(self._fd, False)
+        self.text = ""
+
+    def read(self) -> str:
+        while True:
+            try:
+                chunk = os.read(self._fd, 65536)
+            except BlockingIOError:
+                return self.text
+            if not chunk:
+                return self.text
+            self.text += chunk.decode()
+
+    def wait_for(self, needle: str, count: int = 1, timeout: float = 15.0) -> str:
+        deadline = time.monotonic() + timeout
+        while self.read().count(needle) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{needle!r} not logged {count} time(s):\n{self.text}")
+            time.sleep(0.05)
+        return self.text
+
+
+def children(pid: int) -> set[int]:
+    listed = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return {int(p) for p in listed if running(int(p))}
+
+
+def has_data(sock: socket.socket, timeout: float) -> bool:
+    readable, _, _ = select.select([sock], [], [], timeout)
+    return bool(readable)
+
+
+def test_a_worker_that_dies_is_replaced_and_its_queued_clients_wait_for_it(serve, tmp_path: Path) -> None:
+    proc, port = serve("--workers", "2")
+    log = StderrTail(proc)
+    workers = children(proc.pid)
+    assert len(workers) == 2
+    victim = min(workers)
+    # Stopped, the worker accepts nothing: the kernel queues the connections
+    # it hashes to that worker's socket (on average half of them).
+    os.kill(victim, signal.SIGSTOP)
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=15) for _ in range(20)]
+    try:
+        queued = [s for s in socks if not has_data(s, 0.5)]
+        assert queued, "no connection went to the stopped worker"
+        os.kill(victim, signal.SIGKILL)
+        # None is reset: the parent kept the socket, and the replacement
+        # takes the connections its predecessor never accepted.
+        for sock in socks:
+            assert recv_reply(sock).startswith(b"220 ")
+            sock.sendall(b"QUIT\r\n")
+            assert recv_reply(sock).startswith(b"221 ")
+    finally:
+        for sock in socks:
+            sock.close()
+    replaced = children(proc.pid)
+    assert len(replaced) == 2 and victim not in replaced
+    # It died within STEADY seconds of its start: its successor waited 1 s.
+    assert f"(pid {victim}) was killed by SIGKILL after " in log.wait_for("its replacement starts in 1 s")
+    for _ in range(10):  # mail flows through both workers again
+        with smtplib.SMTP("127.0.0.1", port, local_hostname="client.example.net", timeout=10) as smtp:
+            smtp.sendmail("bob@example.org", ["alice@example.com"], b"Subject: after\r\n\r\nx\r\n")
+    assert len(list((tmp_path / "maildir" / "new").iterdir())) == 10
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 0
+
+
+def write_policy(path: Path, hostname: str, local_domain: str, extra: str = "") -> None:
+    path.write_text(
+        f'[gateway]\nhostname = "{hostname}"\nupstream = "maildir:maildir"\n'
+        f'local_domains = ["{local_domain}"]\n{extra}'
+    )
+
+
+def test_sighup_reloads_the_policy_and_open_sessions_keep_theirs(serve, tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    write_policy(policy, "before.example", "example.com")
+    proc, port = serve("--workers", "2", "--policy", str(policy))
+    log = StderrTail(proc)
+    opened = smtplib.SMTP("127.0.0.1", port, local_hostname="client.example.net", timeout=10)
+    opened.ehlo("client.example.net")
+
+    write_policy(policy, "after.example", "example.org")
+    proc.send_signal(signal.SIGHUP)
+    log.wait_for("in force for new connections", count=2)  # each worker
+    for _ in range(10):  # whichever worker takes it
+        with smtplib.SMTP("127.0.0.1", port, local_hostname="client.example.net", timeout=10) as smtp:
+            assert smtp.ehlo("client.example.net")[1].startswith(b"after.example")
+            smtp.mail("bob@example.net")
+            assert smtp.rcpt("alice@example.com") == (554, b"5.7.1 <alice@example.com>: Relay access denied")
+            assert smtp.rcpt("carol@example.org")[0] == 250
+            smtp.rset()
+    # The session opened before the reload is judged by the policy it began with.
+    assert opened.sendmail("bob@example.net", ["alice@example.com"], b"Subject: before\r\n\r\nx\r\n") == {}
+    opened.quit()
+    assert len(list((tmp_path / "maildir" / "new").iterdir())) == 1
+
+    # A broken file is reported once (by the parent) and changes nothing.
+    write_policy(policy, "broken.example", "example.org", 'max_recipients = "many"\n')
+    proc.send_signal(signal.SIGHUP)
+    refusal = f"reload refused, the running policy stays: {policy}: gateway.max_recipients: expected an integer, got 'many'"
+    log.wait_for(refusal)
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.example.net", timeout=10) as smtp:
+        assert smtp.ehlo("client.example.net")[1].startswith(b"after.example")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 0
+    text = log.read()
+    assert text.count(refusal) == 1
+    assert text.count("in force for new connections") == 2

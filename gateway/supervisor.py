@@ -1,0 +1,250 @@
+"""The parent process of ``smtpgate serve``: it keeps the workers running.
+
+The parent binds one SO_REUSEPORT socket per worker, forks the workers and
+then only watches them:
+
+* A worker that dies (a crash, the OOM killer, a stray ``kill``) is
+  replaced on the same socket.  The parent keeps every socket open, so the
+  connections the kernel had queued for the dead worker wait for its
+  successor instead of being reset.  A worker that dies within
+  :data:`STEADY` seconds of its start is replaced after a delay that
+  doubles each time (:data:`FIRST_DELAY` up to :data:`MAX_DELAY`), so a
+  fault that kills every new worker costs a log line now and then, not a
+  busy loop; Postfix's master throttles a failing service the same way.
+* SIGTERM and SIGINT are passed on: each worker stops accepting, lets its
+  sessions finish (``shutdown_timeout``) and exits.  The parent closes its
+  copies of the sockets first, so nothing queues where nobody will accept.
+* SIGHUP reloads the policy: the parent reads and checks the file once (an
+  error is logged and the running policy stays), then passes the signal on;
+  each worker reads the file again and hands new connections to the new
+  policy while open sessions finish under the old one (gateway/server.py).
+
+Signals are blocked and taken with ``sigtimedwait``, so no code runs in a
+signal handler and none can arrive unseen between two checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .config import Policy, PolicyError, Problem
+from .limits import Counts, SharedCounts
+
+__all__ = ["Supervisor", "policy_for_reload", "STEADY", "FIRST_DELAY", "MAX_DELAY"]
+
+log = logging.getLogger("smtpgate.server")
+
+#: Seconds a worker must have run for its death to count as rare: it is
+#: replaced at once.
+STEADY = 10.0
+#: The wait before replacing a worker that died sooner, doubled for each
+#: such death in a row, up to MAX_DELAY.
+FIRST_DELAY = 1.0
+MAX_DELAY = 30.0
+
+_WATCHED = frozenset({signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+_STOP = (signal.SIGTERM, signal.SIGINT)
+
+#: What a worker runs: the policy, its socket, its row of the shared
+#: connection counts, and the signals that arrived while it started.
+Work = Callable[[Policy, socket.socket, Counts, "set[int]"], None]
+
+
+@dataclass
+class _Slot:
+    index: int
+    sock: socket.socket
+    pid: int = 0
+    started: float = 0.0
+    #: Deaths within STEADY of the start, in a row.
+    quick_deaths: int = 0
+    #: When the replacement of a dead worker is to start.
+    due: float | None = None
+
+
+class Supervisor:
+    """Runs ``work`` in one child process per socket until told to stop.
+
+    :param policy: the policy new workers start with.
+    :param socks: one listening socket per worker.
+    :param work: what a worker runs (gateway.server's worker main).
+    :param check: reads and validates the policy file again for SIGHUP;
+        raises :class:`PolicyError`.
+    """
+
+    def __init__(self, policy: Policy, socks: list[socket.socket], work: Work, check: Callable[[], Policy]):
+        self.policy = policy
+        self.slots = [_Slot(i, sock) for i, sock in enumerate(socks)]
+        self._work = work
+        self._check = check
+        self._counts = SharedCounts(len(socks))  # before forking: every worker maps it
+        self._parent = os.getpid()
+        self._mask: set[int | signal.Signals] = set()
+        self.stopping = False
+        self.status = 0
+
+    def run(self) -> int:
+        """Start the workers and watch them; the exit code once all are gone."""
+        self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, _WATCHED)
+        try:
+            for slot in self.slots:
+                self._start(slot)
+            while not self.stopping or any(slot.pid for slot in self.slots):
+                info = self._wait()
+                if info is not None and info.si_signo != signal.SIGCHLD:
+                    self._signal(signal.Signals(info.si_signo))
+                self._reap()
+                self._start_due()
+        finally:
+            self._close_sockets()
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
+        return self.status
+
+    def _wait(self) -> signal.struct_siginfo | None:
+        due = [slot.due for slot in self.slots if slot.due is not None]
+        if not due:
+            return signal.sigwaitinfo(_WATCHED)
+        return signal.sigtimedwait(_WATCHED, max(0.0, min(due) - time.monotonic()))
+
+    def _signal(self, signum: signal.Signals) -> None:
+        if signum in _STOP:
+            if not self.stopping:
+                self.stopping = True
+                self._close_sockets()
+                for slot in self.slots:
+                    slot.due = None
+            self._tell(signum)  # again on a second signal: the workers decide
+        elif signum == signal.SIGHUP and not self.stopping:
+            self._reload()
+
+    def _reload(self) -> None:
+        policy = policy_for_reload(self._check, self.policy)
+        if policy is None:
+            return
+        self.policy = policy  # for workers started from now on
+        log.info("reloading %s in %d worker(s)", policy.source, sum(1 for s in self.slots if s.pid))
+        self._tell(signal.SIGHUP)
+
+    def _tell(self, signum: signal.Signals) -> None:
+        for slot in self.slots:
+            if slot.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(slot.pid, signum)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            slot = next((s for s in self.slots if s.pid == pid), None)
+            if slot is None:
+                continue
+            slot.pid = 0
+            # Its connections died with it; the other workers must not count them.
+            self._counts.clear(slot.index)
+            code = os.waitstatus_to_exitcode(status)
+            if self.stopping:
+                # Killed by the stop signal we passed on (before it could
+                # set up its handler) is a clean stop too.
+                if code != 0 and -code not in _STOP:
+                    self.status = 1
+                continue
+            self._schedule(slot, pid, code)
+
+    def _schedule(self, slot: _Slot, pid: int, code: int) -> None:
+        lived = time.monotonic() - slot.started
+        slot.quick_deaths = slot.quick_deaths + 1 if lived < STEADY else 0
+        delay = min(MAX_DELAY, FIRST_DELAY * 2 ** (slot.quick_deaths - 1)) if slot.quick_deaths else 0.0
+        slot.due = time.monotonic() + delay
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+        log.error(
+            "worker %d (pid %d) %s after %.1f s; its replacement starts %s",
+            slot.index, pid, how, lived, f"in {delay:g} s" if delay else "now",
+        )
+
+    def _start_due(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.due is not None and slot.due <= now and not self.stopping:
+                self._start(slot)
+
+    def _start(self, slot: _Slot) -> None:
+        slot.due = None
+        slot.started = time.monotonic()
+        pid = os.fork()
+        if pid:
+            slot.pid = pid
+            return
+        code = 0
+        try:
+            for other in self.slots:
+                if other is not slot:
+                    other.sock.close()
+            early = _record_signals()
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
+            _die_with(self._parent)
+            self._work(self.policy, slot.sock, self._counts.row(slot.index), early)
+        except BaseException:
+            log.exception("worker failed")
+            code = 1
+        finally:
+            os._exit(code)
+
+    def _close_sockets(self) -> None:
+        for slot in self.slots:
+            slot.sock.close()
+
+
+def policy_for_reload(load: Callable[[], Policy], running: Policy) -> Policy | None:
+    """The policy file read again, or None after logging why it cannot
+    replace ``running`` (which then stays in force)."""
+    try:
+        policy = load()
+        if policy.gateway.listen_endpoint != running.gateway.listen_endpoint:
+            raise PolicyError([Problem(
+                policy.source, "gateway.listen",
+                f"{running.gateway.listen} as when started (a new address needs a restart)",
+            )])
+    except PolicyError as exc:
+        for problem in exc.problems:
+            log.error("reload refused, the running policy stays: %s", problem)
+        return None
+    except Exception:
+        log.exception("reload failed, the running policy stays")
+        return None
+    return policy
+
+
+def _record_signals() -> set[int]:
+    """Until the worker's event loop takes them over, note the signals that
+    arrive instead of dying of them (SIGHUP's default is to end a process)."""
+    seen: set[int] = set()
+    for signum in (*_STOP, signal.SIGHUP):
+        signal.signal(signum, lambda number, _frame: seen.add(number))
+    return seen
+
+
+#: prctl(2) option: the signal a process gets when its parent dies.
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with(parent: int) -> None:
+    """A worker whose parent is gone (killed with SIGKILL, say) must not go
+    on holding the port: ask Linux for a SIGTERM then, which drains and
+    exits like any other; elsewhere this does nothing."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)

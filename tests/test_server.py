@@ -1,0 +1,57 @@
+"""Reloading a policy inside a running worker (gateway.server.reload)."""
+
+import logging
+import time
+from pathlib import Path
+
+from gateway import Plugin
+from tests.fixtures.gateway import make_policy, recv_reply
+
+
+class Unbuildable(Plugin):
+    def __init__(self, *args, **kwargs):
+        raise RuntimeError("cannot reach its database")
+
+
+def test_a_reload_cannot_move_the_listening_address(start_gateway, tmp_path: Path, caplog) -> None:
+    gw = start_gateway(f"maildir:{tmp_path / 'maildir'}")
+    with caplog.at_level(logging.ERROR, "smtpgate.server"):
+        gw.reload(make_policy(f"maildir:{tmp_path / 'maildir'}", hostname="new.example", listen="127.0.0.1:2"))
+    assert caplog.messages == [
+        "reload refused, the running policy stays: <test policy>: gateway.listen:"
+        " 127.0.0.1:1 as when started (a new address needs a restart)"
+    ]
+    with gw.raw() as sock:
+        sock.sendall(b"EHLO client.example.net\r\n")
+        assert recv_reply(sock).startswith(b"250-gw.test.example\r\n")
+
+
+def test_a_plugin_that_cannot_start_keeps_the_running_policy(start_gateway, tmp_path: Path, caplog) -> None:
+    upstream = f"maildir:{tmp_path / 'maildir'}"
+    gw = start_gateway(upstream, extra={"unbuildable": Unbuildable})
+    with caplog.at_level(logging.ERROR, "smtpgate.server"):
+        gw.reload(make_policy(upstream, hostname="new.example", plugins={"unbuildable": {}}))
+    (record,) = caplog.records
+    assert record.getMessage() == "reload failed, the running policy stays"
+    assert "RuntimeError: cannot reach its database" in caplog.text  # the traceback
+    with gw.client() as smtp:
+        assert smtp.ehlo_resp.startswith(b"gw.test.example")
+
+
+def test_a_retired_policy_still_times_out_its_sessions_then_is_let_go(start_gateway, tmp_path: Path) -> None:
+    upstream = f"maildir:{tmp_path / 'maildir'}"
+    gw = start_gateway(upstream, command_timeout=1)
+    old = gw.gateway
+    with gw.raw() as idle:
+        gw.reload(make_policy(upstream, hostname="new.example"))
+        assert old.retired and gw.gateway is not old
+        assert gw.service.gateways == [gw.gateway, old]  # its session is still open
+        # The old policy's time limit still holds for the session it had.
+        assert recv_reply(idle) == b"421 4.4.2 gw.test.example Error: timeout exceeded\r\n"
+    deadline = time.monotonic() + 5
+    while len(gw.service.gateways) > 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gw.service.gateways == [gw.gateway]
+    with gw.raw() as sock:
+        sock.sendall(b"HELO client.example.net\r\n")
+        assert recv_reply(sock) == b"250 new.example\r\n"

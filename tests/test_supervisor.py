@@ -1,0 +1,92 @@
+"""The parent process: replacing dead workers, and how soon."""
+
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from gateway.config import policy_from_dict
+from gateway.supervisor import FIRST_DELAY, MAX_DELAY, STEADY, Supervisor
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def supervisor():
+    sock = socket.socket()
+    policy = policy_from_dict({"gateway": {"hostname": "gw.test.example"}}, "<test>")
+    yield Supervisor(policy, [sock], lambda *args: None, lambda: policy)
+    sock.close()
+
+
+def delay_after_death(supervisor: Supervisor, lived: float, code: int = -9) -> float:
+    slot = supervisor.slots[0]
+    slot.started = time.monotonic() - lived
+    supervisor._schedule(slot, 4242, code)
+    assert slot.due is not None
+    return round(slot.due - time.monotonic())
+
+
+def test_a_worker_that_ran_steadily_is_replaced_at_once(supervisor, caplog) -> None:
+    with caplog.at_level(logging.ERROR, "smtpgate.server"):
+        assert delay_after_death(supervisor, lived=STEADY + 1) == 0
+    assert caplog.messages == [
+        f"worker 0 (pid 4242) was killed by SIGKILL after {STEADY + 1:.1f} s; its replacement starts now"
+    ]
+
+
+def test_quick_deaths_in_a_row_wait_longer_each_time_up_to_a_limit(supervisor, caplog) -> None:
+    with caplog.at_level(logging.ERROR, "smtpgate.server"):
+        delays = [delay_after_death(supervisor, lived=0.2, code=3) for _ in range(8)]
+    assert delays == [1, 2, 4, 8, 16, 30, 30, 30]
+    assert FIRST_DELAY == 1 and MAX_DELAY == 30
+    assert caplog.messages[0] == "worker 0 (pid 4242) exited with status 3 after 0.2 s; its replacement starts in 1 s"
+    # One that then runs steadily starts the count afresh.
+    assert delay_after_death(supervisor, lived=STEADY) == 0
+    assert delay_after_death(supervisor, lived=0.2) == 1
+
+
+SCRIPT = """
+import logging, socket, sys, os
+from gateway.config import policy_from_dict
+from gateway.supervisor import Supervisor
+
+logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+policy = policy_from_dict({"gateway": {"hostname": "gw.test.example"}}, "<test>")
+
+def work(policy, sock, counts, early):
+    raise RuntimeError("this worker cannot start")
+
+sys.exit(Supervisor(policy, [socket.socket()], work, lambda: policy).run())
+"""
+
+
+def test_a_worker_that_cannot_start_is_retried_ever_more_slowly_until_stopped() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(SCRIPT)], cwd=ROOT,
+                            stderr=subprocess.PIPE, text=True)
+    log = ""
+    try:
+        # Deaths at about 0, 1 and 3 s; then it waits 4 s, and is stopped.
+        os.set_blocking(proc.stderr.fileno(), False)
+        deadline = time.monotonic() + 20
+        while "starts in 4 s" not in log and time.monotonic() < deadline:
+            if select.select([proc.stderr], [], [], 0.5)[0]:
+                log += os.read(proc.stderr.fileno(), 65536).decode()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0  # stopped while waiting: nothing left to stop
+        os.set_blocking(proc.stderr.fileno(), True)
+        log += proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.stderr.close()
+    assert log.count("RuntimeError: this worker cannot start") == 3
+    waits = [line.rsplit("starts ", 1)[1] for line in log.splitlines() if "its replacement starts" in line]
+    assert waits == ["in 1 s", "in 2 s", "in 4 s"]
