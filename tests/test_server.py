@@ -1,7 +1,9 @@
 """Reloading a policy inside a running worker (gateway.server.reload)."""
 
+import gc
 import logging
 import time
+import weakref
 from pathlib import Path
 
 from gateway import Plugin
@@ -55,3 +57,20 @@ def test_a_retired_policy_still_times_out_its_sessions_then_is_let_go(start_gate
     with gw.raw() as sock:
         sock.sendall(b"HELO client.example.net\r\n")
         assert recv_reply(sock) == b"250 new.example\r\n"
+
+
+def test_reloads_leave_no_old_policy_behind(start_gateway, tmp_path: Path) -> None:
+    upstream = f"maildir:{tmp_path / 'maildir'}"
+    gw = start_gateway(upstream)
+    gone = []
+    for i in range(5):
+        with gw.client() as smtp:  # each policy serves a session before it goes
+            smtp.noop()
+        gone.append(weakref.ref(gw.gateway))
+        gw.reload(make_policy(upstream, hostname=f"policy{i}.example"))
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and (len(gw.service.gateways) > 1 or any(ref() for ref in gone)):
+        gc.collect()
+        time.sleep(0.05)
+    assert gw.service.gateways == [gw.gateway]
+    assert [ref() for ref in gone] == [None] * 5
