@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway import Action, Address, Context, Envelope, Recipient, Session, Verdict
 from gateway.address import parse_path
@@ -179,6 +181,58 @@ def test_classify_filters_codes() -> None:
     assert classify(answer("127.0.0.10", "127.0.0.2"), only_2).codes == ("127.0.0.2",)
     # codes may name 127.0.0.1 explicitly; then it is a listing
     assert classify(answer("127.0.0.1"), parse_codes(["127.0.0.1"])).status is ZoneStatus.LISTED
+
+
+#: Records a list may answer with: listing codes, the codes that mean
+#: "refused"/"blocked", operator error codes, and addresses outside 127/8.
+records = st.one_of(
+    st.sampled_from(["127.0.0.1", "127.0.0.255", "127.255.255.252", "127.255.255.254", "127.255.255.255"]),
+    st.integers(int(ipaddress.IPv4Address("127.0.0.0")), int(ipaddress.IPv4Address("127.255.255.255"))).map(
+        lambda n: str(ipaddress.IPv4Address(n))),
+    st.ip_addresses(v=4).map(str),
+)
+
+
+@st.composite
+def code_filters(draw: st.DrawFn) -> Codes:
+    """Any filter a policy can write: ranges inside 127/8 (below the
+    operator block), or a bitmask."""
+    if draw(st.booleans()):
+        return parse_codes([], bitmask=draw(st.integers(1, 255)))
+    low = int(ipaddress.IPv4Address("127.0.0.0"))
+    high = int(ipaddress.IPv4Address("127.255.254.255"))
+    specs = []
+    for first, span in draw(st.lists(st.tuples(st.integers(low, high), st.integers(0, 300)), max_size=3)):
+        last = min(first + span, high)
+        specs.append(f"{ipaddress.IPv4Address(first)}-{ipaddress.IPv4Address(last)}")
+    return parse_codes(specs)
+
+
+def counts_as_listing(record: str, codes: Codes) -> bool:
+    """The documented rule, restated: in 127/8 and outside 127.255.255/24;
+    127.0.0.1 and 127.0.0.255 only where a range is exactly that address;
+    else as the bitmask (last octet) or the ranges say, or always."""
+    ip = ipaddress.IPv4Address(record)
+    if ip not in ipaddress.IPv4Network("127.0.0.0/8") or ip in ipaddress.IPv4Network("127.255.255.0/24"):
+        return False
+    if record in ("127.0.0.1", "127.0.0.255"):
+        return (int(ip), int(ip)) in codes.ranges
+    if codes.bitmask:
+        return bool(int(ip) & 0xFF & codes.bitmask)
+    return not codes.ranges or any(first <= int(ip) <= last for first, last in codes.ranges)
+
+
+@settings(max_examples=300)
+@given(answer_records=st.lists(records, min_size=1, max_size=6, unique=True), codes=code_filters())
+def test_only_a_listing_code_the_policy_counts_ever_lists(answer_records: list[str], codes: Codes) -> None:
+    outcome = classify(Answer(Status.RECORDS, tuple(answer_records)), codes)
+    listing = {r for r in answer_records if counts_as_listing(r, codes)}
+    if listing:
+        assert outcome.status is ZoneStatus.LISTED and set(outcome.codes) == listing
+    else:
+        # Operator error codes and stray addresses never reject: they are
+        # logged as the zone's error, or ignored.
+        assert outcome.status in (ZoneStatus.CLEAR, ZoneStatus.ERROR)
 
 
 @pytest.mark.parametrize("record", ["127.0.0.1", "127.0.0.255"])
