@@ -162,16 +162,17 @@ class Supervisor:
                 continue
             self._schedule(slot, pid, code)
 
-    def _schedule(self, slot: _Slot, pid: int, code: int) -> None:
+    def _schedule(self, slot: _Slot, pid: int, code: int, why: str = "") -> None:
         lived = time.monotonic() - slot.started
         slot.quick_deaths = slot.quick_deaths + 1 if lived < STEADY else 0
         delay = min(MAX_DELAY, FIRST_DELAY * 2 ** (slot.quick_deaths - 1)) if slot.quick_deaths else 0.0
         slot.due = time.monotonic() + delay
+        when = f"in {delay:g} s" if delay else "now"
+        if why:
+            log.error("worker %d %s; trying again %s", slot.index, why, when)
+            return
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
-        log.error(
-            "worker %d (pid %d) %s after %.1f s; its replacement starts %s",
-            slot.index, pid, how, lived, f"in {delay:g} s" if delay else "now",
-        )
+        log.error("worker %d (pid %d) %s after %.1f s; its replacement starts %s", slot.index, pid, how, lived, when)
 
     def _start_due(self) -> None:
         now = time.monotonic()
@@ -182,7 +183,13 @@ class Supervisor:
     def _start(self, slot: _Slot) -> None:
         slot.due = None
         slot.started = time.monotonic()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            # Out of memory or processes: the workers that run go on, and
+            # this one is tried again later, as after a quick death.
+            self._schedule(slot, 0, 0, why=f"could not be started ({exc.strerror})")
+            return
         if pid:
             slot.pid = pid
             return

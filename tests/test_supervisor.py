@@ -90,3 +90,17 @@ def test_a_worker_that_cannot_start_is_retried_ever_more_slowly_until_stopped() 
     assert log.count("RuntimeError: this worker cannot start") == 3
     waits = [line.rsplit("starts ", 1)[1] for line in log.splitlines() if "its replacement starts" in line]
     assert waits == ["in 1 s", "in 2 s", "in 4 s"]
+
+
+def test_a_worker_that_cannot_be_forked_is_tried_again_later(supervisor, monkeypatch, caplog) -> None:
+    def no_fork() -> int:
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr("os.fork", no_fork)
+    slot = supervisor.slots[0]
+    with caplog.at_level(logging.ERROR, "smtpgate.server"):
+        supervisor._start(slot)
+    assert slot.pid == 0 and slot.due is not None and 0.5 < slot.due - time.monotonic() <= 1.0
+    assert caplog.messages == [
+        "worker 0 could not be started (Resource temporarily unavailable); trying again in 1 s"
+    ]
