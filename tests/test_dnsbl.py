@@ -185,7 +185,7 @@ def test_classify_filters_codes() -> None:
 
 #: Records a list may answer with: listing codes, the codes that mean
 #: "refused"/"blocked", operator error codes, and addresses outside 127/8.
-records = st.one_of(
+list_answers = st.one_of(
     st.sampled_from(["127.0.0.1", "127.0.0.255", "127.255.255.252", "127.255.255.254", "127.255.255.255"]),
     st.integers(int(ipaddress.IPv4Address("127.0.0.0")), int(ipaddress.IPv4Address("127.255.255.255"))).map(
         lambda n: str(ipaddress.IPv4Address(n))),
@@ -223,7 +223,7 @@ def counts_as_listing(record: str, codes: Codes) -> bool:
 
 
 @settings(max_examples=300)
-@given(answer_records=st.lists(records, min_size=1, max_size=6, unique=True), codes=code_filters())
+@given(answer_records=st.lists(list_answers, min_size=1, max_size=6, unique=True), codes=code_filters())
 def test_only_a_listing_code_the_policy_counts_ever_lists(answer_records: list[str], codes: Codes) -> None:
     outcome = classify(Answer(Status.RECORDS, tuple(answer_records)), codes)
     listing = {r for r in answer_records if counts_as_listing(r, codes)}
