@@ -56,8 +56,11 @@ def test_quick_deaths_in_a_row_wait_longer_each_time_up_to_a_limit(supervisor, c
 
 SCRIPT = """
 import logging, socket, sys, os
+from gateway import supervisor
 from gateway.config import policy_from_dict
 from gateway.supervisor import Supervisor
+
+supervisor.FIRST_DELAY = 0.25  # the doubling is what is tested, not the seconds
 
 logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
 policy = policy_from_dict({"gateway": {"hostname": "gw.test.example"}}, "<test>")
@@ -74,10 +77,10 @@ def test_a_worker_that_cannot_start_is_retried_ever_more_slowly_until_stopped() 
                             stderr=subprocess.PIPE, text=True)
     log = ""
     try:
-        # Deaths at about 0, 1 and 3 s; then it waits 4 s, and is stopped.
+        # Deaths at about 0, 0.25 and 0.75 s; then it would wait 1 s, but is stopped.
         os.set_blocking(proc.stderr.fileno(), False)
         deadline = time.monotonic() + 20
-        while "starts in 4 s" not in log and time.monotonic() < deadline:
+        while "starts in 1 s" not in log and time.monotonic() < deadline:
             if select.select([proc.stderr], [], [], 0.5)[0]:
                 log += os.read(proc.stderr.fileno(), 65536).decode()
         proc.send_signal(signal.SIGTERM)
@@ -87,9 +90,9 @@ def test_a_worker_that_cannot_start_is_retried_ever_more_slowly_until_stopped() 
     finally:
         proc.kill()
         proc.stderr.close()
-    assert log.count("RuntimeError: this worker cannot start") == 3
     waits = [line.rsplit("starts ", 1)[1] for line in log.splitlines() if "its replacement starts" in line]
-    assert waits == ["in 1 s", "in 2 s", "in 4 s"]
+    assert waits == ["in 0.25 s", "in 0.5 s", "in 1 s"]
+    assert log.count("RuntimeError: this worker cannot start") == 3
 
 
 def test_a_worker_that_cannot_be_forked_is_tried_again_later(supervisor, monkeypatch, caplog) -> None:
