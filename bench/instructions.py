@@ -53,8 +53,18 @@ class Load:
     message_file: Path | None = None
 
 
+def _one_process(spec: ProxySpec) -> ProxySpec:
+    """smtpgate's worker runs in a child of a parent that only watches it;
+    callgrind_control reaches the process it started, so run the worker
+    alone there (bench/worker.py)."""
+    if spec.template == PRESETS["gateway"]:
+        return ProxySpec(spec.label, PRESETS["worker"], spec.policy)
+    return spec
+
+
 def measure(children: Children, spec: ProxySpec, workdir: Path, load: Load) -> int:
     """Instructions the proxy executed for ``load.messages`` messages."""
+    spec = _one_process(spec)
     sink = SmtpSink(children, load.sessions)
     out = workdir / f"callgrind.{re.sub(r'[^A-Za-z0-9]+', '-', spec.label)}"
     traced = ProxySpec(

@@ -28,8 +28,11 @@ PRESETS: dict[str, str] = {
         "{python} -m bench.minimal_proxy --listen {listen} --upstream {upstream} "
         "--workers {workers}"
     ),
+    # One worker in one process (no supervising parent): what callgrind and
+    # profilers must follow (bench/worker.py).
+    "worker": "{python} -m bench.worker --policy {policy} --listen {listen} --upstream {upstream}",
 }
-LABELS = {"gateway": "smtpgate", "minimal": "minimal proxy"}
+LABELS = {"gateway": "smtpgate", "minimal": "minimal proxy", "worker": "smtpgate"}
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from .upstream import NextHopMemory, Upstream, make_upstream
 if TYPE_CHECKING:
     from .session import IPAddress
 
-__all__ = ["Gateway", "Service", "serve", "reload", "run", "bind"]
+__all__ = ["Gateway", "Service", "serve", "reload", "run", "run_worker", "bind"]
 
 log = logging.getLogger("smtpgate.server")
 
@@ -226,8 +226,11 @@ def _steady_malloc() -> None:
         ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, 1 << 20)
 
 
-def _worker(policy: Policy, sock: socket.socket, counts: Counts, early: set[int], load: Callable[[], Policy]) -> None:
+def run_worker(policy: Policy, sock: socket.socket, counts: Counts, early: set[int], load: Callable[[], Policy]) -> None:
     """A worker's life: serve until SIGTERM or SIGINT; reload on SIGHUP.
+
+    The supervisor runs it in each child; bench/worker.py runs it alone,
+    in one process that a profiler or callgrind can follow.
 
     :param early: signals that arrived before the event loop took over.
     :param load: reads and checks the policy file again (for SIGHUP).
@@ -298,6 +301,6 @@ def run(policy: Policy, workers: int, load: Callable[[bool], Policy]) -> int:
     log.info("listening on %s, next hop %s, %d worker(s)", endpoint, policy.gateway.upstream_endpoint, workers)
 
     def work(policy: Policy, sock: socket.socket, counts: Counts, early: set[int]) -> None:
-        _worker(policy, sock, counts, early, lambda: load(False))
+        run_worker(policy, sock, counts, early, lambda: load(False))
 
     return Supervisor(policy, socks, work, lambda: load(True)).run()
