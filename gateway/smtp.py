@@ -36,7 +36,7 @@ from .pipeline import run_stage
 from .replies import Reply
 from .session import Envelope, Message, Recipient, Session
 from .stash import Stash
-from .upstream import Upstream, UpstreamError
+from .upstream import ClientRefused, Upstream, UpstreamError
 from .verdict import CONTINUE, Action, Verdict, combine
 
 if TYPE_CHECKING:
@@ -442,20 +442,24 @@ class SMTPSession(_AiosmtpdSMTP):
 
     # --- the next hop ------------------------------------------------------
 
-    async def _upstream(self) -> None:
-        """Make sure the next hop is connected and knows the client."""
+    async def _upstream(self) -> Reply | None:
+        """Make sure the next hop is connected and knows the client; or the
+        next hop's own refusal of this client, to be the reply instead."""
         try:
             await self._upstream_extensions()
             # Reconnects if the early attempt failed or the connection was
             # dropped after an error in an earlier transaction.
             await self.upstream.connect()
             await self.upstream.introduce(self.session)
+        except ClientRefused as exc:
+            return exc.reply
         except UpstreamError as exc:
             log.warning("session %s: next hop unavailable: %s", self.session.id, exc)
             reply = replies.UPSTREAM_UNAVAILABLE.format(hostname=self.hostname)
             decisions.decision(self.session, "upstream", "defer", reply, result=str(exc))
             await self.reply(reply)
             raise _Close from exc
+        return None
 
     async def _upstream_extensions(self) -> frozenset[str]:
         """The next hop's extensions, or none if it cannot be reached now
@@ -585,7 +589,13 @@ class SMTPSession(_AiosmtpdSMTP):
             await self.reply(self._refused("mail", verdict, envelope=envelope))
             return
         _keep(verdict, envelope.tags)
-        await self._upstream()
+        refused = await self._upstream()
+        if refused is not None:
+            # What the MTA said to this client in place of its greeting
+            # (its smtpd_client_restrictions): the answer to MAIL here.
+            decisions.decision(self.session, "mail", "upstream", refused, envelope=envelope)
+            await self._relay(refused)
+            return
         if size is not None and not self._offered("size"):
             # Our limit, announced by us; a next hop without SIZE would refuse it.
             params_text = " ".join(p for p in params_text.split(" ") if not p.upper().startswith("SIZE="))

@@ -33,13 +33,41 @@ from .deadline import Deadline
 from .replies import Reply
 from .session import Envelope, Session
 
-__all__ = ["Upstream", "UpstreamError", "SMTPUpstream", "MaildirUpstream", "NextHopMemory", "make_upstream"]
+__all__ = ["Upstream", "UpstreamError", "ClientRefused", "SMTPUpstream", "MaildirUpstream", "NextHopMemory", "make_upstream"]
 
 _NEWLINES = re.compile(rb"\r\n|\r|\n")
 
 
 class UpstreamError(Exception):
     """The next hop failed; nothing it was given may be taken as delivered."""
+
+
+class ClientRefused(UpstreamError):
+    """The next hop judged the client we named in XCLIENT and refused it.
+
+    Postfix with ``smtpd_delay_reject = no`` applies its
+    ``smtpd_client_restrictions`` to the new client at once and answers
+    XCLIENT with their verdict in place of its greeting.  That reply is the
+    client's answer (a 554 must not become our 421, retried for days); the
+    connection is of no further use, Postfix answers 503 to all else on it.
+    """
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(f"XCLIENT answered {reply.code} {reply.enhanced} {reply.text}")
+        self.reply = reply
+
+
+def _judges_the_client(response: aiosmtplib.SMTPResponse) -> Reply | None:
+    """A refusal of XCLIENT that is about the client it names: a policy
+    reply (X.7.Y), other than Postfix's refusal of us (550 5.7.0
+    insufficient authorization).  Syntax (X.5.Y) is about us too, and a
+    421 ends the session whoever it is about."""
+    if response.code < 400 or response.code == 421:
+        return None
+    reply = Reply.parse(response.code, response.message)
+    if reply.enhanced[1:3] != ".7" or "insufficient authorization" in reply.text.lower():
+        return None
+    return reply
 
 
 _SEPARATORS = (b" ", b"-", b"\r", b"\n")
@@ -266,6 +294,9 @@ class SMTPUpstream:
         )
         try:
             response = await self._send(smtp, f"XCLIENT {args}\r\n".encode())
+            refusal = _judges_the_client(response)
+            if refusal is not None:
+                raise ClientRefused(refusal)
             if response.code // 100 != 2 and not self._greeted:
                 # What an earlier session saw is out of date (the MTA was
                 # reconfigured): greet it and look at what it offers now.

@@ -1,8 +1,10 @@
 """The next hop's wire format: what the MTA is sent for a message."""
 
+import aiosmtplib
 import pytest
 
-from gateway.upstream import _crlf, _dot_stuff
+from gateway.replies import Reply
+from gateway.upstream import _crlf, _dot_stuff, _judges_the_client
 
 
 @pytest.mark.parametrize(
@@ -46,3 +48,19 @@ async def test_a_failed_maildir_delivery_leaves_nothing_behind(tmp_path) -> None
     with pytest.raises(UpstreamError):
         await box.data(Envelope(Address("bob", "example.org"), ()), b"Subject: x\r\n\r\nbody\r\n")
     assert list((tmp_path / "tmp").iterdir()) == []  # no half-delivered file either
+
+
+@pytest.mark.parametrize(("code", "message", "judged"), [
+    (554, "5.7.1 <unknown[203.0.113.66]>: Client host rejected: go away", True),
+    (450, "4.7.25 Client host rejected: cannot find your hostname, [203.0.113.7]", True),
+    (550, "5.7.0 Error: insufficient authorization", False),  # about us: not in xclient hosts
+    (501, "5.5.4 Bad NAME syntax: -", False),  # about us: what we sent
+    (421, "4.7.0 postfix.test Error: too many connections", False),  # ends the session anyway
+    (220, "postfix.test ESMTP Postfix", False),
+    (554, "go away", False),  # no enhanced code: nothing says it is about the client
+])
+def test_which_xclient_refusals_are_about_the_client(code: int, message: str, judged: bool) -> None:
+    reply = _judges_the_client(aiosmtplib.SMTPResponse(code, message))
+    assert (reply is not None) == judged
+    if judged:
+        assert reply == Reply.parse(code, message)

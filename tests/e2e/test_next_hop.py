@@ -109,3 +109,42 @@ def test_extensions_come_from_the_ehlo_after_xclient(start_gateway, postfix_disc
     discarded = postfix.wait_for_commands(OUTSIDE_IP)
     assert discarded["data"] == "1"
     assert "bdat" not in discarded
+
+
+REFUSED_IP = "203.0.113.66"
+DEFERRED_IP = "203.0.113.67"
+
+
+@pytest.fixture(scope="module")
+def postfix_judging_clients_at_once(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostfixInstance]:
+    """A Postfix with ``smtpd_delay_reject = no``: it applies its client
+    restrictions as soon as XCLIENT names the client, and answers XCLIENT
+    with their verdict instead of its greeting."""
+    base = tmp_path_factory.mktemp("postfix-no-delay-reject")
+    (base / "clients.cidr").write_text(f"{REFUSED_IP} REJECT go away\n{DEFERRED_IP} DEFER come back later\n")
+    with PostfixInstance(base, extra_main_cf={
+        "smtpd_delay_reject": "no",
+        "smtpd_client_restrictions": f"check_client_access cidr:{base / 'clients.cidr'}",
+    }) as instance:
+        yield instance
+
+
+@pytest.mark.parametrize(("client", "reply"), [
+    (REFUSED_IP, (554, b"5.7.1 <unknown[203.0.113.66]>: Client host rejected: go away")),
+    (DEFERRED_IP, (450, b"4.7.1 <unknown[203.0.113.67]>: Client host rejected: come back later")),
+])
+def test_the_next_hops_refusal_of_the_client_is_the_answer_to_mail(
+    start_gateway, postfix_judging_clients_at_once, client: str, reply: tuple[int, bytes]
+) -> None:
+    # Not "421 next hop unavailable": a 554 the client would retry for days.
+    postfix = postfix_judging_clients_at_once
+    gateway = start_gateway(f"127.0.0.1:{postfix.port}")
+    with gateway.client(xclient=client) as smtp:
+        assert smtp.mail("bob@example.org") == reply
+        # Again on a fresh connection, where the gateway goes from Postfix's
+        # banner straight to XCLIENT: the same answer, and the session goes on.
+        assert smtp.mail("bob@example.org") == reply
+        assert smtp.noop()[0] == 250
+    with gateway.client(xclient=OUTSIDE_IP) as smtp:  # a client Postfix takes
+        assert smtp.sendmail("bob@example.org", ["alice@example.com"], MESSAGE) == {}
+    assert len(postfix.wait_for_messages("alice", count=1)) == 1
