@@ -47,9 +47,11 @@ class ClientRefused(UpstreamError):
 
     Postfix with ``smtpd_delay_reject = no`` applies its
     ``smtpd_client_restrictions`` to the new client at once and answers
-    XCLIENT with their verdict in place of its greeting.  That reply is the
-    client's answer (a 554 must not become our 421, retried for days); the
-    connection is of no further use, Postfix answers 503 to all else on it.
+    XCLIENT with their verdict in place of its greeting, and its
+    ``smtpd_helo_restrictions`` to the client's EHLO that follows.  That
+    reply is the client's answer (a 554 must not become our 421, retried for
+    days); the connection is dropped (after a refused XCLIENT Postfix
+    answers 503 to all else on it), and the next transaction tries afresh.
     """
 
     def __init__(self, reply: Reply) -> None:
@@ -246,6 +248,10 @@ class SMTPUpstream:
     async def _ehlo(self, smtp: SMTPProtocol, name: str, *, ours: bool) -> None:
         response = await self._send(smtp, b"EHLO %b\r\n" % name.encode("utf-8", "surrogateescape"))
         if response.code != 250:
+            if not ours and response.code >= 400 and response.code != 421:
+                # The client's own name, judged by the MTA's HELO
+                # restrictions (smtpd_delay_reject = no): its answer.
+                raise ClientRefused(Reply.parse(response.code, response.message))
             raise UpstreamError(f"EHLO refused: {response.code} {response.message}")
         offered, _ = parse_esmtp_extensions(response.message)
         self.extensions = frozenset(offered)

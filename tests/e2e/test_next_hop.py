@@ -122,24 +122,30 @@ def postfix_judging_clients_at_once(tmp_path_factory: pytest.TempPathFactory) ->
     with their verdict instead of its greeting."""
     base = tmp_path_factory.mktemp("postfix-no-delay-reject")
     (base / "clients.cidr").write_text(f"{REFUSED_IP} REJECT go away\n{DEFERRED_IP} DEFER come back later\n")
+    (base / "helo.regexp").write_text("/^refused\\.example\\.net$/ REJECT not that name\n")
     with PostfixInstance(base, extra_main_cf={
         "smtpd_delay_reject": "no",
         "smtpd_client_restrictions": f"check_client_access cidr:{base / 'clients.cidr'}",
+        "smtpd_helo_restrictions": f"check_helo_access regexp:{base / 'helo.regexp'}",
     }) as instance:
         yield instance
 
 
-@pytest.mark.parametrize(("client", "reply"), [
-    (REFUSED_IP, (554, b"5.7.1 <unknown[203.0.113.66]>: Client host rejected: go away")),
-    (DEFERRED_IP, (450, b"4.7.1 <unknown[203.0.113.67]>: Client host rejected: come back later")),
+@pytest.mark.parametrize(("client", "helo", "reply"), [
+    (REFUSED_IP, "client.example.net", (554, b"5.7.1 <unknown[203.0.113.66]>: Client host rejected: go away")),
+    (DEFERRED_IP, "client.example.net",
+     (450, b"4.7.1 <unknown[203.0.113.67]>: Client host rejected: come back later")),
+    (OUTSIDE_IP, "refused.example.net",
+     (554, b"5.7.1 <refused.example.net>: Helo command rejected: not that name")),
 ])
 def test_the_next_hops_refusal_of_the_client_is_the_answer_to_mail(
-    start_gateway, postfix_judging_clients_at_once, client: str, reply: tuple[int, bytes]
+    start_gateway, postfix_judging_clients_at_once, client: str, helo: str, reply: tuple[int, bytes]
 ) -> None:
     # Not "421 next hop unavailable": a 554 the client would retry for days.
     postfix = postfix_judging_clients_at_once
+    postfix.clear()
     gateway = start_gateway(f"127.0.0.1:{postfix.port}")
-    with gateway.client(xclient=client) as smtp:
+    with gateway.client(xclient=client, helo=helo) as smtp:
         assert smtp.mail("bob@example.org") == reply
         # Again on a fresh connection, where the gateway goes from Postfix's
         # banner straight to XCLIENT: the same answer, and the session goes on.
