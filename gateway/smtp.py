@@ -591,8 +591,8 @@ class SMTPSession(_AiosmtpdSMTP):
         _keep(verdict, envelope.tags)
         refused = await self._upstream()
         if refused is not None:
-            # What the MTA said to this client in place of its greeting
-            # (its smtpd_client_restrictions): the answer to MAIL here.
+            # What the MTA said to this client in place of its greeting or
+            # to its EHLO (its client or HELO restrictions): the answer here.
             decisions.decision(self.session, "mail", "upstream", refused, envelope=envelope)
             await self._relay(refused)
             return

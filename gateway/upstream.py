@@ -55,7 +55,7 @@ class ClientRefused(UpstreamError):
     """
 
     def __init__(self, reply: Reply) -> None:
-        super().__init__(f"XCLIENT answered {reply.code} {reply.enhanced} {reply.text}")
+        super().__init__(f"refused the client: {reply}")
         self.reply = reply
 
 
