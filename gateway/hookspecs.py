@@ -29,7 +29,8 @@ How the gateway calls hooks
 ---------------------------
 * Every hook may be ``def`` or ``async def``.  The gateway calls every
   implementation of a stage in turn; a plain ``def`` answers there and
-  then (keep it quick: nothing can interrupt it), while the awaitables,
+  then (keep it quick: nothing can interrupt it, and one that takes over
+  0.25 s is logged as holding up the worker), while the awaitables,
   from ``async def`` hooks or from a ``def`` that returns a coroutine only
   when it must wait (say, for a DNS answer that is not cached), run
   concurrently, each under the policy's ``hook_timeout``.  A plain hook

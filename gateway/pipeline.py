@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
@@ -21,6 +22,10 @@ from .verdict import CONTINUE, Verdict, combine
 __all__ = ["run_stage"]
 
 log = logging.getLogger("smtpgate.pipeline")
+
+#: A plain hook that runs longer than this (seconds) held up every session
+#: of its worker meanwhile; nothing can interrupt it, so it is reported.
+HELD_LOOP = 0.25
 
 
 def _failed(call: HookCall, why: str) -> Verdict:
@@ -91,11 +96,20 @@ async def run_stage(
     verdicts: list[Verdict | None] = [None] * len(calls)
     pending: list[tuple[int, Awaitable[object]]] = []
     for index, call in enumerate(calls):
+        started = time.perf_counter()
         try:
             result = call.function(**{name: kwargs[name] for name in call.argnames})
         except Exception:
             verdicts[index] = _raised(call, session_id)
             continue
+        finally:
+            held = time.perf_counter() - started
+            if held > HELD_LOOP:
+                log.warning(
+                    "session=%s plugin=%s hook=%s held the event loop for %.2fs: every session of this "
+                    "worker waited (blocking work belongs in an async hook or a thread)",
+                    session_id, call.plugin, call.function.__name__, held,
+                )
         if inspect.isawaitable(result):
             pending.append((index, result))
         else:

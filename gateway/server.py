@@ -30,6 +30,9 @@ __all__ = ["Gateway", "Service", "serve", "reload", "run", "run_worker", "bind"]
 
 log = logging.getLogger("smtpgate.server")
 
+#: Seconds the event loop may fall behind before that is reported.
+_BLOCKED = 1.0
+
 
 class Gateway:
     """What every session of one process shares: settings, plugins,
@@ -70,9 +73,17 @@ class Gateway:
         s = self.settings
         tick = tick_for(s.command_timeout, s.data_timeout, s.upstream_timeout, s.upstream_data_timeout)
         loop = asyncio.get_running_loop()
+        last = loop.time()
         while not (self.retired and not self.sessions):
             await asyncio.sleep(tick)
             now = loop.time()
+            # Woken this late, the loop ran nothing else meanwhile: some code
+            # blocked it (pipeline.py names plain hooks; this catches the rest).
+            late = now - last - tick
+            if late > _BLOCKED and not self.retired:
+                log.warning("the event loop was blocked for about %.1fs: every session of this worker waited "
+                            "(blocking work in a plugin?)", late)
+            last = now
             for session in list(self.sessions):
                 for deadline in session.deadlines:
                     deadline.check(now)

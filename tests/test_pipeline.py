@@ -1,9 +1,10 @@
 import asyncio
 import logging
+import time
 
 import pytest
 
-from gateway.pipeline import run_stage
+from gateway.pipeline import HELD_LOOP, run_stage
 from gateway.plugins import HookCall
 from gateway.replies import Reply
 from gateway.verdict import Action, Verdict
@@ -138,3 +139,18 @@ async def test_a_cancelled_stage_cancels_its_hooks() -> None:
         await stage
     await asyncio.sleep(0)
     assert cancelled == [True, True]
+
+
+async def test_a_plain_hook_that_holds_the_loop_is_named_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    def quick(session):
+        return None
+
+    def blocking(session):
+        time.sleep(HELD_LOOP + 0.05)
+        return REJECT
+
+    with caplog.at_level(logging.WARNING, "smtpgate"):
+        out = await run_stage([call("quick", quick), call("slowpoke", blocking)], {"session": None}, 1.0, "S1")
+    assert out.action is Action.REJECT  # what it decided still counts
+    (record,) = caplog.records
+    assert record.getMessage().startswith("session=S1 plugin=slowpoke hook=blocking held the event loop for 0.")

@@ -1,13 +1,14 @@
 """Every stage's hook, through the network: what a refusal looks like to
 the client, and that the next hop never sees a refused command."""
 
+import logging
 import socket
 import time
 
 import pytest
 
 from tests.fixtures.gateway import recv_reply
-from tests.fixtures.testplugins import Gatekeeper
+from tests.fixtures.testplugins import Blocker, Gatekeeper
 
 
 @pytest.fixture
@@ -90,3 +91,15 @@ def test_connect_refusal_replaces_the_greeting(start_gateway, postfix) -> None:
         assert say(sock, b"EHLO c.example.net") == b"503 5.7.0 Error: access denied for unknown[192.0.2.66]\r\n"
         assert say(sock, b"QUIT") == b"221 2.0.0 Bye\r\n"
     assert "192.0.2.66" not in postfix.maillog()
+
+
+def test_blocking_work_in_a_plugin_is_reported_and_the_mail_still_goes(start_gateway, postfix, caplog) -> None:
+    # A short command timeout makes the gateway's watch tick often, so a
+    # 1.4 s stall shows as the loop falling more than 1 s behind.
+    gw = start_gateway(f"127.0.0.1:{postfix.port}", command_timeout=2.0,
+                       plugins={"blocker": {}}, extra={"blocker": Blocker})
+    with caplog.at_level(logging.WARNING, "smtpgate"), gw.client(xclient="203.0.113.7") as smtp:
+        assert smtp.sendmail("bob@example.org", ["alice@example.com"], b"Subject: slow\r\n\r\nx\r\n") == {}
+    postfix.wait_for_messages("alice", count=1)
+    assert "plugin=blocker hook=mail held the event loop for 1." in caplog.text
+    assert "the event loop was blocked for about 1." in caplog.text
