@@ -220,7 +220,12 @@ class SMTPSession(_AiosmtpdSMTP):
             # answers everything but QUIT with 503.  The next hop is never asked.
             await self.reply(self._refusal)
             return True
-        self._upstream_ready = self.loop.create_task(self.upstream.connect())
+        if not self.upstream.extensions:
+            # Nothing known yet to offer at EHLO: ask the next hop while the
+            # client reads our greeting.  Otherwise the next hop hears of
+            # this client only once it has passed our MAIL checks, so bots
+            # turned away before that never take one of its processes.
+            self._upstream_ready = self.loop.create_task(self.upstream.connect())
         await self.reply(self.gateway.greeting)
         return True
 

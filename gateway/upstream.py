@@ -157,7 +157,9 @@ class SMTPUpstream:
         self._timed_out = False
         self._limit = settings.upstream_timeout  # of the wait under way, for the log
         self._identity: tuple[str, ...] | None = None
-        self.extensions: frozenset[str] = frozenset()
+        #: Until this session connects: what the MTA offered the last time
+        #: this worker asked (empty if it never has).
+        self.extensions: frozenset[str] = self._memory.extensions
         self._xclient_attrs: frozenset[str] = frozenset()
         #: Whether this connection has had our own EHLO.
         self._greeted = False

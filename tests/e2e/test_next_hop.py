@@ -11,6 +11,7 @@ from gateway.session import Session
 from gateway.upstream import NextHopMemory, SMTPUpstream
 from tests.fixtures.gateway import OUTSIDE_IP, make_policy
 from tests.fixtures.postfix import PostfixInstance
+from tests.fixtures.testplugins import Gatekeeper
 
 SECOND_IP = "203.0.113.8"
 MESSAGE = b"From: bob@example.org\r\nTo: alice@example.com\r\nSubject: hop\r\n\r\nbody\r\n"
@@ -154,3 +155,24 @@ def test_the_next_hops_refusal_of_the_client_is_the_answer_to_mail(
     with gateway.client(xclient=OUTSIDE_IP) as smtp:  # a client Postfix takes
         assert smtp.sendmail("bob@example.org", ["alice@example.com"], MESSAGE) == {}
     assert len(postfix.wait_for_messages("alice", count=1)) == 1
+
+
+def test_clients_turned_away_before_mail_never_reach_postfix(start_gateway, postfix) -> None:
+    gateway = start_gateway(f"127.0.0.1:{postfix.port}", plugins={"gate": {}}, extra={"gate": Gatekeeper})
+    with gateway.client(xclient=OUTSIDE_IP) as smtp:  # the first session learns what Postfix offers
+        assert smtp.sendmail("bob@example.org", ["alice@example.com"], MESSAGE) == {}
+    postfix.wait_for_messages("alice", count=1)
+    # A HELO our checks refuse, a prober asking VRFY, one that leaves after EHLO.
+    with gateway.client(xclient=SECOND_IP, helo="ok.example.net") as smtp:
+        assert smtp.ehlo("bad.example")[0] == 550
+    with gateway.client(xclient=SECOND_IP) as smtp:
+        assert smtp.verify("alice")[0] == 502
+    with gateway.client(xclient=SECOND_IP) as smtp:
+        # What it is offered comes from what Postfix told the first session.
+        assert {"dsn", "smtputf8", "8bitmime"} <= set(smtp.esmtp_features)
+    with gateway.client(xclient=OUTSIDE_IP) as smtp:
+        assert smtp.sendmail("carol@example.org", ["alice@example.com"], MESSAGE) == {}
+    postfix.wait_for_messages("alice", count=2)
+    connects = [line for line in postfix.smtpd_log_lines() if " connect from " in line]
+    assert len(connects) == 2, connects
+    assert SECOND_IP not in postfix.maillog()
