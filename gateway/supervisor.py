@@ -93,6 +93,9 @@ class Supervisor:
 
     def run(self) -> int:
         """Start the workers and watch them; the exit code once all are gone."""
+        # An ignored SIGCHLD (inherited through exec from whoever started
+        # us) would reap the workers unseen: nothing would replace them.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, _WATCHED)
         try:
             for slot in self.slots:
