@@ -174,7 +174,7 @@ class Supervisor:
         if why:
             log.error("worker %d %s; trying again %s", slot.index, why, when)
             return
-        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+        how = f"was killed by {_signal_name(-code)}" if code < 0 else f"exited with status {code}"
         log.error("worker %d (pid %d) %s after %.1f s; its replacement starts %s", slot.index, pid, how, lived, when)
 
     def _start_due(self) -> None:
@@ -234,6 +234,13 @@ def policy_for_reload(load: Callable[[], Policy], running: Policy) -> Policy | N
         log.exception("reload failed, the running policy stays")
         return None
     return policy
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:  # real-time signals past SIGRTMIN have no name
+        return f"signal {number}"
 
 
 def _record_signals() -> set[int]:

@@ -43,6 +43,14 @@ def test_a_worker_that_ran_steadily_is_replaced_at_once(supervisor, caplog) -> N
     ]
 
 
+def test_a_worker_killed_by_a_signal_without_a_name_is_replaced_too(supervisor, caplog) -> None:
+    with caplog.at_level(logging.ERROR, "smtpgate.server"):
+        assert delay_after_death(supervisor, lived=STEADY + 1, code=-40) == 0
+    assert caplog.messages == [
+        f"worker 0 (pid 4242) was killed by signal 40 after {STEADY + 1:.1f} s; its replacement starts now"
+    ]
+
+
 def test_quick_deaths_in_a_row_wait_longer_each_time_up_to_a_limit(supervisor, caplog) -> None:
     with caplog.at_level(logging.ERROR, "smtpgate.server"):
         delays = [delay_after_death(supervisor, lived=0.2, code=3) for _ in range(8)]
