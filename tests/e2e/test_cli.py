@@ -235,11 +235,6 @@ def children(pid: int) -> set[int]:
     return {int(p) for p in listed if running(int(p))}
 
 
-def has_data(sock: socket.socket, timeout: float) -> bool:
-    readable, _, _ = select.select([sock], [], [], timeout)
-    return bool(readable)
-
-
 def test_a_worker_that_dies_is_replaced_and_its_queued_clients_wait_for_it(serve, tmp_path: Path) -> None:
     proc, port = serve("--workers", "2")
     log = StderrTail(proc)
@@ -251,8 +246,9 @@ def test_a_worker_that_dies_is_replaced_and_its_queued_clients_wait_for_it(serve
     os.kill(victim, signal.SIGSTOP)
     socks = [socket.create_connection(("127.0.0.1", port), timeout=15) for _ in range(20)]
     try:
-        queued = [s for s in socks if not has_data(s, 0.5)]
-        assert queued, "no connection went to the stopped worker"
+        time.sleep(0.5)  # the running worker greets its share meanwhile
+        greeted, _, _ = select.select(socks, [], [], 0)
+        assert len(greeted) < len(socks), "no connection went to the stopped worker"
         os.kill(victim, signal.SIGKILL)
         # None is reset: the parent kept the socket, and the replacement
         # takes the connections its predecessor never accepted.
@@ -265,8 +261,7 @@ def test_a_worker_that_dies_is_replaced_and_its_queued_clients_wait_for_it(serve
             sock.close()
     replaced = children(proc.pid)
     assert len(replaced) == 2 and victim not in replaced
-    # It died within STEADY seconds of its start: its successor waited 1 s.
-    assert f"(pid {victim}) was killed by SIGKILL after " in log.wait_for("its replacement starts in 1 s")
+    assert f"(pid {victim}) was killed by SIGKILL after " in log.wait_for("its replacement starts")
     for _ in range(10):  # mail flows through both workers again
         with smtplib.SMTP("127.0.0.1", port, local_hostname="client.example.net", timeout=10) as smtp:
             smtp.sendmail("bob@example.org", ["alice@example.com"], b"Subject: after\r\n\r\nx\r\n")
