@@ -307,11 +307,16 @@ def test_sighup_reloads_the_policy_and_open_sessions_keep_theirs(serve, tmp_path
     log.wait_for(refusal)
     with smtplib.SMTP("127.0.0.1", port, local_hostname="client.example.net", timeout=10) as smtp:
         assert smtp.ehlo("client.example.net")[1].startswith(b"after.example")
+
+    # A valid file that lets anyone relay is taken, with lint's warning, once.
+    write_policy(policy, "open.example", "example.org", "[plugins.relay]\nenabled = false\n")
+    proc.send_signal(signal.SIGHUP)
+    log.wait_for("in force for new connections", count=4)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(15) == 0
     text = log.read()
     assert text.count(refusal) == 1
-    assert text.count("in force for new connections") == 2
+    assert text.count(f"{policy}: warning: plugins.relay is disabled: the next hop must refuse relaying itself") == 1
 
 
 def test_no_acknowledged_message_is_lost_across_reloads_and_a_worker_crash(serve, tmp_path: Path) -> None:
