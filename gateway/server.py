@@ -38,11 +38,19 @@ class Gateway:
     """What every session of one process shares: settings, plugins,
     connection counts, and the set of open sessions for shutdown."""
 
-    def __init__(self, policy: Policy, extra: Mapping[str, type] | None = None, counts: Counts | None = None):
+    def __init__(
+        self,
+        policy: Policy,
+        extra: Mapping[str, type] | None = None,
+        counts: Counts | None = None,
+        resolver: Resolver | None = None,
+    ):
         self.policy = policy
         self.settings = policy.gateway
-        # One resolver per process: every plugin shares its cache.
-        self.context = Context(policy.gateway, Resolver(policy.dns.nameservers, policy.dns.timeout))
+        # One resolver per process: every plugin shares its cache (and a
+        # reload that leaves [dns] alone passes it on, cache and all).
+        self.resolver = resolver or Resolver(policy.dns.nameservers, policy.dns.timeout)
+        self.context = Context(policy.gateway, self.resolver)
         self.registry = load_plugins(policy, self.context, extra=extra)
         self.context = self.registry.context
         self._trusted = self.settings.trusted
@@ -281,8 +289,11 @@ def reload(service: Service, load: Callable[[], Policy], extra: Mapping[str, typ
     if policy is None:
         return
     try:
-        # Plugins are built here, with the new options, before anything changes.
-        gateway = Gateway(policy, extra, counts=service.gateway.counts)
+        # Plugins are built here, with the new options, before anything
+        # changes; the DNS cache stays warm unless [dns] itself changed.
+        running = service.gateway
+        resolver = running.resolver if policy.dns == running.policy.dns else None
+        gateway = Gateway(policy, extra, counts=running.counts, resolver=resolver)
     except Exception:
         log.exception("reload failed, the running policy stays")
         return

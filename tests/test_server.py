@@ -74,3 +74,23 @@ def test_reloads_leave_no_old_policy_behind(start_gateway, tmp_path: Path) -> No
         time.sleep(0.05)
     assert gw.service.gateways == [gw.gateway]
     assert [ref() for ref in gone] == [None] * 5
+
+
+def test_a_reload_keeps_the_dns_cache_unless_the_dns_settings_change(start_gateway, dns, tmp_path: Path) -> None:
+    upstream = f"maildir:{tmp_path / 'maildir'}"
+    settings = {"nameservers": [dns.nameserver], "timeout": 2.0}
+
+    def mail_from_good_domain(gw) -> None:
+        with gw.client() as smtp:
+            assert smtp.mail("bob@good.mail.test")[0] == 250  # the sender check asks the DNS
+
+    gw = start_gateway(upstream, dns=settings, plugins={"sender": {}})
+    mail_from_good_domain(gw)
+    asked = dns.query_count("good.mail.test")
+    assert asked > 0
+    gw.reload(make_policy(upstream, hostname="new.example", dns=settings, plugins={"sender": {}}))
+    mail_from_good_domain(gw)
+    assert dns.query_count("good.mail.test") == asked  # answered from the cache the reload kept
+    gw.reload(make_policy(upstream, hostname="new.example", dns={**settings, "timeout": 3.0}, plugins={"sender": {}}))
+    mail_from_good_domain(gw)
+    assert dns.query_count("good.mail.test") > asked  # new settings, new cache
