@@ -305,11 +305,11 @@ def run(policy: Policy, workers: int, load: Callable[[bool], Policy]) -> int:
     """Serve ``policy`` with ``workers`` processes under a supervising
     parent (gateway/supervisor.py); returns the exit code.
 
+    :param policy: checked as ``load`` checks it (plugins built once), so a
+        broken policy has failed before anything listens.
     :param load: reads and checks the policy file again for a reload;
         ``load(True)`` also warns of risky settings (the parent's check).
     """
-    # Plugins are loaded once here so a broken policy fails before listening.
-    load_plugins(policy, Context(policy.gateway))
     endpoint = policy.gateway.listen_endpoint
     # Bound here, so a port in use is reported once, early.  The first bind
     # is exclusive: a second smtpgate on the same port (SO_REUSEPORT would
