@@ -21,10 +21,10 @@ from typing import Self
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """User + system CPU used so far by the live processes of group ``pgid``
-    (a proxy and the workers it forked), from /proc."""
-    ticks = 0
+def group_cpu_seconds(pgid: int) -> tuple[float, float]:
+    """User and system CPU used so far by the live processes of group
+    ``pgid`` (a proxy and the workers it forked), from /proc."""
+    user = system = 0
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -36,8 +36,9 @@ def group_cpu_seconds(pgid: int) -> float:
         # After "pid (comm) ": state ppid pgrp ... utime(14) stime(15)
         fields = stat[stat.rindex(b")") + 2 :].split()
         if int(fields[2]) == pgid:
-            ticks += int(fields[11]) + int(fields[12])
-    return ticks / _CLK_TCK
+            user += int(fields[11])
+            system += int(fields[12])
+    return user / _CLK_TCK, system / _CLK_TCK
 
 
 class BenchError(RuntimeError):

@@ -140,7 +140,7 @@ def _cpu_lines(rows: list[Row]) -> list[str]:
             out.append("")
         runs = " ".join(f"{x:.2f}" for x in r.cpu_ms)
         out.append(f"{r.mode}: {r.path} used {r.cpu_ms_per_msg:.2f} ms of CPU per message "
-                   f"(all its processes, user + system; runs {runs})")
+                   f"(all its processes, user + system; system {r.sys_ms_per_msg:.2f}; runs {runs})")
     return out
 
 
@@ -291,6 +291,7 @@ def as_json(
                     "tool": r.tool,
                     "msgs_per_s": clean(r.rate),
                     "proxy_cpu_ms_per_msg": clean(r.cpu_ms_per_msg),
+                    "proxy_system_ms_per_msg": clean(r.sys_ms_per_msg),
                     "ratio_vs_direct": clean(r.ratio),
                     "p50_ms": clean(r.p50_ms),
                     "p99_ms": clean(r.p99_ms),

@@ -85,6 +85,8 @@ class Row:
     p99s_ms: list[float] = field(default_factory=list)
     #: the proxy's CPU (all its processes) per message, ms, per smtp-source run
     cpu_ms: list[float] = field(default_factory=list)
+    #: the part of cpu_ms spent in the kernel (system calls, TCP)
+    sys_ms: list[float] = field(default_factory=list)
     undelivered: int = 0  # messages answered 250 that never reached smtp-sink
     ratio: float = math.nan  # median rate / median rate of "direct" with the same tool
 
@@ -95,6 +97,10 @@ class Row:
     @property
     def cpu_ms_per_msg(self) -> float:
         return median(self.cpu_ms) if self.cpu_ms else math.nan
+
+    @property
+    def sys_ms_per_msg(self) -> float:
+        return median(self.sys_ms) if self.sys_ms else math.nan
 
     @property
     def p50_ms(self) -> float:
@@ -235,10 +241,15 @@ class _Measurer:
         if tool == TOOL_SOURCE:
             # A proxy's CPU per message drifts less than msgs/s on a shared
             # machine, and does not count the load generator or upstream.
-            cpu = group_cpu_seconds(p.child.pid) if p.child is not None else math.nan
+            # The kernel's share says how much of it any Python change can touch.
+            before_cpu = group_cpu_seconds(p.child.pid) if p.child is not None else None
             r.rates.append(self.source(p, messages))
-            if p.child is not None:
-                r.cpu_ms.append((group_cpu_seconds(p.child.pid) - cpu) * 1000 / messages)
+            if p.child is not None and before_cpu is not None:
+                user, system = (
+                    (now - then) * 1000 / messages for now, then in zip(group_cpu_seconds(p.child.pid), before_cpu)
+                )
+                r.cpu_ms.append(user + system)
+                r.sys_ms.append(system)
         else:
             res = run_client(
                 self.children,
