@@ -5,6 +5,8 @@ in :mod:`gateway` is internal.  Hooks are documented in
 :mod:`gateway.hookspecs`.
 """
 
+import importlib.metadata
+
 from .address import Address
 from .plugin import Context, Plugin, hookimpl, then
 from .replies import Reply
@@ -12,7 +14,13 @@ from .session import Envelope, Message, Recipient, Session
 from .stash import Stash, StashKey
 from .verdict import Action, Verdict
 
+try:
+    __version__ = importlib.metadata.version("smtpgate")
+except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
+    __version__ = "unknown"
+
 __all__ = [
+    "__version__",
     "Action",
     "Address",
     "Context",

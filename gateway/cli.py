@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from . import __version__
 from . import log as logsetup
 from .config import DNSSettings, GatewaySettings, Policy, PolicyError, Problem, ScoringSettings, load_policy
 from .plugin import Context
@@ -164,6 +165,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smtpgate", description="A pluggable anti-spam policy gateway in front of an SMTP server (see README.md).")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gateway")

@@ -11,7 +11,7 @@ import socket
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-from . import replies
+from . import __version__, replies
 from .config import Policy, ip_in
 from .deadline import Deadline, tick_for
 from .dns import Resolver
@@ -320,7 +320,8 @@ def run(policy: Policy, workers: int, load: Callable[[bool], Policy]) -> int:
         port = first.getsockname()[1]  # also when the policy says port 0
         first.close()
         socks = [bind(endpoint.host, port, reuse_port=True) for _ in range(workers)]
-    log.info("listening on %s, next hop %s, %d worker(s)", endpoint, policy.gateway.upstream_endpoint, workers)
+    log.info("smtpgate %s listening on %s, next hop %s, %d worker(s)",
+             __version__, endpoint, policy.gateway.upstream_endpoint, workers)
 
     def work(policy: Policy, sock: socket.socket, counts: Counts, early: set[int]) -> None:
         run_worker(policy, sock, counts, early, lambda: load(False))

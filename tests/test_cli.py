@@ -1,5 +1,6 @@
 """The command line's own logic (serving is tested in tests/e2e/test_cli.py)."""
 
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -16,6 +17,12 @@ def policy_file(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "policy.toml"
     path.write_text(text)
     return path
+
+
+def test_version_is_the_installed_distributions() -> None:
+    run = smtpgate("--version")
+    assert run.returncode == 0
+    assert run.stdout == f"smtpgate {importlib.metadata.version('smtpgate')}\n"
 
 
 def test_lint_warns_of_settings_that_open_the_relay(tmp_path: Path) -> None:

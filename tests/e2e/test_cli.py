@@ -1,6 +1,7 @@
 """The smtpgate command as a user runs it: a real process, real signals."""
 
 import contextlib
+import importlib.metadata
 import json
 import os
 import select
@@ -100,6 +101,9 @@ def test_workers_share_the_port_and_log_json(serve, tmp_path: Path) -> None:
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(15) == 0
     lines = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
+    # Which version ran is in the log, for the bug report written later.
+    version = importlib.metadata.version("smtpgate")
+    assert f"smtpgate {version} listening on 127.0.0.1:{port}, next hop maildir:" in lines[0]["message"]
     delivered = [line for line in lines if line.get("stage") == "data" and line.get("action") == "delivered"]
     assert len(delivered) == 30
     assert {"session", "client", "helo", "from", "to", "reply", "time"} <= set(delivered[0])
