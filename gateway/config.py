@@ -112,10 +112,11 @@ def _is_fqdn(name: str) -> bool:
 
 
 def default_hostname() -> str:
-    """This machine's fully qualified name; without one (``localhost``, a
-    bare host name), that name under ``.localdomain``, as Postfix does for
-    ``myhostname``, so the default policy still starts."""
-    name = socket.getfqdn()
+    """Postfix's default ``myhostname``: the kernel's host name if it is
+    fully qualified, else that name under ``.localdomain``.  Not a resolver
+    lookup (``getfqdn``): /etc/hosts often names 127.0.0.1 ``localhost``
+    first, and a greeting as ``localhost`` is what HELO checks refuse."""
+    name = socket.gethostname()
     return name if _is_fqdn(name) else f"{name.split('.')[0] or 'localhost'}.localdomain"
 
 

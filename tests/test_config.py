@@ -156,11 +156,20 @@ def test_a_policy_that_is_no_text_file(tmp_path: Path) -> None:
 def test_default_hostname_is_fully_qualified(monkeypatch: pytest.MonkeyPatch) -> None:
     from gateway import config
 
-    monkeypatch.setattr(config.socket, "getfqdn", lambda: "localhost")
+    monkeypatch.setattr(config.socket, "gethostname", lambda: "vm")
+    assert config.default_hostname() == "vm.localdomain"
+    monkeypatch.setattr(config.socket, "gethostname", lambda: "localhost")
     assert config.default_hostname() == "localhost.localdomain"
-    monkeypatch.setattr(config.socket, "getfqdn", lambda: "mx.example.org")
+    monkeypatch.setattr(config.socket, "gethostname", lambda: "mx.example.org")
     assert config.default_hostname() == "mx.example.org"
     assert not GatewaySettings().check().get("hostname")
+
+
+def test_default_hostname_is_postfixs_myhostname() -> None:
+    from gateway import config
+
+    postconf = subprocess.run(["/usr/sbin/postconf", "-dh", "myhostname"], capture_output=True, text=True, check=True)
+    assert config.default_hostname() == postconf.stdout.strip()
 
 
 def test_toml_syntax_error(tmp_path: Path) -> None:
