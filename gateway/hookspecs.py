@@ -43,7 +43,8 @@ How the gateway calls hooks
   and scores of every verdict are kept.  A TAG verdict without headers of
   its own puts ``X-Smtpgate-Tag: PLUGIN: RESULT`` on the message; ACCEPT
   allow-lists the client only at connect, elsewhere it is recorded only.
-* A hook that raises or overruns its budget counts as ``451 4.3.0``: the
+* A hook that raises or overruns its budget counts as ``451 4.3.0`` (at
+  connect ``421 4.3.0`` and a close, as a greeting may not be a 451): the
   client retries later, the traceback is logged with the plugin's name, and
   the session and the gateway go on.  A crashed check never lets mail pass.
 * In monitor mode (``[gateway] monitor = true``) refusals and failures are

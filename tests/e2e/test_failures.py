@@ -9,7 +9,7 @@ import pytest
 from tests.fixtures.badmta import BadMTA
 from tests.fixtures.gateway import OUTSIDE_IP, recv_reply
 from tests.fixtures.postfix import free_port
-from tests.fixtures.testplugins import Boom, Stall
+from tests.fixtures.testplugins import BOOM_IP, Boom, Stall
 
 MSG = b"Subject: x\r\n\r\nbody\r\n"
 
@@ -151,6 +151,23 @@ def test_plugin_that_raises_gives_451_and_the_gateway_goes_on(start_gateway, pos
         assert smtp.sendmail("bob@example.org", ["bob@example.com"], MSG) == {}
     postfix.wait_for_messages("alice")
     postfix.wait_for_messages("bob")
+
+
+def test_plugin_that_raises_at_connect_gives_421_and_a_close(start_gateway, postfix, caplog) -> None:
+    # No greeting may be a 451 (RFC 5321 §4.3.2): the temporary failure is
+    # a 421 and the connection closes; the client retries later.
+    gw = start_gateway(f"127.0.0.1:{postfix.port}", plugins={"boom": {}}, extra={"boom": Boom})
+    with caplog.at_level(logging.ERROR, "smtpgate"):
+        sock = gw.raw()
+        sock.sendall(f"XCLIENT ADDR={BOOM_IP}\r\n".encode())
+        assert recv_reply(sock) == b"421 4.3.0 Error: internal policy failure, try again later\r\n"
+        assert sock.recv(100) == b""  # closed
+        sock.close()
+    assert "plugin=boom hook=connect raised" in caplog.text
+    assert "RuntimeError: boom plugin exploded at connect" in caplog.text
+    with gw.client(xclient=OUTSIDE_IP) as smtp:  # the next client is served
+        assert smtp.sendmail("bob@example.org", ["alice@example.com"], MSG) == {}
+    postfix.wait_for_messages("alice")
 
 
 def test_plugin_overrunning_its_budget_gives_451(start_gateway, postfix) -> None:
