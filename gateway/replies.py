@@ -139,6 +139,7 @@ TOO_MANY_ERRORS = Reply(421, "4.7.0", "{hostname} Error: too many errors")
 XCLIENT_DENIED = Reply(550, "5.7.0", "Error: insufficient authorization")
 XCLIENT_SYNTAX = Reply(501, "5.5.4", "Bad XCLIENT attribute: {attribute}")
 XCLIENT_NESTED = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
+XCLIENT_NO_ADDR = Reply(501, "5.5.4", "Bad XCLIENT attribute: {attribute}: the client's address is required")
 
 # --- limits ----------------------------------------------------------------
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")

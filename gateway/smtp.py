@@ -288,7 +288,9 @@ class SMTPSession(_AiosmtpdSMTP):
                 await self._error(replies.BAD_UTF8)
                 continue
             verb, _, arg = text.partition(" ")
-            verb = verb.upper()
+            # Only ASCII verbs are upper-cased: str.upper() makes "QU\u0131T"
+            # (dotless i) QUIT; left as it is, it is no command.
+            verb = verb.upper() if verb.isascii() else verb
             handler = self._commands.get(verb)
             if handler is None:
                 await self._error(replies.BAD_SYNTAX if not verb else replies.UNKNOWN_COMMAND)
@@ -841,9 +843,14 @@ class SMTPSession(_AiosmtpdSMTP):
                 if not eq:
                     raise ValueError
                 if name == "ADDR":
-                    if not unavailable:
-                        text = value[5:] if value.upper().startswith("IPV6:") else value
-                        changes["client_ip"] = ipaddress.ip_address(text)
+                    if unavailable:
+                        # Every check (relay, DNS lists, SPF) judges the
+                        # address; keeping the previous one would let this
+                        # client pass as that one, trusted perhaps.
+                        await self._error(replies.XCLIENT_NO_ADDR.format(attribute=item))
+                        return
+                    text = value[5:] if value.upper().startswith("IPV6:") else value
+                    changes["client_ip"] = ipaddress.ip_address(text)
                 elif len(value.encode()) > _XCLIENT_VALUE_MAX:
                     raise ValueError
                 elif name == "NAME":

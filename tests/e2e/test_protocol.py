@@ -49,6 +49,9 @@ def test_greeting(gateway) -> None:
         (b"STARTTLS", b"500 5.5.2 Error: command not recognized\r\n"),
         (b"AUTH PLAIN AGFsaWNlAHNlY3JldA==", b"500 5.5.2 Error: command not recognized\r\n"),
         (b"BDAT 10 LAST", b"500 5.5.2 Error: command not recognized\r\n"),
+        # Letters whose upper case is ASCII (dotless i, long s) make no verb.
+        ("QU\u0131T".encode(), b"500 5.5.2 Error: command not recognized\r\n"),
+        ("R\u017fET".encode(), b"500 5.5.2 Error: command not recognized\r\n"),
         # Control bytes inside a command never reach the next hop or the log.
         (b"MAIL FROM:<a\x00@example.org>", b"500 5.5.2 Error: bad syntax\r\n"),
         (b"HELO a\rb.example", b"500 5.5.2 Error: bad syntax\r\n"),
@@ -150,5 +153,9 @@ def test_xclient_only_from_authorised_hosts(start_gateway, postfix) -> None:
 def test_xclient_syntax(sock) -> None:
     assert say(sock, b"XCLIENT ADDR=not-an-ip") == b"501 5.5.4 Bad XCLIENT attribute: ADDR=not-an-ip\r\n"
     assert say(sock, b"XCLIENT FOO=bar") == b"501 5.5.4 Bad XCLIENT attribute: FOO=bar\r\n"
+    for unknown in (b"[UNAVAILABLE]", b"[TEMPUNAVAIL]"):
+        assert say(sock, b"XCLIENT ADDR=" + unknown + b" NAME=[UNAVAILABLE]") == (
+            b"501 5.5.4 Bad XCLIENT attribute: ADDR=" + unknown + b": the client's address is required\r\n"
+        )
     assert say(sock, b"XCLIENT ADDR=IPV6:2001:db8::1 NAME=mail.example.net HELO=mx.example.net").startswith(b"220 ")
     assert say(sock, b"MAIL FROM:<a@example.org>") == b"503 5.5.1 Error: send HELO/EHLO first\r\n"
