@@ -366,6 +366,11 @@ class SMTPUpstream:
                 elif response.code < 400:
                     # A 250 here would be taken for the message's: it is not.
                     raise aiosmtplib.SMTPResponseException(response.code, f"DATA answered {response.code}, not 354")
+                elif response.code != 421:
+                    # A refused DATA command (smtpd_data_restrictions) leaves
+                    # the MTA's transaction open, while ours is over: without
+                    # this the client's next MAIL meets "nested MAIL command".
+                    await self.reset()
         except (aiosmtplib.SMTPException, OSError) as exc:
             raise self._failed("DATA", exc) from exc
         if response.code == 421:

@@ -176,3 +176,30 @@ def test_clients_turned_away_before_mail_never_reach_postfix(start_gateway, post
     connects = [line for line in postfix.smtpd_log_lines() if " connect from " in line]
     assert len(connects) == 2, connects
     assert SECOND_IP not in postfix.maillog()
+
+
+def test_a_data_command_the_next_hop_refuses_leaves_no_transaction_behind(start_gateway, tmp_path) -> None:
+    # Without CHUNKING the message goes by DATA, which Postfix's
+    # smtpd_data_restrictions may refuse; Postfix's transaction is then
+    # still open, and ours is over: the next MAIL must not be "nested".
+    with PostfixInstance(tmp_path / "pf", extra_main_cf={
+        "smtpd_discard_ehlo_keywords": "chunking",
+        "smtpd_data_restrictions": "reject_multi_recipient_bounce",
+    }) as postfix:
+        gateway = start_gateway(f"127.0.0.1:{postfix.port}")
+        with gateway.client(xclient=OUTSIDE_IP) as smtp:
+            smtp.mail("")
+            smtp.rcpt("alice@example.com")
+            smtp.rcpt("bob@example.com")
+            assert smtp.data(MESSAGE) == (550, b"5.5.3 <DATA>: Data command rejected: Multi-recipient bounce")
+            assert smtp.rset() == (250, b"2.0.0 Ok")
+            assert smtp.mail("bob@example.org") == (250, b"2.1.0 Ok")
+            assert smtp.rcpt("alice@example.com") == (250, b"2.1.5 Ok")
+            assert smtp.data(MESSAGE)[0] == 250
+            # And with no RSET in between: the refusal ended the transaction.
+            smtp.mail("")
+            smtp.rcpt("alice@example.com")
+            smtp.rcpt("bob@example.com")
+            assert smtp.data(MESSAGE)[0] == 550
+            assert smtp.mail("bob@example.org") == (250, b"2.1.0 Ok")
+        assert len(postfix.wait_for_messages("alice", count=1)) == 1
