@@ -260,10 +260,12 @@ class SMTPUpstream:
         if ours:
             # After XCLIENT Postfix judges the new client, whom it does not
             # offer XCLIENT: only our own EHLO says whether we may use it.
+            # Nor is what it offers one client (its discard maps) what it
+            # offers the next: only our own EHLO sets the offer remembered.
             self._xclient_attrs = frozenset(offered.get("xclient", "").upper().split())
             self._greeted = True
             self._memory.xclient = self._xclient_attrs
-        self._memory.extensions = self.extensions
+            self._memory.extensions = self.extensions
 
     async def introduce(self, session: Session) -> None:
         """Tell the MTA who the client is (XCLIENT), if it changed."""

@@ -203,3 +203,22 @@ def test_a_data_command_the_next_hop_refuses_leaves_no_transaction_behind(start_
             assert smtp.data(MESSAGE)[0] == 550
             assert smtp.mail("bob@example.org") == (250, b"2.1.0 Ok")
         assert len(postfix.wait_for_messages("alice", count=1)) == 1
+
+
+def test_what_postfix_withholds_from_one_client_is_still_offered_to_the_next(start_gateway, tmp_path) -> None:
+    # Postfix's discard map takes DSN and SMTPUTF8 from OUTSIDE_IP only.
+    # What it offered that client must not become the worker's offer to
+    # everyone after it (a UTF-8 sender refused with a 5yz).
+    (tmp_path / "discard.cidr").write_text(f"{OUTSIDE_IP} dsn, smtputf8\n")
+    with PostfixInstance(tmp_path / "pf", extra_main_cf={
+        "smtpd_discard_ehlo_keyword_address_maps": f"cidr:{tmp_path / 'discard.cidr'}",
+    }) as postfix:
+        gateway = start_gateway(f"127.0.0.1:{postfix.port}")
+        with gateway.client(xclient=OUTSIDE_IP) as smtp:
+            assert smtp.sendmail("bob@example.org", ["alice@example.com"], MESSAGE) == {}
+        with gateway.client(xclient=SECOND_IP) as smtp:
+            assert smtp.has_extn("smtputf8") and smtp.has_extn("dsn")
+            assert smtp.mail("b\u00f8b@example.org", ["SMTPUTF8"]) == (250, b"2.1.0 Ok")
+            assert smtp.rcpt("alice@example.com", ["NOTIFY=NEVER"]) == (250, b"2.1.5 Ok")
+            assert smtp.data(MESSAGE)[0] == 250
+        assert len(postfix.wait_for_messages("alice", count=2)) == 2
