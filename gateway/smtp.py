@@ -748,8 +748,12 @@ class SMTPSession(_AiosmtpdSMTP):
         limit = self.settings.max_message_size
         deadline, timeout, timed_out = self.deadline, self.settings.data_timeout, self._timed_out
         buf = bytearray()
-        tail = b""
+        # The stream so far ends a line: the message's first byte starts one.
+        tail = b"\r\n"
         total = 0
+        #: Dots that start a line on the wire, the end marker's included:
+        #: dot-stuffing, which the message's size leaves out (RFC 1870 §3).
+        dots = 0
         while True:
             deadline.arm(timeout, timed_out)
             try:
@@ -759,16 +763,17 @@ class SMTPSession(_AiosmtpdSMTP):
             finally:
                 deadline.disarm()
             total += len(piece)
-            # The message is what precedes the final ".\r\n" (its last CRLF
-            # included), so `total` may exceed the limit by those 3 bytes.
-            if total <= limit + 3:
+            dots += (tail[-2:] + piece).count(b"\r\n.")
+            # Unstuffed, the message is what precedes the final ".\r\n"
+            # (its last CRLF included), so this may pass the limit by 3.
+            if total - dots <= limit + 3:
                 buf += piece
             elif buf:
                 buf = bytearray()  # over the limit: keep reading, keep nothing
             tail = (tail + piece)[-5:]
-            if tail.endswith(b".\r\n") and (total == 3 or tail == b"\r\n.\r\n"):
+            if tail == b"\r\n.\r\n":
                 break
-        if total > limit + 3:
+        if total - dots - 2 > limit:
             return b"", replies.MESSAGE_TOO_BIG
         data = bytes(buf[:-3])
         crlf = data.count(b"\r\n")

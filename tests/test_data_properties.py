@@ -14,7 +14,8 @@ gateway's code (:func:`model`):
   newline starts loses its leading dot too, and ``<LF>.<LF>`` inside the
   message becomes an empty line, never an end;
 * the size limit (``max_message_size``) applies to what the client sent,
-  still dot-stuffed, final CRLF included, and is checked first.
+  final CRLF included, less the dots that start a line (RFC 1870 §3: the
+  size leaves dot-stuffing out), and is checked first.
 
 The gateway's real reader (``SMTPSession._read_data``) is driven through the
 ``asyncio.StreamReader`` its constructor makes, fed in generated TCP-like
@@ -100,7 +101,7 @@ def model(stream: bytes, bare_newline: str, max_size: int = 10_240_000) -> Outco
         return Outcome(incomplete=True)
     raw = wire[2 : end + 2]  # the message as sent: stuffed, each line with its end
     rest = wire[end + len(END) :]
-    if len(raw) > max_size:
+    if len(raw) - (b"\r\n" + raw).count(b"\r\n.") > max_size:
         return Outcome(reply=replies.MESSAGE_TOO_BIG, rest=rest)
     lines, tail, bare_lf, bare_cr = split_lines(raw)
     assert tail == b""  # raw ends with the CRLF before the final dot
@@ -329,4 +330,6 @@ def test_the_model_on_known_cases() -> None:
     assert model(b"a\n.\nb\r\n.\r\n", "normalize") == Outcome(message=b"a\r\n\r\nb\r\n")
     assert model(b"a\n.\n", "normalize") == Outcome(incomplete=True)
     assert model(b"abc\r\n.\r\n", "reject", max_size=4) == Outcome(reply=replies.MESSAGE_TOO_BIG)
+    assert model(b"..ab\r\n.\r\n", "reject", max_size=5) == Outcome(message=b".ab\r\n")
+    assert model(b"..abc\r\n.\r\n", "reject", max_size=5) == Outcome(reply=replies.MESSAGE_TOO_BIG)
     assert dot_ends(b"a\n.\nb\r\n.\r\n") == {"rfc5321": 10, "bare LF too": 4, "bare CR too": 4}

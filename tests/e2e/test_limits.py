@@ -38,6 +38,23 @@ def test_the_size_limit_is_exact(start_gateway, postfix) -> None:
     assert b"Subject: exact" in delivered
 
 
+def test_dot_stuffing_does_not_count_towards_the_size(start_gateway, postfix) -> None:
+    # RFC 1870 §3: the size is the message's, not its stuffed transmission.
+    # 100 lines that start with a dot: 100 more bytes on the wire.
+    gw = start_gateway(f"127.0.0.1:{postfix.port}", max_message_size=1_000)
+    head = b"Subject: dots\r\n\r\n"
+    message = head + b".x\r\n" * 100
+    message += b"y" * (1_000 - len(message) - 2) + b"\r\n"
+    assert len(message) == 1_000
+    with gw.client(xclient=OUTSIDE_IP) as smtp:  # smtplib stuffs the dots
+        assert smtp.sendmail("bob@example.org", ["alice@example.com"], message, ["SIZE=1000"]) == {}
+        smtp.mail("bob@example.org")
+        smtp.rcpt("alice@example.com")
+        assert smtp.data(message.replace(b"yy", b"yyy", 1)) == (552, b"5.3.4 Message size exceeds fixed limit")
+    (delivered,) = postfix.wait_for_messages("alice")
+    assert delivered.count(b".x\n") == 100 and b"..x" not in delivered  # Maildir: LF line ends
+
+
 def test_announced_size_over_the_limit(start_gateway, postfix) -> None:
     gw = start_gateway(f"127.0.0.1:{postfix.port}", max_message_size=10_000)
     with gw.client(xclient=OUTSIDE_IP) as smtp:
