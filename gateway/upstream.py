@@ -80,22 +80,26 @@ class _NextHopProtocol(SMTPProtocol):
 
     We never pipeline to the next hop, so bytes left over after a reply mean
     the dialogue is out of step: the next command would be paired with a
-    stale reply (a refused message answered 250).  And a reply must start
-    with a 2yz-5yz code and a separator: "2500 ok" is no 250.  Either fails
-    the read, and the connection is dropped.  (Checked on the reply's first
-    line, once per reply: this runs for every reply of every message.)
+    stale reply (a refused message answered 250).  And every line of a reply
+    must start with the same 2yz-5yz code and a separator: "2500 ok" is no
+    250.  Either fails the read, and the connection is dropped.
     """
 
     def _read_response_from_buffer(self) -> aiosmtplib.SMTPResponse | None:
         buffer = self._buffer
-        head = bytes(buffer[:4])
+        raw = bytes(buffer)
         response = super()._read_response_from_buffer()
         if response is None:
             return None
-        if not (200 <= response.code < 600 and head[3:4] in _SEPARATORS):
-            raise aiosmtplib.SMTPResponseException(-1, f"malformed reply {head!r}...")
         if buffer:
             raise aiosmtplib.SMTPResponseException(-1, "more than one reply at once (out of step)")
+        # aiosmtplib takes the code of the last line; every line must carry
+        # the first one's, or "554-refused / 250 ok" would read as a 250.
+        code = raw[:3]
+        lines = raw.split(b"\n")[:-1]
+        if not (200 <= response.code < 600 and all(line[:3] == code for line in lines)
+                and lines[-1][3:4] in _SEPARATORS):
+            raise aiosmtplib.SMTPResponseException(-1, f"malformed reply {raw[:40]!r}...")
         return response
 
 
@@ -375,6 +379,11 @@ class SMTPUpstream:
                     await self.reset()
         except (aiosmtplib.SMTPException, OSError) as exc:
             raise self._failed("DATA", exc) from exc
+        if response.code != 250 and response.code < 400:
+            # RFC 5321 §4.3.2: a message is taken with 250 alone.  A 221 or
+            # a 354 here says nothing of where it went: the client retries.
+            self._drop()
+            raise UpstreamError(f"DATA: the message was answered {response.code} {response.message}, not 250")
         if response.code == 421:
             self._drop()
         return Reply.parse(response.code, response.message)
