@@ -43,10 +43,14 @@ How the gateway calls hooks
   and scores of every verdict are kept.  A TAG verdict without headers of
   its own puts ``X-Smtpgate-Tag: PLUGIN: RESULT`` on the message; ACCEPT
   allow-lists the client only at connect, elsewhere it is recorded only.
-* A hook that raises or overruns its budget counts as ``451 4.3.0`` (at
-  connect ``421 4.3.0`` and a close, as a greeting may not be a 451): the
-  client retries later, the traceback is logged with the plugin's name, and
-  the session and the gateway go on.  A crashed check never lets mail pass.
+* A hook that raises (anything: ``SystemExit`` and ``CancelledError``
+  too) or overruns its budget counts as ``451 4.3.0`` (at connect ``421
+  4.3.0`` and a close, as a greeting may not be a 451): the client retries
+  later, the traceback is logged with the plugin's name, and the session and
+  the gateway go on.  A crashed check never lets mail pass.  An async hook
+  that catches the cancellation at the end of its budget and answers
+  anyway is still late: its answer is dropped for the 451, but its session
+  waits until it returns.
 * In monitor mode (``[gateway] monitor = true``) refusals and failures are
   logged as what would have happened and the command goes on -- except
   those of a plugin whose class sets ``monitored = False``, as ``relay``

@@ -57,15 +57,32 @@ def _overran(call: HookCall, timeout: float, session_id: str) -> Verdict:
 
 async def _awaited(call: HookCall, pending: Awaitable[object], timeout: float, session_id: str) -> Verdict | None:
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(timeout) as budget:
             result = await pending
     except TimeoutError:
         return _overran(call, timeout, session_id)
     except asyncio.CancelledError:
-        raise
-    except Exception:
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            raise  # the session's own cancellation: the client is gone
+        return _raised(call, session_id)  # the hook's own CancelledError
+    except BaseException:
+        # SystemExit or KeyboardInterrupt from a plugin is its failure; let
+        # through, it would end the worker and every session on it.
         return _raised(call, session_id)
+    if budget.expired():
+        # The hook caught the cancellation and answered anyway, late.
+        return _overran(call, timeout, session_id)
     return _checked(call, result, session_id)
+
+
+async def _contained(pending: Awaitable[object]) -> object:
+    """``pending``, with SystemExit and KeyboardInterrupt made plain
+    exceptions: raised in a task, asyncio passes them out of the event loop."""
+    try:
+        return await pending
+    except (SystemExit, KeyboardInterrupt) as exc:
+        raise RuntimeError(f"hook raised {exc!r}") from exc
 
 
 def _outcome(call: HookCall, task: asyncio.Future[object], timeout: float, session_id: str) -> Verdict | None:
@@ -99,7 +116,9 @@ async def run_stage(
         started = time.perf_counter()
         try:
             result = call.function(**{name: kwargs[name] for name in call.argnames})
-        except Exception:
+        except BaseException:
+            # Whatever a plain call raises is the plugin's (SystemExit and
+            # CancelledError too: nothing cancels a call that does not await).
             verdicts[index] = _raised(call, session_id)
             continue
         finally:
@@ -119,7 +138,7 @@ async def run_stage(
         verdicts[index] = await _awaited(calls[index], awaitable, timeout, session_id)
     elif pending:
         # The hooks started together, so one timer bounds them all.
-        tasks = [asyncio.ensure_future(awaitable) for _, awaitable in pending]
+        tasks = [asyncio.ensure_future(_contained(awaitable)) for _, awaitable in pending]
         try:
             await asyncio.wait(tasks, timeout=timeout)
         finally:

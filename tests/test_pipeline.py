@@ -154,3 +154,49 @@ async def test_a_plain_hook_that_holds_the_loop_is_named_in_the_log(caplog: pyte
     assert out.action is Action.REJECT  # what it decided still counts
     (record,) = caplog.records
     assert record.getMessage().startswith("session=S1 plugin=slowpoke hook=blocking held the event loop for 0.")
+
+
+@pytest.mark.parametrize("error", [SystemExit(1), KeyboardInterrupt(), asyncio.CancelledError()])
+@pytest.mark.parametrize("shape", ["plain", "async", "async beside another"])
+async def test_base_exceptions_from_a_hook_are_its_failure(error: BaseException, shape: str) -> None:
+    # Let through, SystemExit and KeyboardInterrupt end the worker and every
+    # session on it; a hook's own CancelledError closed the session unanswered.
+    def plain(session):
+        raise error
+
+    async def asynchronous(session):
+        await asyncio.sleep(0)
+        raise error
+
+    async def other(session):
+        await asyncio.sleep(0)
+
+    calls = [call("bad", plain if shape == "plain" else asynchronous)]
+    if shape == "async beside another":
+        calls.append(call("other", other))
+    out = await run_stage(calls, {"session": None}, 1.0, "S1")
+    assert (out.action, out.reply.code, out.reply.enhanced, out.plugin) == (Action.DEFER, 451, "4.3.0", "bad")
+
+
+async def test_a_hook_that_swallows_its_cancellation_is_still_late() -> None:
+    async def stubborn(session):
+        for _ in range(3):
+            try:
+                await asyncio.sleep(0.1)
+            except asyncio.CancelledError:
+                continue
+        return REJECT
+
+    out = await run_stage([call("stubborn", stubborn)], {"session": None}, 0.05, "S1")
+    assert (out.action, out.reply.code, out.result) == (Action.DEFER, 451, "error: timeout")
+
+
+async def test_the_sessions_own_cancellation_still_cancels() -> None:
+    async def slow(session):
+        await asyncio.sleep(5)
+
+    stage = asyncio.ensure_future(run_stage([call("slow", slow)], {"session": None}, 10.0, "S1"))
+    await asyncio.sleep(0.01)
+    stage.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await stage

@@ -159,6 +159,25 @@ def test_plugin_that_raises_gives_451_and_the_gateway_goes_on(start_gateway, pos
     postfix.wait_for_messages("bob")
 
 
+@pytest.mark.parametrize("local, logged", [("exit", "SystemExit: 1"), ("cancel", "CancelledError")])
+def test_a_plugin_raising_what_is_no_exception_takes_only_its_command_down(
+    start_gateway, postfix, caplog, local: str, logged: str
+) -> None:
+    gw = start_gateway(f"127.0.0.1:{postfix.port}", plugins={"boom": {}}, extra={"boom": Boom})
+    with caplog.at_level(logging.ERROR, "smtpgate"), gw.client(xclient=OUTSIDE_IP) as other:
+        other.mail("carol@example.org")
+        assert other.rcpt("alice@example.com")[0] == 250
+        with gw.client(xclient=OUTSIDE_IP) as smtp:
+            smtp.mail("bob@example.org")
+            assert smtp.rcpt(f"{local}@example.com") == (451, b"4.3.0 Error: internal policy failure, try again later")
+            assert smtp.rcpt("bob@example.com")[0] == 250
+            assert smtp.data(MSG)[0] == 250
+        assert other.data(MSG)[0] == 250  # the session beside it, on the same worker
+    assert logged in caplog.text
+    postfix.wait_for_messages("alice")
+    postfix.wait_for_messages("bob")
+
+
 def test_plugin_that_raises_at_connect_gives_421_and_a_close(start_gateway, postfix, caplog) -> None:
     # No greeting may be a 451 (RFC 5321 §4.3.2): the temporary failure is
     # a 421 and the connection closes; the client retries later.
