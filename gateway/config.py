@@ -179,6 +179,10 @@ class GatewaySettings:
     #: client retry a message the next hop may still queue, a duplicate.
     upstream_data_timeout: float = 600.0
     upstream_connect_timeout: float = 10.0
+    #: While a client's message arrives and is judged, the next hop's idle
+    #: session gets a NOOP this often (Postfix's smtpd_timeout is 10 s
+    #: under stress).
+    upstream_keepalive: float = 5.0
     hook_timeout: float = 30.0
     shutdown_timeout: float = 30.0
     bare_newline: Literal["reject", "normalize"] = "reject"
@@ -225,7 +229,7 @@ class GatewaySettings:
         if self.max_line_length < 512:
             bad["max_line_length"] = "expected at least 512 (RFC 5321 §4.5.3.1.4)"
         for f in dataclasses.fields(self):
-            if f.name.endswith("_timeout") and getattr(self, f.name) <= 0:
+            if f.name.endswith(("_timeout", "_keepalive")) and getattr(self, f.name) <= 0:
                 bad[f.name] = "expected a positive number of seconds"
         return bad
 

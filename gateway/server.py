@@ -79,7 +79,8 @@ class Gateway:
         """Enforce every session's time limits (gateway/deadline.py), until
         cancelled or, once retired, until the last session has ended."""
         s = self.settings
-        tick = tick_for(s.command_timeout, s.data_timeout, s.upstream_timeout, s.upstream_data_timeout)
+        tick = tick_for(s.command_timeout, s.data_timeout, s.upstream_timeout, s.upstream_data_timeout,
+                        s.upstream_keepalive)
         loop = asyncio.get_running_loop()
         last = loop.time()
         while not (self.retired and not self.sessions):

@@ -700,32 +700,16 @@ class SMTPSession(_AiosmtpdSMTP):
             await self._error(replies.NEED_RCPT)
             return
         await self.reply(replies.START_DATA)
-        raw, problem = await self._read_data()
-        if problem is not None:
-            decisions.decision(self.session, "data", "reject", problem, envelope=envelope)
+        # The next hop hears nothing until the message is in and judged.
+        self.upstream.keep_awake()
+        try:
+            raw, refusal = await self._message(envelope)
+        finally:
+            await self.upstream.settle()
+        if refusal is not None:
             await self._reset_transaction()
-            await self.reply(problem)
+            await self.reply(refusal)
             return
-        message = Message(raw)
-        verdict = await self._stage("data", session=self.session, envelope=envelope, message=message)
-        if verdict.refuses:
-            reply = self._refused("data", verdict, envelope=envelope)
-            await self._reset_transaction()
-            await self.reply(reply)
-            return
-        _keep(verdict, envelope.tags)
-        if self.gateway.policy.scoring.stage == "data":
-            scored = self._score(envelope)
-            if scored.refuses:
-                reply = self._refused("data", scored, envelope=envelope)
-                await self._reset_transaction()
-                await self.reply(reply)
-                return
-        # RFC 8601 §5: results that claim to be ours but arrived with the
-        # message are forgeries; ours are added below.  So are the client's
-        # own X-Spam-* fields when we write those.
-        raw = remove_fields(raw, self.gateway.forgeable_fields, self._keep_field)
-        raw = prepend(raw, self._headers(envelope))
         try:
             reply = await self.upstream.data(envelope, raw)
         except UpstreamError as exc:
@@ -736,6 +720,28 @@ class SMTPSession(_AiosmtpdSMTP):
         decisions.decision(self.session, "data", "delivered" if reply.is_positive else "upstream", reply,
                            envelope=envelope, rcpt=",".join(r.address.mailbox for r in envelope.recipients))
         await self._relay(reply)
+
+    async def _message(self, envelope: Envelope) -> tuple[bytes, Reply | None]:
+        """The client's message, judged, with our header fields; or the
+        reply that refuses it."""
+        raw, problem = await self._read_data()
+        if problem is not None:
+            decisions.decision(self.session, "data", "reject", problem, envelope=envelope)
+            return b"", problem
+        message = Message(raw)
+        verdict = await self._stage("data", session=self.session, envelope=envelope, message=message)
+        if verdict.refuses:
+            return b"", self._refused("data", verdict, envelope=envelope)
+        _keep(verdict, envelope.tags)
+        if self.gateway.policy.scoring.stage == "data":
+            scored = self._score(envelope)
+            if scored.refuses:
+                return b"", self._refused("data", scored, envelope=envelope)
+        # RFC 8601 §5: results that claim to be ours but arrived with the
+        # message are forgeries; ours are added below.  So are the client's
+        # own X-Spam-* fields when we write those.
+        raw = remove_fields(raw, self.gateway.forgeable_fields, self._keep_field)
+        return prepend(raw, self._headers(envelope)), None
 
     async def _read_data(self) -> tuple[bytes, Reply | None]:
         """Read the message up to ``<CR><LF>.<CR><LF>``; undo dot-stuffing.

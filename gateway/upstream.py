@@ -113,6 +113,8 @@ class Upstream(Protocol):
     async def data(self, envelope: Envelope, message: bytes) -> Reply: ...
     async def reset(self) -> None: ...
     async def close(self) -> None: ...
+    def keep_awake(self) -> None: ...
+    async def settle(self) -> None: ...
 
 
 def _xtext(value: str) -> str:
@@ -167,6 +169,11 @@ class SMTPUpstream:
         self._xclient_attrs: frozenset[str] = frozenset()
         #: Whether this connection has had our own EHLO.
         self._greeted = False
+        #: keep_awake() is in force; and its NOOP under way, if any.
+        self._awake = False
+        self._nudge: asyncio.Task[None] | None = None
+        #: Why the connection was dropped between commands, for the log.
+        self._lost = "not connected"
 
     async def connect(self) -> None:
         """Connect and EHLO as the gateway, unless already connected.
@@ -208,6 +215,7 @@ class SMTPUpstream:
             raise
         self._smtp = smtp
         self._identity = None
+        self._lost = "not connected"
 
     async def _send(self, smtp: SMTPProtocol, payload: bytes, *, final: bool = False) -> aiosmtplib.SMTPResponse:
         """Write ``payload`` (commands, or BDAT and its bytes) and read the reply;
@@ -333,7 +341,7 @@ class SMTPUpstream:
         """Send one command line as it is; the reply as the MTA gave it."""
         smtp = self._smtp
         if smtp is None:
-            raise UpstreamError("not connected")
+            raise UpstreamError(self._lost)
         if "\r" in line or "\n" in line:
             # The SMTP front refuses such lines; never let one split in two here.
             raise UpstreamError(f"refusing to send a line break in {line[:20]!r}")
@@ -355,7 +363,7 @@ class SMTPUpstream:
         """
         smtp = self._smtp
         if smtp is None:
-            raise UpstreamError("not connected")
+            raise UpstreamError(self._lost)
         message = _crlf(message)
         try:
             if "chunking" in self.extensions:
@@ -387,6 +395,51 @@ class SMTPUpstream:
         if response.code == 421:
             self._drop()
         return Reply.parse(response.code, response.message)
+
+    def keep_awake(self) -> None:
+        """Until :meth:`settle`: a NOOP each ``upstream_keepalive`` seconds.
+
+        The client's message is read whole before the MTA hears of it, and
+        judged after that; meanwhile the MTA's session is idle, and Postfix
+        drops one idle for ``smtpd_timeout`` (300 s, 10 s when it is under
+        stress).  A large message on a slow link would then fail on every
+        retry.  Costs nothing until the interval has passed: it is the time
+        limit on our next wait for the MTA, which is checked anyway.
+        """
+        if self._smtp is None or self._deadline is None:
+            return
+        self._awake = True
+        self._deadline.arm(self._settings.upstream_keepalive, self._nudged)
+
+    def _nudged(self) -> None:
+        self._nudge = asyncio.get_running_loop().create_task(self._noop())
+
+    async def _noop(self) -> None:
+        smtp = self._smtp
+        if smtp is None or not self._awake:
+            return
+        try:
+            response = await self._send(smtp, b"NOOP\r\n")
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            # DATA will find the connection gone and say why (451).
+            self._lost = str(self._failed("NOOP", exc))
+            return
+        if response.code != 250:
+            self._drop()
+        elif self._awake and self._deadline is not None:
+            self._deadline.arm(self._settings.upstream_keepalive, self._nudged)
+
+    async def settle(self) -> None:
+        """End :meth:`keep_awake`, once a NOOP under way has its reply: the
+        next reply read must be the next command's."""
+        if not self._awake:
+            return
+        self._awake = False
+        nudge, self._nudge = self._nudge, None
+        if nudge is not None and not nudge.done():
+            await nudge
+        elif self._deadline is not None:
+            self._deadline.disarm()
 
     async def reset(self) -> None:
         """Abandon the MTA's transaction (RSET); a failure drops the session."""
@@ -524,6 +577,12 @@ class MaildirUpstream:
         return None
 
     async def close(self) -> None:
+        return None
+
+    def keep_awake(self) -> None:
+        return None
+
+    async def settle(self) -> None:
         return None
 
 

@@ -111,6 +111,7 @@ def test_semantic_checks(tmp_path: Path) -> None:
 @pytest.mark.parametrize("text,line", [
     ("[gateway]\ncommand_timeout = nan\n", "gateway.command_timeout: expected a finite number, got nan"),
     ("[gateway]\nshutdown_timeout = inf\n", "gateway.shutdown_timeout: expected a finite number, got inf"),
+    ("[gateway]\nupstream_keepalive = 0\n", "gateway.upstream_keepalive: expected a positive number of seconds"),
     ("[scoring]\ntag = 10\ndefer = nan\nreject = 5\n", "scoring.defer: expected a finite number, got nan"),
     ("[scoring]\nreject = 0\n", "scoring.reject: a threshold above 0"),
     ("[scoring]\ntag = -1\n", "scoring.tag: a threshold above 0"),

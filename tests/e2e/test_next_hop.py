@@ -2,6 +2,7 @@
 commands each message costs the MTA, and what happens when what the
 gateway remembers about the MTA is out of date."""
 
+import time
 from collections.abc import Iterator
 from ipaddress import ip_address
 
@@ -9,7 +10,7 @@ import pytest
 
 from gateway.session import Session
 from gateway.upstream import NextHopMemory, SMTPUpstream
-from tests.fixtures.gateway import OUTSIDE_IP, make_policy
+from tests.fixtures.gateway import OUTSIDE_IP, make_policy, recv_reply
 from tests.fixtures.postfix import PostfixInstance
 from tests.fixtures.testplugins import Gatekeeper
 
@@ -222,3 +223,27 @@ def test_what_postfix_withholds_from_one_client_is_still_offered_to_the_next(sta
             assert smtp.rcpt("alice@example.com", ["NOTIFY=NEVER"]) == (250, b"2.1.5 Ok")
             assert smtp.data(MESSAGE)[0] == 250
         assert len(postfix.wait_for_messages("alice", count=2)) == 2
+
+
+def test_the_next_hop_is_kept_awake_while_a_slow_message_arrives(start_gateway, tmp_path) -> None:
+    # The message reaches Postfix only once it is in and judged; on a slow
+    # link that took longer than Postfix's smtpd_timeout (10 s when Postfix
+    # is under stress), and the message failed on every retry.
+    with PostfixInstance(tmp_path / "pf", extra_main_cf={"smtpd_timeout": "2s"}) as postfix:
+        gateway = start_gateway(f"127.0.0.1:{postfix.port}", upstream_keepalive=0.5)
+        sock = gateway.raw()
+        with sock:
+            for command in (f"XCLIENT ADDR={OUTSIDE_IP}", "EHLO client.example.net", "MAIL FROM:<bob@example.org>",
+                            "RCPT TO:<alice@example.com>", "DATA"):
+                sock.sendall(command.encode() + b"\r\n")
+                assert recv_reply(sock)[:1] in (b"2", b"3")
+            sock.sendall(b"Subject: slow link\r\n\r\n")
+            for i in range(5):
+                time.sleep(1)
+                sock.sendall(b"line %d\r\n" % i)
+            sock.sendall(b".\r\n")
+            assert recv_reply(sock).startswith(b"250 2.0.0 Ok: ")
+        (message,) = postfix.wait_for_messages("alice")
+        assert message.endswith(b"line 4\n")
+        noops = int(postfix.wait_for_commands(OUTSIDE_IP)["noop"])
+        assert 6 <= noops <= 12  # one each 0.5 s (checked each tick, 0.05 s here)
