@@ -12,7 +12,7 @@ Outcomes are never exceptions: a query returns an :class:`Answer` whose
 Bridges for the two libraries that bring their own DNS:
 
 * :func:`dkim_dnsfunc` -- the ``dnsfunc`` that dkimpy's ``verify_async`` takes.
-* :func:`spf_check` -- runs pyspf's blocking ``check2`` in a worker thread,
+* :func:`spf_check` -- runs pyspf's blocking check in a worker thread,
   its lookups answered by this resolver on the event loop.
 """
 
@@ -577,6 +577,24 @@ def _spf_lookup_via(resolver: Resolver, loop: asyncio.AbstractEventLoop, ttls: l
     return lookup
 
 
+def _spf_query(ip: str, sender: str, helo: str, querytime: float) -> spf.query:
+    """pyspf's query for ``sender`` -- what ``spf.check2`` builds, with the
+    sender split at its last "@".
+
+    pyspf splits at the first, so a quoted local part holding "@"
+    (``"x@y"@auth.test``) would have it judge ``y"@auth.test``: a name
+    auth.test never published, whose ``none`` or ``temperror`` let a forged
+    sender past auth.test's ``-all``.  The domain is what follows the last
+    "@" (RFC 7208 §4.3); ``l``, ``o`` and ``d`` are the macro variables
+    pyspf's query documents, read only once ``check()`` runs."""
+    query = spf.query(i=ip, s=sender, h=helo, querytime=querytime)
+    local, at, domain = sender.rpartition("@")
+    if at:
+        # §4.3: a sender without a local part is postmaster's, as pyspf does.
+        query.l, query.o, query.d = local or "postmaster", domain, domain
+    return query
+
+
 #: Most seconds an SPF result is reused for the same (ip, sender, HELO):
 #: no longer than the shortest TTL among the answers it was made of, and
 #: short anyway, so a domain that changes its SPF record is obeyed soon.
@@ -594,8 +612,10 @@ def spf_cached(resolver: Resolver, ip: str, sender: str, helo: str) -> tuple[str
 
 async def spf_check(resolver: Resolver, ip: str, sender: str, helo: str, *, querytime: float = 20.0) -> tuple[str, str]:
     """RFC 7208 check of ``sender`` (MAIL FROM; empty for bounces, then the
-    HELO identity is checked) sent from ``ip`` -- pyspf's ``check2`` with its
-    DNS through ``resolver`` (shared cache, our timeouts, loopback in tests).
+    HELO identity is checked) sent from ``ip`` -- what pyspf's ``check2``
+    does, with the domain taken after the sender's last "@" and every DNS
+    question through ``resolver`` (shared cache, our timeouts, loopback in
+    tests).
 
     :param querytime: seconds for the whole evaluation (RFC 7208 4.6.4 says 20).
     :returns: (result, explanation); result is one of ``pass``, ``fail``,
@@ -612,7 +632,7 @@ async def spf_check(resolver: Resolver, ip: str, sender: str, helo: str, *, quer
     def run() -> tuple[str, str]:
         token = _SPF_LOOKUP.set(lookup)
         try:
-            result, explanation = spf.check2(i=ip, s=sender, h=helo, querytime=querytime)
+            result, _, explanation = _spf_query(ip, sender, helo, querytime).check()
         except spf.PermError as exc:  # raised before evaluation, e.g. a bad IP
             return "permerror", f"SPF Permanent Error: {exc}"
         finally:

@@ -462,6 +462,24 @@ async def test_spf_explanation_is_expanded(resolver: Resolver) -> None:
     )
 
 
+@pytest.mark.parametrize("local", ['"a@elsewhere.example"', '"a@b"', '"@"'])
+async def test_spf_domain_is_the_part_after_the_last_at(resolver: Resolver, local: str) -> None:
+    # A quoted local part may hold "@" (RFC 5321 §4.1.2); pyspf alone splits
+    # at the first one and would judge a name the sender's domain never
+    # published.  The explanation expands %{d}: the domain evaluated.
+    sender = f"{local}@strict.spf.example"
+    assert await spf_check(resolver, "198.51.100.5", sender, "helo.example") == (
+        "fail",
+        "198.51.100.5 is not allowed to send for strict.spf.example",
+    )
+    assert (await spf_check(resolver, "192.0.2.5", sender, "helo.example"))[0] == "pass"
+    # The result cache, keyed by the whole sender, hands back the same verdict.
+    assert spf_cached(resolver, "198.51.100.5", sender, "helo.example") == (
+        "fail",
+        "198.51.100.5 is not allowed to send for strict.spf.example",
+    )
+
+
 async def test_spf_helo_identity_for_bounces(resolver: Resolver) -> None:
     assert (await spf_check(resolver, "192.0.2.5", "", "strict.spf.example"))[0] == "pass"
 

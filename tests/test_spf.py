@@ -87,6 +87,9 @@ def plugin(resolver: Resolver) -> spf.SpfPlugin:
         ("alice@macro.auth.test", GOOD_IP, "pass"),  # exists:alice.10.2.0.192._spf.macro.auth.test
         ("bob@macro.auth.test", GOOD_IP, "fail"),
         ("alice@macro.auth.test", BAD_IP, "fail"),
+        ('"x@y"@auth.test', BAD_IP, "fail"),  # the domain follows the last "@" (RFC 7208 §4.3)
+        ('"ceo@thirdparty.test"@auth.test', BAD_IP, "fail"),
+        ('"x@y"@auth.test', GOOD_IP, "pass"),
         ("x@badsyntax.auth.test", GOOD_IP, "permerror"),
         ("x@twospf.auth.test", GOOD_IP, "permerror"),
     ],
@@ -117,6 +120,27 @@ async def test_fail_reply(plugin: spf.SpfPlugin) -> None:
     assert str(verdict.reply) == (
         "550 5.7.23 <alice@auth.test>: Sender address rejected: SPF fail - not authorized by auth.test for 203.0.113.66"
     )
+
+
+async def test_quoted_at_in_the_local_part_gets_the_fail_reply(plugin: spf.SpfPlugin) -> None:
+    verdict = await settle(plugin.mail(session(BAD_IP), envelope('"ceo@thirdparty.test"@auth.test')))
+    assert verdict is not None and verdict.action is Action.REJECT
+    assert str(verdict.reply) == (
+        '550 5.7.23 <"ceo@thirdparty.test"@auth.test>: Sender address rejected: '
+        "SPF fail - not authorized by auth.test for 203.0.113.66"
+    )
+
+
+async def test_local_part_macro_is_the_whole_local_part(plugin: spf.SpfPlugin, dns: DNSServer) -> None:
+    # macro.auth.test: "exists:%{l}.%{ir}._spf.%{d} -all"; %{l} is the local
+    # part as sent, quotes and "@" included, and %{d} is macro.auth.test.
+    dns.add_zone("_spf.macro.auth.test", '\\"bob@x\\".10.2.0.192 IN A 127.0.0.2')
+    s = session(GOOD_IP)
+    verdict = await settle(plugin.mail(s, envelope('"bob@x"@macro.auth.test')))
+    assert verdict is not None and verdict.result == "spf=pass"
+    assert dns.query_count('"bob@x".10.2.0.192._spf.macro.auth.test', "A") == 1
+    rejected = await settle(plugin.mail(session(GOOD_IP), envelope('"eve@x"@macro.auth.test')))
+    assert rejected is not None and rejected.result == "spf=fail"
 
 
 async def test_fail_reply_carries_the_domains_explanation(plugin: spf.SpfPlugin, dns: DNSServer) -> None:
