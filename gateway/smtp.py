@@ -728,6 +728,11 @@ class SMTPSession(_AiosmtpdSMTP):
         if problem is not None:
             decisions.decision(self.session, "data", "reject", problem, envelope=envelope)
             return b"", problem
+        if raw[:1] in (b" ", b"\t"):
+            # A first line that is no field starts the body, as Postfix's
+            # cleanup takes it; left first, it would continue the last field
+            # we prepend (our Authentication-Results, say).
+            raw = b"\r\n" + raw
         message = Message(raw)
         verdict = await self._stage("data", session=self.session, envelope=envelope, message=message)
         if verdict.refuses:

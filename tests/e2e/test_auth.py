@@ -160,3 +160,19 @@ def test_every_form_of_forged_results_is_removed(
     assert len(header_values(delivered, "Authentication-Results")) + len(
         header_values(delivered, "Authentication-Results ")
     ) == 1
+
+
+def test_a_first_line_that_continues_nothing_cannot_extend_our_results(
+    auth_gateway: GatewayThread, postfix: PostfixInstance
+) -> None:
+    # Placed after the fields we prepend, a message whose first line starts
+    # with a blank would continue the last of them: our own results.  Like
+    # Postfix's cleanup, the gateway takes such a line as the body's start.
+    claim = b" ; dkim=pass header.d=auth.test header.s=s1; dmarc=pass header.from=auth.test\r\n"
+    raw = claim + b"From: ceo@news.auth.test\r\nTo: alice@example.com\r\nSubject: pay\r\n\r\npay now\r\n"
+    assert send(auth_gateway, SPOOFER_IP, "bounce@thirdparty.test", raw)[-1][0] == 250
+    (delivered,) = postfix.wait_for_messages("alice")
+    (results,) = header_values(delivered, "Authentication-Results")
+    assert results.startswith(AUTHSERV_ID) and "dmarc=pass" not in results and "dkim=pass" not in results
+    head, _, body = delivered.partition(b"\n\n")
+    assert body.startswith(claim.replace(b"\r\n", b"\n"))  # the client's lines, all body
