@@ -186,6 +186,10 @@ class GatewaySettings:
     hook_timeout: float = 30.0
     shutdown_timeout: float = 30.0
     bare_newline: Literal["reject", "normalize"] = "reject"
+    #: Look up each client's name (PTR, then forward-confirmed), as
+    #: Postfix's smtpd_peername_lookup: plugins and, through XCLIENT, the
+    #: next hop's own restrictions and Received header use it.
+    peername_lookup: bool = True
     #: Trial mode: log what plugins would have refused, refuse nothing but
     #: what guarding plugins (relay, commands) refuse.
     monitor: bool = False

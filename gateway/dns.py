@@ -51,6 +51,7 @@ __all__ = [
     "Answer",
     "CacheStats",
     "Resolver",
+    "ReverseDNS",
     "Status",
     "dkim_dnsfunc",
     "dkim_key_record",
@@ -136,6 +137,27 @@ class CacheStats:
 
 
 # ------------------------------------------------------------------ names
+
+
+@dataclass(frozen=True, slots=True)
+class ReverseDNS:
+    """What :meth:`Resolver.fcrdns` found.
+
+    :param names: the PTR names, as published (none if the lookup failed).
+    :param confirmed: those whose addresses include the client's.
+    :param ptr_temporary: the PTR lookup failed temporarily.
+    :param forward_temporary: a lookup of a PTR name failed temporarily.
+    """
+
+    names: tuple[str, ...] = ()
+    confirmed: tuple[str, ...] = ()
+    ptr_temporary: bool = False
+    forward_temporary: bool = False
+
+    @property
+    def temporary(self) -> bool:
+        """No name is confirmed, and a temporary failure may be why."""
+        return not self.confirmed and (self.ptr_temporary or self.forward_temporary)
 
 
 def _ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -433,6 +455,25 @@ class Resolver:
     async def ptr(self, ip: str) -> Answer:
         """PTR names of ``ip`` (IPv4, IPv6 or IPv4-mapped IPv6)."""
         return await self.query(reverse_name(ip), "PTR")
+
+    async def fcrdns(self, ip: str, *, max_names: int = 10) -> ReverseDNS:
+        """Forward-confirmed reverse DNS of ``ip``: its PTR names (the first
+        ``max_names``), then A (or AAAA) of each, concurrently: which of
+        them resolve back to ``ip``?"""
+        address = ipaddress.ip_address(ip)
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        ptr = await self.ptr(str(address))
+        if not ptr.ok:
+            return ReverseDNS(ptr_temporary=ptr.temporary)
+        names = tuple(record.rstrip(".") for record in ptr.records[:max_names])
+        rdtype = "A" if address.version == 4 else "AAAA"
+        answers = await self.query_all([(name, rdtype) for name in names])
+        confirmed = tuple(
+            name for name, answer in zip(names, answers)
+            if answer.ok and any(ipaddress.ip_address(record) == address for record in answer.records)
+        )
+        return ReverseDNS(names, confirmed, forward_temporary=any(answer.temporary for answer in answers))
 
     async def a_aaaa(self, name: str) -> Answer:
         """A and AAAA of ``name``, asked concurrently, IPv4 first.

@@ -39,8 +39,15 @@ class Session:
 
     :param client_ip: the client's address.
     :param client_port: the client's port (0 when unknown).
-    :param client_name: the verified reverse name, ``"unknown"`` when there
-        is none (Postfix's convention, also what XCLIENT NAME carries).
+    :param client_name: the verified (forward-confirmed) reverse name,
+        ``"unknown"`` when there is none (Postfix's convention, also what
+        XCLIENT NAME carries).  Looked up at connect, as Postfix does
+        (``peername_lookup``), or given by the front proxy's XCLIENT.
+    :param reverse_name: the client's PTR name, confirmed or not
+        (Postfix's ``client_reverse_name``), ``"unknown"`` when there is none.
+    :param name_tempfail: ``client_name`` is unknown because a lookup failed
+        temporarily (Postfix then defers rather than rejects).
+    :param reverse_tempfail: likewise for ``reverse_name``.
     :param helo: the HELO/EHLO argument, ``None`` before HELO.
     :param esmtp: the client said EHLO.
     :param trusted: the client is in ``trusted_networks``.
@@ -54,6 +61,9 @@ class Session:
     client_ip: IPAddress
     client_port: int = 0
     client_name: str = "unknown"
+    reverse_name: str = "unknown"
+    name_tempfail: bool = False
+    reverse_tempfail: bool = False
     helo: str | None = None
     esmtp: bool = False
     trusted: bool = False

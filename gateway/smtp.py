@@ -213,6 +213,8 @@ class SMTPSession(_AiosmtpdSMTP):
             await self.reply(limit)
             return False
         self._counted_ip = str(ip)
+        if self.settings.peername_lookup:
+            await self._look_up_names()
         if not await self._connect_checks():
             return False
         if self._refusal is not None:
@@ -228,6 +230,22 @@ class SMTPSession(_AiosmtpdSMTP):
             self._upstream_ready = self.loop.create_task(self.upstream.connect())
         await self.reply(self.gateway.greeting)
         return True
+
+    async def _look_up_names(self) -> None:
+        """The client's names, as Postfix's smtpd looks them up: without
+        them the next hop (told by XCLIENT) would take every client for one
+        whose name does not resolve, and its reject_unknown_client_hostname
+        would turn all mail away.  A loopback client is localhost, as every
+        hosts file says (and no query leaves the machine for it)."""
+        session = self.session
+        if session.client_ip.is_loopback:
+            session.client_name = session.reverse_name = "localhost"
+            return
+        found = await self.gateway.resolver.fcrdns(str(session.client_ip))
+        session.client_name = found.confirmed[0] if found.confirmed else "unknown"
+        session.reverse_name = found.names[0] if found.names else "unknown"
+        session.name_tempfail = found.temporary
+        session.reverse_tempfail = found.ptr_temporary
 
     async def _connect_checks(self) -> bool:
         verdict = await self._stage("connect", session=self.session)
@@ -531,7 +549,7 @@ class SMTPSession(_AiosmtpdSMTP):
         upstream = await self._upstream_extensions()
         lines = ["PIPELINING", f"SIZE {self.settings.max_message_size}"]
         if self._xclient_allowed:
-            lines.append("XCLIENT NAME ADDR PORT PROTO HELO LOGIN DESTADDR DESTPORT")
+            lines.append("XCLIENT NAME REVERSE_NAME ADDR PORT PROTO HELO DESTADDR DESTPORT")
         lines.append("ENHANCEDSTATUSCODES")
         if "8bitmime" in upstream:
             lines.append("8BITMIME")
@@ -850,6 +868,10 @@ class SMTPSession(_AiosmtpdSMTP):
             await self._error(replies.XCLIENT_SYNTAX.format(attribute="(none)"))
             return
         changes: dict[str, Any] = {}
+        if any(item.upper().startswith("ADDR=") for item in arg.split()):
+            # A new address has no name unless one comes with it: the names
+            # known so far were another client's.
+            changes.update(client_name="unknown", reverse_name="unknown", name_tempfail=False, reverse_tempfail=False)
         for item in arg.split():
             name, eq, value = item.partition("=")
             name = name.upper()
@@ -869,12 +891,17 @@ class SMTPSession(_AiosmtpdSMTP):
                     changes["client_ip"] = ipaddress.ip_address(text)
                 elif len(value.encode()) > _XCLIENT_VALUE_MAX:
                     raise ValueError
-                elif name == "NAME":
+                elif name in ("NAME", "REVERSE_NAME"):
                     # Only what the next hop's own XCLIENT takes: a value it
                     # refused would make it unavailable for this client.
                     if not unavailable and not is_hostname(value):
                         raise ValueError
-                    changes["client_name"] = "unknown" if unavailable else value
+                    field = "client_name" if name == "NAME" else "reverse_name"
+                    changes[field] = "unknown" if unavailable else value
+                    # [TEMPUNAVAIL]: the next hop defers where it would reject.
+                    changes["name_tempfail" if name == "NAME" else "reverse_tempfail"] = (
+                        value.upper() == "[TEMPUNAVAIL]"
+                    )
                 elif name == "PORT":
                     if not unavailable and not (value.isascii() and value.isdigit() and int(value) <= 65535):
                         raise ValueError
@@ -885,7 +912,8 @@ class SMTPSession(_AiosmtpdSMTP):
                     if value.upper() not in ("SMTP", "ESMTP"):
                         raise ValueError
                     changes["protocol"] = value.upper()
-                elif name not in ("LOGIN", "DESTADDR", "DESTPORT"):
+                elif name not in ("DESTADDR", "DESTPORT"):
+                    # LOGIN too: we take no word for who authenticated.
                     raise ValueError
             except ValueError:
                 await self._error(replies.XCLIENT_SYNTAX.format(attribute=item))

@@ -117,6 +117,14 @@ class Upstream(Protocol):
     async def settle(self) -> None: ...
 
 
+def _xclient_name(name: str, tempfail: bool) -> str:
+    """A client name as XCLIENT carries it: Postfix defers a client whose
+    name is [TEMPUNAVAIL] where it rejects one whose name is [UNAVAILABLE]."""
+    if name != "unknown":
+        return name
+    return "[TEMPUNAVAIL]" if tempfail else "[UNAVAILABLE]"
+
+
 def _xtext(value: str) -> str:
     """RFC 3461 xtext, which XCLIENT values use."""
     return "".join(
@@ -283,7 +291,9 @@ class SMTPUpstream:
         """Tell the MTA who the client is (XCLIENT), if it changed."""
         if not self._xclient_attrs:
             return
-        identity = (str(session.client_ip), session.client_name, session.helo or "", session.protocol)
+        name = _xclient_name(session.client_name, session.name_tempfail)
+        reverse = _xclient_name(session.reverse_name, session.reverse_tempfail)
+        identity = (str(session.client_ip), name, reverse, session.helo or "", session.protocol)
         if identity == self._identity:
             return
         if self._identity is not None:
@@ -299,11 +309,11 @@ class SMTPUpstream:
         assert smtp is not None
         ip = session.client_ip
         addr = f"IPV6:{ip}" if isinstance(ip, ipaddress.IPv6Address) else str(ip)
-        name = "[UNAVAILABLE]" if session.client_name == "unknown" else session.client_name
         attrs = {
             "ADDR": addr,
             # Without NAME Postfix keeps the previous (our) name for the client.
             "NAME": name,
+            "REVERSE_NAME": reverse,
             # Postfix refuses a longer HELO= (the client's EHLO that follows
             # gives it the name anyway); the SMTP front checks NAME and PORT.
             "HELO": session.helo if session.helo and len(session.helo.encode()) <= 255 else "[UNAVAILABLE]",

@@ -263,26 +263,12 @@ class Fcrdns:
 
 
 async def check_fcrdns(resolver: Resolver, ip: IPAddress, *, max_names: int = MAX_PTR_NAMES) -> Fcrdns:
-    """PTR of ``ip``, then A (or AAAA) of each name, concurrently: is ``ip``
-    among them?  A temporary failure counts only when no name confirms."""
-    ip = _plain(ip)
-    ptr = await resolver.ptr(str(ip))
-    if ptr.temporary:
-        return Fcrdns(Finding.FCRDNS_TEMPFAIL)
-    if not ptr.ok:
-        return Fcrdns(Finding.NO_FCRDNS)
-    names = [record.rstrip(".") for record in ptr.records[:max_names]]
-    rdtype = "A" if ip.version == 4 else "AAAA"
-    answers = await resolver.query_all([(name, rdtype) for name in names])
-    confirmed = tuple(
-        name for name, answer in zip(names, answers)
-        if answer.ok and any(ipaddress.ip_address(record) == ip for record in answer.records)
-    )
-    if confirmed:
-        return Fcrdns(None, confirmed)
-    if any(answer.temporary for answer in answers):
-        return Fcrdns(Finding.FCRDNS_TEMPFAIL)
-    return Fcrdns(Finding.NO_FCRDNS)
+    """PTR of ``ip``, then A (or AAAA) of each name: is ``ip`` among them?
+    A temporary failure counts only when no name confirms."""
+    found = await resolver.fcrdns(str(_plain(ip)), max_names=max_names)
+    if found.confirmed:
+        return Fcrdns(None, found.confirmed)
+    return Fcrdns(Finding.FCRDNS_TEMPFAIL if found.temporary else Finding.NO_FCRDNS)
 
 
 # ---------------------------------------------------------------- verdict

@@ -74,7 +74,7 @@ def test_default_policy_delivers_to_a_local_maildir(serve, tmp_path: Path) -> No
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(15) == 0
     log = proc.stderr.read()
-    assert "data delivered: client=unknown[127.0.0.1] helo=<client.example.net> from=<bob@example.org>" in log
+    assert "data delivered: client=localhost[127.0.0.1] helo=<client.example.net> from=<bob@example.org>" in log
 
 
 def test_sigterm_lets_an_open_session_finish(serve, tmp_path: Path) -> None:

@@ -132,10 +132,10 @@ RCPT_PARAMS = [
     "NOTIFY=bogus", "ORCPT=rfc822;alice@example.com", "ORCPT=bad", "FOO=1",
 ]
 XCLIENT_GOOD = [
-    f"ADDR={OUTSIDE_IP}", f"ADDR={TRUSTED_IP}", "ADDR=127.0.0.1", "ADDR=[UNAVAILABLE]",
-    "ADDR=[TEMPUNAVAIL]", "ADDR=::ffff:192.0.2.9", "NAME=mail.example.net", "NAME=[UNAVAILABLE]",
-    "PORT=2525", "PORT=[UNAVAILABLE]", "HELO=mx.example.net", "HELO=[UNAVAILABLE]",
-    "PROTO=ESMTP", "PROTO=smtp", "LOGIN=user", "DESTADDR=192.0.2.1", "DESTPORT=25",
+    f"ADDR={OUTSIDE_IP}", f"ADDR={TRUSTED_IP}", "ADDR=127.0.0.1", "ADDR=::ffff:192.0.2.9",
+    "NAME=mail.example.net", "NAME=[UNAVAILABLE]", "NAME=[TEMPUNAVAIL]", "REVERSE_NAME=mail.example.net",
+    "REVERSE_NAME=[TEMPUNAVAIL]", "PORT=2525", "PORT=[UNAVAILABLE]", "HELO=mx.example.net",
+    "HELO=[UNAVAILABLE]", "PROTO=ESMTP", "PROTO=smtp", "DESTADDR=192.0.2.1", "DESTPORT=25",
 ]
 # Values Postfix's own XCLIENT refuses are refused here too (taken, they
 # would make the next hop unavailable for the client).  An IPv6 ADDR is left
@@ -144,6 +144,8 @@ XCLIENT_BAD = [
     "ADDR=not-an-ip", "PORT=x", "PROTO=LMTP", "FOO=bar", "ADDR", "NAME",
     "NAME=a+20b", "NAME=-", "NAME=a..b", "NAME=12.34", "PORT=-1", "PORT=99999",
     "NAME=" + "a" * 300, "HELO=" + "a" * 300,
+    # Every check judges the address; and we take no word for who logged in.
+    "ADDR=[UNAVAILABLE]", "ADDR=[TEMPUNAVAIL]", "LOGIN=user",
 ]
 #: (verb, arguments, kind): the commands the gateway answers alone.
 SIMPLE = [
