@@ -160,14 +160,82 @@ class Authors:
     problem: str = ""
 
 
-#: Whatever follows an @ in a From field that cannot be read: a domain some
-#: reader may show.
-_AT_DOMAIN = re.compile(r"@[ \t]*([^\s<>()\[\],;:\"@\\]+)")
+#: The pieces of what follows an @ in a From field that cannot be read: a
+#: domain some reader may show (an atom run takes dots along: a reader
+#: shows the whole name).
+_AT = re.compile("@")
+_BLANKS = re.compile(r"\s+")
+_ATOMS = re.compile(r"[^\s<>()\[\],;:\"@\\]+")
+_QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"?', re.DOTALL)
+_QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
+_IN_COMMENT = re.compile(r"[\\()]")
+
+
+def _comment_end(value: str, start: int, ends: dict[int, int]) -> int:
+    """The index after the comment that opens at ``value[start]``, nested
+    comments and quoted-pairs included; ``len(value)`` if it never closes.
+    The end of every comment met is kept in ``ends``, so a field full of
+    "@(" is read once, not once per @."""
+    opened = [start]
+    i = start + 1
+    while opened:
+        special = _IN_COMMENT.search(value, i)
+        if special is None:
+            break
+        i = special.start()
+        if value[i] == "\\":
+            i += 2
+        elif value[i] == ")":
+            i += 1
+            ends[opened.pop()] = i
+        elif i in ends:  # a comment read before, for another @
+            i = ends[i]
+        else:
+            opened.append(i)
+            i += 1
+    for unclosed in opened:
+        ends[unclosed] = len(value)
+    return ends[start]
+
+
+def _skip_cfws(value: str, i: int, ends: dict[int, int]) -> int:
+    """The index after the blanks and comments (RFC 5322 CFWS) at ``i``."""
+    while True:
+        blanks = _BLANKS.match(value, i)
+        i = blanks.end() if blanks else i
+        if not value.startswith("(", i):
+            return i
+        i = ends[i] if i in ends else _comment_end(value, i, ends)
+
+
+def _after_at(value: str, at: int, ends: dict[int, int]) -> list[str]:
+    """What a reader may show as the domain after the @ at ``value[at]``.
+
+    RFC 5322 allows comments and blanks around a domain (§3.2.2) and readers
+    drop them, so ``ceo@(x) auth.test`` shows ``auth.test``; a quoted string
+    there is shown by its content.  An obsolete domain with blanks or
+    comments around its dots (§4.4, ``auth (x) .test``) is given whole, and
+    by its first part, which a reader that does not join them shows.
+    """
+    i = _skip_cfws(value, at + 1, ends)
+    quoted = _QUOTED.match(value, i)
+    if quoted is not None:
+        return [_QUOTED_PAIR.sub(r"\1", quoted[1])]
+    atoms: list[str] = []
+    while (atom := _ATOMS.match(value, i)) is not None:
+        atoms.append(atom[0])
+        i = _skip_cfws(value, atom.end(), ends)
+        if not (atom[0].endswith(".") or value.startswith(".", i)):
+            break
+    return atoms[:1] + ["".join(atoms)] if len(atoms) > 1 else atoms
 
 
 def _candidates(value: str) -> tuple[str, ...]:
-    """Every domain a reader might take from an unreadable From field."""
-    found = (domain_or_none(m) for m in _AT_DOMAIN.findall(value))
+    """Every domain a reader might take from an unreadable From field: what
+    follows each @ in it, wherever that @ is (in a comment or a quoted
+    string too)."""
+    ends: dict[int, int] = {}  # shared by every @: see _comment_end
+    found = (domain_or_none(text) for at in _AT.finditer(value) for text in _after_at(value, at.start(), ends))
     return tuple(dict.fromkeys(d for d in found if d is not None))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from typing import Any
 
 import dkim
@@ -302,6 +303,8 @@ def with_from(*values: str) -> bytes:
         with_from("ceo@auth.test", "x@thirdparty.test"),
         with_from("x@thirdparty.test", "ceo@news.auth.test"),  # a subdomain, in the second field
         with_from("ceo@auth.test", "undisclosed"),  # a field that cannot be read hides nothing
+        with_from("The CEO <ceo@(x)auth.test"),  # nor does a comment after the @ of one
+        with_from('The CEO <ceo@"auth.test">'),
     ],
 )
 async def test_required_domain_in_any_from_address_is_required(
@@ -446,12 +449,30 @@ def test_author_domain(headers: bytes, domain: str, problem: str) -> None:
         # Readers take invalid syntax two ways: every domain after an @ is judged.
         (b"From: alice@auth.test <ceo@evil.test>\r\n", ("auth.test", "evil.test"), "invalid From header field"),
         (b"From: Bob <bob@Auth.Test\r\n", ("auth.test",), "invalid From header field"),
+        # Comments and blanks after the @ are dropped by readers (RFC 5322
+        # §3.2.2), quotes show their content: the domain shown is judged.
+        (b"From: CEO <ceo@(x)auth.test\r\n", ("auth.test",), "invalid From header field"),
+        (b"From: CEO <ceo@(x)auth.test.>\r\n", ("auth.test",), "invalid From header field"),
+        (b"From: ceo@(x)auth.test.\r\n", ("auth.test",), "invalid From header field"),
+        (b"From: ceo@ (a (b) \\) c)\t(d) auth.test.\r\n", ("auth.test",), "invalid From header field"),
+        (b'From: CEO <ceo@"auth.test">\r\n', ("auth.test",), "invalid From header field"),
+        (b'From: CEO <ceo@"a\\uth.test".>\r\n', ("auth.test",), "invalid From header field"),
+        (b"From: CEO <ceo@auth (x) . test\r\n", ("auth.test",), "invalid From header field"),
+        (b"From: CEO <ceo@(x@evil.test)auth.test.>\r\n", ("auth.test", "evil.test"), "invalid From header field"),
         (b"To: b@example.com\r\n", (), "no From header field"),
     ],
 )
 def test_author_domains_are_every_from_domain(headers: bytes, domains: tuple[str, ...], problem: str) -> None:
     authors = ar.author_domains(ar.header_fields(headers + b"\r\nbody\r\n"))
     assert (authors.domains, authors.problem) == (domains, problem)
+
+
+def test_an_unreadable_from_field_is_read_once_however_many_at_signs() -> None:
+    # Every @ is followed past comments; a comment met again is not reread.
+    started = time.perf_counter()
+    assert ar._candidates("@(" * 200_000) == ()
+    assert ar._candidates("x@(" + "(a)@" * 100_000 + "auth.test") == ("auth.test",)
+    assert time.perf_counter() - started < 1.0
 
 
 def test_fold_keeps_the_value() -> None:

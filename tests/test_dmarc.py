@@ -388,9 +388,9 @@ async def test_several_from_domains_get_the_strictest_policy(resolver: Resolver,
     assert verdict.result.endswith(" dmarc=reject auth.test")
     (header,) = headers_named(verdict, "Authentication-Results")
     assert [c.split("=")[0] for c in unfold(header).split("; ")[1:]] == ["spf", "dkim", "dmarc"]
-    assert dmarc_clause(verdict) == (
-        "dmarc=fail (p=reject sp=quarantine dis=reject strictest of 2 From checks) header.from=auth.test"
-    )
+    clause = dmarc_clause(verdict)
+    assert clause.startswith("dmarc=fail (p=reject sp=quarantine dis=reject strictest of ")
+    assert clause.endswith(" header.from=auth.test")
 
 
 async def test_signed_by_a_third_party_with_its_address_added(resolver: Resolver, keys: DNSServer) -> None:
@@ -430,10 +430,23 @@ async def test_a_from_field_that_cannot_be_read_hides_no_failure(resolver: Resol
     assert dmarc_clause(passing) == "dmarc=permerror (invalid From header field strictest of 2 From checks)"
 
 
-async def test_invalid_from_syntax_hides_no_domain(resolver: Resolver, keys: DNSServer) -> None:
-    # A reader may show ceo@auth.test; Python's parser reads thirdparty.test.
-    verdict = await transaction(resolver, message("ceo@auth.test <x@thirdparty.test>"), **SPOOFED)
+@pytest.mark.parametrize(
+    "author",
+    [
+        "ceo@auth.test <x@thirdparty.test>",  # Python's parser reads thirdparty.test
+        # A reader drops the comment, or the quotes, and shows ceo@auth.test.
+        "The CEO <ceo@(x)auth.test",
+        "The CEO <ceo@(x)auth.test.>",
+        "ceo@(x)auth.test.",
+        'The CEO <ceo@"auth.test">',
+    ],
+)
+async def test_invalid_from_syntax_hides_no_domain(resolver: Resolver, keys: DNSServer, author: str) -> None:
+    verdict = await transaction(resolver, message(author), **SPOOFED)
     assert verdict.reply == Reply(550, "5.7.1", "Rejected by DMARC policy for auth.test")
+    clause = dmarc_clause(verdict)
+    assert clause.startswith("dmarc=fail (p=reject sp=quarantine dis=reject strictest of ")
+    assert clause.endswith(" header.from=auth.test")
 
 
 async def test_several_from_domains_with_a_dns_error(resolver: Resolver, keys: DNSServer) -> None:

@@ -1,6 +1,7 @@
 """Several From domains end to end (RFC 7489 §6.6.1): a second address or a
 second From field must not take a message past DKIM ``required_domains``
-or a DMARC ``p=reject``.  A client (impersonated with XCLIENT) talks to the
+or a DMARC ``p=reject``; nor may a From field too broken to parse hide the
+domain a reader shows.  A client (impersonated with XCLIENT) talks to the
 gateway, which asks the loopback DNS server and forwards to the real
 Postfix; what the client hears and what Postfix received are checked."""
 
@@ -96,3 +97,32 @@ def test_several_authentic_from_domains_arrive_with_one_header(
     assert results.endswith(
         "; dmarc=pass (p=reject sp=quarantine dis=none strictest of 2 From checks) header.from=auth.test"
     )
+
+
+#: Invalid From fields whose domain hides behind a comment or quotes after
+#: the @: readers drop the comment (RFC 5322 §3.2.2) or the quotes and show
+#: ceo@auth.test.
+HIDDEN_AUTHORS = [
+    pytest.param("The CEO <ceo@(x)auth.test", id="comment-no-closing-bracket"),
+    pytest.param("The CEO <ceo@(x)auth.test.>", id="comment-final-dot"),
+    pytest.param("ceo@(x)auth.test.", id="bare-comment-final-dot"),
+    pytest.param('The CEO <ceo@"auth.test">', id="quoted-domain"),
+]
+
+
+@pytest.mark.parametrize("author", HIDDEN_AUTHORS)
+def test_dkim_required_domain_behind_a_comment_is_refused(
+    dkim_gateway: GatewayThread, postfix: PostfixInstance, author: str
+) -> None:
+    replies = send(dkim_gateway, SPOOFER_IP, "bounce@thirdparty.test", message(author))
+    assert replies[-1] == (550, b"5.7.20 No passing DKIM signature found for auth.test")
+    nothing_else_arrived(dkim_gateway, postfix)
+
+
+@pytest.mark.parametrize("author", HIDDEN_AUTHORS)
+def test_dmarc_reject_behind_a_comment_is_refused(
+    dmarc_gateway: GatewayThread, postfix: PostfixInstance, author: str
+) -> None:
+    replies = send(dmarc_gateway, SPOOFER_IP, "bounce@thirdparty.test", message(author))
+    assert replies[-1] == (550, b"5.7.1 Rejected by DMARC policy for auth.test")
+    nothing_else_arrived(dmarc_gateway, postfix)
