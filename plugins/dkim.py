@@ -11,7 +11,8 @@ at once when every key was cached, else through one future both await.
 Per signature the result is an RFC 8601 ``dkim=`` result: ``pass``,
 ``fail`` (the signature or body hash does not verify), ``neutral`` (the
 signature field is unusable: syntax, missing tags, expired),
-``permerror`` (no key, a revoked, malformed or too small key),
+``permerror`` (no key, a revoked, malformed or too small key, or ``h=``
+without From, RFC 6376 §6.1.1),
 ``temperror`` (the key lookup failed).  The message's finding is ``pass``
 (a signature passed), ``fail``, ``temperror``, ``permerror`` or ``none``
 (no signature) -- and ``required`` / ``required_temperror`` when a
@@ -66,6 +67,7 @@ __all__ = [
     "DKIM_REJECTED",
     "DKIM_REQUIRED_TEMP",
     "FINDINGS",
+    "FROM_NOT_SIGNED",
     "MAX_SIGNATURES",
     "MIN_KEY_BITS",
     "DkimPlugin",
@@ -84,6 +86,9 @@ DEFAULT_ACTIONS: Mapping[str, ActionSpec] = {"required": "reject", "required_tem
 MAX_SIGNATURES = 8
 #: Smaller RSA keys are ``permerror`` (RFC 8301 §3.2: at least 1024 bits).
 MIN_KEY_BITS = 1024
+#: The reason of a signature whose ``h=`` leaves out From (RFC 6376 §6.1.1:
+#: "PERMFAIL (From field not signed)").
+FROM_NOT_SIGNED = "From field not signed"
 #: Messages larger than this (bytes) are parsed and hashed in a worker thread.
 BIG_MESSAGE = 512 * 1024
 
@@ -315,9 +320,17 @@ def _parse(raw: bytes, fields: Sequence[tuple[str, str]]) -> _Parsed | tuple[Dki
     prepared: list[DkimResult | tuple[Any, ...]] = []
     for idx in range(min(count, MAX_SIGNATURES)):
         try:
-            prepared.append(verifier.verify_headerprep(idx))
+            prep = verifier.verify_headerprep(idx)
         except (dkim.DKIMException, KeyError, ValueError, TypeError) as exc:  # missing or bad tags, expired...
             prepared.append(DkimResult("neutral", reason=f"bad signature: {exc}"))
+            continue
+        if b"from" not in prep[1]:
+            # RFC 6376 §6.1.1: a signature that leaves From out vouches for
+            # no author, and any From can be put on it; dkimpy verifies it
+            # anyway.  Decided before its key is fetched.
+            prepared.append(_described("permerror", prep[0], FROM_NOT_SIGNED))
+            continue
+        prepared.append(prep)
     return _Parsed(verifier, prepared)
 
 

@@ -8,12 +8,17 @@ tests/e2e/test_auth.py.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import re
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import dkim
 import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from gateway import Action, Message, Reply
 from gateway.config import PolicyError
@@ -68,6 +73,26 @@ def sign(message: bytes, domain: str = "auth.test", selector: str = "s1", **kw: 
     return signature + message
 
 
+def sign_by_hand(message: bytes, signed: Sequence[str], domain: str = "auth.test", selector: str = "s1") -> bytes:
+    """``message`` with a DKIM-Signature (rsa-sha256, c=relaxed/simple) over
+    the header fields named in ``signed`` (the last of each), made here:
+    dkimpy's signer refuses to leave From out, a careless or hostile signer
+    does not (RFC 6376 §3.4.2 and §3.4.3 canonicalisation, §3.7 hashing)."""
+    head, _, body = message.partition(b"\r\n\r\n")
+    body_hash = base64.b64encode(hashlib.sha256(body.rstrip(b"\r\n") + b"\r\n").digest()).decode()
+    fields = {name.lower(): value for name, value in ar.header_fields(head + b"\r\n\r\n")}
+    value = (
+        f"v=1; a=rsa-sha256; c=relaxed/simple; d={domain}; s={selector}; "
+        f"h={':'.join(signed)}; bh={body_hash}; b="
+    )
+    hashed = "".join(f"{name.lower()}:{' '.join(fields[name.lower()].split())}\r\n" for name in signed)
+    hashed += f"dkim-signature:{value}"  # the field itself last, b= empty, no CRLF
+    key = serialization.load_pem_private_key(keypair()[0], password=None)
+    assert isinstance(key, rsa.RSAPrivateKey)
+    signature = key.sign(hashed.encode(), padding.PKCS1v15(), hashes.SHA256())
+    return f"DKIM-Signature: {value}{base64.b64encode(signature).decode()}\r\n".encode() + message
+
+
 @pytest.fixture
 def resolver(dns: DNSServer) -> Resolver:
     return Resolver([dns.nameserver], timeout=1.0)
@@ -101,6 +126,20 @@ async def test_tampered_body_fails_on_body_hash(resolver: Resolver, keys: DNSSer
 async def test_tampered_header_fails_on_signature(resolver: Resolver, keys: DNSServer) -> None:
     (result,) = await verify(sign(MESSAGE).replace(b"quarterly", b"urgent"), resolver)
     assert (result.result, result.reason) == ("fail", "signature did not verify")
+
+
+async def test_a_signature_that_leaves_out_from_is_permerror(resolver: Resolver, keys: DNSServer) -> None:
+    # RFC 6376 §6.1.1: h= without From is PERMFAIL, whatever the signature.
+    signed = sign_by_hand(MESSAGE, ("subject", "date"))
+    replayed = signed.replace(b"From: Alice <alice@auth.test>", b"From: The CEO <ceo@auth.test>")
+    b = re.search(rb" b=([A-Za-z0-9+/]{8})", signed).group(1).decode()  # type: ignore[union-attr]
+    for raw in (signed, replayed):
+        (result,) = await verify(raw, resolver)
+        assert result == DkimResult("permerror", "auth.test", "s1", "", "rsa-sha256", b, "From field not signed")
+    assert keys.total_queries == 0  # refused before its key is fetched
+    # The same hand-made signature with From in h= passes: the refusal is for From.
+    (control,) = await verify(sign_by_hand(MESSAGE, ("from", "subject", "date")), resolver)
+    assert control.result == "pass"
 
 
 async def test_unsigned_message_has_no_results(resolver: Resolver, dns: DNSServer) -> None:
@@ -254,6 +293,15 @@ async def test_required_domain_without_signature_is_rejected(resolver: Resolver,
     verdict = await run_data(resolver, MESSAGE, tables=REQUIRED)
     assert verdict.action is Action.REJECT and verdict.result == "dkim=required"
     assert verdict.reply == Reply(550, "5.7.20", "No passing DKIM signature found for auth.test")
+
+
+async def test_a_signature_that_leaves_out_from_does_not_count(resolver: Resolver, keys: DNSServer) -> None:
+    raw = sign_by_hand(MESSAGE, ("to", "subject", "date", "message-id"))
+    verdict = await run_data(resolver, raw, tables=REQUIRED)
+    assert verdict.action is Action.REJECT and verdict.result == "dkim=required auth.test:permerror"
+    assert str(verdict.reply) == "550 5.7.20 No passing DKIM signature found for auth.test"
+    (header,) = headers_named(verdict, "Authentication-Results")
+    assert unfold(header).startswith(f"{HOSTNAME}; dkim=permerror (From field not signed) header.d=auth.test header.s=s1")
 
 
 async def test_required_domain_signed_by_someone_else_is_rejected(resolver: Resolver, dns: DNSServer) -> None:

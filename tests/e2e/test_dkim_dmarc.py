@@ -15,7 +15,7 @@ from tests.e2e.test_auth import AUTHSERV_ID, MX_IP, SPOOFER_IP, header_values, s
 from tests.fixtures.dnsserver import DNSServer
 from tests.fixtures.gateway import GatewayThread
 from tests.fixtures.postfix import PostfixInstance
-from tests.test_dkim import sign
+from tests.test_dkim import sign, sign_by_hand
 
 pytestmark = pytest.mark.e2e
 
@@ -126,3 +126,40 @@ def test_dmarc_reject_behind_a_comment_is_refused(
     replies = send(dmarc_gateway, SPOOFER_IP, "bounce@thirdparty.test", message(author))
     assert replies[-1] == (550, b"5.7.1 Rejected by DMARC policy for auth.test")
     nothing_else_arrived(dmarc_gateway, postfix)
+
+
+#: What a careless signer covers when it leaves From out: anyone can put
+#: any From on such a signature.
+WITHOUT_FROM = ("to", "subject", "date", "message-id")
+
+
+def test_a_signature_without_from_does_not_take_a_spoofed_author_past_dmarc(
+    dmarc_gateway: GatewayThread, postfix: PostfixInstance
+) -> None:
+    # auth.test signed some harmless mail with h= lacking From; the spoofer
+    # replays it with the CEO as author (RFC 6376 §6.1.1: PERMFAIL).
+    signed = sign_by_hand(message("news@auth.test"), WITHOUT_FROM)
+    replayed = signed.replace(b"From: news@auth.test", b"From: The CEO <ceo@auth.test>")
+    replies = send(dmarc_gateway, SPOOFER_IP, "bounce@thirdparty.test", replayed)
+    assert replies[-1] == (550, b"5.7.1 Rejected by DMARC policy for auth.test")
+    # The same signature with From signed is what takes mail past DMARC.
+    signed = sign_by_hand(message("ceo@auth.test", message_id="barrier@auth.test"), ("from", *WITHOUT_FROM))
+    assert send(dmarc_gateway, SPOOFER_IP, "bounce@thirdparty.test", signed)[-1][0] == 250
+    (delivered,) = postfix.wait_for_messages("alice")
+    assert b"Message-ID: <barrier@auth.test>" in delivered
+    (results,) = header_values(delivered, "Authentication-Results")
+    assert "; dkim=pass header.d=auth.test header.s=s1 " in results
+    assert "refused@thirdparty.test" not in postfix.maillog()
+
+
+def test_a_signature_without_from_is_reported_as_permerror(
+    dmarc_gateway: GatewayThread, postfix: PostfixInstance
+) -> None:
+    # SPF passes for auth.test itself, so the message arrives; the header
+    # tells the reader the signature counted for nothing.
+    raw = sign_by_hand(message("alice@auth.test", message_id="unsigned-from@auth.test"), WITHOUT_FROM)
+    assert send(dmarc_gateway, MX_IP, "alice@auth.test", raw)[-1][0] == 250
+    (delivered,) = postfix.wait_for_messages("alice")
+    (results,) = header_values(delivered, "Authentication-Results")
+    assert "; dkim=permerror (From field not signed) header.d=auth.test header.s=s1 " in results
+    assert results.endswith("; dmarc=pass (p=reject sp=quarantine dis=none) header.from=auth.test")
