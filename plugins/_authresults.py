@@ -16,7 +16,13 @@
 * Forged headers (an ``Authentication-Results`` of the received message
   that claims our hostname, RFC 8601 §5) are removed by the core for every
   message, whichever plugins run.
-* Small formatting helpers: :func:`fold`, :func:`comment`, :func:`domain_or_none`.
+* Small formatting helpers: :func:`fold`, :func:`comment`,
+  :func:`domain_or_none`, :func:`bounded`.
+* No line of a header built here is longer than 998 octets (RFC 5322
+  §2.1.1): :func:`fold` breaks lines at spaces, and the one thing it cannot
+  break, a value (a property of Authentication-Results, a key of
+  Received-SPF), is cut by :func:`bounded` when it is longer than
+  :data:`MAX_VALUE`, with a comment saying so.
 """
 
 from __future__ import annotations
@@ -35,11 +41,13 @@ from gateway.address import to_ascii_domain
 
 __all__ = [
     "AR_HEADER",
+    "MAX_VALUE",
     "Author",
     "Authors",
     "authentication_results",
     "author_domain",
     "author_domains",
+    "bounded",
     "clause",
     "comment",
     "domain_or_none",
@@ -324,9 +332,28 @@ def comment(text: str) -> str:
     return text[:197] + "..." if len(text) > 200 else text
 
 
+#: The longest value written into a header built here.  A value is one
+#: token, which folding cannot break, and with its key and quoting it must
+#: fit a line of 998 octets.  It is longer than any domain (253) or mailbox
+#: (254) SMTP allows (RFC 5321 §4.5.3.1), so a value cut to it is never
+#: taken for one; only a long HELO, MAIL FROM or DKIM tag is cut.
+MAX_VALUE = 256
+
+
+def bounded(value: str) -> tuple[str, str]:
+    """``value`` and ``""``; or, for one longer than :data:`MAX_VALUE`, its
+    first :data:`MAX_VALUE` characters and the text of a comment to put
+    after it, saying that it was cut."""
+    if len(value) <= MAX_VALUE:
+        return value, ""
+    return value[:MAX_VALUE], f"cut from {len(value)} characters"
+
+
 def property_(ptype: str, name: str, value: str) -> authres.AuthenticationResultProperty:
-    """An A-R property (``header.d=example.com``)."""
-    return authres.AuthenticationResultProperty(ptype, name, value)
+    """An A-R property (``header.d=example.com``); a value too long for a
+    header line is cut (:func:`bounded`), with a comment after it."""
+    value, cut = bounded(value)
+    return authres.AuthenticationResultProperty(ptype, name, value, cut or None)
 
 
 def clause(method: str, result: str, note: str = "", properties: Sequence[Any] = ()) -> Any:
@@ -347,7 +374,8 @@ def fold(name: str, value: str, width: int = 78) -> str:
     """``value`` for a header field ``name``, folded (RFC 5322 §2.2.3) by
     putting CRLF before spaces so lines stay within ``width`` where a space
     allows.  Unfolding gives ``value`` back.  ``value`` must be one line
-    with single spaces (everything built here is)."""
+    with single spaces and no word longer than about 900 characters
+    (everything built here is: :func:`comment`, :func:`bounded`)."""
     words = value.split(" ")
     out = [words[0]]
     length = len(name) + 2 + len(words[0])

@@ -306,11 +306,13 @@ _COMMENTS = {
 
 
 def _kv_value(text: str) -> str:
-    """A Received-SPF value: dot-atom as is, anything else quoted."""
-    text = _PRINTABLE.sub("?", text)
-    if _DOT_ATOM.match(text):
-        return text
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """A Received-SPF value: dot-atom as is, anything else quoted; one too
+    long for a header line cut, with a comment after it (RFC 7208 §9.1
+    allows one there)."""
+    text, cut = ar.bounded(_PRINTABLE.sub("?", text))
+    if not _DOT_ATOM.match(text):
+        text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return f"{text} ({cut})" if cut else text
 
 
 @functools.lru_cache(maxsize=1024)

@@ -530,6 +530,18 @@ def test_fold_keeps_the_value() -> None:
     assert all(0 < len(line) <= 78 for line in f"Authentication-Results: {folded}".split("\r\n"))
 
 
+def test_an_overlong_dkim_tag_is_cut_in_authentication_results() -> None:
+    # s= and i= are the signer's and as long as it likes; a value is one
+    # token, which folding cannot break (RFC 5322 §2.1.1: 998 octets a line).
+    result = DkimResult("permerror", "auth.test", "s" * 1200, "x" * 1500 + "@auth.test", "rsa-sha256", reason="no key")
+    _, header = ar.authentication_results(HOSTNAME, dkim_plugin.ar_results([result]))
+    assert max(len(line) for line in f"Authentication-Results: {header}".split("\r\n")) <= 998
+    assert unfold(header) == (
+        f"{HOSTNAME}; dkim=permerror (no key) header.d=auth.test header.i={'x' * 256} (cut from 1510 characters) "
+        f"header.s={'s' * 256} (cut from 1200 characters) header.a=rsa-sha256"
+    )
+
+
 def test_comments_are_made_safe() -> None:
     assert ar.comment("a (b) \\c\r\n  d") == "a [b] /c d"
     assert len(ar.comment("x" * 500)) == 200

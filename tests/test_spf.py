@@ -10,11 +10,14 @@ import ipaddress
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway import Action, Address, Context, Envelope, Message, Reply, Session, Verdict
 from gateway.config import PolicyError, policy_from_dict
 from gateway.dns import Resolver
 from gateway.plugins import load_plugins
+from plugins import _authresults as ar
 from plugins import spf
 from plugins.spf import SpfOutcome, SpfResult, received_spf
 from tests.fixtures.dnsserver import DNSServer
@@ -353,6 +356,61 @@ def test_smtp_mailfrom_is_the_domain_when_the_local_part_is_quoted() -> None:
     result = SpfResult("mailfrom", "pass", "auth.test", '"x; dkim=pass"@auth.test', GOOD_IP, "mx.auth.test")
     (clause,) = spf.ar_results(SpfOutcome("1", result))
     assert str(clause) == "spf=pass smtp.mailfrom=auth.test"
+
+
+#: A HELO name no MTA would send, but a client may (with the helo plugin off).
+LONG_HELO = ".".join(["h" * 60] * 25) + ".thirdparty.test"
+
+
+def header_lines(headers: tuple[tuple[str, str], ...]) -> list[str]:
+    return [line for name, value in headers for line in f"{name}: {value}".split("\r\n")]
+
+
+@pytest.mark.parametrize(
+    "helo, sender, received, results",
+    [
+        # <>: the HELO identity, in Received-SPF and smtp.helo.
+        (LONG_HELO, "", f"helo={LONG_HELO[:256]} (cut from 1540 characters);",
+         f"spf=none smtp.helo={LONG_HELO[:256]} (cut from 1540 characters)"),
+        # A local part longer than SMTP allows, in envelope-from and smtp.mailfrom.
+        ("mx.auth.test", "x" * 1500 + "@auth.test", f"envelope-from={'x' * 256} (cut from 1510 characters);",
+         f"spf=pass smtp.mailfrom={'x' * 256} (cut from 1510 characters)"),
+    ],
+    ids=["helo", "mail-from"],
+)
+async def test_an_overlong_value_is_cut_to_keep_header_lines_short(
+    plugin: spf.SpfPlugin, helo: str, sender: str, received: str, results: str
+) -> None:
+    s, e = session(GOOD_IP, helo=helo), envelope(sender)
+    await settle(plugin.mail(s, e))
+    verdict = plugin.data(s, e, Message(MESSAGE))
+    assert max(len(line) for line in header_lines(verdict.headers)) <= 998  # RFC 5322 §2.1.1
+    (header,) = headers_named(verdict, "Received-SPF")
+    assert f" {received} " in unfold(header)
+    assert unfold(headers_named(verdict, "Authentication-Results")[0]) == f"{HOSTNAME}; {results}"
+
+
+#: Up to about 3,000 characters without a blank (as an SMTP argument is),
+#: of any printable ASCII: runs of a random piece.
+_TOKENS = st.builds(
+    lambda piece, times: piece * times,
+    st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7e), min_size=1, max_size=12),
+    st.integers(1, 250),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(helo=_TOKENS, local=_TOKENS, explanation=st.text(max_size=600))
+def test_no_line_of_our_headers_is_longer_than_998(helo: str, local: str, explanation: str) -> None:
+    for checked in (
+        SpfResult("helo", "none", "auth.test", f"postmaster@{helo}", BAD_IP, helo),
+        SpfResult("mailfrom", "permerror", "auth.test", f"{local}@auth.test", BAD_IP, helo, explanation),
+    ):
+        headers = (
+            received_spf(checked, HOSTNAME, f"{local}@auth.test"),
+            ar.authentication_results(HOSTNAME, spf.ar_results(SpfOutcome("1", checked))),
+        )
+        assert max(len(line) for line in header_lines(headers)) <= 998
 
 
 @pytest.mark.parametrize("name", [n for n in spf.__all__ if isinstance(getattr(spf, n), Reply)])

@@ -176,3 +176,28 @@ def test_a_first_line_that_continues_nothing_cannot_extend_our_results(
     assert results.startswith(AUTHSERV_ID) and "dmarc=pass" not in results and "dkim=pass" not in results
     head, _, body = delivered.partition(b"\n\n")
     assert body.startswith(claim.replace(b"\r\n", b"\n"))  # the client's lines, all body
+
+
+def field_lines(delivered: bytes, name: str) -> list[bytes]:
+    """Every line (folds included) of every ``name`` field of a Maildir file."""
+    head = delivered.split(b"\n\n", 1)[0]
+    fields = re.split(rb"\n(?![ \t])", head)
+    return [line for f in fields if f.lower().startswith(name.lower().encode() + b":") for line in f.split(b"\n")]
+
+
+def test_a_long_helo_is_cut_in_our_headers(auth_gateway: GatewayThread, postfix: PostfixInstance) -> None:
+    # The helo plugin would refuse this name; without it, SPF still reports
+    # on it, and a line may hold 998 octets (RFC 5322 §2.1.1).
+    helo = ".".join(["h" * 60] * 25) + ".thirdparty.test"
+    with auth_gateway.client(xclient=SPOOFER_IP, helo=helo) as smtp:
+        replies = [smtp.mail(""), smtp.rcpt("alice@example.com"), smtp.data(message("x@thirdparty.test"))]
+    assert [code for code, _ in replies] == [250, 250, 250]
+    (delivered,) = postfix.wait_for_messages("alice")
+    ours = field_lines(delivered, "Received-SPF") + field_lines(delivered, "Authentication-Results")
+    assert len(ours) > 2 and max(len(line) for line in ours) <= 998
+    cut = f"{helo[:256]} (cut from 1540 characters)"
+    (received_spf,) = header_values(delivered, "Received-SPF")
+    assert received_spf.startswith(f"none ({AUTHSERV_ID}: {SPOOFER_IP} is neither permitted nor denied by domain of")
+    assert received_spf.endswith(f' envelope-from=""; helo={cut}; identity=helo;')
+    (results,) = header_values(delivered, "Authentication-Results")
+    assert results == f"{AUTHSERV_ID}; spf=none smtp.helo={cut}; dkim=none; dmarc=none header.from=thirdparty.test"
