@@ -349,11 +349,31 @@ def bounded(value: str) -> tuple[str, str]:
     return value[:MAX_VALUE], f"cut from {len(value)} characters"
 
 
+#: A pvalue authres may write bare: ``[local-part "@"] domain-name`` with a
+#: dot-atom local part (RFC 8601 §2.2).
+_BARE_ADDRESS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]*@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
+
+
+class _Value(authres.core.QuotableValue):
+    """authres writes any value holding an "@" bare, so a HELO name of
+    ``x;dkim=pass@auth.test`` made a clause of its own in our header; a
+    value that is no address is quoted here."""
+
+    def quote_if_needed(self) -> str:
+        if "@" in self and not _BARE_ADDRESS.fullmatch(self):
+            return '"%s"' % self.replace("\\", "\\\\").replace('"', '\\"')
+        return str(super().quote_if_needed())
+
+
 def property_(ptype: str, name: str, value: str) -> authres.AuthenticationResultProperty:
-    """An A-R property (``header.d=example.com``); a value too long for a
-    header line is cut (:func:`bounded`), with a comment after it."""
+    """An A-R property (``header.d=example.com``), quoted where it is no
+    token or address; a value too long for a header line is cut
+    (:func:`bounded`), with a comment after it."""
     value, cut = bounded(value)
-    return authres.AuthenticationResultProperty(ptype, name, value, cut or None)
+    prop = authres.AuthenticationResultProperty(ptype, name, value, cut or None)
+    if value:
+        prop.value = _Value(value)
+    return prop
 
 
 def clause(method: str, result: str, note: str = "", properties: Sequence[Any] = ()) -> Any:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+import authres
 import dkim
 import pytest
 
@@ -201,3 +202,19 @@ def test_a_long_helo_is_cut_in_our_headers(auth_gateway: GatewayThread, postfix:
     assert received_spf.endswith(f' envelope-from=""; helo={cut}; identity=helo;')
     (results,) = header_values(delivered, "Authentication-Results")
     assert results == f"{AUTHSERV_ID}; spf=none smtp.helo={cut}; dkim=none; dmarc=none header.from=thirdparty.test"
+
+
+def test_a_helo_name_cannot_write_a_clause_into_our_results(
+    auth_gateway: GatewayThread, postfix: PostfixInstance
+) -> None:
+    # With no helo plugin to refuse it, this name reaches smtp.helo= of a
+    # bounce's results; written bare (authres leaves anything with "@" so),
+    # it read as a dkim=pass clause of our own.
+    raw = sign(message("alice@auth.test"))
+    assert send(auth_gateway, MX_IP, "", raw, helo="x;dkim=pass@auth.test")[-1][0] == 250
+    (delivered,) = postfix.wait_for_messages("alice")
+    (results,) = header_values(delivered, "Authentication-Results")
+    assert 'smtp.helo="x;dkim=pass@auth.test";' in results
+    parsed = authres.AuthenticationResultsHeader.parse(f"Authentication-Results: {results}")
+    assert [r.method for r in parsed.results] == ["spf", "dkim", "dmarc"]
+    assert [(p.name, p.value) for p in parsed.results[0].properties] == [("helo", "x;dkim=pass@auth.test")]
