@@ -354,7 +354,7 @@ def bounded(value: str) -> tuple[str, str]:
 _BARE_ADDRESS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]*@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
 
 
-class _Value(authres.core.QuotableValue):
+class _Value(authres.core.QuotableValue):  # type: ignore[misc]  # authres is untyped
     """authres writes any value holding an "@" bare, so a HELO name of
     ``x;dkim=pass@auth.test`` made a clause of its own in our header; a
     value that is no address is quoted here."""
