@@ -30,15 +30,48 @@ def field_value(value: str) -> str:
     return _UNFOLDED.sub("\r\n\t", value.rstrip("\r\n"))
 
 
+#: RFC 5322 §2.1.1: a line MUST be at most 998 characters (CRLF aside);
+#: a longer word than this is cut.
+_LINE_MAX = 998
+_WORD_MAX = 900
+
+
+def _short_lines(field: str) -> str:
+    """``field`` (``Name: value``, maybe folded) with every line within
+    :data:`_LINE_MAX`: long lines folded at blanks, overlong words cut."""
+    out = []
+    for line in field.split("\r\n"):
+        if len(line) <= _LINE_MAX:
+            out.append(line)
+            continue
+        lead = "" if not out else line[: len(line) - len(line.lstrip(" \t"))]
+        current = ""
+        for word in line.lstrip(" \t").split(" ") if out else line.split(" "):
+            if len(word) > _WORD_MAX:
+                word = word[:_WORD_MAX] + "..."
+            if current and len(current) + 1 + len(word) > _LINE_MAX:
+                out.append(current)
+                current = (lead or " ") + word
+            else:
+                current = f"{current} {word}" if current else lead + word
+        out.append(current)
+    return "\r\n".join(out)
+
+
 def prepend(raw: bytes, headers: Iterable[tuple[str, str]]) -> bytes:
     """``raw`` with ``Name: value`` fields put in front, in order.  Values
-    go through :func:`field_value`; a name that is not a field name is a
-    programming error (ValueError), never written."""
+    go through :func:`field_value`, and no line is longer than RFC 5322
+    allows (a plugin's long result folds, an overlong word is cut); a name
+    that is not a field name is a programming error (ValueError), never
+    written."""
     lines = []
     for name, value in headers:
         if not _FIELD_NAME.match(name):
             raise ValueError(f"not a header field name: {name!r}")
-        lines.append(f"{name}: {field_value(value)}\r\n".encode("utf-8", "surrogateescape"))
+        field = f"{name}: {field_value(value)}"
+        if len(field) > _LINE_MAX:
+            field = _short_lines(field)
+        lines.append(f"{field}\r\n".encode("utf-8", "surrogateescape"))
     return b"".join(lines) + raw if lines else raw
 
 

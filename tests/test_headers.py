@@ -87,3 +87,18 @@ def test_remove_fields_takes_several_names_in_one_pass() -> None:
     raw = b"X-Spam-Status: No\r\nx-spam-score : -9\r\nX-Spam-Level: *\r\nSubject: s\r\n\r\nX-Spam-Status: body\r\n"
     assert remove_fields(raw, ("X-Spam-Status", "X-Spam-Score"), lambda f: False) == (
         b"X-Spam-Level: *\r\nSubject: s\r\n\r\nX-Spam-Status: body\r\n")
+
+
+@pytest.mark.parametrize("value", [
+    "word " * 400,                      # many short words: folded
+    "x" * 2000,                         # one word too long for any line: cut
+    "ok\r\n\t" + "y " * 600,            # folded already, a continuation too long
+])
+def test_prepend_keeps_every_line_within_998(value: str) -> None:
+    out = prepend(b"\r\nbody\r\n", [("X-Long", value)])
+    head = out.split(b"\r\n\r\n", 1)[0]
+    assert max(len(line) for line in head.split(b"\r\n")) <= 998
+    assert head.startswith(b"X-Long: ")
+    assert all(line[:1] in (b" ", b"\t") for line in head.split(b"\r\n")[1:])  # one field
+    if "x" * 2000 not in value:
+        assert head.replace(b"\r\n", b"").split() == (b"X-Long: " + value.replace("\r\n", "").encode()).split()

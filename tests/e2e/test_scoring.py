@@ -182,3 +182,23 @@ def test_a_repeated_helo_does_not_count_twice(start_gateway, postfix) -> None:
         assert send(smtp, "alice@example.com")[0] == 250
     (delivered,) = postfix.wait_for_messages("alice")
     assert b"X-Spam-Status: No, score=2.0 tests=scorer:helo-scored(2)\n" in delivered
+
+
+class Rambler(Plugin):
+    """A tag whose result is longer than a header line may be: the raw d=
+    of eight DKIM signatures, say."""
+
+    @hookimpl
+    def data(self, message):
+        return Verdict.tag(result=" ".join(f"d={'a' * 300}.example" for _ in range(8)))
+
+
+def test_no_header_line_we_write_is_longer_than_rfc_5322_allows(start_gateway, postfix) -> None:
+    gw = start_gateway(f"127.0.0.1:{postfix.port}", plugins={"rambler": {}}, extra={"rambler": Rambler})
+    with gw.client(xclient=TRUSTED_IP) as smtp:
+        assert send(smtp, "alice@example.com")[0] == 250
+    (delivered,) = postfix.wait_for_messages("alice")
+    head = delivered.split(b"\n\n", 1)[0]
+    assert max(len(line) for line in head.split(b"\n")) <= 998
+    tag = head[head.index(b"X-Smtpgate-Tag: "):].split(b"\nSubject")[0]
+    assert tag.replace(b"\n", b"").count(b"d=" + b"a" * 300 + b".example") == 8  # folded, nothing lost
