@@ -130,7 +130,8 @@ UTF8_NOT_DECLARED = Reply(553, "5.6.7", "Must declare SMTPUTF8 to send unicode a
 NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
 NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
 NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
-NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
+#: Postfix's answer to DATA in a transaction without recipients.
+NO_RECIPIENTS = Reply(554, "5.5.1", "Error: no valid recipients")
 VRFY_DISABLED = Reply(502, "5.5.1", "VRFY command is disabled")
 EXPN_DISABLED = Reply(502, "5.5.1", "EXPN command is disabled")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "{hostname} Error: too many errors")

@@ -715,7 +715,7 @@ class SMTPSession(_AiosmtpdSMTP):
             await self._error(replies.NEED_MAIL)
             return
         if not envelope.recipients:
-            await self._error(replies.NEED_RCPT)
+            await self._error(replies.NO_RECIPIENTS)
             return
         await self.reply(replies.START_DATA)
         # The next hop hears nothing until the message is in and judged.

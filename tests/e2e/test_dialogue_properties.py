@@ -358,7 +358,9 @@ class Model:
         if kind == "rcpt":
             return Expect(not_code=503, maybe_error=True) if self.transaction else Expect(503, error=True)
         if kind == "data":
-            return Expect(354) if self.transaction and self.recipients else Expect(503, error=True)
+            if self.transaction:  # Postfix's 554 for a transaction without recipients
+                return Expect(354) if self.recipients else Expect(554, error=True)
+            return Expect(503, error=True)
         if kind in ("xclient", "xclient-bad"):
             if self.transaction:
                 return Expect(503, error=True)

@@ -76,9 +76,9 @@ def test_transaction_order(sock) -> None:
     assert say(sock, b"DATA") == b"503 5.5.1 Error: need MAIL command\r\n"
     assert say(sock, b"MAIL FROM:<bob@example.org>") == b"250 2.1.0 Ok\r\n"
     assert say(sock, b"MAIL FROM:<bob@example.org>") == b"503 5.5.1 Error: nested MAIL command\r\n"
-    assert say(sock, b"DATA") == b"503 5.5.1 Error: need RCPT command\r\n"
+    assert say(sock, b"DATA") == b"554 5.5.1 Error: no valid recipients\r\n"
     assert say(sock, b"RCPT TO:<nobody@example.com>").startswith(b"550 5.1.1 ")
-    assert say(sock, b"DATA") == b"503 5.5.1 Error: need RCPT command\r\n"
+    assert say(sock, b"DATA") == b"554 5.5.1 Error: no valid recipients\r\n"
     assert say(sock, b"QUIT") == b"221 2.0.0 Bye\r\n"
 
 
