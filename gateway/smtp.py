@@ -214,7 +214,11 @@ class SMTPSession(_AiosmtpdSMTP):
             return False
         self._counted_ip = str(ip)
         if self.settings.peername_lookup:
-            await self._look_up_names()
+            if ip.is_loopback:
+                # As every hosts file says; no query leaves the machine.
+                self.session.client_name = self.session.reverse_name = "localhost"
+            else:
+                await self._look_up_names()
         if not await self._connect_checks():
             return False
         if self._refusal is not None:
@@ -235,12 +239,8 @@ class SMTPSession(_AiosmtpdSMTP):
         """The client's names, as Postfix's smtpd looks them up: without
         them the next hop (told by XCLIENT) would take every client for one
         whose name does not resolve, and its reject_unknown_client_hostname
-        would turn all mail away.  A loopback client is localhost, as every
-        hosts file says (and no query leaves the machine for it)."""
+        would turn all mail away."""
         session = self.session
-        if session.client_ip.is_loopback:
-            session.client_name = session.reverse_name = "localhost"
-            return
         found = await self.gateway.resolver.fcrdns(str(session.client_ip))
         session.client_name = found.confirmed[0] if found.confirmed else "unknown"
         session.reverse_name = found.names[0] if found.names else "unknown"
@@ -723,7 +723,9 @@ class SMTPSession(_AiosmtpdSMTP):
         try:
             raw, refusal = await self._message(envelope)
         finally:
-            await self.upstream.settle()
+            nudge = self.upstream.settle()
+            if nudge is not None:
+                await nudge
         if refusal is not None:
             await self._reset_transaction()
             await self.reply(refusal)
@@ -782,7 +784,9 @@ class SMTPSession(_AiosmtpdSMTP):
         total = 0
         #: Dots that start a line on the wire, the end marker's included:
         #: dot-stuffing, which the message's size leaves out (RFC 1870 §3).
-        dots = 0
+        #: Counted only from when the wire passes the limit (-1 before):
+        #: a smaller message is within it whatever its stuffing.
+        dots = -1
         while True:
             deadline.arm(timeout, timed_out)
             try:
@@ -792,17 +796,22 @@ class SMTPSession(_AiosmtpdSMTP):
             finally:
                 deadline.disarm()
             total += len(piece)
-            dots += (tail[-2:] + piece).count(b"\r\n.")
+            if dots >= 0:
+                dots += piece.count(b"\r\n.")
+                if piece[:1] == b"." and tail[-2:] == b"\r\n" or piece[:2] == b"\n." and tail[-1:] == b"\r":
+                    dots += 1  # a line start split between two reads
+            elif total > limit + 3:
+                dots = (b"\r\n" + buf + piece).count(b"\r\n.")  # buf holds all that came before
             # Unstuffed, the message is what precedes the final ".\r\n"
             # (its last CRLF included), so this may pass the limit by 3.
-            if total - dots <= limit + 3:
+            if total - max(dots, 0) <= limit + 3:
                 buf += piece
             elif buf:
                 buf = bytearray()  # over the limit: keep reading, keep nothing
-            tail = (tail + piece)[-5:]
+            tail = (tail + piece[-5:])[-5:]
             if tail == b"\r\n.\r\n":
                 break
-        if total - dots - 2 > limit:
+        if dots >= 0 and total - dots - 2 > limit:
             return b"", replies.MESSAGE_TOO_BIG
         data = bytes(buf[:-3])
         crlf = data.count(b"\r\n")

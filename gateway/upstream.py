@@ -19,6 +19,7 @@ import os
 import re
 import socket
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -73,34 +74,63 @@ def _judges_the_client(response: aiosmtplib.SMTPResponse) -> Reply | None:
 
 
 _SEPARATORS = (b" ", b"-", b"\r", b"\n")
+#: aiosmtplib's limit on one reply line.
+_MAX_REPLY_LINE = 8192
 
 
 class _NextHopProtocol(SMTPProtocol):
-    """aiosmtplib's protocol, strict about what the next hop may say.
+    """aiosmtplib's protocol, with our own reading of the next hop's replies.
 
-    We never pipeline to the next hop, so bytes left over after a reply mean
-    the dialogue is out of step: the next command would be paired with a
-    stale reply (a refused message answered 250).  And every line of a reply
-    must start with the same 2yz-5yz code and a separator: "2500 ok" is no
-    250.  Either fails the read, and the connection is dropped.
+    Stricter than aiosmtplib's, which takes a reply's code from its last
+    line: every line must carry the first line's 2yz-5yz code and a
+    separator ("554-refused / 250 ok" is no 250, "2500 ok" no 250 either).
+    And we never pipeline to the next hop, so bytes left over after a reply
+    mean the dialogue is out of step: the next command would be paired with
+    a stale reply (a refused message answered 250).  Any of these fails the
+    read, and the connection is dropped.  It runs for every reply of every
+    message, so the one-line reply, the common one, is read in one step.
     """
 
     def _read_response_from_buffer(self) -> aiosmtplib.SMTPResponse | None:
         buffer = self._buffer
-        raw = bytes(buffer)
-        response = super()._read_response_from_buffer()
-        if response is None:
+        end = buffer.find(b"\n")
+        if end < 0:
             return None
-        if buffer:
+        first = bytes(buffer[: end + 1])
+        code, separator = first[:3], first[3:4]
+        if separator == b"-":
+            text = self._multiline(buffer, code)
+            if text is None:
+                return None  # its last line is still on its way
+        else:
+            if end + 1 != len(buffer):
+                raise aiosmtplib.SMTPResponseException(-1, "more than one reply at once (out of step)")
+            text = first[4:].strip(b" \t\r\n")
+        if not (separator in _SEPARATORS and code.isdigit() and b"200" <= code < b"600" and end < _MAX_REPLY_LINE):
+            raise aiosmtplib.SMTPResponseException(-1, f"malformed reply {first[:40]!r}...")
+        del buffer[:]
+        return aiosmtplib.SMTPResponse(int(code), text.decode("utf-8", "surrogateescape"))
+
+    @staticmethod
+    def _multiline(buffer: bytearray, code: bytes) -> bytes | None:
+        """The text of a whole multi-line reply in ``buffer``, or None if
+        its last line has not arrived."""
+        lines = []
+        start = 0
+        while True:
+            end = buffer.find(b"\n", start)
+            if end < 0:
+                return None
+            line = bytes(buffer[start : end + 1])
+            if line[:3] != code or line[3:4] not in _SEPARATORS or len(line) > _MAX_REPLY_LINE:
+                raise aiosmtplib.SMTPResponseException(-1, f"malformed reply line {line[:40]!r}...")
+            lines.append(line[4:].strip(b" \t\r\n"))
+            start = end + 1
+            if line[3:4] != b"-":
+                break
+        if start != len(buffer):
             raise aiosmtplib.SMTPResponseException(-1, "more than one reply at once (out of step)")
-        # aiosmtplib takes the code of the last line; every line must carry
-        # the first one's, or "554-refused / 250 ok" would read as a 250.
-        code = raw[:3]
-        lines = raw.split(b"\n")[:-1]
-        if not (200 <= response.code < 600 and all(line[:3] == code for line in lines)
-                and lines[-1][3:4] in _SEPARATORS):
-            raise aiosmtplib.SMTPResponseException(-1, f"malformed reply {raw[:40]!r}...")
-        return response
+        return b"\n".join(lines)
 
 
 class Upstream(Protocol):
@@ -114,7 +144,7 @@ class Upstream(Protocol):
     async def reset(self) -> None: ...
     async def close(self) -> None: ...
     def keep_awake(self) -> None: ...
-    async def settle(self) -> None: ...
+    def settle(self) -> Awaitable[None] | None: ...
 
 
 def _xclient_name(name: str, tempfail: bool) -> str:
@@ -439,17 +469,19 @@ class SMTPUpstream:
         elif self._awake and self._deadline is not None:
             self._deadline.arm(self._settings.upstream_keepalive, self._nudged)
 
-    async def settle(self) -> None:
-        """End :meth:`keep_awake`, once a NOOP under way has its reply: the
-        next reply read must be the next command's."""
+    def settle(self) -> Awaitable[None] | None:
+        """End :meth:`keep_awake`; the NOOP under way, if any, to await
+        before the next command: the next reply read must be its own.
+        (Not a coroutine: there is seldom anything to wait for.)"""
         if not self._awake:
-            return
+            return None
         self._awake = False
         nudge, self._nudge = self._nudge, None
         if nudge is not None and not nudge.done():
-            await nudge
-        elif self._deadline is not None:
+            return nudge
+        if self._deadline is not None:
             self._deadline.disarm()
+        return None
 
     async def reset(self) -> None:
         """Abandon the MTA's transaction (RSET); a failure drops the session."""
@@ -592,7 +624,7 @@ class MaildirUpstream:
     def keep_awake(self) -> None:
         return None
 
-    async def settle(self) -> None:
+    def settle(self) -> Awaitable[None] | None:
         return None
 
 
