@@ -1,10 +1,12 @@
 """The next hop's wire format: what the MTA is sent for a message."""
 
+import asyncio
+
 import aiosmtplib
 import pytest
 
 from gateway.replies import Reply
-from gateway.upstream import _crlf, _dot_stuff, _judges_the_client
+from gateway.upstream import _crlf, _dot_stuff, _judges_the_client, _NextHopProtocol
 
 
 @pytest.mark.parametrize(
@@ -64,3 +66,40 @@ def test_which_xclient_refusals_are_about_the_client(code: int, message: str, ju
     assert (reply is not None) == judged
     if judged:
         assert reply == Reply.parse(code, message)
+
+
+def read_reply(wire: bytes) -> aiosmtplib.SMTPResponse | None:
+    """What the next hop's protocol reads from ``wire`` arrived at once."""
+    loop = asyncio.new_event_loop()
+    try:
+        protocol = _NextHopProtocol(loop=loop)
+        protocol._buffer = bytearray(wire)
+        return protocol._read_response_from_buffer()
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize(("wire", "read"), [
+    (b"250 2.1.0 Ok\r\n", (250, "2.1.0 Ok")),
+    (b"250\r\n", (250, "")),
+    (b"354 go ahead\n", (354, "go ahead")),
+    (b"250-mx.example\r\n250-PIPELINING\r\n250 DSN\r\n", (250, "mx.example\nPIPELINING\nDSN")),
+    (b"250-mx.example\r\n250-PIPE", None),  # the rest is on its way
+    (b"250 Ok", None),
+])
+def test_replies_are_read_as_aiosmtplib_reads_them(wire: bytes, read: tuple[int, str] | None) -> None:
+    response = read_reply(wire)
+    assert (response and (response.code, response.message)) == read
+
+
+@pytest.mark.parametrize("wire", [
+    b"2500 queued\r\n",                          # no separator after the code
+    b"554-5.7.1 refused\r\n250 2.0.0 Ok\r\n",    # aiosmtplib reads the last line's 250
+    b"250-2.0.0 hmm\r\n2500 queued\r\n",
+    b"250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n",         # two replies to one command: out of step
+    b"199 odd\r\n", b"600 odd\r\n", b"abc odd\r\n",
+    b"250 " + b"x" * 9000 + b"\r\n",
+])
+def test_a_reply_that_is_not_one_well_formed_reply_fails_the_read(wire: bytes) -> None:
+    with pytest.raises(aiosmtplib.SMTPResponseException):
+        read_reply(wire)
