@@ -87,9 +87,12 @@ def connect(session: Session) -> Verdict | None:
     Runs before the greeting, and again after every XCLIENT with the new
     client identity.
 
-    :param session: the client's address, name and port; ``helo`` is
-        ``None`` at a new connection (after XCLIENT, what XCLIENT said or
-        the earlier HELO name).
+    :param session: the client's address, names and port.  The names are
+        looked up by then (``peername_lookup``: ``client_name`` forward-
+        confirmed, ``reverse_name`` as published, ``"unknown"`` if none,
+        ``name_tempfail`` if a lookup failed) or, after XCLIENT, what it
+        said.  ``helo`` is ``None`` at a new connection (after XCLIENT,
+        what XCLIENT said or the earlier HELO name).
     :returns: ``None`` to greet the client; a DEFER or REJECT verdict to
         refuse it.  A greeting may only be 220, 554, or 421 and a close
         (RFC 5321 §4.3.2), so the gateway sends a REJECT's reply with code
