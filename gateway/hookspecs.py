@@ -9,7 +9,10 @@ the class's ``Options`` dataclass) and the shared
 new policy; the old ones go on serving the sessions that were open and are
 then dropped, with no hook called.  So keep state that must outlive a
 reload outside the instance, and let the constructor raise if the plugin
-cannot work: the reload is then refused and the running policy stays::
+cannot work: the reload is then refused and the running policy stays.  The
+constructor also runs where a policy is only checked (``smtpgate lint``,
+``smtpgate plugins``, the parent process before a start or reload); there
+``context.resolver`` is ``None``, so a constructor asks no DNS::
 
     from dataclasses import dataclass
     from gateway import Plugin, Verdict, Reply, hookimpl
@@ -189,6 +192,7 @@ def expn(session: Session, argument: str) -> Verdict | None:
 def disconnect(session: Session) -> None:
     """The client is gone (QUIT, timeout, reset, or refused).
 
-    For bookkeeping only (counters, caches): the return value is ignored and
-    an exception is logged, never sent anywhere.
+    For bookkeeping only (counters, caches): the return value is not used
+    (anything but ``None`` or a Verdict is logged as an error), and an
+    exception is logged, never sent anywhere.
     """

@@ -11,7 +11,8 @@ check of the client follows ``reject_unknown_client_hostname`` (RFC 8601
 §3 "iprev", RFC 7372 code 5.7.25).
 
 Options (``[plugins.helo]``, documented in docs/plugins/helo.md):
-``resolve``, ``fcrdns``, ``own_names``, ``own_addresses``, ``actions``.
+``resolve``, ``fcrdns``, ``own_names``, ``own_addresses``, ``actions``,
+``skip_allowlisted``.
 
 Trusted clients skip every check.  A refused HELO stays refused: a later
 HELO/EHLO in the same session gets the first refusal again, whatever name it

@@ -17,7 +17,7 @@ every check.  An address literal (``user@[192.0.2.1]``) has nothing to look
 up; it is reported as ``address_literal``, which only informs by default.
 
 Options (``[plugins.sender]``, documented in docs/plugins/sender.md):
-``actions``.
+``actions``, ``skip_allowlisted``.
 """
 
 from __future__ import annotations
