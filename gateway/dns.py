@@ -44,7 +44,7 @@ import dns.rdtypes.txtbase
 import dns.resolver
 import spf
 
-from .address import to_ascii_domain
+from .address import is_hostname, to_ascii_domain
 from .config import parse_nameserver
 
 __all__ = [
@@ -466,7 +466,11 @@ class Resolver:
         ptr = await self.ptr(str(address))
         if not ptr.ok:
             return ReverseDNS(ptr_temporary=ptr.temporary)
-        names = tuple(record.rstrip(".") for record in ptr.records[:max_names])
+        # A PTR "name" that is no host name (all digits, a bad label) is
+        # none, as Postfix takes it; the next hop's XCLIENT would refuse it.
+        names = tuple(name for name in (record.rstrip(".") for record in ptr.records[:max_names]) if is_hostname(name))
+        if not names:
+            return ReverseDNS()
         rdtype = "A" if address.version == 4 else "AAAA"
         answers = await self.query_all([(name, rdtype) for name in names])
         confirmed = tuple(

@@ -242,8 +242,10 @@ class SMTPSession(_AiosmtpdSMTP):
         would turn all mail away."""
         session = self.session
         found = await self.gateway.resolver.fcrdns(str(session.client_ip))
-        session.client_name = found.confirmed[0] if found.confirmed else "unknown"
-        session.reverse_name = found.names[0] if found.names else "unknown"
+        # Postfix asks about the first PTR name only (getnameinfo's).
+        first = found.names[0] if found.names else "unknown"
+        session.client_name = first if first in found.confirmed else "unknown"
+        session.reverse_name = first
         session.name_tempfail = found.temporary
         session.reverse_tempfail = found.ptr_temporary
 

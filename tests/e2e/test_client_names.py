@@ -14,6 +14,8 @@ from tests.test_helo import add_reverse_zones
 from gateway.dns import reverse_name
 
 CONFIRMED = "203.0.113.7"   # PTR fcrdns.mail.test, which resolves back to it
+#: PTR "names" that are no host names: Postfix takes such a client as unknown.
+ODD_PTR = {"203.0.113.30": "203.0.113.30.", "203.0.113.31": "bad-.mail.test.", "203.0.113.32": "with\\032space.mail.test."}
 NO_PTR = "203.0.113.9"      # no PTR record
 PTR_FAILS = "203.0.113.13"  # the PTR lookup fails (SERVFAIL)
 LIAR = "203.0.113.8"        # PTR liar.mail.test, which is another address
@@ -33,6 +35,8 @@ def postfix_checking_names(tmp_path_factory: pytest.TempPathFactory) -> Iterator
 @pytest.fixture
 def names_gateway(start_gateway, postfix_checking_names: PostfixInstance, dns: DNSServer):
     add_reverse_zones(dns)
+    for ip, name in ODD_PTR.items():
+        dns.add_zone(reverse_name(ip) + ".", f"@ IN PTR {name}\n")
     dns.servfail(reverse_name(PTR_FAILS))
     return start_gateway(f"127.0.0.1:{postfix_checking_names.port}", proxy_protocol=True, peername_lookup=True,
                          dns={"nameservers": [dns.nameserver], "timeout": 1.0})
@@ -63,6 +67,14 @@ def test_a_confirmed_name_reaches_postfix(names_gateway, postfix_checking_names:
 ])
 def test_an_unknown_name_is_postfixs_to_judge(names_gateway, client: str, reply: str) -> None:
     assert rcpt_behind_balancer(names_gateway.port, client) == reply.encode() + b"\r\n"
+
+
+@pytest.mark.parametrize("client", sorted(ODD_PTR))
+def test_a_ptr_name_that_is_no_host_name_is_no_name(names_gateway, client: str) -> None:
+    # Passed on, Postfix's XCLIENT refused it and the client got 421 at
+    # every MAIL; Postfix itself takes such a client as unknown.
+    assert rcpt_behind_balancer(names_gateway.port, client) == (
+        f"550 5.7.25 Client host rejected: cannot find your hostname, [{client}]\r\n".encode())
 
 
 def test_a_front_proxys_tempunavail_name_stays_temporary(start_gateway, postfix_checking_names: PostfixInstance) -> None:
