@@ -180,9 +180,11 @@ class GatewaySettings:
     upstream_data_timeout: float = 600.0
     upstream_connect_timeout: float = 10.0
     #: While a client's message arrives and is judged, the next hop's idle
-    #: session gets a NOOP this often (Postfix's smtpd_timeout is 10 s
-    #: under stress).
-    upstream_keepalive: float = 5.0
+    #: session gets a NOOP this often: well within Postfix's smtpd_timeout
+    #: (300 s), and seldom, since Postfix counts NOOPs as junk commands
+    #: (smtpd_junk_command_limit 100; under stress 1, so no keepalive helps
+    #: against its 10 s stress timeout).
+    upstream_keepalive: float = 120.0
     hook_timeout: float = 30.0
     shutdown_timeout: float = 30.0
     bare_newline: Literal["reject", "normalize"] = "reject"

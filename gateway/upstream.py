@@ -441,10 +441,12 @@ class SMTPUpstream:
 
         The client's message is read whole before the MTA hears of it, and
         judged after that; meanwhile the MTA's session is idle, and Postfix
-        drops one idle for ``smtpd_timeout`` (300 s, 10 s when it is under
-        stress).  A large message on a slow link would then fail on every
-        retry.  Costs nothing until the interval has passed: it is the time
-        limit on our next wait for the MTA, which is checked anyway.
+        drops one idle for ``smtpd_timeout`` (300 s).  A large message on a
+        slow link would then fail on every retry.  The NOOPs are few, since
+        Postfix counts them as junk commands (``smtpd_junk_command_limit``,
+        100; 1 under stress, when its 10 s timeout cannot be helped).  Costs
+        nothing until the interval has passed: it is the time limit on our
+        next wait for the MTA, which is checked anyway.
         """
         if self._smtp is None or self._deadline is None:
             return
@@ -465,7 +467,10 @@ class SMTPUpstream:
             self._lost = str(self._failed("NOOP", exc))
             return
         if response.code != 250:
+            # Postfix counts NOOPs as junk: past smtpd_junk_command_limit
+            # each is an error, and too many end with its 421.
             self._drop()
+            self._lost = f"NOOP answered {response.code} {response.message}"
         elif self._awake and self._deadline is not None:
             self._deadline.arm(self._settings.upstream_keepalive, self._nudged)
 

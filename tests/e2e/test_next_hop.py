@@ -2,6 +2,7 @@
 commands each message costs the MTA, and what happens when what the
 gateway remembers about the MTA is out of date."""
 
+import logging
 import time
 from collections.abc import Iterator
 from ipaddress import ip_address
@@ -227,8 +228,8 @@ def test_what_postfix_withholds_from_one_client_is_still_offered_to_the_next(sta
 
 def test_the_next_hop_is_kept_awake_while_a_slow_message_arrives(start_gateway, tmp_path) -> None:
     # The message reaches Postfix only once it is in and judged; on a slow
-    # link that took longer than Postfix's smtpd_timeout (10 s when Postfix
-    # is under stress), and the message failed on every retry.
+    # link that took longer than Postfix's smtpd_timeout (300 s; 2 s here),
+    # and the message failed on every retry.
     with PostfixInstance(tmp_path / "pf", extra_main_cf={"smtpd_timeout": "2s"}) as postfix:
         gateway = start_gateway(f"127.0.0.1:{postfix.port}", upstream_keepalive=0.5)
         sock = gateway.raw()
@@ -247,3 +248,23 @@ def test_the_next_hop_is_kept_awake_while_a_slow_message_arrives(start_gateway, 
         assert message.endswith(b"line 4\n")
         noops = int(postfix.wait_for_commands(OUTSIDE_IP)["noop"])
         assert 6 <= noops <= 12  # one each 0.5 s (checked each tick, 0.05 s here)
+
+
+def test_a_keepalive_the_next_hop_refuses_is_reported_as_such(start_gateway, tmp_path, caplog) -> None:
+    # Postfix counts NOOPs as junk; past its limits it answers 421. The
+    # message then fails (451, retried), and the log says why.
+    with PostfixInstance(tmp_path / "pf", extra_main_cf={
+        "smtpd_junk_command_limit": "1", "smtpd_hard_error_limit": "1",
+    }) as postfix:
+        gateway = start_gateway(f"127.0.0.1:{postfix.port}", upstream_keepalive=0.2)
+        with caplog.at_level(logging.WARNING, "smtpgate"), gateway.raw() as sock:
+            for command in (f"XCLIENT ADDR={OUTSIDE_IP}", "EHLO client.example.net", "MAIL FROM:<bob@example.org>",
+                            "RCPT TO:<alice@example.com>", "DATA"):
+                sock.sendall(command.encode() + b"\r\n")
+                assert recv_reply(sock)[:1] in (b"2", b"3")
+            sock.sendall(b"Subject: slow\r\n\r\n")
+            time.sleep(1)
+            sock.sendall(b"body\r\n.\r\n")
+            assert recv_reply(sock) == b"451 4.4.1 Error: next hop failed during the transaction, try again later\r\n"
+        assert "next hop failed during DATA: NOOP" in caplog.text
+        assert postfix.messages("alice") == []
