@@ -36,20 +36,25 @@ _LINE_MAX = 998
 _WORD_MAX = 900
 
 
+def _octets(text: str) -> int:
+    return len(text.encode("utf-8", "surrogateescape"))
+
+
 def _short_lines(field: str) -> str:
     """``field`` (``Name: value``, maybe folded) with every line within
-    :data:`_LINE_MAX`: long lines folded at blanks, overlong words cut."""
+    :data:`_LINE_MAX` octets: long lines folded at blanks, overlong words
+    cut (a UTF-8 value counts in octets, RFC 6532 §3.4)."""
     out = []
     for line in field.split("\r\n"):
-        if len(line) <= _LINE_MAX:
+        if _octets(line) <= _LINE_MAX:
             out.append(line)
             continue
         lead = "" if not out else line[: len(line) - len(line.lstrip(" \t"))]
         current = ""
         for word in line.lstrip(" \t").split(" ") if out else line.split(" "):
-            if len(word) > _WORD_MAX:
-                word = word[:_WORD_MAX] + "..."
-            if current and len(current) + 1 + len(word) > _LINE_MAX:
+            if _octets(word) > _WORD_MAX:
+                word = word.encode("utf-8", "surrogateescape")[:_WORD_MAX].decode("utf-8", "ignore") + "..."
+            if current and _octets(current) + 1 + _octets(word) > _LINE_MAX:
                 out.append(current)
                 current = (lead or " ") + word
             else:
@@ -68,10 +73,10 @@ def prepend(raw: bytes, headers: Iterable[tuple[str, str]]) -> bytes:
     for name, value in headers:
         if not _FIELD_NAME.match(name):
             raise ValueError(f"not a header field name: {name!r}")
-        field = f"{name}: {field_value(value)}"
-        if len(field) > _LINE_MAX:
-            field = _short_lines(field)
-        lines.append(f"{field}\r\n".encode("utf-8", "surrogateescape"))
+        field = f"{name}: {field_value(value)}\r\n".encode("utf-8", "surrogateescape")
+        if len(field) > _LINE_MAX + 2:
+            field = f"{_short_lines(field[:-2].decode('utf-8', 'surrogateescape'))}\r\n".encode("utf-8", "surrogateescape")
+        lines.append(field)
     return b"".join(lines) + raw if lines else raw
 
 
