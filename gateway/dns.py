@@ -338,6 +338,15 @@ class Resolver:
         now = self._clock()
         return all((entry := self._cache.get(key)) is not None and entry[0] > now for key in keys)
 
+    def is_asking(self, name: str, rdtype: str) -> bool:
+        """Whether a query for ``name`` is on its way now (one whose waiter
+        gave up goes on, to fill the cache)."""
+        try:
+            key = _query_key(name, rdtype)
+        except (dns.exception.DNSException, UnicodeError):
+            return False
+        return key in self._inflight
+
     async def query_all(self, questions: Sequence[tuple[str, str]]) -> list[Answer]:
         """:meth:`query` for each ``(name, rdtype)``, concurrently; what the
         cache holds is answered without a task."""

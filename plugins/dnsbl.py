@@ -327,6 +327,11 @@ def lookup_domain(text: str) -> str | None:
     return name if is_domain(name) else None
 
 
+def _askable(name: str) -> bool:
+    """Whether ``name`` fits DNS: 253 octets, labels of 1 to 63."""
+    return len(name) <= 253 and all(0 < len(label) <= 63 for label in name.split("."))
+
+
 # ------------------------------------------------------------ circuit breaker
 
 
@@ -540,9 +545,6 @@ class _Entry:
     breaker: Breaker
     #: the reply template uses the TXT record
     wants_txt: bool
-    #: names this zone is being asked for now by a session that will count
-    #: the answer for the breaker (others waiting for the same answer don't)
-    asking: set[str] = field(default_factory=set)
 
 
 #: Each zone with its outcome and, for a quoted refusal, the TXT reason.
@@ -656,21 +658,21 @@ class DnsblPlugin(Plugin):
     async def _ask(self, entry: _Entry, name: str, deadline: float) -> tuple[Outcome, str]:
         """One zone, one name: the outcome and, for a refusing listing whose
         reply quotes it, the TXT reason.  Updates the zone's breaker once per
-        query: not for an answer another session is already waiting for,
-        nor for one the cache has meanwhile."""
+        query: not for an answer another session is already waiting for
+        (or stopped waiting for: the query goes on), nor for one the cache
+        has meanwhile, nor for a name that cannot be asked at all."""
         if not entry.breaker.allows():
             return Outcome(ZoneStatus.PAUSED), ""
-        counts = name not in entry.asking and not self.resolver.is_cached(name, "A")
-        if counts:
-            entry.asking.add(name)
+        if not _askable(name):
+            # Over 253 octets, or a label over 63, once the zone is added:
+            # no list can hold it, and no query proves the zone alive.
+            return Outcome(ZoneStatus.CLEAR), ""
+        counts = not self.resolver.is_cached(name, "A") and not self.resolver.is_asking(name, "A")
         try:
             async with asyncio.timeout_at(deadline):
                 answer = await self.resolver.query(name, "A")
         except TimeoutError:
             answer = Answer(Status.TEMPFAIL, error=f"no answer within {self.options.timeout:g}s")
-        finally:
-            if counts:
-                entry.asking.discard(name)
         outcome = classify(answer, entry.codes)
         if counts:
             self._account(entry, name, outcome)
@@ -733,15 +735,22 @@ class DnsblPlugin(Plugin):
     ) -> Verdict | None:
         """The policy's verdict for one zone's outcome, with its score."""
         status = outcome.status
-        if status in (ZoneStatus.CLEAR, ZoneStatus.PAUSED):
+        if status is ZoneStatus.CLEAR:
             return None
         codes = ",".join(outcome.codes)
         if status is ZoneStatus.LISTED:
             finding = "allowed" if entry.zone.type == "allow" else "listed"
+        elif status is ZoneStatus.PAUSED:
+            # Not asked, so not known: a failed lookup, as the policy takes
+            # those (continue by default; where it says defer, no silent pass).
+            finding = "tempfail"
+            if self._spec(entry, finding) == "continue":
+                return None
         else:
             finding = str(status)
         what = "" if identity == "client" else f" {identity}={subject}"
-        result = f"dnsbl={finding} {entry.name}" + (f":{codes}" if codes else "") + what
+        paused = " (paused)" if status is ZoneStatus.PAUSED else ""
+        result = f"dnsbl={finding} {entry.name}" + (f":{codes}" if codes else "") + what + paused
         spec = self._spec(entry, finding)
         fields = {
             "class": _CLASS[identity],
@@ -784,7 +793,11 @@ class DnsblPlugin(Plugin):
         allow: list[Verdict] = []
         others: list[Verdict] = []
         hits: list[Hit] = []
+        #: An allow list that could not answer, which might have listed the client.
+        allow_unknown = False
         for entry, outcome, txt in found:
+            if entry.zone.type == "allow" and outcome.status in (ZoneStatus.TEMPFAIL, ZoneStatus.PAUSED):
+                allow_unknown = True
             verdict = self._verdict(entry, outcome, identity, subject, txt, session)
             if verdict is None:
                 continue
@@ -807,6 +820,13 @@ class DnsblPlugin(Plugin):
         if not verdicts:
             return None
         verdict = combine(verdicts)
+        if allow_unknown and verdict.action is Action.REJECT and verdict.reply is not None:
+            # Postfix's permit_dnswl_client: DEFER_IF_REJECT.  The allow list
+            # might have let this client in: a temporary answer, not a 5yz.
+            reply = verdict.reply
+            verdict = replace(verdict, action=Action.DEFER, disconnect=False,
+                              reply=Reply(451, "4" + reply.enhanced[1:], reply.text),
+                              result=f"{verdict.result} (an allow list did not answer)")
         if verdict.refuses and self.options.delay_reject:
             state.refusals[stage] = replace(verdict, score=0.0, headers=())
             return Verdict(Action.CONTINUE, headers=verdict.headers, score=verdict.score,

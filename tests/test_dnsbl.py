@@ -944,3 +944,36 @@ async def test_hook_runs_under_the_pipeline(dns: DNSServer, resolver: Resolver) 
     calls = [HookCall("dnsbl", plugin.connect, ("session",), False)]
     verdict = await asyncio.wait_for(run_stage(calls, {"session": session("192.0.2.99")}, 5.0, "t"), 5)
     assert verdict.plugin == "dnsbl" and verdict.action is Action.CONTINUE
+
+
+async def test_sessions_waiting_for_one_slow_query_count_it_once(dns: DNSServer) -> None:
+    # The first session gives up after `timeout`; the query goes on, and
+    # the next sessions wait for that same query: one failure, not three.
+    dns.delay("bl.test", 1.5)
+    resolver = Resolver([dns.nameserver], timeout=3.0)
+    plugin = make(resolver, BL, timeout=0.3, pause_after=3, pause=300)
+    for _ in range(3):
+        verdict = await settle(plugin.connect(session("192.0.2.99")))
+        assert verdict is not None and verdict.result == "dnsbl=tempfail bl.test"
+    assert dns.query_count("99.2.0.192.bl.test", "A") == 1
+    assert plugin.entries[0].breaker.allows() and plugin.entries[0].breaker.failures == 1
+
+
+async def test_a_name_too_long_to_ask_proves_nothing_about_the_zone(
+    dns: DNSServer, records: list[logging.LogRecord]
+) -> None:
+    # 252 octets: a valid name alone, too long with ".rhs.test" added. It
+    # is no listing, and no probe of a paused zone either.
+    dns.servfail("rhs.test", subtree=True)
+    plugin = make(Resolver([dns.nameserver], timeout=0.5, tempfail_ttl=0), RHS, pause_after=2, pause=60)
+    plugin.clock = clock = FakeClock()
+    client = session("203.0.113.7")
+    for name in ("a.example", "b.example"):
+        await settle(plugin.helo(client, name))
+    assert not plugin.entries[0].breaker.allows()
+    clock.now += 60
+    sent = dns.total_queries
+    assert await settle(plugin.helo(client, ".".join(["a" * 63] * 3 + ["b" * 60]))) is None
+    assert dns.total_queries == sent
+    assert "zone rhs.test answers again; resumed" not in [r.getMessage() for r in records]
+    assert plugin.entries[0].breaker.tripped  # the next real lookup is still the probe

@@ -256,3 +256,37 @@ def test_a_repeated_helo_counts_its_score_once(
     (delivered,) = postfix.wait_for_messages("postmaster")
     assert b"X-Spam-Score: 2.0\n" in delivered
     assert f"X-Spam-Status: Yes, score=2.0 required=1.0 tests=dnsbl:{test}(2)\n".encode() in delivered
+
+
+def rcpt_reply(gw: Any, ip: str) -> bytes:
+    """RCPT's reply for client ``ip`` (named by XCLIENT)."""
+    with gw.raw() as sock:
+        for line in (f"XCLIENT ADDR={ip} NAME=[UNAVAILABLE]", "EHLO client.example.net", "MAIL FROM:<bob@example.org>"):
+            assert talk(sock, line)[:1] == b"2", line
+        reply = talk(sock, "RCPT TO:<alice@example.com>")
+        talk(sock, "QUIT")
+        return reply
+
+
+@pytest.mark.parametrize("tempfail", ["continue", "defer"])
+def test_an_allow_list_outage_defers_whom_it_might_have_let_in(start_gateway: Any, postfix: Any, dns: Any,
+                                                              tempfail: str) -> None:
+    # Postfix's permit_dnswl_client answers DEFER_IF_REJECT when its lookup
+    # fails: a 554 here would bounce mail the allow list would have let in.
+    dns.servfail("wl.test", subtree=True)
+    gw = start(start_gateway, postfix, dns, actions={"tempfail": tempfail}, pause_after=0)
+    assert rcpt_reply(gw, ALLOWED_IP) == (
+        f"451 4.7.1 Service unavailable; Client host [{ALLOWED_IP}] blocked using bl.test; "
+        "Listed, but allow-listed elsewhere\r\n").encode()
+    dns.reset_faults()
+    gw = start(start_gateway, postfix, dns, actions={"tempfail": tempfail})
+    assert rcpt_reply(gw, ALLOWED_IP) == b"250 2.1.5 Ok\r\n"
+
+
+def test_a_paused_block_list_defers_where_the_policy_says_defer(start_gateway: Any, postfix: Any, dns: Any) -> None:
+    dns.servfail("bl.test", subtree=True)
+    gw = start(start_gateway, postfix, dns, zones={"bl.test": {}}, actions={"tempfail": "defer"}, pause_after=1)
+    failed = "451 4.4.3 Service unavailable; Client host [{}]: lookup in bl.test failed, try again later\r\n"
+    assert rcpt_reply(gw, "192.0.2.90") == failed.format("192.0.2.90").encode()
+    # Paused now, so not asked: still no pass for a client it may list.
+    assert rcpt_reply(gw, LISTED_IP) == failed.format(LISTED_IP).encode()
