@@ -176,7 +176,8 @@ class SMTPSession(_AiosmtpdSMTP):
 
     async def _start(self) -> bool:
         peer = self.transport.get_extra_info("peername") or ("0.0.0.0", 0)
-        peer_ip = ipaddress.ip_address(peer[0])
+        # A link-local peer's zone (fe80::1%eth0) is ours, not its name.
+        peer_ip = ipaddress.ip_address(peer[0].partition("%")[0])
         ip, port = peer_ip, peer[1]
         if self.settings.proxy_protocol:
             # Connections still waiting for their header count against the
@@ -198,8 +199,11 @@ class SMTPSession(_AiosmtpdSMTP):
                 return False
             if isinstance(proxy.src_addr, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
                 ip, port = proxy.src_addr, proxy.src_port or 0
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
+        try:
+            ip = _client_address(ip)
+        except ValueError:
+            log.warning("client %s: a PROXY header with a scoped address", peer_ip)
+            return False
         self._xclient_allowed = self.gateway.may_xclient(ip)
         self.session = Session(
             client_ip=ip,
@@ -899,7 +903,7 @@ class SMTPSession(_AiosmtpdSMTP):
                         await self._error(replies.XCLIENT_NO_ADDR.format(attribute=item))
                         return
                     text = value[5:] if value.upper().startswith("IPV6:") else value
-                    changes["client_ip"] = ipaddress.ip_address(text)
+                    changes["client_ip"] = _client_address(ipaddress.ip_address(text))
                 elif len(value.encode()) > _XCLIENT_VALUE_MAX:
                     raise ValueError
                 elif name in ("NAME", "REVERSE_NAME"):
@@ -947,6 +951,19 @@ class SMTPSession(_AiosmtpdSMTP):
             await self.reply(self._refusal)
             return
         await self.reply(self.gateway.greeting)
+
+
+def _client_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """A client's address as every check takes it: an IPv4-mapped one is
+    the IPv4 client (what a dual-stack socket reports); a scoped one
+    (``%eth0``) names no host outside a link, and no DNS list or next hop
+    takes it (ValueError)."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.scope_id is not None:
+            raise ValueError(f"scoped address {ip}")
+        if ip.ipv4_mapped is not None:
+            return ip.ipv4_mapped
+    return ip
 
 
 def _path_reply(exc: PathError, syntax: Reply, bad_address: Reply) -> Reply:

@@ -290,3 +290,15 @@ def test_a_paused_block_list_defers_where_the_policy_says_defer(start_gateway: A
     assert rcpt_reply(gw, "192.0.2.90") == failed.format("192.0.2.90").encode()
     # Paused now, so not asked: still no pass for a client it may list.
     assert rcpt_reply(gw, LISTED_IP) == failed.format(LISTED_IP).encode()
+
+
+def test_an_xclient_address_is_judged_and_shown_as_the_client_it_names(start_gateway: Any, postfix: Any,
+                                                                      dns: Any) -> None:
+    # IPv4-mapped: the IPv4 client, in the reply too, as at a connection.
+    gw = start(start_gateway, postfix, dns)
+    assert rcpt_reply(gw, f"IPV6:::ffff:{LISTED_IP}") == (
+        f"554 5.7.1 Service unavailable; Client host [{LISTED_IP}] blocked using bl.test; {REASON}\r\n".encode())
+    # Scoped: names no host beyond a link; Postfix's XCLIENT refuses it too.
+    with gw.raw() as sock:
+        assert talk(sock, "XCLIENT ADDR=IPV6:2001:db8::99%eth0") == (
+            b"501 5.5.4 Bad XCLIENT attribute: ADDR=IPV6:2001:db8::99%eth0\r\n")
