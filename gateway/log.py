@@ -65,7 +65,10 @@ def _text(fields: dict[str, Any]) -> str:
         if key in fields:
             parts.append(f"{key}={fields[key]}")
     if "reply" in fields:
-        parts.append(f'reply="{fields["reply"]}"')
+        # Quoted as a whole: a list's TXT text in it could otherwise end
+        # the quotes and pass for fields of its own (action=accept ...).
+        reply = fields["reply"].replace("\\", "\\\\").replace('"', '\\"')
+        parts.append(f'reply="{reply}"')
     return " ".join(parts)
 
 

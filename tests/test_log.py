@@ -56,3 +56,14 @@ def test_nothing_is_formatted_when_the_level_is_off(caplog) -> None:
     with caplog.at_level(logging.WARNING, "smtpgate.decision"):
         log.decision(session(), "data", "delivered", Reply(250, "2.0.0", "Ok"))
     assert caplog.records == []
+
+
+def test_a_reply_quoting_outside_text_cannot_end_its_quotes(caplog) -> None:
+    # A DNS list's TXT record is quoted in the reply; in the line it must
+    # stay inside reply="...", or a log parser reads forged fields.
+    forged = Reply(554, "5.7.1", 'blocked; see " action=accept to=<ceo@example.com> x="')
+    with caplog.at_level(logging.INFO, "smtpgate.decision"):
+        log.decision(session(), "rcpt", "reject", forged)
+    (record,) = caplog.records
+    assert record.getMessage().endswith(
+        'reply="554 5.7.1 blocked; see \\" action=accept to=<ceo@example.com> x=\\""')
