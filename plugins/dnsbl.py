@@ -139,6 +139,7 @@ _CLASS = {"client": "Client host", "helo": "Helo command", "sender": "Sender add
 _HEADER = "X-DNSBL"
 #: Longest TXT reason quoted in a reply (an SMTP reply line holds 512 octets).
 MAX_TXT = 200
+_REPLY_MAX = 512
 
 _LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
 _OPERATOR = ipaddress.IPv4Network("127.255.255.0/24")
@@ -763,6 +764,12 @@ class DnsblPlugin(Plugin):
         }
         template = LISTED.with_text(entry.zone.reply) if entry.zone.reply else LISTED
         reject = template.format(**fields) if finding == "listed" else None
+        if reject is not None and txt and len(reject.wire()) > _REPLY_MAX:
+            # A long HELO or sender name leaves the reason less room: an
+            # SMTP reply line holds 512 octets (RFC 5321 §4.5.3.1.5).
+            room = max(0, len(txt) - (len(reject.wire()) - _REPLY_MAX) - 3)
+            txt = txt[:room] + "..."
+            reject = template.format(**{**fields, "txt": txt, "reason": f"; {txt}"})
         defer = LOOKUP_FAILED.format(**fields) if finding == "tempfail" else None
         headers: tuple[tuple[str, str], ...] = ()
         if spec == "tag":

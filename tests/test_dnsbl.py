@@ -977,3 +977,15 @@ async def test_a_name_too_long_to_ask_proves_nothing_about_the_zone(
     assert dns.total_queries == sent
     assert "zone rhs.test answers again; resumed" not in [r.getMessage() for r in records]
     assert plugin.entries[0].breaker.tripped  # the next real lookup is still the probe
+
+
+async def test_a_listed_long_name_still_gets_a_reply_of_one_reply_line(dns: DNSServer, resolver: Resolver) -> None:
+    # 240 octets of HELO name and 250 of TXT: the reason is cut to fit the
+    # 512 octets of an SMTP reply line (RFC 5321 §4.5.3.1.5).
+    dns.add_zone("rhs3.test", '* A 127.0.0.2\n* TXT "' + "A" * 250 + '"\n')
+    plugin = make(resolver, {"rhs3.test": {"type": "rhs"}}, delay_reject=False)
+    name = ".".join(["a" * 63] * 3 + ["b" * 40, "example"])
+    verdict = await settle(plugin.helo(session("203.0.113.7"), name))
+    assert verdict is not None and verdict.reply is not None
+    assert len(verdict.reply.wire()) == 512
+    assert verdict.reply.text.endswith("AAA...") and f"[{name}] blocked using rhs3.test; AAA" in verdict.reply.text
