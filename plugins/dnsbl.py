@@ -30,10 +30,12 @@ URIBL/SURBL) and 127.0.0.255 (list.dnswl.org's answer to every query once it
 blocks the resolver) -- the last two unless ``codes`` names them.  They are
 the finding ``error``, logged with the zone's name.
 A zone that fails (timeout, SERVFAIL, error codes) ``pause_after`` times in a
-row is paused for ``pause`` seconds: not asked, so it costs no time, and
-counted as not listing anybody.  A lookup failure is the finding
+row is paused for ``pause`` seconds: not asked, so it costs no time; its
+lookups meanwhile count as failed.  A lookup failure is the finding
 ``tempfail``, which by default lets mail through: a list's outage must not
-stop mail.
+stop mail (and where the policy says defer, a paused zone defers too).  An
+allow list that lets clients in and cannot answer makes the session's
+block-list refusals 451s, as Postfix's permit_dnswl_client does.
 
 Options (``[plugins.dnsbl]``, documented in docs/plugins/dnsbl.md):
 ``zones``, ``actions``, ``delay_reject``, ``exempt_recipients``,
@@ -515,6 +517,9 @@ class DnsblResults:
     :param helo_refusal: the verdict of the first HELO/EHLO whose name was
         refused (or held for RCPT), repeated to every later HELO/EHLO of the
         session, so another name cannot wash it out; None while none was.
+    :param allow_unknown: an allow list whose hit lets clients in did not
+        answer for this client (failed, or paused): every block-list refusal
+        of the session is then a 451, as it might have let the client in.
 
     Scores are not de-duplicated here: connect runs once per client, the
     gateway replaces what an earlier HELO contributed, and each transaction
@@ -526,6 +531,7 @@ class DnsblResults:
     refusals: dict[str, Verdict] = field(default_factory=dict)
     mail_envelope: str = ""
     helo_refusal: Verdict | None = None
+    allow_unknown: bool = False
 
 
 def allowlisted(session: Session, name: str = "dnsbl") -> Hit | None:
@@ -546,6 +552,9 @@ class _Entry:
     breaker: Breaker
     #: the reply template uses the TXT record
     wants_txt: bool
+    #: names a session has claimed to count, until its wait ends (the
+    #: resolver tells of a query that goes on after that)
+    asking: set[str] = field(default_factory=set)
 
 
 #: Each zone with its outcome and, for a quoted refusal, the TXT reason.
@@ -668,15 +677,14 @@ class DnsblPlugin(Plugin):
             # Over 253 octets, or a label over 63, once the zone is added:
             # no list can hold it, and no query proves the zone alive.
             return Outcome(ZoneStatus.CLEAR), ""
-        counts = not self.resolver.is_cached(name, "A") and not self.resolver.is_asking(name, "A")
-        try:
-            async with asyncio.timeout_at(deadline):
-                answer = await self.resolver.query(name, "A")
-        except TimeoutError:
-            answer = Answer(Status.TEMPFAIL, error=f"no answer within {self.options.timeout:g}s")
-        outcome = classify(answer, entry.codes)
-        if counts:
-            self._account(entry, name, outcome)
+        resolver = self.resolver
+        if name in entry.asking or resolver.is_cached(name, "A") or resolver.is_asking(name, "A"):
+            outcome = await self._query(entry, name, deadline)
+        else:
+            # This session's query: its outcome is counted even if the
+            # client hangs up meanwhile (the count goes on without it).
+            entry.asking.add(name)
+            outcome = await asyncio.shield(self._query(entry, name, deadline, counted=True))
         txt = ""
         if outcome.status is ZoneStatus.LISTED and entry.wants_txt:
             finding = "allowed" if entry.zone.type == "allow" else "listed"
@@ -687,6 +695,20 @@ class DnsblPlugin(Plugin):
                 except TimeoutError:
                     pass  # the listing stands; the reply goes without a reason
         return outcome, txt
+
+    async def _query(self, entry: _Entry, name: str, deadline: float, *, counted: bool = False) -> Outcome:
+        try:
+            async with asyncio.timeout_at(deadline):
+                answer = await self.resolver.query(name, "A")
+        except TimeoutError:
+            answer = Answer(Status.TEMPFAIL, error=f"no answer within {self.options.timeout:g}s")
+        finally:
+            if counted:
+                entry.asking.discard(name)
+        outcome = classify(answer, entry.codes)
+        if counted:
+            self._account(entry, name, outcome)
+        return outcome
 
     def _account(self, entry: _Entry, name: str, outcome: Outcome) -> None:
         """Breaker bookkeeping and the operator's log lines."""
@@ -700,7 +722,7 @@ class DnsblPlugin(Plugin):
             probe = breaker.tripped
             if breaker.failure():
                 why = "a failed probe" if probe else f"{breaker.threshold} failures in a row"
-                self.log.error("zone %s paused for %gs after %s (last: %s); it lists nobody meanwhile",
+                self.log.error("zone %s paused for %gs after %s (last: %s); its lookups count as tempfail meanwhile",
                                entry.name, breaker.pause, why, outcome.error)
         elif breaker.success():
             self.log.warning("zone %s answers again; resumed", entry.name)
@@ -800,11 +822,10 @@ class DnsblPlugin(Plugin):
         allow: list[Verdict] = []
         others: list[Verdict] = []
         hits: list[Hit] = []
-        #: An allow list that could not answer, which might have listed the client.
-        allow_unknown = False
         for entry, outcome, txt in found:
-            if entry.zone.type == "allow" and outcome.status in (ZoneStatus.TEMPFAIL, ZoneStatus.PAUSED):
-                allow_unknown = True
+            if (entry.zone.type == "allow" and outcome.status in (ZoneStatus.TEMPFAIL, ZoneStatus.PAUSED)
+                    and self._spec(entry, "allowed") == "accept"):
+                state.allow_unknown = True  # asked at connect; it covers HELO and MAIL too
             verdict = self._verdict(entry, outcome, identity, subject, txt, session)
             if verdict is None:
                 continue
@@ -827,7 +848,7 @@ class DnsblPlugin(Plugin):
         if not verdicts:
             return None
         verdict = combine(verdicts)
-        if allow_unknown and verdict.action is Action.REJECT and verdict.reply is not None:
+        if state.allow_unknown and verdict.action is Action.REJECT and verdict.reply is not None:
             # Postfix's permit_dnswl_client: DEFER_IF_REJECT.  The allow list
             # might have let this client in: a temporary answer, not a 5yz.
             reply = verdict.reply

@@ -989,3 +989,17 @@ async def test_a_listed_long_name_still_gets_a_reply_of_one_reply_line(dns: DNSS
     assert verdict is not None and verdict.reply is not None
     assert len(verdict.reply.wire()) == 512
     assert verdict.reply.text.endswith("AAA...") and f"[{name}] blocked using rhs3.test; AAA" in verdict.reply.text
+
+
+async def test_a_query_whose_asker_hung_up_is_still_counted(dns: DNSServer) -> None:
+    # The gateway cancels the hook of a client that leaves; the query it
+    # started goes on, and its failure still counts for the breaker.
+    dns.timeout("bl.test")
+    plugin = make(Resolver([dns.nameserver], timeout=1.0, tempfail_ttl=0), BL, timeout=2.0, pause_after=1,
+                  delay_reject=False)
+    first = asyncio.ensure_future(plugin.connect(session("192.0.2.99")))
+    await asyncio.sleep(0.2)
+    first.cancel()
+    verdict = await plugin.connect(session("192.0.2.99"))
+    assert verdict is not None and verdict.result.startswith("dnsbl=tempfail bl.test")
+    assert not plugin.entries[0].breaker.allows()

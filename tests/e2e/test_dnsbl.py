@@ -302,3 +302,41 @@ def test_an_xclient_address_is_judged_and_shown_as_the_client_it_names(start_gat
     with gw.raw() as sock:
         assert talk(sock, "XCLIENT ADDR=IPV6:2001:db8::99%eth0") == (
             b"501 5.5.4 Bad XCLIENT attribute: ADDR=IPV6:2001:db8::99%eth0\r\n")
+
+
+def first_refusal(gw: Any, ip: str, helo: str = "client.example.net", sender: str = "bob@example.org") -> bytes:
+    """RCPT's reply, or the first refusal before it."""
+    with gw.raw() as sock:
+        for line in (f"XCLIENT ADDR={ip} NAME=[UNAVAILABLE]", f"EHLO {helo}", f"MAIL FROM:<{sender}>",
+                     "RCPT TO:<alice@example.com>"):
+            reply = talk(sock, line)
+            if reply[:1] != b"2":
+                break
+        talk(sock, "QUIT")
+        return reply
+
+
+@pytest.mark.parametrize("delay_reject", [True, False])
+@pytest.mark.parametrize("where", ["helo", "sender"])
+def test_an_allow_list_outage_defers_domain_listings_too(start_gateway: Any, postfix: Any, dns: Any,
+                                                          where: str, delay_reject: bool) -> None:
+    # The allow list is asked at connect; had it answered, the client's HELO
+    # and sender would not have been looked at.
+    zones = {"wl.test": {"type": "allow"}, "rhs.test": {"type": "rhs"}}
+    kw = {"helo": "bot.spamhelo.example"} if where == "helo" else {"sender": "bob@spam.example"}
+    gw = start(start_gateway, postfix, dns, zones=zones, delay_reject=delay_reject)
+    assert first_refusal(gw, ALLOWED_IP, **kw) == b"250 2.1.5 Ok\r\n"
+    dns.servfail("wl.test", subtree=True)
+    gw = start(start_gateway, postfix, dns, zones=zones, delay_reject=delay_reject, pause_after=0)
+    assert first_refusal(gw, ALLOWED_IP, **kw)[:10] == b"451 4.7.1 "
+
+
+def test_an_allow_list_that_lets_no_one_in_changes_nothing_when_down(start_gateway: Any, postfix: Any,
+                                                                      dns: Any) -> None:
+    zones = {"bl.test": {}, "wl.test": {"type": "allow", "action": "tag"}}
+    gw = start(start_gateway, postfix, dns, zones=zones)
+    up = first_refusal(gw, ALLOWED_IP)
+    assert up[:10] == b"554 5.7.1 "
+    dns.servfail("wl.test", subtree=True)
+    gw = start(start_gateway, postfix, dns, zones=zones, pause_after=0)
+    assert first_refusal(gw, ALLOWED_IP) == up
