@@ -143,21 +143,34 @@ class CacheStats:
 class ReverseDNS:
     """What :meth:`Resolver.fcrdns` found.
 
-    :param names: the PTR names, as published (none if the lookup failed).
+    :param names: the PTR names that are host names (none if the lookup
+        failed).
     :param confirmed: those whose addresses include the client's.
     :param ptr_temporary: the PTR lookup failed temporarily.
-    :param forward_temporary: a lookup of a PTR name failed temporarily.
+    :param unsure: names whose own lookup failed temporarily.
+    :param first: the first PTR name as published, host name or not (the
+        one Postfix's lookup takes, as getnameinfo gives it).
     """
 
     names: tuple[str, ...] = ()
     confirmed: tuple[str, ...] = ()
     ptr_temporary: bool = False
-    forward_temporary: bool = False
+    unsure: tuple[str, ...] = ()
+    first: str = ""
 
     @property
     def temporary(self) -> bool:
         """No name is confirmed, and a temporary failure may be why."""
-        return not self.confirmed and (self.ptr_temporary or self.forward_temporary)
+        return not self.confirmed and (self.ptr_temporary or bool(self.unsure))
+
+    def as_postfix(self) -> tuple[str, str, bool]:
+        """``(name, reverse name, name failed temporarily)`` as Postfix's
+        smtpd takes them: from the first PTR name only (getnameinfo's),
+        ``"unknown"`` if it is no host name or does not lead back."""
+        first = self.first
+        if first not in self.names:
+            return "unknown", "unknown", self.ptr_temporary
+        return (first if first in self.confirmed else "unknown"), first, first in self.unsure
 
 
 def _ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -477,16 +490,18 @@ class Resolver:
             return ReverseDNS(ptr_temporary=ptr.temporary)
         # A PTR "name" that is no host name (all digits, a bad label) is
         # none, as Postfix takes it; the next hop's XCLIENT would refuse it.
-        names = tuple(name for name in (record.rstrip(".") for record in ptr.records[:max_names]) if is_hostname(name))
+        published = [record.rstrip(".") for record in ptr.records[:max_names]]
+        names = tuple(name for name in published if is_hostname(name))
         if not names:
-            return ReverseDNS()
+            return ReverseDNS(first=published[0] if published else "")
         rdtype = "A" if address.version == 4 else "AAAA"
         answers = await self.query_all([(name, rdtype) for name in names])
         confirmed = tuple(
             name for name, answer in zip(names, answers)
             if answer.ok and any(ipaddress.ip_address(record) == address for record in answer.records)
         )
-        return ReverseDNS(names, confirmed, forward_temporary=any(answer.temporary for answer in answers))
+        unsure = tuple(name for name, answer in zip(names, answers) if answer.temporary)
+        return ReverseDNS(names, confirmed, unsure=unsure, first=published[0])
 
     async def a_aaaa(self, name: str) -> Answer:
         """A and AAAA of ``name``, asked concurrently, IPv4 first.

@@ -246,11 +246,7 @@ class SMTPSession(_AiosmtpdSMTP):
         would turn all mail away."""
         session = self.session
         found = await self.gateway.resolver.fcrdns(str(session.client_ip))
-        # Postfix asks about the first PTR name only (getnameinfo's).
-        first = found.names[0] if found.names else "unknown"
-        session.client_name = first if first in found.confirmed else "unknown"
-        session.reverse_name = first
-        session.name_tempfail = found.temporary
+        session.client_name, session.reverse_name, session.name_tempfail = found.as_postfix()
         session.reverse_tempfail = found.ptr_temporary
 
     async def _connect_checks(self) -> bool:

@@ -21,7 +21,9 @@ import spf
 
 from gateway import dns as gdns
 from gateway.config import DNSSettings
-from gateway.dns import Answer, Resolver, Status, dkim_dnsfunc, dnsbl_name, reverse_name, spf_cached, spf_check
+from gateway.dns import (
+    Answer, Resolver, ReverseDNS, Status, dkim_dnsfunc, dnsbl_name, reverse_name, spf_cached, spf_check,
+)
 from tests.fixtures.clock import FakeClock
 from tests.fixtures.dkimkeys import keypair
 from tests.fixtures.dnsserver import DNSServer, dns, dns_server  # noqa: F401
@@ -565,3 +567,18 @@ async def test_spf_temperror_is_not_reused(resolver: Resolver, dns: DNSServer, c
     dns.reset_faults()
     clock.now += 10  # past the resolver's short TEMPFAIL cache
     assert (await spf_check(resolver, "198.51.100.5", "a@strict.spf.example", "h.example"))[0] == "fail"
+
+
+@pytest.mark.parametrize(("found", "names"), [
+    (ReverseDNS(("mx.example", "b.example"), ("mx.example",), first="mx.example"), ("mx.example", "mx.example", False)),
+    # Only the first PTR name counts, as in Postfix: another confirmed one does not.
+    (ReverseDNS(("a.example", "b.example"), ("b.example",), first="a.example"), ("unknown", "a.example", False)),
+    (ReverseDNS(("a.example", "b.example"), ("b.example",), unsure=("a.example",), first="a.example"),
+     ("unknown", "a.example", True)),
+    # A first name that is no host name: no name, whatever follows it.
+    (ReverseDNS(("b.example",), ("b.example",), first="bad-.example"), ("unknown", "unknown", False)),
+    (ReverseDNS(ptr_temporary=True), ("unknown", "unknown", True)),
+    (ReverseDNS(), ("unknown", "unknown", False)),
+])
+def test_names_as_postfix_takes_them(found: ReverseDNS, names: tuple[str, str, bool]) -> None:
+    assert found.as_postfix() == names

@@ -38,6 +38,7 @@ def names_gateway(start_gateway, postfix_checking_names: PostfixInstance, dns: D
     for ip, name in ODD_PTR.items():
         dns.add_zone(reverse_name(ip) + ".", f"@ IN PTR {name}\n")
     dns.servfail(reverse_name(PTR_FAILS))
+    dns.servfail("fwdfail.mail.test")  # 203.0.113.14's PTR name
     return start_gateway(f"127.0.0.1:{postfix_checking_names.port}", proxy_protocol=True, peername_lookup=True,
                          dns={"nameservers": [dns.nameserver], "timeout": 1.0})
 
@@ -107,3 +108,10 @@ def test_a_local_client_is_localhost_without_a_query(start_gateway, postfix_chec
         assert smtp.rcpt("alice@example.com") == (250, b"2.1.5 Ok")
     assert postfix_checking_names.wait_for_client("127.0.0.1")["name"] == "localhost"
     assert dns.total_queries == asked
+
+
+
+def test_a_failed_lookup_of_the_name_itself_is_temporary(names_gateway) -> None:
+    # 203.0.113.14's PTR name is fwdfail.mail.test, whose own lookup fails.
+    assert rcpt_behind_balancer(names_gateway.port, "203.0.113.14") == (
+        b"450 4.7.25 Client host rejected: cannot find your hostname, [203.0.113.14]\r\n")
