@@ -104,7 +104,7 @@ class _NextHopProtocol(SMTPProtocol):
                 return None  # its last line is still on its way
         else:
             if end + 1 != len(buffer):
-                raise aiosmtplib.SMTPResponseException(-1, "more than one reply at once (out of step)")
+                raise _out_of_step(buffer, end + 1)
             text = first[4:].strip(b" \t\r\n")
         if not (separator in _SEPARATORS and code.isdigit() and b"200" <= code < b"600" and end < _MAX_REPLY_LINE):
             raise aiosmtplib.SMTPResponseException(-1, f"malformed reply {first[:40]!r}...")
@@ -129,8 +129,15 @@ class _NextHopProtocol(SMTPProtocol):
             if line[3:4] != b"-":
                 break
         if start != len(buffer):
-            raise aiosmtplib.SMTPResponseException(-1, "more than one reply at once (out of step)")
+            raise _out_of_step(buffer, start)
         return b"\n".join(lines)
+
+
+def _out_of_step(buffer: bytearray, end: int) -> aiosmtplib.SMTPResponseException:
+    # What came after the reply goes in the log: often the next hop's own
+    # 421 (Postfix's "too many errors"), which says why.
+    return aiosmtplib.SMTPResponseException(
+        -1, f"more than one reply at once (out of step): {bytes(buffer[end : end + 80])!r}")
 
 
 class Upstream(Protocol):
