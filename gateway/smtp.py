@@ -199,11 +199,9 @@ class SMTPSession(_AiosmtpdSMTP):
                 return False
             if isinstance(proxy.src_addr, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
                 ip, port = proxy.src_addr, proxy.src_port or 0
-        try:
-            ip = _client_address(ip)
-        except ValueError:
-            log.warning("client %s: a PROXY header with a scoped address", peer_ip)
-            return False
+        # aiosmtpd's PROXY reader refuses a scoped address, and the peer's
+        # zone is dropped above: only a mapped one is left to unmap here.
+        ip = _client_address(ip)
         self._xclient_allowed = self.gateway.may_xclient(ip)
         self.session = Session(
             client_ip=ip,

@@ -43,7 +43,8 @@ def test_missing_proxy_header_closes_the_connection(start_gateway, postfix) -> N
 
 
 def test_a_scoped_address_in_the_header_is_refused(start_gateway, postfix) -> None:
-    # fe80::1%eth0 names a host on the balancer's link, not the client.
+    # fe80::1%eth0 names a host on the balancer's link, not the client;
+    # aiosmtpd's PROXY reader refuses it as malformed.
     gw = start_gateway(f"127.0.0.1:{postfix.port}", proxy_protocol=True)
     with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
         sock.sendall(b"PROXY TCP6 fe80::1%eth0 2001:db8::1 40000 25\r\n")
