@@ -90,6 +90,9 @@ class SMTPSession(_AiosmtpdSMTP):
         # Time limits on reading from the client and on waiting for the
         # next hop; the gateway checks them (gateway/deadline.py).
         self.deadline = Deadline(loop.time)
+        #: The limit on the client's silence while a read waits (else 0):
+        #: every arrival of bytes starts it again (data_received).
+        self._silence = 0.0
         upstream_deadline = Deadline(loop.time)
         self.deadlines = (self.deadline, upstream_deadline)
         self.upstream: Upstream = gateway.new_upstream(upstream_deadline)
@@ -122,6 +125,14 @@ class SMTPSession(_AiosmtpdSMTP):
         if self._handler_coroutine is not None and not self._finishing:
             self._handler_coroutine.cancel()
         self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        asyncio.StreamReaderProtocol.data_received(self, data)
+        # A limit is on each wait for the client's next bytes, as Postfix's
+        # smtpd_timeout is, not on a whole line or a whole 64 KiB of DATA:
+        # a slow but steady sender must not be cut off.
+        if self._silence:
+            self.deadline.arm(self._silence, self._timed_out)
 
     def eof_received(self) -> bool | None:
         # The reader sees the EOF and the command loop ends by itself;
@@ -280,6 +291,7 @@ class SMTPSession(_AiosmtpdSMTP):
                 return
             self._idle = self.envelope is None
             deadline.arm(timeout, timed_out)
+            self._silence = timeout
             try:
                 line = await reader.readuntil(b"\n")
             except asyncio.LimitOverrunError as exc:
@@ -287,6 +299,7 @@ class SMTPSession(_AiosmtpdSMTP):
                 await self._error(replies.LINE_TOO_LONG)
                 continue
             finally:
+                self._silence = 0.0
                 deadline.disarm()
                 self._idle = False
             if len(line) > max_len:
@@ -789,11 +802,13 @@ class SMTPSession(_AiosmtpdSMTP):
         dots = -1
         while True:
             deadline.arm(timeout, timed_out)
+            self._silence = timeout
             try:
                 piece = await reader.readuntil(b".\r\n")
             except asyncio.LimitOverrunError as exc:
                 piece = await reader.readexactly(exc.consumed)
             finally:
+                self._silence = 0.0
                 deadline.disarm()
             total += len(piece)
             if dots >= 0:

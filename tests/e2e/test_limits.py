@@ -126,3 +126,23 @@ def test_total_connection_limit(start_gateway, postfix) -> None:
     first = gw.raw()
     with first, socket.create_connection(("127.0.0.1", gw.port), timeout=5) as second:
         assert recv_reply(second) == b"421 4.7.0 gw.test.example Error: too many connections\r\n"
+
+
+def test_data_timeout_is_on_silence_not_on_a_whole_message(start_gateway, postfix) -> None:
+    # As Postfix's smtpd_timeout: a client that keeps sending, however
+    # slowly, is not cut off; the limit is on each wait for its next bytes.
+    gw = start_gateway(f"127.0.0.1:{postfix.port}", data_timeout=1.0)
+    sock = gw.raw()
+    with sock:
+        for line in (f"XCLIENT ADDR={OUTSIDE_IP}".encode(), b"EHLO c.example.net", b"MAIL FROM:<bob@example.org>",
+                     b"RCPT TO:<alice@example.com>", b"DATA"):
+            sock.sendall(line + b"\r\n")
+            assert recv_reply(sock)[:1] in (b"2", b"3")
+        sock.sendall(b"Subject: slow but steady\r\n\r\n")
+        for i in range(8):  # 3.2 s in all, never 1 s without a byte
+            sock.sendall(b"line %d\r\n" % i)
+            time.sleep(0.4)
+        sock.sendall(b".\r\n")
+        assert recv_reply(sock).startswith(b"250 2.0.0 Ok")
+    (message,) = postfix.wait_for_messages("alice")
+    assert message.endswith(b"line 7\n")
