@@ -111,6 +111,10 @@ def _is_fqdn(name: str) -> bool:
         return is_domain(name) and not name.startswith("[") and "." in name.strip(".")
 
 
+#: The SMTP front's read buffer, so the longest command line it can take.
+READ_BUFFER = 64 * 1024
+
+
 def default_hostname() -> str:
     """Postfix's default ``myhostname``: the kernel's host name if it is
     fully qualified, else that name under ``.localdomain``.  Not a resolver
@@ -232,8 +236,8 @@ class GatewaySettings:
         ):
             if getattr(self, key) < 1:
                 bad[key] = "expected a positive integer"
-        if self.max_line_length < 512:
-            bad["max_line_length"] = "expected at least 512 (RFC 5321 §4.5.3.1.4)"
+        if not 512 <= self.max_line_length <= READ_BUFFER:
+            bad["max_line_length"] = f"expected 512 (RFC 5321 §4.5.3.1.4) to {READ_BUFFER}"
         for f in dataclasses.fields(self):
             if f.name.endswith(("_timeout", "_keepalive")) and getattr(self, f.name) <= 0:
                 bad[f.name] = "expected a positive number of seconds"
@@ -349,6 +353,8 @@ def load_policy(path: str | Path) -> Policy:
         raise PolicyError([Problem(name, "(syntax)", f"UTF-8 text (byte {exc.start}: {exc.reason})")]) from None
     except tomllib.TOMLDecodeError as exc:
         raise PolicyError([Problem(name, "(syntax)", f"valid TOML: {exc}")]) from None
+    except RecursionError:  # tomllib parses nested arrays and tables recursively
+        raise PolicyError([Problem(name, "(syntax)", "TOML nested less deeply")]) from None
     return policy_from_dict(data, name)
 
 

@@ -30,6 +30,7 @@ from aiosmtpd.smtp import SMTP as _AiosmtpdSMTP
 from . import log as decisions
 from . import replies
 from .address import ParamError, PathError, is_hostname, parse_path
+from .config import READ_BUFFER
 from .deadline import Deadline
 from .headers import claims_authserv_id, prepend, remove_fields
 from .pipeline import run_stage
@@ -46,7 +47,7 @@ __all__ = ["SMTPSession"]
 
 log = logging.getLogger("smtpgate.smtp")
 
-_READ_LIMIT = 64 * 1024
+_READ_LIMIT = READ_BUFFER
 _NEWLINES = re.compile(rb"\r\n|\r|\n")
 #: Postfix's XCLIENT refuses longer values ("attribute value too long").
 _XCLIENT_VALUE_MAX = 255

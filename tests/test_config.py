@@ -112,6 +112,8 @@ def test_semantic_checks(tmp_path: Path) -> None:
     ("[gateway]\ncommand_timeout = nan\n", "gateway.command_timeout: expected a finite number, got nan"),
     ("[gateway]\nshutdown_timeout = inf\n", "gateway.shutdown_timeout: expected a finite number, got inf"),
     ("[gateway]\nupstream_keepalive = 0\n", "gateway.upstream_keepalive: expected a positive number of seconds"),
+    # The SMTP front reads at most 64 KiB at once: a longer line could not be taken.
+    ("[gateway]\nmax_line_length = 100000\n", "gateway.max_line_length: expected 512 (RFC 5321 §4.5.3.1.4) to 65536"),
     ("[scoring]\ntag = 10\ndefer = nan\nreject = 5\n", "scoring.defer: expected a finite number, got nan"),
     ("[scoring]\nreject = 0\n", "scoring.reject: a threshold above 0"),
     ("[scoring]\ntag = -1\n", "scoring.tag: a threshold above 0"),
@@ -201,3 +203,9 @@ def test_serve_refuses_a_bad_policy_before_listening(tmp_path: Path) -> None:
     )
     assert run.returncode == 2
     assert f"{bad}: gateway.listen: expected HOST:PORT" in run.stderr
+
+
+def test_toml_nested_too_deeply_is_a_policy_error(tmp_path: Path) -> None:
+    # tomllib recurses; 2000 nested arrays ended in a RecursionError traceback.
+    path = write(tmp_path, "x = " + "[" * 2000 + "]" * 2000 + "\n")
+    assert problems(path) == [f"{path}: (syntax): TOML nested less deeply"]
