@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .address import is_domain
+from .address import is_domain, is_hostname
 
 __all__ = [
     "PolicyError",
@@ -88,10 +88,12 @@ class Endpoint:
                 raise ValueError("expected maildir:DIR with a directory")
             return cls(maildir=Path(text[len("maildir:") :]))
         host, sep, port = text.rpartition(":")
-        host = host.strip("[]")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        bracketed = host.startswith("[") and host.endswith("]")
+        if bracketed:
+            host = host[1:-1]
+        if not (sep and port.isascii() and port.isdigit() and 0 < int(port) < 65536 and _endpoint_host(host, bracketed)):
             raise ValueError(
-                "expected HOST:PORT" + (" or maildir:DIR" if maildir_ok else "")
+                "expected HOST:PORT" + (" or maildir:DIR" if maildir_ok else "") + " ([V6]:PORT for IPv6)"
             )
         return cls(host=host, port=int(port))
 
@@ -100,6 +102,17 @@ class Endpoint:
             return f"maildir:{self.maildir}"
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
+
+
+def _endpoint_host(host: str, bracketed: bool) -> bool:
+    """An address, in brackets exactly when IPv6 (``::1:25`` reads two
+    ways), or a host name; nothing else (``smtp://x``, ``a b``) is left to
+    fail later."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return not bracketed and is_hostname(host)
+    return bracketed == (address.version == 6)
 
 
 def _is_fqdn(name: str) -> bool:

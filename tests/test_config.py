@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import GatewaySettings, PolicyError, load_policy
+from gateway.config import Endpoint, GatewaySettings, PolicyError, load_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -105,7 +105,7 @@ def test_semantic_checks(tmp_path: Path) -> None:
     path = write(tmp_path, '[gateway]\ntrusted_networks = ["10.0.0.0/33"]\nupstream = "nowhere"\n')
     found = problems(path)
     assert f"{path}: gateway.trusted_networks[0]: expected an address or network, got '10.0.0.0/33'" in found
-    assert f"{path}: gateway.upstream: expected HOST:PORT or maildir:DIR" in found
+    assert f"{path}: gateway.upstream: expected HOST:PORT or maildir:DIR ([V6]:PORT for IPv6)" in found
 
 
 @pytest.mark.parametrize("text,line", [
@@ -209,3 +209,23 @@ def test_toml_nested_too_deeply_is_a_policy_error(tmp_path: Path) -> None:
     # tomllib recurses; 2000 nested arrays ended in a RecursionError traceback.
     path = write(tmp_path, "x = " + "[" * 2000 + "]" * 2000 + "\n")
     assert problems(path) == [f"{path}: (syntax): TOML nested less deeply"]
+
+
+@pytest.mark.parametrize("text", [
+    "::1", "::1:25",  # IPv6 without brackets: is ":25" its port or its last group?
+    "[[::1]]:25", "::1]:25", "[127.0.0.1]:25", "smtp://x:25", "a b:25", " 127.0.0.1:25",
+    "127.0.0.1:\u0661\u0662",  # digits, but not ASCII ones
+    "127.0.0.1:\u00b2", "127.0.0.1:0", "127.0.0.1:65536", ":25",
+])
+def test_an_endpoint_is_host_colon_port_and_nothing_looser(text: str) -> None:
+    # Each was taken and failed only at bind or connect time, if at all.
+    with pytest.raises(ValueError, match=r"^expected HOST:PORT or maildir:DIR \(\[V6\]:PORT for IPv6\)$"):
+        Endpoint.parse(text, maildir_ok=True)
+
+
+@pytest.mark.parametrize(("text", "host", "port"), [
+    ("127.0.0.1:25", "127.0.0.1", 25), ("[::1]:2525", "::1", 2525), ("localhost:10025", "localhost", 10025),
+    ("mx.example.com:25", "mx.example.com", 25), ("0.0.0.0:25", "0.0.0.0", 25),
+])
+def test_endpoints_that_are(text: str, host: str, port: int) -> None:
+    assert (Endpoint.parse(text, maildir_ok=False).host, Endpoint.parse(text, maildir_ok=False).port) == (host, port)
