@@ -258,12 +258,14 @@ def test_a_repeated_helo_counts_its_score_once(
     assert f"X-Spam-Status: Yes, score=2.0 required=1.0 tests=dnsbl:{test}(2)\n".encode() in delivered
 
 
-def rcpt_reply(gw: Any, ip: str) -> bytes:
-    """RCPT's reply for client ``ip`` (named by XCLIENT)."""
+def first_refusal(gw: Any, ip: str, helo: str = "client.example.net", sender: str = "bob@example.org") -> bytes:
+    """RCPT's reply, or the first refusal before it."""
     with gw.raw() as sock:
-        for line in (f"XCLIENT ADDR={ip} NAME=[UNAVAILABLE]", "EHLO client.example.net", "MAIL FROM:<bob@example.org>"):
-            assert talk(sock, line)[:1] == b"2", line
-        reply = talk(sock, "RCPT TO:<alice@example.com>")
+        for line in (f"XCLIENT ADDR={ip} NAME=[UNAVAILABLE]", f"EHLO {helo}", f"MAIL FROM:<{sender}>",
+                     "RCPT TO:<alice@example.com>"):
+            reply = talk(sock, line)
+            if reply[:1] != b"2":
+                break
         talk(sock, "QUIT")
         return reply
 
@@ -275,45 +277,33 @@ def test_an_allow_list_outage_defers_whom_it_might_have_let_in(start_gateway: An
     # fails: a 554 here would bounce mail the allow list would have let in.
     dns.servfail("wl.test", subtree=True)
     gw = start(start_gateway, postfix, dns, actions={"tempfail": tempfail}, pause_after=0)
-    assert rcpt_reply(gw, ALLOWED_IP) == (
+    assert first_refusal(gw, ALLOWED_IP) == (
         f"451 4.7.1 Service unavailable; Client host [{ALLOWED_IP}] blocked using bl.test; "
         "Listed, but allow-listed elsewhere\r\n").encode()
     dns.reset_faults()
     gw = start(start_gateway, postfix, dns, actions={"tempfail": tempfail})
-    assert rcpt_reply(gw, ALLOWED_IP) == b"250 2.1.5 Ok\r\n"
+    assert first_refusal(gw, ALLOWED_IP) == b"250 2.1.5 Ok\r\n"
 
 
 def test_a_paused_block_list_defers_where_the_policy_says_defer(start_gateway: Any, postfix: Any, dns: Any) -> None:
     dns.servfail("bl.test", subtree=True)
     gw = start(start_gateway, postfix, dns, zones={"bl.test": {}}, actions={"tempfail": "defer"}, pause_after=1)
     failed = "451 4.4.3 Service unavailable; Client host [{}]: lookup in bl.test failed, try again later\r\n"
-    assert rcpt_reply(gw, "192.0.2.90") == failed.format("192.0.2.90").encode()
+    assert first_refusal(gw, "192.0.2.90") == failed.format("192.0.2.90").encode()
     # Paused now, so not asked: still no pass for a client it may list.
-    assert rcpt_reply(gw, LISTED_IP) == failed.format(LISTED_IP).encode()
+    assert first_refusal(gw, LISTED_IP) == failed.format(LISTED_IP).encode()
 
 
 def test_an_xclient_address_is_judged_and_shown_as_the_client_it_names(start_gateway: Any, postfix: Any,
                                                                       dns: Any) -> None:
     # IPv4-mapped: the IPv4 client, in the reply too, as at a connection.
     gw = start(start_gateway, postfix, dns)
-    assert rcpt_reply(gw, f"IPV6:::ffff:{LISTED_IP}") == (
+    assert first_refusal(gw, f"IPV6:::ffff:{LISTED_IP}") == (
         f"554 5.7.1 Service unavailable; Client host [{LISTED_IP}] blocked using bl.test; {REASON}\r\n".encode())
     # Scoped: names no host beyond a link; Postfix's XCLIENT refuses it too.
     with gw.raw() as sock:
         assert talk(sock, "XCLIENT ADDR=IPV6:2001:db8::99%eth0") == (
             b"501 5.5.4 Bad XCLIENT attribute: ADDR=IPV6:2001:db8::99%eth0\r\n")
-
-
-def first_refusal(gw: Any, ip: str, helo: str = "client.example.net", sender: str = "bob@example.org") -> bytes:
-    """RCPT's reply, or the first refusal before it."""
-    with gw.raw() as sock:
-        for line in (f"XCLIENT ADDR={ip} NAME=[UNAVAILABLE]", f"EHLO {helo}", f"MAIL FROM:<{sender}>",
-                     "RCPT TO:<alice@example.com>"):
-            reply = talk(sock, line)
-            if reply[:1] != b"2":
-                break
-        talk(sock, "QUIT")
-        return reply
 
 
 @pytest.mark.parametrize("delay_reject", [True, False])
