@@ -427,6 +427,8 @@ def parse_table(
             continue
         try:
             values[key] = _coerce(value, hints[key])
+        except _Inner as exc:
+            problems.append(Problem(source, f"{path}.{exc.path}", exc.why))
         except TypeError as exc:
             problems.append(Problem(source, path, str(exc)))
     # The other keys' values are still checked, with defaults standing in
@@ -442,6 +444,17 @@ def parse_table(
             Problem(source, f"{prefix}.{k}", e) for k, e in check().items() if re.split(r"[\[.]", k, maxsplit=1)[0] not in wrong
         ]
     return (None if problems else obj), problems
+
+
+class _Inner(TypeError):
+    """A wrong value inside a table option: where (``softfail``, or
+    ``x.codes`` for a table of tables) and what was expected, so the
+    problem names the key itself, not the option that holds it."""
+
+    def __init__(self, path: str, why: str) -> None:
+        super().__init__(f"{path}: {why}")
+        self.path = path
+        self.why = why
 
 
 def _coerce(value: Any, hint: Any) -> Any:
@@ -486,7 +499,15 @@ def _coerce(value: Any, hint: Any) -> Any:
         key_t, val_t = typing.get_args(hint)
         if not isinstance(value, dict):
             raise TypeError(f"expected a table, got {value!r}")
-        return {_coerce(k, key_t): _coerce(v, val_t) for k, v in value.items()}
+        out_d = {}
+        for k, v in value.items():
+            try:
+                out_d[_coerce(k, key_t)] = _coerce(v, val_t)
+            except _Inner as exc:
+                raise _Inner(f"{k}.{exc.path}", exc.why) from None
+            except TypeError as exc:
+                raise _Inner(str(k), str(exc)) from None
+        return out_d
     if origin in (typing.Union, types.UnionType):
         errors = []
         for arg in typing.get_args(hint):

@@ -229,3 +229,16 @@ def test_an_endpoint_is_host_colon_port_and_nothing_looser(text: str) -> None:
 ])
 def test_endpoints_that_are(text: str, host: str, port: int) -> None:
     assert (Endpoint.parse(text, maildir_ok=False).host, Endpoint.parse(text, maildir_ok=False).port) == (host, port)
+
+
+@pytest.mark.parametrize(("text", "key"), [
+    ('[plugins.spf]\nactions = { softfail = true }\n', "plugins.spf.actions.softfail"),
+    ('[plugins.dnsbl.zones.x]\nzone = "a.example"\ncodes = [1]\n', "plugins.dnsbl.zones.x.codes"),
+])
+def test_a_wrong_value_inside_a_table_option_names_its_own_key(tmp_path: Path, text: str, key: str) -> None:
+    # It named the option holding it ("plugins.spf.actions: expected ...").
+    path = write(tmp_path, text)
+    run = subprocess.run([sys.executable, "-m", "gateway", "lint", str(path)], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent.parent, timeout=60)
+    assert run.returncode == 2
+    assert run.stderr.startswith(f"{path}: {key}: expected "), run.stderr

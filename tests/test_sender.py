@@ -250,7 +250,7 @@ def test_policy_problems_name_the_key() -> None:
     table = {"actions": {"tempfail": "reject", "nonsense": "reject", "not_found": "drop", "null_mx": True}}
     with pytest.raises(PolicyError) as info:
         load_plugins(Policy("policy.toml", SETTINGS, plugins={"sender": table}))
-    assert [p.key for p in info.value.problems] == ["plugins.sender.actions"]  # type error first
+    assert [p.key for p in info.value.problems] == ["plugins.sender.actions.null_mx"]  # type error first
     del table["actions"]["null_mx"]
     with pytest.raises(PolicyError) as info:
         load_plugins(Policy("policy.toml", SETTINGS, plugins={"sender": table}))
