@@ -588,10 +588,10 @@ async def test_without_delay_the_connection_is_refused(resolver: Resolver) -> No
 async def test_servfail_of_one_zone_does_not_stop_mail(dns: DNSServer, resolver: Resolver) -> None:
     dns.add_zone("bl2.test", "99.2.0.192 A 127.0.0.2\n")
     dns.servfail("99.2.0.192.bl.test")
-    plugin = make(resolver, {**BL, "bl2.test": {}}, delay_reject=False)
-    start = time.monotonic()
-    verdict = await settle(plugin.connect(session("192.0.2.99")))
-    assert time.monotonic() - start < 0.4
+    # SERVFAIL is an answer: nothing waits for the resolver's time limit.
+    plugin = make(Resolver([dns.nameserver], timeout=60.0), {**BL, "bl2.test": {}}, delay_reject=False, timeout=60.0)
+    async with asyncio.timeout(10):
+        verdict = await settle(plugin.connect(session("192.0.2.99")))
     assert verdict is not None and verdict.action is Action.REJECT
     assert verdict.reply == listed("192.0.2.99", "bl2.test")  # the zone that answered
     assert verdict.result == "dnsbl=tempfail bl.test dnsbl=listed bl2.test:127.0.0.2"
@@ -604,11 +604,11 @@ async def test_servfail_of_one_zone_does_not_stop_mail(dns: DNSServer, resolver:
 async def test_a_silent_zone_costs_at_most_the_timeout(dns: DNSServer) -> None:
     dns.add_zone("bl2.test", "99.2.0.192 A 127.0.0.2\n")
     dns.timeout("bl.test")
-    plugin = make(Resolver([dns.nameserver], timeout=5.0), {**BL, "bl2.test": {}}, timeout=0.3, delay_reject=False)
+    plugin = make(Resolver([dns.nameserver], timeout=60.0), {**BL, "bl2.test": {}}, timeout=0.3, delay_reject=False)
     start = time.monotonic()
-    verdict = await settle(plugin.connect(session("192.0.2.99")))
-    elapsed = time.monotonic() - start
-    assert 0.25 < elapsed < 0.6
+    async with asyncio.timeout(10):  # the resolver alone would wait 60 s
+        verdict = await settle(plugin.connect(session("192.0.2.99")))
+    assert time.monotonic() - start >= 0.25  # it did wait for the silent zone
     assert verdict is not None and verdict.action is Action.REJECT
     assert "dnsbl=tempfail bl.test" in verdict.result
 
@@ -704,17 +704,18 @@ async def test_operator_error_codes_pause_the_zone(dns: DNSServer, resolver: Res
 
 
 async def test_zones_are_asked_concurrently(dns: DNSServer) -> None:
-    """Four zones answering after 0.2-0.6 s: the verdict comes after the
-    slowest, not after the sum (1.5 s), and holds all four results."""
-    delays = {"slow1.test": 0.2, "slow2.test": 0.3, "slow3.test": 0.4, "slow4.test": 0.6}
-    for zone, delay in delays.items():
+    """Four zones whose answers are held: every question is asked before
+    any is answered, and the verdict holds all four results."""
+    zones = ["slow1.test", "slow2.test", "slow3.test", "slow4.test"]
+    for zone in zones:
         dns.add_zone(zone, "99.2.0.192 A 127.0.0.2\n")
-        dns.delay(zone, delay)
-    plugin = make(Resolver([dns.nameserver], timeout=2.0), {z: {"action": 1.0} for z in delays}, timeout=2.0)
-    start = time.monotonic()
-    verdict = await settle(plugin.connect(session("192.0.2.99")))
-    elapsed = time.monotonic() - start
-    assert 0.55 < elapsed < 0.95, elapsed
+        dns.hold(zone)
+    plugin = make(Resolver([dns.nameserver], timeout=10.0), {z: {"action": 1.0} for z in zones}, timeout=10.0)
+    connect = asyncio.ensure_future(settle(plugin.connect(session("192.0.2.99"))))
+    await dns.asked(*((f"99.2.0.192.{zone}", "A") for zone in zones))
+    assert not connect.done()
+    dns.release()
+    verdict = await connect
     assert verdict is not None and verdict.score == 4.0
     assert verdict.result.split(" dnsbl=") == [
         "dnsbl=listed slow1.test:127.0.0.2", "listed slow2.test:127.0.0.2",

@@ -34,7 +34,7 @@ def test_next_hop_that_does_not_greet_gives_421(start_gateway, caplog, mode: str
             code, text = smtp.mail("bob@example.org")
             waited = time.monotonic() - started
     assert (code, text) == (421, b"4.4.1 gw.test.example Error: next hop unavailable, try again later")
-    assert waited < 1.5
+    assert waited < 5.0  # the limit (1 s), not the default (10 s)
     assert f"next hop unavailable: connect to 127.0.0.1:{mta.port}: {logged}" in caplog.text
 
 
@@ -47,7 +47,7 @@ def test_upstream_failing_during_data_gives_451(start_gateway, mode: str) -> Non
             assert smtp.rcpt("alice@example.com")[0] == 250
             started = time.monotonic()
             assert smtp.data(MSG) == (451, b"4.4.1 Error: next hop failed during the transaction, try again later")
-            assert time.monotonic() - started < 2.0
+            assert time.monotonic() - started < 5.0  # the limit (1 s), not the default (600 s)
         assert len(mta.received) == 1
 
 
@@ -124,8 +124,8 @@ def test_upstream_silent_at_rcpt_gives_421_after_upstream_timeout(start_gateway)
             code, text = smtp.rcpt("alice@example.com")
             waited = time.monotonic() - started
     assert (code, text) == (421, b"4.4.1 gw.test.example Error: next hop unavailable, try again later")
-    # The limit, plus at most one check interval (a tenth of it) and slack.
-    assert 1.0 <= waited < 1.6
+    # The limit (the default is minutes); the bound leaves room for a loaded machine.
+    assert 1.0 <= waited < 5.0
 
 
 def test_client_disconnecting_mid_data_delivers_nothing(gateway, postfix) -> None:

@@ -103,8 +103,8 @@ def test_command_timeout(start_gateway, postfix) -> None:
     with s:
         assert recv_reply(s) == b"421 4.4.2 gw.test.example Error: timeout exceeded\r\n"
         assert s.recv(10) == b""
-    # The limit, plus at most one check interval (a tenth of it) and slack.
-    assert 0.5 <= time.monotonic() - started < 1.0
+    # The limit (the default is minutes); the bound leaves room for a loaded machine.
+    assert 0.5 <= time.monotonic() - started < 5.0
 
 
 def test_data_timeout_delivers_nothing(start_gateway, postfix) -> None:
