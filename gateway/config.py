@@ -404,12 +404,17 @@ T = typing.TypeVar("T")
 
 
 def parse_table(
-    cls: type[T], table: Any, prefix: str, source: str, *, extra: frozenset[str] = frozenset()
+    cls: type[T], table: Any, prefix: str, source: str, *, extra: frozenset[str] = frozenset(),
+    complete: bool = True,
 ) -> tuple[T | None, list[Problem]]:
     """Build dataclass ``cls`` from a TOML table, collecting every problem.
 
     Keys in ``extra`` are allowed and skipped (``enabled`` in plugin tables).
     A class may define ``check() -> {key: expected}`` for checks beyond types.
+    A field without a default must be in the table, and a ``ValueError`` or
+    ``TypeError`` from the class's ``__post_init__`` is a problem too, unless
+    ``complete`` is false (a disabled plugin's table: only what it says is
+    checked).
     """
     if not isinstance(table, dict):
         return None, [Problem(source, prefix, "expected a table")]
@@ -431,11 +436,24 @@ def parse_table(
             problems.append(Problem(source, f"{path}.{exc.path}", exc.why))
         except TypeError as exc:
             problems.append(Problem(source, path, str(exc)))
+    # A key without a default that the table leaves out would otherwise
+    # fail the construction below with no problem to show: the plugin
+    # would be dropped while lint says ok.
+    problems += [
+        Problem(source, f"{prefix}.{name}", "a value (this key has no default)")
+        for name, f in fields.items()
+        if complete and name not in table and f.init
+        and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     # The other keys' values are still checked, with defaults standing in
     # for the wrong ones, so one round of lint shows every problem.
     try:
         obj = cls(**values)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError) as exc:
+        if not problems and complete:
+            # The class's own __post_init__ refused the values: as silent
+            # as a missing key, unless said here.
+            problems.append(Problem(source, prefix, f"valid options ({exc})"))
         return None, problems
     check = getattr(obj, "check", None)
     if check is not None:

@@ -148,7 +148,7 @@ def load_plugins(
             options = getattr(off, "Options", None)
             if options is not None:
                 problems += parse_table(
-                    options, table, f"plugins.{name}", policy.source, extra=frozenset({"enabled"})
+                    options, table, f"plugins.{name}", policy.source, extra=frozenset({"enabled"}), complete=False
                 )[1]
             continue
         origin = available[name][1]
@@ -166,7 +166,15 @@ def load_plugins(
         problems += found
         if options is None:
             continue
-        instance = cls(options, context, name)
+        try:
+            instance = cls(options, context, name)
+        except Exception as exc:
+            # The manual tells a plugin that cannot work to raise here: that
+            # is a problem of this policy, named like any other, so lint and
+            # serve exit 2 and a reload is refused, rather than a bare traceback.
+            log.error("plugin %s (%s) failed to start", name, origin, exc_info=True)
+            problems.append(Problem(policy.source, f"plugins.{name}", f"a plugin that starts ({exc!r})"))
+            continue
         try:
             pm.register(instance, name=name)
         except pluggy.PluginValidationError as exc:

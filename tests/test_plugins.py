@@ -1,6 +1,7 @@
 """Loading plugins: order from the policy, defaults, validation."""
 
 import logging
+from dataclasses import dataclass
 
 import pytest
 
@@ -95,3 +96,58 @@ def test_a_temporary_failure_may_not_be_mapped_to_reject(plugin: str, finding: s
         load_plugins(policy, Context(policy.gateway))
     assert [p.key for p in info.value.problems] == [f"plugins.{plugin}.actions.{finding}"]
     assert "defer" in str(info.value)
+
+
+class NeedsKey(Plugin):
+    @dataclass(frozen=True)
+    class Options:
+        api_key: str
+        limit: int = 5
+
+        def __post_init__(self) -> None:
+            if self.limit < 1:
+                raise ValueError("limit must be at least 1")
+
+    @hookimpl
+    def mail(self):
+        return None
+
+
+class CannotWork(Plugin):
+    def __init__(self, options, context, name=""):
+        super().__init__(options, context, name)
+        raise RuntimeError("no licence file")
+
+    @hookimpl
+    def mail(self):
+        return None
+
+
+def test_an_option_without_default_must_be_given() -> None:
+    # Once, the plugin was silently left out and lint said ok.
+    with pytest.raises(PolicyError) as info:
+        load({"needs": {}}, {"needs": NeedsKey})
+    (problem,) = info.value.problems
+    assert (problem.key, problem.expected) == ("plugins.needs.api_key", "a value (this key has no default)")
+    assert [p.name for p in load({"needs": {"api_key": "k"}}, {"needs": NeedsKey}).plugins][0] == "needs"
+
+
+def test_options_refused_by_their_own_post_init_are_a_problem() -> None:
+    with pytest.raises(PolicyError) as info:
+        load({"needs": {"api_key": "k", "limit": 0}}, {"needs": NeedsKey})
+    (problem,) = info.value.problems
+    assert problem.key == "plugins.needs" and "limit must be at least 1" in problem.expected
+
+
+def test_a_disabled_plugin_need_not_be_given_its_required_options() -> None:
+    registry = load({"needs": {"enabled": False}}, {"needs": NeedsKey})
+    assert "needs" not in {p.name for p in registry.plugins}
+
+
+def test_a_plugin_whose_constructor_raises_is_a_named_problem(caplog) -> None:
+    with caplog.at_level(logging.ERROR, "smtpgate"), pytest.raises(PolicyError) as info:
+        load({"cannot": {}}, {"cannot": CannotWork})
+    (problem,) = info.value.problems
+    assert problem.key == "plugins.cannot"
+    assert problem.expected == "a plugin that starts (RuntimeError('no licence file'))"
+    assert "plugin cannot" in caplog.text and "RuntimeError: no licence file" in caplog.text

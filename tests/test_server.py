@@ -33,9 +33,10 @@ def test_a_plugin_that_cannot_start_keeps_the_running_policy(start_gateway, tmp_
     gw = start_gateway(upstream, extra={"unbuildable": Unbuildable})
     with caplog.at_level(logging.ERROR, "smtpgate.server"):
         gw.reload(make_policy(upstream, hostname="new.example", plugins={"unbuildable": {}}))
-    (record,) = caplog.records
+    (record,) = [r for r in caplog.records if r.name == "smtpgate.server"]
     assert record.getMessage() == "reload failed, the running policy stays"
-    assert "RuntimeError: cannot reach its database" in caplog.text  # the traceback
+    assert "plugins.unbuildable: a plugin that starts (RuntimeError('cannot reach its database'))" in caplog.text
+    assert "RuntimeError: cannot reach its database" in caplog.text  # the traceback, from the loader
     with gw.client() as smtp:
         assert smtp.ehlo_resp.startswith(b"gw.test.example")
 
