@@ -9,13 +9,18 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 
-__all__ = ["prepend", "field_value", "remove_fields", "claims_authserv_id"]
+__all__ = ["prepend", "field_value", "is_field_name", "remove_fields", "claims_authserv_id"]
 
 
 #: RFC 5322 §3.6.8 field name: printable ASCII but the colon.
 _FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+\Z")
 #: A line break that does not fold (is not followed by a blank), or a lone CR.
 _UNFOLDED = re.compile(r"\r?\n(?![ \t])|\r(?!\n)")
+
+
+def is_field_name(name: object) -> bool:
+    """Whether ``name`` can be written as a header field's name."""
+    return isinstance(name, str) and _FIELD_NAME.match(name) is not None
 
 
 def field_value(value: str) -> str:
@@ -71,7 +76,7 @@ def prepend(raw: bytes, headers: Iterable[tuple[str, str]]) -> bytes:
     written."""
     lines = []
     for name, value in headers:
-        if not _FIELD_NAME.match(name):
+        if not is_field_name(name):
             raise ValueError(f"not a header field name: {name!r}")
         field = f"{name}: {field_value(value)}\r\n".encode("utf-8", "surrogateescape")
         if len(field) > _LINE_MAX + 2:

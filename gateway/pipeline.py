@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Sequence
 from typing import Any
 
 from . import replies
+from .headers import is_field_name
 from .plugins import HookCall
 from .verdict import CONTINUE, Verdict, combine
 
@@ -41,7 +42,22 @@ def _checked(call: HookCall, result: object, session_id: str) -> Verdict | None:
             session_id, call.plugin, call.function.__name__, result,
         )
         return _failed(call, "bad return value")
+    if result.headers and not _writable(result.headers):
+        # Caught here, it is the plugin's failure (451, the session goes
+        # on); at the end of DATA it would end the session as our own error.
+        log.error(
+            "session=%s plugin=%s hook=%s returned headers %r: not (name, value) pairs of a field name and a string",
+            session_id, call.plugin, call.function.__name__, result.headers,
+        )
+        return _failed(call, "bad return value")
     return result.by(call.plugin)
+
+
+def _writable(headers: object) -> bool:
+    try:
+        return all(is_field_name(name) and isinstance(value, str) for name, value in headers)  # type: ignore[attr-defined]
+    except (TypeError, ValueError):  # not a sequence of pairs
+        return False
 
 
 def _raised(call: HookCall, session_id: str, error: BaseException | None = None) -> Verdict:
@@ -60,6 +76,10 @@ async def _awaited(call: HookCall, pending: Awaitable[object], timeout: float, s
         async with asyncio.timeout(timeout) as budget:
             result = await pending
     except TimeoutError:
+        if not budget.expired():
+            # The hook's own TimeoutError (its own wait_for on a slow
+            # server): its failure, with its traceback, not our budget's.
+            return _raised(call, session_id)
         return _overran(call, timeout, session_id)
     except asyncio.CancelledError:
         task = asyncio.current_task()
@@ -90,7 +110,13 @@ def _outcome(call: HookCall, task: asyncio.Future[object], timeout: float, sessi
     if not task.done():
         return _overran(call, timeout, session_id)  # cancelled by run_stage
     if task.cancelled():
-        return _failed(call, "cancelled")
+        # A task run_stage cancelled is not done yet here: this one raised
+        # CancelledError itself, a failure like any other, logged with
+        # where it came from.
+        try:
+            task.result()
+        except asyncio.CancelledError as cancelled:
+            return _raised(call, session_id, cancelled)
     error = task.exception()
     if error is not None:
         return _raised(call, session_id, error)

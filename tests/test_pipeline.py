@@ -200,3 +200,43 @@ async def test_the_sessions_own_cancellation_still_cancels() -> None:
     stage.cancel()
     with pytest.raises(asyncio.CancelledError):
         await stage
+
+
+async def _impatient(session):
+    # A plugin's own asyncio.wait_for on a slow server: TimeoutError long
+    # before hook_timeout, once logged as "no answer within 30.0s".
+    await asyncio.wait_for(asyncio.sleep(5), 0.01)
+
+
+async def _quits(session):
+    await asyncio.sleep(0)
+    raise asyncio.CancelledError("given up")  # beside another hook, once not logged at all
+
+
+@pytest.mark.parametrize("hook,error", [(_impatient, "TimeoutError"), (_quits, "CancelledError")])
+@pytest.mark.parametrize("beside", [False, True])
+async def test_a_hooks_own_timeout_or_cancellation_is_its_logged_failure(
+    hook, error: str, beside: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def other(session):
+        await asyncio.sleep(0)
+
+    calls = [call("own", hook)] + ([call("other", other)] if beside else [])
+    with caplog.at_level(logging.ERROR, "smtpgate"):
+        out = await run_stage(calls, {"session": None}, 30.0, "S1")
+    assert (out.action, out.reply.code, out.plugin, out.result) == (Action.DEFER, 451, "own", "error: exception")
+    assert f"plugin=own hook={hook.__name__} raised" in caplog.text and error in caplog.text
+    assert "no answer within" not in caplog.text
+
+
+@pytest.mark.parametrize("headers", [(("X Bad Name", "v"),), (("X-Ok", 3),), ("X-Not-A-Pair",)])
+async def test_headers_that_cannot_be_written_are_the_plugins_failure(headers, caplog: pytest.LogCaptureFixture) -> None:
+    # Found only when the message was written, they ended the session as
+    # the gateway's own internal error.
+    def tags(session):
+        return Verdict(Action.TAG, headers=headers)
+
+    with caplog.at_level(logging.ERROR, "smtpgate"):
+        out = await run_stage([call("tags", tags)], {"session": None}, 1.0, "S1")
+    assert (out.action, out.reply.code, out.plugin, out.result) == (Action.DEFER, 451, "tags", "error: bad return value")
+    assert "plugin=tags hook=tags returned headers" in caplog.text
