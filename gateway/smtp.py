@@ -430,7 +430,7 @@ class SMTPSession(_AiosmtpdSMTP):
         decisions.decision(self.session, stage, "monitor", verdict.reply, plugin=verdict.plugin,
                            result=f"would {verdict.action.name.lower()}: {verdict.result}".rstrip(": "), **where)
 
-    def _score(self, envelope: Envelope, pending: Sequence[Verdict] = ()) -> Verdict:
+    def _score(self, stage: str, envelope: Envelope, pending: Sequence[Verdict] = ()) -> Verdict:
         """The transaction's summed score (with ``pending``, a recipient's
         verdicts not yet in it) against the [scoring] thresholds."""
         scoring = self.gateway.policy.scoring
@@ -445,7 +445,7 @@ class SMTPSession(_AiosmtpdSMTP):
             verdict = Verdict.defer(replies.SCORE_DEFER.format(score=total), plugin="scoring", result=detail)
         else:
             return CONTINUE
-        return self._monitored(self.gateway.policy.scoring.stage, verdict, envelope)
+        return self._monitored(stage, verdict, envelope)
 
     def _keep_field(self, field: bytes) -> bool:
         """For :func:`remove_fields`: only others' Authentication-Results stay."""
@@ -707,7 +707,7 @@ class SMTPSession(_AiosmtpdSMTP):
         tags: list[Verdict] = []
         _keep(verdict, tags)
         if self.gateway.policy.scoring.stage == "rcpt":
-            verdict = self._score(envelope, tags)
+            verdict = self._score("rcpt", envelope, tags)
             if verdict.refuses:
                 await self.reply(self._refused("rcpt", verdict, envelope=envelope, rcpt=address.mailbox))
                 return
@@ -772,10 +772,13 @@ class SMTPSession(_AiosmtpdSMTP):
         if verdict.refuses:
             return b"", self._refused("data", verdict, envelope=envelope)
         _keep(verdict, envelope.tags)
-        if self.gateway.policy.scoring.stage == "data":
-            scored = self._score(envelope)
-            if scored.refuses:
-                return b"", self._refused("data", scored, envelope=envelope)
+        # With stage = "rcpt" too: the recipients were judged as they came,
+        # but a check of the message scores only now, and its score must be
+        # able to reach the thresholds (it was summed into X-Spam-Status and
+        # the message delivered, however far over `reject`).
+        scored = self._score("data", envelope)
+        if scored.refuses:
+            return b"", self._refused("data", scored, envelope=envelope)
         # RFC 8601 §5: results that claim to be ours but arrived with the
         # message are forgeries; ours are added below.  So are the client's
         # own X-Spam-* fields when we write those.

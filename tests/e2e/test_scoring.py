@@ -52,6 +52,19 @@ def test_judged_at_rcpt_when_the_policy_says_so(start_gateway, postfix) -> None:
         assert smtp.rcpt("s6@remote.example") == (554, b"5.7.1 Error: message rejected as spam (score 6.0)")
 
 
+def test_at_rcpt_a_score_found_in_the_message_is_judged_at_data(start_gateway, postfix) -> None:
+    gw = start(start_gateway, postfix, scoring={"reject": 5.0, "stage": "rcpt"})
+    with gw.client(xclient=TRUSTED_IP) as smtp:
+        smtp.mail("bob@example.org")
+        assert smtp.rcpt("s2@remote.example")[0] == 250
+        assert smtp.rcpt("alice@example.com")[0] == 250
+        assert smtp.data(b"X-Test-Score: 4\r\nSubject: scored\r\n\r\nbody\r\n") == (
+            554, b"5.7.1 Error: message rejected as spam (score 6.0)")
+        assert send(smtp, "s2@remote.example", "alice@example.com")[0] == 250
+    (delivered,) = postfix.wait_for_messages("alice")
+    assert b"X-Spam-Status: No, score=2.0 required=5.0 tests=scorer:score-s2(2)\n" in delivered
+
+
 def test_monitor_mode_refuses_nothing_and_logs_what_it_would_have_done(start_gateway, postfix, caplog) -> None:
     gw = start(start_gateway, postfix, plugins=("scorer", "boom"), scoring={"reject": 1.0}, monitor=True)
     with caplog.at_level(logging.INFO, "smtpgate"):
