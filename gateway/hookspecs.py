@@ -52,8 +52,9 @@ How the gateway calls hooks
   later, the traceback is logged with the plugin's name, and the session and
   the gateway go on.  A crashed check never lets mail pass.  An async hook
   that catches the cancellation at the end of its budget and answers
-  anyway is still late: its answer is dropped for the 451, but its session
-  waits until it returns.
+  anyway is still late: its answer is dropped for the 451; if it was the
+  stage's only awaitable its session waits until it returns, otherwise it
+  is left running and its answer is never read.
 * In monitor mode (``[gateway] monitor = true``) refusals and failures are
   logged as what would have happened and the command goes on -- except
   those of a plugin whose class sets ``monitored = False``, as ``relay``
@@ -63,6 +64,45 @@ How the gateway calls hooks
   pass come from the next hop (Postfix), verbatim.
 * An implementation may accept fewer arguments than the spec names; pass
   them by these names.
+
+Replies, headers and scores
+---------------------------
+* A DEFER needs a 4yz :class:`~gateway.Reply`, a REJECT a 5yz.  The
+  gateway offers ENHANCEDSTATUSCODES, so give every reply an RFC 3463 code
+  of the same class (``Reply(550, "5.7.1", text)``); nothing checks that
+  for you.
+* Any verdict may carry ``headers`` (``(name, value)`` string pairs; a
+  name that is no header field name makes the hook a failure, 451) and a
+  ``score`` (summed against ``[scoring]``, whatever the action).  Those of
+  connect and HELO verdicts count for every transaction of the session (a
+  new HELO replaces what the previous one gave), those of MAIL and DATA for
+  the transaction, those of RCPT once the next hop accepts the recipient.
+  The headers go on top of the message stage by stage (connect, HELO,
+  MAIL, RCPT, DATA; within a stage in policy order), followed by
+  ``X-Spam-Score`` and ``X-Spam-Status``.
+
+Options
+-------
+``Options`` is a frozen dataclass; each field is a key of the plugin's
+table, checked against its type hint when the policy is loaded (``lint``,
+``serve``, every reload).  Hints may be ``bool``, ``int``, ``float``,
+``str``, ``Literal[...]``, ``tuple[T, ...]`` (a TOML array; lists arrive as
+tuples), ``dict[str, T]`` (a table) and unions of those.  A field without
+a default must be in the table.  For checks beyond types, give the class a
+``check(self) -> dict[str, str]`` returning ``{key: "expected ..."}``; a
+``ValueError`` from ``__post_init__`` is reported too, but names only the
+table.  Every problem is reported as ``FILE: plugins.NAME.KEY: ...`` and
+nothing starts.  ``enabled`` is the gateway's own key.
+
+State
+-----
+One instance serves every session of its worker, so keep per-session
+state off ``self``: put it in ``session.stash`` under a
+:class:`~gateway.StashKey` of your own (``KEY = StashKey[Counter]()``,
+``session.stash.setdefault(KEY, Counter())``); it lives as long as the
+connection, and an XCLIENT starts it afresh.  ``envelope.stash`` lives for
+one transaction and ``message.stash`` for one message.  What other plugins
+may read goes in ``session.results[self.name]``.
 """
 
 from __future__ import annotations
@@ -157,8 +197,9 @@ def data(session: Session, envelope: Envelope, message: Message) -> Verdict | No
     """End of DATA: the whole message has arrived, nothing is forwarded yet.
 
     :param message: ``message.raw`` is the message as the client sent it
-        (dot-stuffing undone, CRLF line ends); ``message.headers`` is parsed
-        on first use.
+        (dot-stuffing undone, CRLF line ends; bare CR and LF made CRLF with
+        ``bare_newline = "normalize"``); ``message.headers`` is parsed on
+        first use.
     :returns: ``None`` or TAG to forward the message (with every header of
         the session's and the transaction's TAG verdicts prepended); the
         client's reply is then the next hop's reply.  DEFER/REJECT to refuse
@@ -191,6 +232,11 @@ def expn(session: Session, argument: str) -> Verdict | None:
 @hookspec
 def disconnect(session: Session) -> None:
     """The client is gone (QUIT, timeout, reset, or refused).
+
+    Runs once per connection, also for one the connection limits
+    (``max_connections``, ``max_connections_per_ip``) refused before any
+    connect hook ran, so what ``connect`` put in ``session.stash`` may be
+    missing; after XCLIENT, ``connect`` has run more than once.
 
     For bookkeeping only (counters, caches): the return value is not used
     (anything but ``None`` or a Verdict is logged as an error), and an
