@@ -67,10 +67,12 @@ How the gateway calls hooks
 
 Replies, headers and scores
 ---------------------------
-* A DEFER needs a 4yz :class:`~gateway.Reply`, a REJECT a 5yz.  The
-  gateway offers ENHANCEDSTATUSCODES, so give every reply an RFC 3463 code
-  of the same class (``Reply(550, "5.7.1", text)``); nothing checks that
-  for you.
+* A DEFER needs a 4yz :class:`~gateway.Reply`, a REJECT a 5yz, each with
+  an RFC 3463 enhanced code of the same class (``Reply(550, "5.7.1",
+  text)``): the gateway offers ENHANCEDSTATUSCODES, and a client that reads
+  only that code must read the same verdict.  :class:`~gateway.Verdict`
+  raises ``ValueError`` otherwise, so the mistake shows as the hook's
+  failure (451 and a traceback) the first time it happens.
 * Any verdict may carry ``headers`` (``(name, value)`` string pairs; a
   name that is no header field name makes the hook a failure, 451) and a
   ``score`` (summed against ``[scoring]``, whatever the action).  Those of

@@ -11,6 +11,7 @@ against thresholds, like rspamd's actions) needs no other shape.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,8 @@ from typing import Any
 from .replies import Reply
 
 __all__ = ["Action", "Verdict", "combine", "CONTINUE"]
+
+_ENHANCED = re.compile(r"[45]\.\d{1,3}\.\d{1,3}\Z")
 
 
 class Action(enum.IntEnum):
@@ -73,6 +76,13 @@ class Verdict:
                 raise ValueError(
                     f"a {self.action.name} verdict needs a {wanted}yz reply, "
                     f"got {self.reply.code}"
+                )
+            # We offer ENHANCEDSTATUSCODES: a client that reads only the
+            # enhanced code must not take a refusal for the other kind.
+            if not _ENHANCED.match(self.reply.enhanced) or self.reply.enhanced[0] != str(wanted):
+                raise ValueError(
+                    f"a {self.action.name} verdict needs an RFC 3463 code {wanted}.x.y, "
+                    f"got {self.reply.enhanced!r}"
                 )
 
     @classmethod

@@ -37,11 +37,21 @@ def test_disconnect_breaks_a_tie_of_equal_severity() -> None:
 
 
 @pytest.mark.parametrize(
-    "make",
-    [lambda: Verdict.reject(DEF), lambda: Verdict.defer(REJ), lambda: Verdict(Action.REJECT)],
+    "make, why",
+    [
+        (lambda: Verdict.reject(DEF), "needs a 5yz reply, got 4"),
+        (lambda: Verdict.defer(REJ), "needs a 4yz reply, got 5"),
+        (lambda: Verdict(Action.REJECT), "needs a reply"),
+        # A client that reads the enhanced code must read the same verdict.
+        (lambda: Verdict.reject(Reply(550, "4.7.1", "no")), "needs an RFC 3463 code 5.x.y, got '4.7.1'"),
+        (lambda: Verdict.defer(Reply(450, "5.7.1", "later")), "needs an RFC 3463 code 4.x.y, got '5.7.1'"),
+        (lambda: Verdict.reject(Reply(550, "", "no")), "needs an RFC 3463 code 5.x.y, got ''"),
+        (lambda: Verdict.reject(Reply(550, "5.7", "no")), "got '5.7'"),
+        (lambda: Verdict.reject(Reply(550, "5.7.1.2", "no")), "got '5.7.1.2'"),
+    ],
 )
-def test_refusals_need_a_reply_of_the_right_class(make) -> None:
-    with pytest.raises(ValueError):
+def test_refusals_need_a_reply_of_the_right_class(make, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
         make()
 
 
