@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from . import __version__, replies
-from .config import Policy, ip_in
+from .config import Policy, PolicyError, ip_in
 from .deadline import Deadline, tick_for
 from .dns import Resolver
 from .limits import Counts, SharedCounts
@@ -295,6 +295,12 @@ def reload(service: Service, load: Callable[[], Policy], extra: Mapping[str, typ
         running = service.gateway
         resolver = running.resolver if policy.dns == running.policy.dns else None
         gateway = Gateway(policy, extra, counts=running.counts, resolver=resolver)
+    except PolicyError as exc:
+        # Named problems (a plugin that cannot start has had its traceback
+        # logged by the loader): said as the supervisor says them.
+        for problem in exc.problems:
+            log.error("reload refused, the running policy stays: %s", problem)
+        return
     except Exception:
         log.exception("reload failed, the running policy stays")
         return
