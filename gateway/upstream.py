@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import ipaddress
 import itertools
+import logging
 import os
 import re
 import socket
@@ -35,6 +36,8 @@ from .replies import Reply
 from .session import Envelope, Session
 
 __all__ = ["Upstream", "UpstreamError", "ClientRefused", "SMTPUpstream", "MaildirUpstream", "NextHopMemory", "make_upstream"]
+
+log = logging.getLogger("smtpgate.upstream")
 
 _NEWLINES = re.compile(rb"\r\n|\r|\n")
 
@@ -177,6 +180,8 @@ class NextHopMemory:
     extensions: frozenset[str] = frozenset()
     #: XCLIENT attributes, upper-case; empty when XCLIENT is not offered.
     xclient: frozenset[str] = frozenset()
+    #: That XCLIENT is not offered has been logged (once, until it is again).
+    said_no_xclient: bool = False
 
 
 class SMTPUpstream:
@@ -320,6 +325,15 @@ class SMTPUpstream:
             # Nor is what it offers one client (its discard maps) what it
             # offers the next: only our own EHLO sets the offer remembered.
             self._xclient_attrs = frozenset(offered.get("xclient", "").upper().split())
+            if not self._xclient_attrs and not self._memory.said_no_xclient:
+                # Not an error (an MTA without XCLIENT works), but behind a
+                # Postfix that forgot smtpd_authorized_xclient_hosts every
+                # client is this gateway's address, inside its mynetworks.
+                log.warning(
+                    "next hop %s does not offer us XCLIENT: it takes every client for this gateway "
+                    "(its logs, its restrictions, its mynetworks); for Postfix, add our address to "
+                    "smtpd_authorized_xclient_hosts", self._endpoint)
+            self._memory.said_no_xclient = not self._xclient_attrs
             self._greeted = True
             self._memory.xclient = self._xclient_attrs
             self._memory.extensions = self.extensions

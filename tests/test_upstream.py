@@ -103,3 +103,66 @@ def test_replies_are_read_as_aiosmtplib_reads_them(wire: bytes, read: tuple[int,
 def test_a_reply_that_is_not_one_well_formed_reply_fails_the_read(wire: bytes) -> None:
     with pytest.raises(aiosmtplib.SMTPResponseException):
         read_reply(wire)
+
+
+async def _next_hop_offering(extensions: list[str]) -> tuple[asyncio.Server, asyncio.Event]:
+    """A next hop that greets, answers EHLO with ``extensions``, XCLIENT as
+    Postfix does, and QUIT; the event is set once its session has ended."""
+    ended = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(b"220 mta.example.org ESMTP\r\n")
+            while line := await reader.readline():
+                if line.upper().startswith(b"EHLO"):
+                    lines = ["mta.example.org", *extensions]
+                    writer.write("".join(f"250{'-' if i < len(lines) - 1 else ' '}{text}\r\n"
+                                         for i, text in enumerate(lines)).encode())
+                elif line.upper().startswith(b"XCLIENT"):
+                    offers = any(e.startswith("XCLIENT") for e in extensions)
+                    writer.write(b"220 mta.example.org ESMTP\r\n" if offers
+                                 else b"550 5.7.0 Error: insufficient authorization\r\n")
+                elif line.upper().startswith(b"QUIT"):
+                    writer.write(b"221 2.0.0 Bye\r\n")
+                    break
+                else:
+                    writer.write(b"502 5.5.1 no\r\n")
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+            ended.set()
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0), ended
+
+
+async def test_a_next_hop_without_xclient_is_logged_once_per_worker(caplog: pytest.LogCaptureFixture) -> None:
+    # Postfix without smtpd_authorized_xclient_hosts for us takes every
+    # client for the gateway: its restrictions and mynetworks judge us.
+    import ipaddress
+
+    from gateway.config import Endpoint, GatewaySettings
+    from gateway.session import Session
+    from gateway.upstream import NextHopMemory, SMTPUpstream
+
+    settings = GatewaySettings(hostname="gw.example.org")
+    memory = NextHopMemory()
+    client = Session(client_ip=ipaddress.ip_address("203.0.113.7"), helo="mail.example.net")
+    # Once offered, later sessions go straight to XCLIENT; refused, they
+    # look again with our EHLO, and a lost offer is said again.
+    for offered, warnings in ((["PIPELINING"], 1), (["PIPELINING"], 1),
+                              (["XCLIENT NAME ADDR HELO"], 1), (["PIPELINING"], 2)):
+        server, ended = await _next_hop_offering(offered)
+        port = server.sockets[0].getsockname()[1]
+        upstream = SMTPUpstream(Endpoint("127.0.0.1", port), settings, memory)
+        with caplog.at_level("WARNING", logger="smtpgate.upstream"):
+            await upstream.connect()
+            await upstream.introduce(client)
+            await upstream.close()
+        await asyncio.wait_for(ended.wait(), 5)
+        server.close()
+        await server.wait_closed()
+        said = [r.getMessage() for r in caplog.records if "does not offer us XCLIENT" in r.getMessage()]
+        assert len(said) == warnings, (offered, said)
+    assert said[0].startswith("next hop 127.0.0.1:") and "smtpd_authorized_xclient_hosts" in said[0]
