@@ -89,6 +89,15 @@ def relay_risks(policy: Policy, enabled: set[str]) -> list[str]:
         for i, net in enumerate(policy.gateway.trusted)
         if net.prefixlen == 0
     ]
+    if policy.gateway.trusted:
+        # XCLIENT ADDR= names the client every check judges, the relay
+        # check's trusted_networks included.
+        risks += [
+            f"gateway.xclient_hosts[{i}] ({net}) lets every client claim an address "
+            "in trusted_networks with XCLIENT, and relay"
+            for i, net in enumerate(policy.gateway.xclient)
+            if net.prefixlen == 0
+        ]
     return risks
 
 

@@ -36,6 +36,21 @@ def test_lint_warns_of_settings_that_open_the_relay(tmp_path: Path) -> None:
     ]
 
 
+def test_lint_warns_of_xclient_from_anyone_where_some_clients_may_relay(tmp_path: Path) -> None:
+    # Any client may then say XCLIENT ADDR=192.0.2.1 and relay.
+    policy = policy_file(tmp_path, '[gateway]\nhostname = "gw.example.org"\n'
+                         'trusted_networks = ["192.0.2.0/24"]\nxclient_hosts = ["127.0.0.1", "::/0"]\n')
+    run = smtpgate("lint", str(policy))
+    assert run.returncode == 0 and run.stdout == f"{policy}: ok\n"
+    assert run.stderr.splitlines() == [
+        f"{policy}: warning: gateway.xclient_hosts[1] (::/0) lets every client claim an address "
+        "in trusted_networks with XCLIENT, and relay",
+    ]
+    # Trusting nobody, a claimed address relays nowhere.
+    policy.write_text('[gateway]\nhostname = "gw.example.org"\nxclient_hosts = ["0.0.0.0/0"]\n')
+    assert smtpgate("lint", str(policy)).stderr == ""
+
+
 def test_shipped_policies_give_no_warning() -> None:
     run = smtpgate("lint", *sorted(map(str, (ROOT / "policies").glob("*.toml"))))
     assert run.returncode == 0 and run.stderr == ""
