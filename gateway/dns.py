@@ -61,7 +61,7 @@ __all__ = [
     "spf_check",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("smtpgate.dns")
 
 #: A question as the cache knows it: the canonical name as text (hashing a
 #: str is cached by Python; hashing a dns.name.Name walks its labels every

@@ -67,3 +67,19 @@ def test_a_reply_quoting_outside_text_cannot_end_its_quotes(caplog) -> None:
     (record,) = caplog.records
     assert record.getMessage().endswith(
         'reply="554 5.7.1 blocked; see \\" action=accept to=<ceo@example.com> x=\\""')
+
+
+def test_every_module_logs_where_serve_sends_its_log() -> None:
+    # configure() gives "smtpgate" its handler and --log-level; a logger
+    # outside it (say "gateway.dns") is never shown, not even at debug.
+    import importlib
+    import pkgutil
+
+    import gateway
+
+    for info in pkgutil.iter_modules(gateway.__path__):
+        if info.name.startswith("_"):
+            continue
+        module_log = getattr(importlib.import_module(f"gateway.{info.name}"), "log", None)
+        if isinstance(module_log, logging.Logger):
+            assert module_log.name.startswith("smtpgate."), f"gateway.{info.name} logs to {module_log.name}"
