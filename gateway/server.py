@@ -151,6 +151,11 @@ class Gateway:
             await asyncio.sleep(0.05)
             for session in list(self.sessions):
                 session.close_idle()
+        if self.sessions:
+            # Their clients keep the mail and retry; the administrator
+            # should know that a longer shutdown_timeout would have spared it.
+            log.warning("shutdown_timeout (%gs) is over: %d session(s) closed with 421",
+                        self.settings.shutdown_timeout, len(self.sessions))
         for session in list(self.sessions):
             if session.transport is not None:
                 session.transport.write(replies.SHUTTING_DOWN.format(hostname=self.settings.hostname).wire())

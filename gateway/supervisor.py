@@ -109,6 +109,7 @@ class Supervisor:
         finally:
             self._close_sockets()
             signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
+        log.info("stopped%s", "" if self.status == 0 else f" (exit {self.status}: a worker failed)")
         return self.status
 
     def _wait(self) -> signal.struct_siginfo | None:
@@ -122,6 +123,8 @@ class Supervisor:
             if not self.stopping:
                 self.stopping = True
                 self._close_sockets()
+                log.info("%s: stopping; open sessions have %gs to finish (shutdown_timeout)",
+                         signum.name, self.policy.gateway.shutdown_timeout)
                 for slot in self.slots:
                     slot.due = None
             self._tell(signum)  # again on a second signal: the workers decide

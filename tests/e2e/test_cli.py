@@ -22,6 +22,8 @@ from tests.fixtures.postfix import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SMTPGATE = [sys.executable, "-m", "gateway"]
+# The checkout under test, whatever copy is installed and whatever the cwd.
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
 def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 15.0) -> None:
@@ -45,7 +47,7 @@ def serve(tmp_path: Path):
         port = free_port()
         proc = subprocess.Popen(
             [*SMTPGATE, "serve", "--listen", f"127.0.0.1:{port}", *args],
-            cwd=tmp_path, stderr=subprocess.PIPE, text=True, start_new_session=True,
+            cwd=tmp_path, stderr=subprocess.PIPE, text=True, start_new_session=True, env=ENV,
         )
         procs.append(proc)
         wait_for_port(port, proc)
@@ -91,6 +93,30 @@ def test_sigterm_lets_an_open_session_finish(serve, tmp_path: Path) -> None:
     smtp.close()
     assert proc.wait(15) == 0
     assert len(list((tmp_path / "maildir" / "new").iterdir())) == 1
+    log = proc.stderr.read()
+    assert "SIGTERM: stopping; open sessions have 30s to finish (shutdown_timeout)" in log
+    assert log.rstrip().endswith("INFO stopped")
+    assert "closed with 421" not in log
+
+
+def test_a_session_past_shutdown_timeout_hears_421_and_delivers_nothing(serve, tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[gateway]\nhostname = "gw.test.example"\nlocal_domains = ["example.com"]\nshutdown_timeout = 1\n')
+    proc, port = serve("--workers", "1", "--policy", str(policy))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        recv_reply(sock)
+        for line in (b"EHLO client.example.net", b"MAIL FROM:<bob@example.org>", b"RCPT TO:<alice@example.com>", b"DATA"):
+            sock.sendall(line + b"\r\n")
+            recv_reply(sock)
+        sock.sendall(b"Subject: slow\r\n\r\nhalf a message")
+        proc.send_signal(signal.SIGTERM)
+        assert recv_reply(sock) == b"421 4.3.2 gw.test.example Service shutting down, try again later\r\n"
+        assert sock.recv(100) == b""
+    assert proc.wait(15) == 0
+    assert not (tmp_path / "maildir" / "new").exists() or not list((tmp_path / "maildir" / "new").iterdir())
+    log = proc.stderr.read()
+    assert "SIGTERM: stopping; open sessions have 1s to finish (shutdown_timeout)" in log
+    assert "WARNING shutdown_timeout (1s) is over: 1 session(s) closed with 421" in log
 
 
 def test_workers_share_the_port_and_log_json(serve, tmp_path: Path) -> None:
@@ -135,7 +161,7 @@ def test_port_in_use_is_a_clear_error(serve, tmp_path: Path, workers: str) -> No
     # same user must not be able to join them and take half the mail.
     _, port = serve("--workers", workers)
     run = subprocess.run([*SMTPGATE, "serve", "--listen", f"127.0.0.1:{port}", "--workers", workers],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=30)
+                         capture_output=True, text=True, cwd=tmp_path, timeout=30, env=ENV)
     assert run.returncode == 1
     assert f"smtpgate: cannot listen on 127.0.0.1:{port}: Address already in use" in run.stderr
     assert "listening on" not in run.stderr  # said only once the socket is bound
@@ -162,7 +188,8 @@ def test_workers_do_not_outlive_a_killed_parent(serve, tmp_path: Path) -> None:
 
 
 def test_workers_must_be_positive(tmp_path: Path) -> None:
-    run = subprocess.run([*SMTPGATE, "serve", "--workers", "0"], capture_output=True, text=True, cwd=tmp_path, timeout=30)
+    run = subprocess.run([*SMTPGATE, "serve", "--workers", "0"], capture_output=True, text=True, cwd=tmp_path, timeout=30,
+                         env=ENV)
     assert run.returncode == 2
     assert "--workers: expected a positive integer, got '0'" in run.stderr
 
