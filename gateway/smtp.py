@@ -358,7 +358,14 @@ class SMTPSession(_AiosmtpdSMTP):
         self._release_slot()
         if self.transport is not None:
             self.transport.close()
-        await asyncio.shield(self._cleanup())
+        ready = self._upstream_ready
+        if self.gateway.registry.calls["disconnect"] or (ready is not None and not ready.done()):
+            await asyncio.shield(self._cleanup())
+        else:
+            # Nothing left to wait for, so nothing can suspend the cleanup,
+            # and no cancellation can cut it short: the shield's task (and
+            # its four rounds through the event loop) would guard nothing.
+            await self._cleanup()
 
     def _release_slot(self) -> None:
         """Stop counting this connection against the limits (once)."""
