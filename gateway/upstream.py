@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import functools
 import ipaddress
 import itertools
 import logging
@@ -75,6 +77,10 @@ def _judges_the_client(response: aiosmtplib.SMTPResponse) -> Reply | None:
         return None
     return reply
 
+
+#: A socket non-blocking from its start (Linux): one ioctl() fewer per
+#: message than setblocking(False).
+_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
 
 _SEPARATORS = (b" ", b"-", b"\r", b"\n")
 #: aiosmtplib's limit on one reply line.
@@ -246,7 +252,7 @@ class SMTPUpstream:
         try:
             try:
                 async with asyncio.timeout(limit):
-                    await loop.create_connection(lambda: smtp, self._endpoint.host, self._endpoint.port)
+                    await self._open(loop, smtp)
                     greeting = await smtp.read_response(timeout=None)
             except TimeoutError:
                 raise UpstreamError(f"connect to {self._endpoint}: no greeting within {limit:g}s") from None
@@ -259,13 +265,41 @@ class SMTPUpstream:
                 await self._ehlo(smtp, self._settings.hostname, ours=True)
         except (aiosmtplib.SMTPException, OSError) as exc:
             _close(smtp)
-            raise UpstreamError(f"connect to {self._endpoint}: {self._why(exc)}") from exc
+            why = self._why(_connect_failure(exc, self._endpoint))
+            raise UpstreamError(f"connect to {self._endpoint}: {why}") from exc
         except BaseException:
             _close(smtp)  # refused above, or cancelled half-way: the client left first
             raise
         self._smtp = smtp
         self._identity = None
         self._lost = "not connected"
+
+    async def _open(self, loop: asyncio.AbstractEventLoop, smtp: SMTPProtocol) -> None:
+        family = _family(self._endpoint.host)
+        if family is None:
+            await loop.create_connection(lambda: smtp, self._endpoint.host, self._endpoint.port)
+            return
+        # An address needs no resolving, and the connection need not be
+        # awaited apart from the greeting, which can only follow it: a
+        # failed connect fails that read (with the connect's error, below).
+        # That spares create_connection's wait for the socket to become
+        # writable: two epoll_ctl calls, a getsockopt and three rounds
+        # through the event loop per message.  asyncio's transport takes a
+        # socket whose connect is under way as it takes a connected one.
+        # IPPROTO_TCP as getaddrinfo() gives it: asyncio sets TCP_NODELAY
+        # only on a socket that names its protocol.
+        sock = socket.socket(family, socket.SOCK_STREAM | _NONBLOCK, socket.IPPROTO_TCP)
+        try:
+            if not _NONBLOCK:
+                sock.setblocking(False)
+            try:
+                sock.connect((self._endpoint.host, self._endpoint.port))
+            except BlockingIOError:
+                pass
+            await loop.create_connection(lambda: smtp, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
 
     async def _send(self, smtp: SMTPProtocol, payload: bytes, *, final: bool = False) -> aiosmtplib.SMTPResponse:
         """Write ``payload`` (commands, or BDAT and its bytes) and read the reply;
@@ -548,6 +582,30 @@ class SMTPUpstream:
             _close(self._smtp)
         self._smtp = None
         self._identity = None
+
+
+def _connect_failure(exc: BaseException, endpoint: Endpoint) -> BaseException:
+    """A connect that failed, which _open leaves to the greeting's read to
+    find, in the words of asyncio's own connect (for the log)."""
+    cause = exc.__cause__
+    if not (isinstance(exc, aiosmtplib.SMTPServerDisconnected) and isinstance(cause, OSError)):
+        return exc
+    if cause.errno in (None, errno.ECONNRESET):
+        return exc  # connected, then dropped before the greeting
+    address = (endpoint.host, endpoint.port) if ":" not in endpoint.host else (endpoint.host, endpoint.port, 0, 0)
+    return OSError(cause.errno, f"Connect call failed {address}")
+
+
+@functools.cache
+def _family(host: str) -> socket.AddressFamily | None:
+    """The address family of an address without a scope, else None (a name)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address):
+        return None if address.scope_id else socket.AF_INET6
+    return socket.AF_INET
 
 
 def _close(smtp: SMTPProtocol) -> None:

@@ -166,3 +166,67 @@ async def test_a_next_hop_without_xclient_is_logged_once_per_worker(caplog: pyte
         said = [r.getMessage() for r in caplog.records if "does not offer us XCLIENT" in r.getMessage()]
         assert len(said) == warnings, (offered, said)
     assert said[0].startswith("next hop 127.0.0.1:") and "smtpd_authorized_xclient_hosts" in said[0]
+
+
+def _settings():
+    from gateway.config import GatewaySettings
+
+    return GatewaySettings(hostname="gw.example.org", upstream_connect_timeout=5.0)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+async def test_the_next_hop_is_reached_with_nagle_off(host: str) -> None:
+    # An address is connected to without create_connection's resolving and
+    # wait for the connect (SMTPUpstream._open), a name with it: either way
+    # the same TCP connection, small commands sent at once.
+    import socket
+
+    from gateway.config import Endpoint
+    from gateway.upstream import SMTPUpstream
+
+    done = asyncio.Event()
+
+    async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(b"220 mta.example ESMTP\r\n")
+            await reader.readline()
+            writer.write(b"250-mta.example\r\n250 PIPELINING\r\n")
+            assert await reader.read() == b"QUIT\r\n"
+        finally:
+            writer.close()
+            done.set()
+
+    server = await asyncio.start_server(greet, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        upstream = SMTPUpstream(Endpoint.parse(f"{host}:{port}", maildir_ok=False), _settings())
+        await upstream.connect()
+        sock = upstream._smtp.transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert upstream.extensions == frozenset({"pipelining"})
+        await upstream.close()
+        await asyncio.wait_for(done.wait(), 5)
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]"])
+async def test_a_refused_connection_is_logged_as_asyncio_words_it(host: str) -> None:
+    import socket
+
+    from gateway.config import Endpoint
+    from gateway.upstream import SMTPUpstream, UpstreamError
+
+    family = socket.AF_INET6 if host.startswith("[") else socket.AF_INET
+    try:
+        with socket.socket(family) as probe:
+            probe.bind((host.strip("[]"), 0))
+            port = probe.getsockname()[1]
+    except OSError:
+        pytest.skip(f"no {host} here")
+    address = ("::1", port, 0, 0) if family == socket.AF_INET6 else ("127.0.0.1", port)
+    upstream = SMTPUpstream(Endpoint.parse(f"{host}:{port}", maildir_ok=False), _settings())
+    with pytest.raises(UpstreamError) as failed:
+        await upstream.connect()
+    assert str(failed.value) == f"connect to {host}:{port}: [Errno 111] Connect call failed {address}"
