@@ -100,6 +100,22 @@ class _NextHopProtocol(SMTPProtocol):
     message, so the one-line reply, the common one, is read in one step.
     """
 
+    async def read_response(self, timeout: float | None = None) -> aiosmtplib.SMTPResponse:
+        if timeout is not None:
+            return await super().read_response(timeout)
+        # aiosmtplib's, less its asyncio.wait_for(waiter, None): that only
+        # awaits the waiter, after a lookup of the running loop (a getpid()
+        # system call in Python 3.11), for every reply of every message.
+        waiter = self._response_waiter
+        if waiter is None:
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        self._response_pending = True
+        try:
+            return await waiter
+        finally:
+            self._response_pending = False
+            self._response_waiter = None if self.transport is None else self._loop.create_future()
+
     def _read_response_from_buffer(self) -> aiosmtplib.SMTPResponse | None:
         buffer = self._buffer
         end = buffer.find(b"\n")
@@ -351,14 +367,13 @@ class SMTPUpstream:
                 # restrictions (smtpd_delay_reject = no): its answer.
                 raise ClientRefused(Reply.parse(response.code, response.message))
             raise UpstreamError(f"EHLO refused: {response.code} {response.message}")
-        offered, _ = parse_esmtp_extensions(response.message)
-        self.extensions = frozenset(offered)
+        self.extensions, xclient = _offer(response.message)
         if ours:
             # After XCLIENT Postfix judges the new client, whom it does not
             # offer XCLIENT: only our own EHLO says whether we may use it.
             # Nor is what it offers one client (its discard maps) what it
             # offers the next: only our own EHLO sets the offer remembered.
-            self._xclient_attrs = frozenset(offered.get("xclient", "").upper().split())
+            self._xclient_attrs = xclient
             if not self._xclient_attrs and not self._memory.said_no_xclient:
                 # Not an error (an MTA without XCLIENT works), but behind a
                 # Postfix that forgot smtpd_authorized_xclient_hosts every
@@ -446,7 +461,7 @@ class SMTPUpstream:
             raise self._failed(line.split(" ", 1)[0], exc) from exc
         if response.code == 421:
             self._drop()
-        return Reply.parse(response.code, response.message)
+        return _reply(response.code, response.message)
 
     async def data(self, envelope: Envelope, message: bytes) -> Reply:
         """The message, and the MTA's final reply.
@@ -489,7 +504,7 @@ class SMTPUpstream:
             raise UpstreamError(f"DATA: the message was answered {response.code} {response.message}, not 250")
         if response.code == 421:
             self._drop()
-        return Reply.parse(response.code, response.message)
+        return _reply(response.code, response.message)
 
     def keep_awake(self) -> None:
         """Until :meth:`settle`: a NOOP each ``upstream_keepalive`` seconds.
@@ -582,6 +597,22 @@ class SMTPUpstream:
             _close(self._smtp)
         self._smtp = None
         self._identity = None
+
+
+# The next hop says the same few things again and again ("250 2.1.0 Ok",
+# its EHLO offer), and what is read from a reply depends on its text alone;
+# the final reply to a message (its queue id) is new each time, hence a
+# bounded cache.
+@functools.lru_cache(maxsize=128)
+def _reply(code: int, message: str) -> Reply:
+    return Reply.parse(code, message)
+
+
+@functools.lru_cache(maxsize=16)
+def _offer(message: str) -> tuple[frozenset[str], frozenset[str]]:
+    """An EHLO reply's extensions (lower-case) and XCLIENT attributes (upper-case)."""
+    offered, _ = parse_esmtp_extensions(message)
+    return frozenset(offered), frozenset(offered.get("xclient", "").upper().split())
 
 
 def _connect_failure(exc: BaseException, endpoint: Endpoint) -> BaseException:
