@@ -98,8 +98,8 @@ def test_connections_per_client_ip(start_gateway, postfix) -> None:
 
 def test_command_timeout(start_gateway, postfix) -> None:
     gw = start_gateway(f"127.0.0.1:{postfix.port}", command_timeout=0.5)
+    started = time.monotonic()  # before the connection: the limit starts with it
     s = gw.raw()
-    started = time.monotonic()
     with s:
         assert recv_reply(s) == b"421 4.4.2 gw.test.example Error: timeout exceeded\r\n"
         assert s.recv(10) == b""
