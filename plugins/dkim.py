@@ -11,8 +11,8 @@ at once when every key was cached, else through one future both await.
 Per signature the result is an RFC 8601 ``dkim=`` result: ``pass``,
 ``fail`` (the signature or body hash does not verify), ``neutral`` (the
 signature field is unusable: syntax, missing tags, expired),
-``permerror`` (no key, a revoked, malformed or too small key, or ``h=``
-without From, RFC 6376 §6.1.1),
+``permerror`` (no key, a revoked or malformed key, a key too small or
+too costly to use, or ``h=`` without From, RFC 6376 §6.1.1),
 ``temperror`` (the key lookup failed).  The message's finding is ``pass``
 (a signature passed), ``fail``, ``temperror``, ``permerror`` or ``none``
 (no signature) -- and ``required`` / ``required_temperror`` when a
@@ -68,6 +68,8 @@ __all__ = [
     "DKIM_REQUIRED_TEMP",
     "FINDINGS",
     "FROM_NOT_SIGNED",
+    "MAX_EXPONENT_BITS",
+    "MAX_KEY_BITS",
     "MAX_SIGNATURES",
     "MIN_KEY_BITS",
     "DkimPlugin",
@@ -86,6 +88,15 @@ DEFAULT_ACTIONS: Mapping[str, ActionSpec] = {"required": "reject", "required_tem
 MAX_SIGNATURES = 8
 #: Smaller RSA keys are ``permerror`` (RFC 8301 §3.2: at least 1024 bits).
 MIN_KEY_BITS = 1024
+#: Larger RSA keys are ``permerror`` too.  RFC 8301 §3.1 asks verifiers for
+#: up to 4096 bits; the key's owner chooses its size, and the cost of a
+#: verification grows with it.
+MAX_KEY_BITS = 8192
+#: A larger public exponent is ``permerror``: OpenSSL takes none over 64
+#: bits for keys over 3072 bits, and one it refuses would be left to
+#: dkimpy's pow() in Python, which with an exponent as long as the key
+#: (a 20000-bit key: 20 s) holds the event loop of every session.
+MAX_EXPONENT_BITS = 64
 #: The reason of a signature whose ``h=`` leaves out From (RFC 6376 §6.1.1:
 #: "PERMFAIL (From field not signed)").
 FROM_NOT_SIGNED = "From field not signed"
@@ -220,8 +231,18 @@ class DkimResult:
 @functools.lru_cache(maxsize=1024)
 def _parse_key(record: bytes) -> Key:
     """A key record parsed once (dkimpy's ``evaluate_pk``): the resolver
-    caches the record, this caches the parsed key."""
-    return dkim.evaluate_pk(b"", record)  # type: ignore[no-any-return]
+    caches the record, this caches the parsed key.  An RSA key larger than
+    :data:`MAX_KEY_BITS` or with an exponent over :data:`MAX_EXPONENT_BITS`
+    is refused (``KeyFormatError``): the sender of the message publishes the
+    key, and dkimpy checks only that it is not too small."""
+    key: Key = dkim.evaluate_pk(b"", record)
+    pk, keysize, ktag, _ = key
+    if ktag == b"rsa":
+        if keysize > MAX_KEY_BITS:
+            raise dkim.KeyFormatError(f"public key too large: {keysize} bits")
+        if pk["publicExponent"].bit_length() > MAX_EXPONENT_BITS:
+            raise dkim.KeyFormatError(f"public exponent too large: {pk['publicExponent'].bit_length()} bits")
+    return key
 
 
 def _tag(sig: Mapping[bytes, bytes], name: bytes) -> str:

@@ -161,6 +161,57 @@ async def test_key_problems_are_permerror(resolver: Resolver, dns: DNSServer, re
     assert result.domain == "auth.test" and result.selector == "s1"
 
 
+def _public_key(modulus: int, exponent: int) -> str:
+    """``p=`` for any modulus and exponent, even ones no library would make
+    a key of (DER SubjectPublicKeyInfo written by hand)."""
+
+    def der(tag: int, body: bytes) -> bytes:
+        size = len(body).to_bytes((len(body).bit_length() + 7) // 8, "big")
+        return bytes([tag]) + (bytes([len(body)]) if len(body) < 128 else bytes([0x80 | len(size)]) + size) + body
+
+    def integer(value: int) -> bytes:
+        return der(2, value.to_bytes(value.bit_length() // 8 + 1, "big"))
+
+    rsa_key = der(0x30, integer(modulus) + integer(exponent))
+    algorithm = der(0x30, bytes.fromhex("06092a864886f70d0101010500"))  # rsaEncryption, NULL
+    return base64.b64encode(der(0x30, algorithm + der(3, b"\0" + rsa_key))).decode()
+
+
+def _fixture_key() -> tuple[int, int]:
+    public = serialization.load_pem_private_key(keypair()[0], password=None).public_key()
+    assert isinstance(public, rsa.RSAPublicKey)
+    numbers = public.public_numbers()
+    return numbers.n, numbers.e
+
+
+@pytest.mark.parametrize(
+    "modulus, exponent, reason",
+    [
+        # The key's owner is the message's sender: a big key, or an exponent
+        # OpenSSL refuses (here: larger than the modulus), went to dkimpy's
+        # pow() in Python, about 20 s for a 20000-bit key.
+        ((1 << 8200) | 1, 65537, "public key too large: 8201 bits"),
+        (None, (1 << 4096) | 1, "public exponent too large: 4097 bits"),
+    ],
+    ids=["big-modulus", "big-exponent"],
+)
+async def test_keys_too_costly_to_use_are_permerror(
+    resolver: Resolver, dns: DNSServer, modulus: int | None, exponent: int, reason: str
+) -> None:
+    modulus = modulus or _fixture_key()[0]
+    publish_keys(dns, "auth.test", {"s1": key_record(_public_key(modulus, exponent))})
+    (result,) = await verify(sign(MESSAGE), resolver)
+    assert (result.result, result.reason) == ("permerror", f"unusable key: {reason}")
+
+
+async def test_the_largest_key_allowed_still_verifies(resolver: Resolver, dns: DNSServer) -> None:
+    # The limits leave a key of the usual shape alone (the fixture's own).
+    publish_keys(dns, "auth.test", {"s1": key_record(_public_key(*_fixture_key()))})
+    (result,) = await verify(sign(MESSAGE), resolver)
+    assert result.result == "pass"
+    assert dkim_plugin.MAX_KEY_BITS >= 4096  # RFC 8301 §3.1
+
+
 async def test_key_lookup_failure_is_temperror(resolver: Resolver, keys: DNSServer) -> None:
     keys.servfail("s1._domainkey.auth.test")
     (result,) = await verify(sign(MESSAGE), resolver)
