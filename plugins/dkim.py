@@ -168,6 +168,7 @@ _DKIMPY_RE_BTAG = dkim.RE_BTAG
 #: in base64".
 _RE_BTAG = re.compile(rb"([;\s]b\s*=)(?:[\sa-zA-Z0-9+/=]*[a-zA-Z0-9+/=])?(?:\r?\n\Z)?")
 _DKIMPY_RFC822_PARSE = dkim.rfc822_parse
+_DKIMPY_SELECT_HEADERS = dkim.select_headers
 _DKIMPY_STRIP_TRAILING = dkim.canonicalization.strip_trailing_whitespace
 _DKIMPY_COMPRESS = dkim.canonicalization.compress_whitespace
 _TRAILING_WSP = re.compile(rb"[\t ]+\r\n")
@@ -189,6 +190,24 @@ def _rfc822_parse(message: bytes) -> tuple[list[list[bytes]], bytes]:
     return headers, message[end + 4 :]
 
 
+def _select_headers(headers: Sequence[tuple[bytes, bytes]], include_headers: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
+    """dkimpy's ``select_headers`` without its scan of the header section
+    for every name in ``h=``: a signature naming 30,000 absent fields over
+    30,000 fields cost dkimpy 95 s, before the signature was even checked.
+    Each name takes its fields from the bottom up, one per mention, as
+    dkimpy's does (RFC 6376 §5.4.2)."""
+    below: dict[bytes, list[int]] = {}
+    for index, (name, _) in enumerate(headers):
+        below.setdefault(name.lower(), []).append(index)
+    selected = []
+    for name in include_headers:
+        assert name == name.lower()
+        indexes = below.get(name)
+        if indexes:
+            selected.append(headers[indexes.pop()])
+    return selected
+
+
 def _strip_trailing_whitespace(content: bytes) -> bytes:
     if b" \r\n" not in content and b"\t\r\n" not in content:
         return content
@@ -202,6 +221,7 @@ def _compress_whitespace(content: bytes) -> bytes:
 
 
 dkim.rfc822_parse = _rfc822_parse
+dkim.select_headers = _select_headers
 dkim.RE_BTAG = _RE_BTAG
 dkim.canonicalization.strip_trailing_whitespace = _strip_trailing_whitespace
 dkim.canonicalization.compress_whitespace = _compress_whitespace

@@ -727,11 +727,40 @@ def test_faster_signature_value_pattern_removes_what_dkimpys_removes() -> None:
     assert _RE_BTAG.sub(b"\\1", b" a=1; b=xyz; c=2") == b" a=1; b=; c=2"
 
 
+def test_header_selection_gives_dkimpys_fields() -> None:
+    import random
+
+    from plugins.dkim import _DKIMPY_SELECT_HEADERS, _select_headers
+
+    rng = random.Random(13)
+    names = (b"from", b"From", b"FROM", b"to", b"subject", b"x", b"dkim-signature")
+    for _ in range(3000):
+        headers = [(rng.choice(names), str(i).encode()) for i in range(rng.randrange(0, 12))]
+        include = [rng.choice(names).lower() for _ in range(rng.randrange(0, 12))]
+        assert _select_headers(headers, list(include)) == _DKIMPY_SELECT_HEADERS(headers, list(include))
+
+
+def test_header_selection_takes_time_in_proportion() -> None:
+    # dkimpy scanned every field for each name in h=: 10,000 names absent
+    # from 10,000 fields (120 KB, under the size of a message verified in
+    # the event loop) took it about 10 s.
+    import time
+
+    from plugins.dkim import _select_headers
+
+    headers = [(b"x%d" % i, b"v") for i in range(10_000)] + [(b"from", b"a@auth.test")]
+    include = [b"h%d" % i for i in range(10_000)] + [b"from"]
+    started = time.process_time()
+    assert _select_headers(headers, include) == [(b"from", b"a@auth.test")]
+    assert time.process_time() - started < 1.0
+
+
 def test_dkimpy_uses_the_faster_functions() -> None:
     # The replacements are installed where dkimpy looks them up.
     from plugins.dkim import _compress_whitespace, _rfc822_parse, _strip_trailing_whitespace
 
     assert dkim.rfc822_parse is _rfc822_parse
+    assert dkim.select_headers is dkim_plugin._select_headers
     assert dkim.RE_BTAG is dkim_plugin._RE_BTAG
     assert dkim.canonicalization.compress_whitespace is _compress_whitespace
     assert dkim.canonicalization.strip_trailing_whitespace is _strip_trailing_whitespace
