@@ -610,8 +610,7 @@ class DkimPlugin(Plugin):
     def _decided(
         self, session: Session, envelope: Envelope, message: Message, results: tuple[DkimResult, ...]
     ) -> Verdict | None:
-        fields = ar.header_fields(message)
-        authors = ar.author_domains(fields).domains  # every one: a second From hides none
+        authors = ar.authors_of(message).domains  # every one: a second From hides none
         if ar.reporter(self.context) != "dkim":
             return dkim_decision(results, authors, self.options.actions, self.required)
         clauses = []

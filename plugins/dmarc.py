@@ -388,7 +388,7 @@ class DmarcPlugin(Plugin):
     ) -> Verdict | None | Coroutine[Any, Any, Verdict | None]:
         if session.trusted:
             return None
-        authors = ar.author_domains(ar.header_fields(message))
+        authors = ar.authors_of(message)
         resolver = self.context.resolver
         # The DKIM verification is shared with the dkim plugin: done already,
         # or a task that goes on while we wait for the rest.
