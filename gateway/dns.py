@@ -72,6 +72,12 @@ _Key = tuple[str, dns.rdatatype.RdataType]
 MAX_TTL = 86400
 #: Longest time NXDOMAIN/NODATA is cached (RFC 2308 suggests 1-3 hours max).
 MAX_NEGATIVE_TTL = 3600
+#: About the most bytes the cached answers of one resolver take.
+CACHE_BYTES = 64 * 1024 * 1024
+#: What an entry costs besides its text: the key, the Answer, and per
+#: record a dnspython object (measured: about 160 bytes an A record).
+_ENTRY_BYTES = 400
+_RECORD_BYTES = 200
 #: How long a TEMPFAIL is cached; see :class:`Resolver`.
 TEMPFAIL_TTL = 5.0
 # EDNS payload we announce: large enough for DKIM keys and most TXT answers
@@ -241,6 +247,12 @@ def _query_key(name: str, rdtype: str) -> _Key:
     )
 
 
+def _weight(answer: Answer) -> int:
+    """About the bytes ``answer`` takes in the cache: its text twice (as
+    ``records`` and in ``rdata``) and a fixed cost per record."""
+    return _ENTRY_BYTES + sum(2 * len(text) + _RECORD_BYTES for text in answer.records)
+
+
 class Resolver:
     """Asynchronous stub resolver with a TTL cache and in-flight de-duplication.
 
@@ -251,6 +263,11 @@ class Resolver:
         each gets an equal share before the next is asked.
     :param cache_size: most entries kept (least recently used go first); 0
         disables the cache (de-duplication still works).
+    :param cache_bytes: about the most memory the entries take; least
+        recently used go first.  The count alone bounds nothing: whoever
+        runs a domain chooses how big its answers are (a 64 KB answer of
+        4,000 A records takes 650 KB here), and any client can make us ask
+        for its names (SPF, DKIM keys, MAIL FROM).
     :param tempfail_ttl: seconds a TEMPFAIL is remembered (0 = not at all).
     :param clock: monotonic clock, replaceable in tests.
 
@@ -283,6 +300,7 @@ class Resolver:
         timeout: float = 5.0,
         cache_size: int = 10000,
         *,
+        cache_bytes: int = CACHE_BYTES,
         tempfail_ttl: float = TEMPFAIL_TTL,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -301,9 +319,12 @@ class Resolver:
         self._dns.use_edns(0, 0, _EDNS_PAYLOAD)
         self.timeout = timeout
         self._cache_size = cache_size
+        self._cache_bytes = cache_bytes
+        self._cache_weight = 0
         self._tempfail_ttl = tempfail_ttl
         self._clock = clock
-        self._cache: OrderedDict[_Key, tuple[float, Answer]] = OrderedDict()
+        #: key: (expires, answer, weight)
+        self._cache: OrderedDict[_Key, tuple[float, Answer, int]] = OrderedDict()
         #: spf_check results by (ip, sender, helo): (expires, (result, explanation)).
         self._spf_results: OrderedDict[tuple[str, str, str], tuple[float, tuple[str, str]]] = OrderedDict()
         self._inflight: dict[_Key, asyncio.Task[Answer]] = {}
@@ -430,10 +451,11 @@ class Resolver:
         entry = self._cache.get(key)
         if entry is None:
             return None
-        expires, answer = entry
+        expires, answer, weight = entry
         remaining = expires - self._clock()
         if remaining <= 0:
             del self._cache[key]
+            self._cache_weight -= weight
             return None
         self._cache.move_to_end(key)
         ttl = int(remaining)
@@ -444,16 +466,21 @@ class Resolver:
         return Answer(answer.status, answer.records, ttl, answer.rdata, answer.error)
 
     def _cache_put(self, key: _Key, answer: Answer, lifetime: float) -> None:
-        if lifetime <= 0 or self._cache_size <= 0:
+        weight = _weight(answer)
+        if lifetime <= 0 or self._cache_size <= 0 or weight > self._cache_bytes:
             return
-        self._cache[key] = (self._clock() + lifetime, answer)
-        self._cache.move_to_end(key)
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        old = self._cache.pop(key, None)
+        if old is not None:
+            self._cache_weight -= old[2]
+        self._cache[key] = (self._clock() + lifetime, answer, weight)
+        self._cache_weight += weight
+        while len(self._cache) > self._cache_size or self._cache_weight > self._cache_bytes:
+            self._cache_weight -= self._cache.popitem(last=False)[1][2]
 
     def cache_clear(self) -> None:
         self._spf_results.clear()
         self._cache.clear()
+        self._cache_weight = 0
 
     @property
     def stats(self) -> CacheStats:

@@ -208,6 +208,44 @@ async def test_cache_is_bounded_lru(dns: DNSServer) -> None:
     assert dns.query_count("mx1.test.example", "A") == 2
 
 
+async def test_cache_is_bounded_in_bytes_too(dns: DNSServer) -> None:
+    # Whoever runs a domain chooses how big its answers are: 10,000 entries
+    # of 4,000 A records each would be 6 GiB.  The oldest go first.
+    dns.add_zone("big.test", "\n".join(f"n{j} IN A 10.0.{i // 256}.{i % 256}" for j in range(8) for i in range(300)))
+    resolver = Resolver([dns.nameserver], timeout=5.0, cache_bytes=300_000)
+    for j in range(8):
+        assert len((await resolver.query(f"n{j}.big.test", "A")).records) == 300
+    assert 1 < resolver.stats.size < 8
+    assert sum(gdns._weight(entry[1]) for entry in resolver._cache.values()) <= 300_000
+    asked = dns.total_queries
+    await resolver.query("n7.big.test", "A")  # the newest: still cached
+    assert dns.total_queries == asked
+    await resolver.query("n0.big.test", "A")  # the oldest: gone
+    assert dns.total_queries > asked
+    # One answer larger than the whole budget is not kept at all.
+    small = Resolver([dns.nameserver], timeout=5.0, cache_bytes=10_000)
+    await small.query("n1.big.test", "A")
+    assert small.stats.size == 0
+
+
+def test_a_cache_entry_weighs_about_what_it_takes() -> None:
+    import dns.rdata as dns_rdata
+    import tracemalloc
+
+    def answer() -> gdns.Answer:
+        rdata = tuple(dns_rdata.from_text("IN", "A", f"10.0.{i // 256}.{i % 256}") for i in range(1000))
+        return gdns.Answer(gdns.Status.RECORDS, tuple(rd.to_text() for rd in rdata), 300, rdata)
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        made = answer()
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert used / 2 <= gdns._weight(made) <= used * 2
+
+
 async def test_cache_size_zero_disables_caching(dns: DNSServer) -> None:
     resolver = Resolver([dns.nameserver], timeout=1.0, cache_size=0)
     for _ in range(2):
