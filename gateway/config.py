@@ -188,6 +188,7 @@ class GatewaySettings:
     max_connections: int = 1000
     max_connections_per_ip: int = 50
     max_errors: int = 20
+    max_junk_commands: int = 100
     command_timeout: float = 300.0
     data_timeout: float = 300.0
     upstream_timeout: float = 120.0
@@ -249,6 +250,8 @@ class GatewaySettings:
         ):
             if getattr(self, key) < 1:
                 bad[key] = "expected a positive integer"
+        if self.max_junk_commands < 0:
+            bad["max_junk_commands"] = "expected 0 or more"
         if not 512 <= self.max_line_length <= READ_BUFFER:
             bad["max_line_length"] = f"expected 512 (RFC 5321 §4.5.3.1.4) to {READ_BUFFER}"
         for f in dataclasses.fields(self):

@@ -72,7 +72,8 @@ Replies, headers and scores
   text)``): the gateway offers ENHANCEDSTATUSCODES, and a client that reads
   only that code must read the same verdict.  :class:`~gateway.Verdict`
   raises ``ValueError`` otherwise, so the mistake shows as the hook's
-  failure (451 and a traceback) the first time it happens.
+  failure (451 and a traceback) the first time it happens.  Every refusal
+  counts towards the session's ``max_errors``, as every other 4yz/5yz does.
 * Any verdict may carry ``headers`` (``(name, value)`` string pairs; a
   name that is no header field name makes the hook a failure, 451) and a
   ``score`` (summed against ``[scoring]``, whatever the action).  Those of

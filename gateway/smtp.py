@@ -103,6 +103,7 @@ class SMTPSession(_AiosmtpdSMTP):
         #: The 554 that replaced the greeting (RFC 5321 §3.1), if any.
         self._refusal: Reply | None = None
         self._errors = 0
+        self._junk_commands = 0
         self._idle = False
         self._finishing = False
         self._helo_tags: list[Verdict] = []
@@ -143,6 +144,12 @@ class SMTPSession(_AiosmtpdSMTP):
     async def reply(self, reply: Reply) -> None:
         if self.transport is None or self.transport.is_closing():
             raise _Close
+        if reply.code >= 400:
+            # Every refusal counts, ours, a plugin's or the next hop's, as
+            # Postfix counts each failed command against
+            # smtpd_hard_error_limit: a client guessing mailboxes or relay
+            # tricks is cut off after max_errors, not after max_recipients.
+            self._errors += 1
         self._writer.write(reply.wire())
         # Replies are small: wait for the socket only when the client stops
         # reading and the buffer backs up (saves a round through the loop).
@@ -290,6 +297,11 @@ class SMTPSession(_AiosmtpdSMTP):
             if self.gateway.closing and self.envelope is None:
                 await self.reply(replies.SHUTTING_DOWN.format(hostname=self.hostname))
                 return
+            if self._errors >= self.settings.max_errors:
+                # Where Postfix checks: after the reply that reached the
+                # limit, before reading another command.
+                await self.reply(replies.TOO_MANY_ERRORS.format(hostname=self.hostname))
+                return
             self._idle = self.envelope is None
             deadline.arm(timeout, timed_out)
             self._silence = timeout
@@ -342,14 +354,16 @@ class SMTPSession(_AiosmtpdSMTP):
                 await self._reader.readexactly(exc.consumed)
 
     async def _error(self, reply: Reply) -> None:
-        """A protocol error: counted, and too many end the session (Postfix's
-        smtpd_hard_error_limit), so a confused or hostile client cannot keep a
-        slot forever."""
-        self._errors += 1
-        if self._errors >= self.settings.max_errors:
-            await self.reply(replies.TOO_MANY_ERRORS.format(hostname=self.hostname))
-            raise _Close
+        """A protocol error (counted by :meth:`reply`, as every refusal is)."""
         await self.reply(reply)
+
+    def _junk(self) -> None:
+        """NOOP, RSET, VRFY, EXPN and HELP cost nothing to send and prove
+        nothing: past max_junk_commands each counts as an error (Postfix's
+        smtpd_junk_command_limit), so they cannot hold a slot forever."""
+        self._junk_commands += 1
+        if self._junk_commands > self.settings.max_junk_commands:
+            self._errors += 1
 
     async def _finish(self) -> None:
         # Bookkeeping first and synchronously: a cancellation (the client
@@ -758,6 +772,9 @@ class SMTPSession(_AiosmtpdSMTP):
             reply = replies.UPSTREAM_FAILED
         self.envelope = None
         self._upstream_txn = False
+        if reply.is_positive:
+            # A client that delivers is forgiven its mistakes (as Postfix does).
+            self._errors = self._junk_commands = 0
         decisions.decision(self.session, "data", "delivered" if reply.is_positive else "upstream", reply,
                            envelope=envelope, rcpt=",".join(r.address.mailbox for r in envelope.recipients))
         await self._relay(reply)
@@ -851,6 +868,7 @@ class SMTPSession(_AiosmtpdSMTP):
         return data.replace(b"\r\n.", b"\r\n"), None
 
     async def smtp_RSET(self, arg: str | None) -> None:
+        self._junk()
         if arg is not None:
             await self._error(replies.SYNTAX_NOARG.format(command="RSET"))
             return
@@ -858,9 +876,11 @@ class SMTPSession(_AiosmtpdSMTP):
         await self.reply(replies.OK)
 
     async def smtp_NOOP(self, arg: str | None) -> None:
+        self._junk()
         await self.reply(replies.OK)
 
     async def smtp_HELP(self, arg: str | None) -> None:
+        self._junk()
         await self.reply(replies.HELP)
 
     async def smtp_QUIT(self, arg: str | None) -> None:
@@ -874,12 +894,14 @@ class SMTPSession(_AiosmtpdSMTP):
         raise _Close
 
     async def smtp_VRFY(self, arg: str | None) -> None:
+        self._junk()
         if arg is None:
             await self._error(replies.SYNTAX_VRFY)
             return
         await self._lookup("vrfy", arg, replies.VRFY_DISABLED)
 
     async def smtp_EXPN(self, arg: str | None) -> None:
+        self._junk()
         if arg is None:
             await self._error(replies.SYNTAX_NOARG.format(command="EXPN list"))
             return

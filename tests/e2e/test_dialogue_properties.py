@@ -18,7 +18,8 @@ real Postfix.  Whatever the client sends, a mail administrator relies on:
 Where the gateway alone decides (NOOP, HELP, RSET, VRFY, EXPN, unknown or
 malformed lines, sequence errors, XCLIENT) the exact reply code is checked
 against a small model of the session, and the error limit (``max_errors``)
-ends the session no later than the model's count of certain errors says.
+ends the session exactly when the count of 4yz/5yz replies (and of junk
+commands past ``max_junk_commands``) since the last delivery reaches it.
 Two gateways run side by side: the default policy and a strict one (low
 limits, bare newlines normalised), each example using one of them.
 """
@@ -56,6 +57,7 @@ TOO_MANY_ERRORS = replies.TOO_MANY_ERRORS.format(hostname=HOSTNAME).wire().rstri
 #: Limits of the second gateway: low enough for sessions this short to meet them.
 STRICT = {
     "max_errors": 6,
+    "max_junk_commands": 3,
     "max_line_length": 512,
     "max_message_size": 2000,
     "max_recipients": 2,
@@ -307,7 +309,9 @@ ODD = [helo(), mail(), rcpt(), data(), xclient(), junk(), junk(), *(simple(*entr
 
 #: Commands the gateway answers alone, always with this code.
 EXACT = {"noop": 250, "help": 214, "rset": 250, "vrfy": 502, "expn": 502, "quit": 221, "helo": 250}
-#: Protocol errors (counted towards max_errors), always with this code.
+#: Commands that count as junk (max_junk_commands), whatever their reply.
+JUNK = {"noop", "help", "rset", "rset-arg", "vrfy", "vrfy-noarg", "expn", "expn-noarg"}
+#: Protocol errors, always with this code.
 ERRORS = {"junk": 500, "rset-arg": 501, "vrfy-noarg": 501, "expn-noarg": 501, "quit-arg": 501,
           "data-arg": 501, "helo-bad": 501}
 
@@ -320,10 +324,9 @@ class Expect:
     code: int | None = None
     #: A code it must not be.
     not_code: int | None = None
-    #: A protocol error for certain (it counts towards max_errors) ...
+    #: A protocol error for certain (a MAIL or RCPT argument the model
+    #: does not judge may be one too).
     error: bool = False
-    #: ... or perhaps one: a MAIL or RCPT argument the model does not judge.
-    maybe_error: bool = False
 
 
 class Model:
@@ -331,12 +334,14 @@ class Model:
 
     def __init__(self, gw: GatewayThread):
         self.max_errors = gw.policy.gateway.max_errors
+        self.max_junk = gw.policy.gateway.max_junk_commands
+        self.junk = 0
         self.max_line_length = gw.policy.gateway.max_line_length
         self.greeted = False
         self.transaction = False
         self.recipients = 0
-        #: Errors the model is sure of; the gateway may count more (bad
-        #: MAIL or RCPT parameters) but never fewer.
+        #: Every 4yz/5yz reply counts, and junk past its limit, until a
+        #: delivery: counted from the replies seen, so exact.
         self.errors = 0
 
     def kind(self, cmd: Cmd) -> str:
@@ -354,9 +359,9 @@ class Model:
         # Postfix, in step with it, says no 503 either.
         if kind == "mail":
             in_order = self.greeted and not self.transaction
-            return Expect(not_code=503, maybe_error=True) if in_order else Expect(503, error=True)
+            return Expect(not_code=503) if in_order else Expect(503, error=True)
         if kind == "rcpt":
-            return Expect(not_code=503, maybe_error=True) if self.transaction else Expect(503, error=True)
+            return Expect(not_code=503) if self.transaction else Expect(503, error=True)
         if kind == "data":
             if self.transaction:  # Postfix's 554 for a transaction without recipients
                 return Expect(354) if self.recipients else Expect(554, error=True)
@@ -370,6 +375,12 @@ class Model:
 
     def observe(self, cmd: Cmd, code: int) -> None:
         kind = self.kind(cmd)
+        if kind in JUNK:
+            self.junk += 1
+            self.errors += self.junk > self.max_junk
+        self.errors += code >= 400
+        if kind == "body" and code == 250:
+            self.errors = self.junk = 0
         if kind == "helo" and code == 250 or kind == "rset" and code == 250 or kind == "body":
             self.transaction, self.recipients = False, 0
         if kind == "helo" and code == 250:
@@ -497,17 +508,19 @@ def converse(gw: GatewayThread, cmds: list[Cmd], pipelined: bool, sizes: list[in
                 code = check_reply(lines, exempt=kind in ("helo", "helo-bad") or lines[0][:1] == b"3"
                                    or kind == "xclient" and lines[0][:3] == b"220")
                 expect = model.expect(cmd)
-                model.errors += expect.error
                 if code == 421:
                     # The only 421 while the next hop is up: the error limit,
-                    # reached by a command that is or may be an error.
+                    # reached by the reply before, said before this command
+                    # was read (as Postfix says it).
                     assert lines == [TOO_MANY_ERRORS], fail(f"unexpected 421 to {_show(cmd.line)}")
-                    assert expect.error or expect.maybe_error, fail(f"{_show(cmd.line)} counted as an error")
+                    assert model.errors >= model.max_errors, fail(
+                        f"421 after {model.errors} errors of {model.max_errors}")
                 else:
-                    assert not (expect.error and model.errors >= model.max_errors), fail(
+                    assert model.errors < model.max_errors, fail(
                         f"error {model.errors} of at most {model.max_errors} did not end the session")
                     assert expect.code in (None, code) and code != expect.not_code, fail(
                         f"{_show(cmd.line)}: expected {expect}, got {code}")
+                    assert not expect.error or code >= 400, fail(f"{_show(cmd.line)}: an error answered {code}")
                 if kind == "body" and code < 400:
                     assert QUEUED.match(lines[0]), fail(f"end of data answered {lines[0]!r}, not by Postfix")
                     queue_id = _QUEUE_ID.search(lines[0])
@@ -526,6 +539,17 @@ def converse(gw: GatewayThread, cmds: list[Cmd], pipelined: bool, sizes: list[in
                     except TimeoutError:
                         raise AssertionError(fail(f"still open {TIMEOUT:g}s after {code}")) from None
                     return queued
+            if model.errors >= model.max_errors:
+                # The group's last reply reached the limit: the 421 follows
+                # unasked, and the session ends.
+                try:
+                    lines = wire.reply()
+                    assert lines == [TOO_MANY_ERRORS], fail(f"after error {model.errors}: {lines!r}")
+                    assert wire.reply() is None, fail("a reply after the session ended")
+                except TimeoutError:
+                    raise AssertionError(fail(f"no 421 {TIMEOUT:g}s after error {model.errors}")) from None
+                transcript.append(f"S: {_show(lines[0])}")
+                return queued
             assert wire.buf == b"", fail(f"more replies than commands: {wire.buf!r}")
         raise AssertionError(fail("the session did not end at QUIT"))
     finally:

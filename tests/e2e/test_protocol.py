@@ -131,14 +131,59 @@ def test_help_and_quit(sock) -> None:
     assert sock.recv(10) == b""
 
 
+TOO_MANY = b"421 4.7.0 gw.test.example Error: too many errors\r\n"
+
+
+def until_closed(sock) -> bytes:
+    """Everything the gateway still says, up to its close."""
+    said = b""
+    while chunk := sock.recv(4096):
+        said += chunk
+    return said
+
+
 def test_too_many_errors_close_the_session(start_gateway, postfix) -> None:
     gw = start_gateway(f"127.0.0.1:{postfix.port}", max_errors=3)
     s = gw.raw()
     with s:
         assert say(s, b"BAD1") == b"500 5.5.2 Error: command not recognized\r\n"
         assert say(s, b"BAD2") == b"500 5.5.2 Error: command not recognized\r\n"
-        assert say(s, b"BAD3") == b"421 4.7.0 gw.test.example Error: too many errors\r\n"
-        assert s.recv(10) == b""
+        # As Postfix: the third error is answered, then the session ends
+        # before another command is read.
+        s.sendall(b"BAD3\r\n")
+        assert until_closed(s) == b"500 5.5.2 Error: command not recognized\r\n" + TOO_MANY
+
+
+def test_refusals_count_as_errors_until_a_delivery(start_gateway, postfix) -> None:
+    # A client trying relay tricks (or guessing mailboxes) one RCPT after
+    # another is cut off as Postfix would cut it off; one that delivers
+    # is forgiven its earlier mistakes.
+    gw = start_gateway(f"127.0.0.1:{postfix.port}", max_errors=3)
+    with gw.raw() as s:
+        say(s, b"XCLIENT ADDR=" + OUTSIDE_IP.encode())
+        assert say(s, b"EHLO client.example.net").startswith(b"250-")
+        assert say(s, b"MAIL FROM:<bob@example.org>").startswith(b"250 ")
+        assert say(s, b"RCPT TO:<a@remote.example>") == b"554 5.7.1 <a@remote.example>: Relay access denied\r\n"
+        assert say(s, b"RCPT TO:<nosuchuser@example.com>").startswith(b"550 5.1.1 ")  # Postfix's refusal counts too
+        assert say(s, b"RCPT TO:<alice@example.com>").startswith(b"250 ")
+        assert say(s, b"DATA").startswith(b"354 ")
+        assert say(s, b"Subject: forgiven\r\n\r\nhello\r\n.").startswith(b"250 ")
+        assert say(s, b"MAIL FROM:<bob@example.org>").startswith(b"250 ")
+        for mailbox in (b"b@remote.example", b"c@remote.example"):
+            assert say(s, b"RCPT TO:<" + mailbox + b">").startswith(b"554 5.7.1 ")
+        s.sendall(b"RCPT TO:<d@remote.example>\r\nRCPT TO:<alice@example.com>\r\n")  # pipelined
+        assert until_closed(s) == b"554 5.7.1 <d@remote.example>: Relay access denied\r\n" + TOO_MANY
+    (delivered,) = postfix.wait_for_messages("alice")
+    assert b"Subject: forgiven\n" in delivered
+
+
+def test_junk_commands_count_as_errors_past_their_limit(start_gateway, postfix) -> None:
+    gw = start_gateway(f"127.0.0.1:{postfix.port}", max_errors=3, max_junk_commands=2)
+    with gw.raw() as s:
+        for verb in (b"NOOP", b"RSET", b"HELP", b"NOOP"):  # the last two are errors 1 and 2
+            assert say(s, verb)[:1] == b"2"
+        s.sendall(b"NOOP\r\n")
+        assert until_closed(s) == b"250 2.0.0 Ok\r\n" + TOO_MANY
 
 
 def test_xclient_only_from_authorised_hosts(start_gateway, postfix) -> None:
