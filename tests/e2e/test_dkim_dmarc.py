@@ -86,6 +86,21 @@ def test_dmarc_reject_behind_a_second_from_is_refused(
     nothing_else_arrived(dmarc_gateway, postfix)
 
 
+def test_a_from_of_too_many_domains_is_refused_without_a_lookup(
+    dmarc_gateway: GatewayThread, postfix: PostfixInstance, dns: DNSServer
+) -> None:
+    # Seventeen domains, the p=reject one among them: looking each up would
+    # cost a query per domain the sender chose; checking only some would
+    # let auth.test hide.
+    authors = ", ".join([*(f"x@d{i}.thirdparty.test" for i in range(16)), "ceo@auth.test"])
+    dns.reset_counts()
+    replies = send(dmarc_gateway, SPOOFER_IP, "bounce@thirdparty.test", message(authors))
+    assert replies[-1] == (550, b"5.7.1 Message needs From addresses with domains that can be checked:"
+                                b" 17 From domains, at most 16 are checked")
+    assert dns.query_count("_dmarc.auth.test") == 0
+    nothing_else_arrived(dmarc_gateway, postfix)
+
+
 def test_several_authentic_from_domains_arrive_with_one_header(
     dmarc_gateway: GatewayThread, postfix: PostfixInstance
 ) -> None:
