@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import contextvars
 import enum
 import functools
@@ -327,6 +328,8 @@ class Resolver:
         self._cache: OrderedDict[_Key, tuple[float, Answer, int]] = OrderedDict()
         #: spf_check results by (ip, sender, helo): (expires, (result, explanation)).
         self._spf_results: OrderedDict[tuple[str, str, str], tuple[float, tuple[str, str]]] = OrderedDict()
+        #: SPF pool shares of the client addresses with checks under way.
+        self._spf_slots: dict[str, _ClientSlots] = {}
         self._inflight: dict[_Key, asyncio.Task[Answer]] = {}
         self._hits = self._coalesced = self._sent = 0
 
@@ -615,6 +618,22 @@ _spf_executor: concurrent.futures.ThreadPoolExecutor | None = None
 # of its own keeps slow SPF checks from starving the loop's default executor
 # (which asyncio uses for getaddrinfo).
 _SPF_WORKERS = 32
+#: Threads of that pool one client address may hold at once.  A client can
+#: make its own checks slow (its domains' DNS, an include: of its choice);
+#: without a share of its own, 32 such sessions from one address would
+#: leave every other session's SPF check waiting for a thread until its
+#: hook ran out of time.
+_SPF_PER_CLIENT = _SPF_WORKERS // 4
+
+
+class _ClientSlots:
+    """One client address's share of the SPF pool, kept while in use."""
+
+    __slots__ = ("free", "users")
+
+    def __init__(self) -> None:
+        self.free = asyncio.Semaphore(_SPF_PER_CLIENT)
+        self.users = 0
 
 
 def _spf_router(name: str, qtype: str, strict: Any = True, timeout: float = 20) -> list[tuple[tuple[str, str], Any]]:
@@ -706,6 +725,43 @@ def spf_cached(resolver: Resolver, ip: str, sender: str, helo: str) -> tuple[str
     return None
 
 
+async def _in_pool(
+    resolver: Resolver, ip: str, executor: concurrent.futures.Executor, run: Callable[[], tuple[str, str]]
+) -> tuple[str, str]:
+    """``run()`` in the SPF pool, within ``ip``'s share of it.  The share is
+    given back when the thread is done, not when our wait ends: a client
+    that disconnects leaves its check running, and must not start more."""
+    slots = resolver._spf_slots.get(ip)
+    if slots is None:
+        slots = resolver._spf_slots[ip] = _ClientSlots()
+    slots.users += 1
+    try:
+        await slots.free.acquire()
+    except BaseException:
+        _left(resolver, ip, slots)
+        raise
+    loop = asyncio.get_running_loop()
+
+    def done(_: object) -> None:  # in the pool's thread, or here if cancelled before it ran
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nothing to give back to
+            loop.call_soon_threadsafe(_freed, resolver, ip, slots)
+
+    job = executor.submit(run)
+    job.add_done_callback(done)
+    return await asyncio.wrap_future(job)
+
+
+def _freed(resolver: Resolver, ip: str, slots: _ClientSlots) -> None:
+    slots.free.release()
+    _left(resolver, ip, slots)
+
+
+def _left(resolver: Resolver, ip: str, slots: _ClientSlots) -> None:
+    slots.users -= 1
+    if not slots.users and resolver._spf_slots.get(ip) is slots:
+        del resolver._spf_slots[ip]
+
+
 async def spf_check(resolver: Resolver, ip: str, sender: str, helo: str, *, querytime: float = 20.0) -> tuple[str, str]:
     """RFC 7208 check of ``sender`` (MAIL FROM; empty for bounces, then the
     HELO identity is checked) sent from ``ip`` -- what pyspf's ``check2``
@@ -735,7 +791,7 @@ async def spf_check(resolver: Resolver, ip: str, sender: str, helo: str, *, quer
             _SPF_LOOKUP.reset(token)
         return str(result), str(explanation)
 
-    outcome = await asyncio.get_running_loop().run_in_executor(executor, run)
+    outcome = await _in_pool(resolver, ip, executor, run)
     keep = min([SPF_RESULT_TTL, *ttls])
     if outcome[0] != "temperror" and keep > 0:
         # The same client, sender and HELO get the same answer while the DNS

@@ -556,6 +556,41 @@ async def test_spf_shares_the_resolver_cache(resolver: Resolver, dns: DNSServer)
     assert dns.query_count("strict.spf.example", "TXT") == 1
 
 
+async def test_one_client_cannot_hold_every_spf_thread(dns: DNSServer) -> None:
+    # Its checks wait on DNS answers held back (its own slow zones, say):
+    # past its share of the pool its next check waits for one of its own
+    # to finish, while another client's check starts at once.
+    dns.hold("spf.example")
+    resolver = Resolver([dns.nameserver], timeout=10.0)
+    share = gdns._SPF_PER_CLIENT
+    busy = [asyncio.ensure_future(spf_check(resolver, "192.0.2.5", f"a@c{i}.spf.example", "h")) for i in range(share + 1)]
+    other = asyncio.ensure_future(spf_check(resolver, "192.0.2.6", "a@other.spf.example", "h"))
+    await dns.asked(*((f"c{i}.spf.example", "TXT") for i in range(share)), ("other.spf.example", "TXT"))
+    assert dns.query_count(f"c{share}.spf.example") == 0
+    assert resolver._spf_slots["192.0.2.5"].users == share + 1
+    dns.release()
+    assert {result for result, _ in await asyncio.gather(*busy, other)} == {"none"}
+    assert dns.query_count(f"c{share}.spf.example", "TXT") == 1
+    assert resolver._spf_slots == {}  # shares are not kept for clients gone
+
+
+async def test_a_cancelled_spf_check_keeps_its_share_until_its_thread_is_done(dns: DNSServer) -> None:
+    dns.hold("spf.example")
+    resolver = Resolver([dns.nameserver], timeout=10.0)
+    check = asyncio.ensure_future(spf_check(resolver, "192.0.2.5", "a@c0.spf.example", "h"))
+    await dns.asked(("c0.spf.example", "TXT"))
+    check.cancel()  # the client left; pyspf's thread still waits for its answer
+    with pytest.raises(asyncio.CancelledError):
+        await check
+    assert resolver._spf_slots["192.0.2.5"].users == 1
+    dns.release()
+    for _ in range(500):  # bounded: the thread ends once its answer arrives
+        if not resolver._spf_slots:
+            break
+        await asyncio.sleep(0.01)
+    assert resolver._spf_slots == {}
+
+
 async def test_spf_router_is_inactive_outside_spf_check(resolver: Resolver) -> None:
     await spf_check(resolver, "192.0.2.5", "a@strict.spf.example", "h")
     assert spf.DNSLookup is gdns._spf_router
