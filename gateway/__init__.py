@@ -7,6 +7,7 @@ in :mod:`gateway` is internal.  Hooks are documented in
 
 import importlib.metadata
 
+from .actions import ActionOptions, ActionSpec, check_actions, decide
 from .address import Address
 from .plugin import Context, Plugin, hookimpl, then
 from .replies import Reply
@@ -22,6 +23,8 @@ except importlib.metadata.PackageNotFoundError:  # run from a checkout, not inst
 __all__ = [
     "__version__",
     "Action",
+    "ActionOptions",
+    "ActionSpec",
     "Address",
     "Context",
     "Envelope",
@@ -33,6 +36,8 @@ __all__ = [
     "Stash",
     "StashKey",
     "Verdict",
+    "check_actions",
+    "decide",
     "hookimpl",
     "then",
 ]

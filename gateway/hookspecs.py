@@ -97,6 +97,20 @@ a default must be in the table.  For checks beyond types, give the class a
 table.  Every problem is reported as ``FILE: plugins.NAME.KEY: ...`` and
 nothing starts.  ``enabled`` is the gateway's own key.
 
+Findings and actions
+--------------------
+The built-in checks report what they found and let the policy decide what
+it means; a plugin of yours can do the same.  Derive ``Options`` from
+:class:`~gateway.ActionOptions` and give it ``DEFAULT_ACTIONS`` (``{"listed":
+"reject"}``; a finding left out only informs), return
+:func:`~gateway.check_actions` ``(self.actions, FINDINGS, temporary)`` from
+``check()``, and answer with :func:`~gateway.decide` ``(finding,
+self.options.actions, reject=..., defer=..., result=...)``.  The policy's
+``[plugins.NAME.actions]`` table, merged over the defaults, then maps each
+finding to ``reject``, ``defer``, ``tag``, ``accept``, ``continue`` or a
+score, and ``lint`` refuses an unknown finding or a temporary one mapped
+to ``reject``.
+
 State
 -----
 One instance serves every session of its worker, so keep per-session

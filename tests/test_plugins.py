@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from gateway import Plugin, hookimpl
+from gateway import ActionOptions, Plugin, Reply, check_actions, decide, hookimpl
 from gateway.config import PolicyError, policy_from_dict
 from gateway.plugin import Context
 from gateway.plugins import load_plugins
@@ -27,6 +27,24 @@ class Typo(Plugin):
     @hookimpl
     def rcpt_to(self):  # no such hook
         return None
+
+
+class Lookup(Plugin):
+    """A third-party check built on the public findings-and-actions API."""
+
+    FINDINGS = ("listed", "tempfail", "clean")
+
+    @dataclass(frozen=True)
+    class Options(ActionOptions):
+        DEFAULT_ACTIONS = {"listed": "reject"}
+
+        def check(self) -> dict[str, str]:
+            return check_actions(self.actions, Lookup.FINDINGS, ("tempfail",))
+
+    @hookimpl
+    def mail(self, envelope):
+        finding = envelope.sender.domain.split(".")[0]
+        return decide(finding, self.options.actions, reject=Reply(550, "5.7.1", "Listed"), result=f"lookup={finding}")
 
 
 def load(plugins, extra):
@@ -151,3 +169,25 @@ def test_a_plugin_whose_constructor_raises_is_a_named_problem(caplog) -> None:
     assert problem.key == "plugins.cannot"
     assert problem.expected == "a plugin that starts (RuntimeError('no licence file'))"
     assert "plugin cannot" in caplog.text and "RuntimeError: no licence file" in caplog.text
+
+
+def test_a_plugin_of_ours_maps_findings_to_actions_through_the_policy() -> None:
+    from gateway import Action, Envelope
+    from gateway.address import parse_path
+
+    def verdict(actions, domain):
+        registry = load({"lookup": {"actions": actions}}, {"lookup": Lookup})
+        (plugin,) = [p for p in registry.plugins if p.name == "lookup"]
+        return plugin.instance.mail(Envelope(parse_path(f"FROM:<a@{domain}>", "FROM")[0]))
+
+    assert verdict({}, "listed.example").reply == Reply(550, "5.7.1", "Listed")  # the default
+    assert verdict({"listed": 2.5}, "listed.example").score == 2.5
+    deferred = verdict({"tempfail": "defer"}, "tempfail.example")
+    assert deferred.action is Action.DEFER and deferred.reply == Reply(451, "4.7.1", "Listed")
+    assert verdict({}, "clean.example").action is Action.CONTINUE
+    with pytest.raises(PolicyError) as info:
+        load({"lookup": {"actions": {"tempfail": "reject", "spam": "tag"}}}, {"lookup": Lookup})
+    assert {(p.key, p.expected) for p in info.value.problems} == {
+        ("plugins.lookup.actions.tempfail", "defer, tag, accept, continue or a score (a temporary failure must not bounce mail)"),
+        ("plugins.lookup.actions.spam", "a finding of this plugin (listed, tempfail, clean)"),
+    }
