@@ -423,11 +423,17 @@ def parse_table(
         return None, [Problem(source, prefix, "expected a table")]
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    problems: list[Problem] = []
+    # A plugin author's mistake, said whether or not this policy sets the
+    # key: a later policy that did would be refused out of the blue.
+    untyped = {name for name in fields if not _supported(hints[name])}
+    problems = [
+        Problem(source, f"{prefix}.{name}", f"an option type the loader takes, not {hints[name]!r} (a bug in the plugin)")
+        for name in sorted(untyped)
+    ]
     values: dict[str, Any] = {}
     for key, value in table.items():
         path = f"{prefix}.{key}"
-        if key in extra:
+        if key in extra or key in untyped:
             continue
         if key not in fields:
             known = ", ".join(sorted(fields)) or "no keys"
@@ -476,6 +482,22 @@ class _Inner(TypeError):
         super().__init__(f"{path}: {why}")
         self.path = path
         self.why = why
+
+
+def _supported(hint: Any) -> bool:
+    """Whether :func:`_coerce` can check values of ``hint``."""
+    if hint in (bool, int, float, str):
+        return True
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return True
+    if origin is tuple:
+        return len(args) == 2 and args[1] is Ellipsis and _supported(args[0])
+    if origin is dict:
+        return len(args) == 2 and args[0] is str and _supported(args[1])
+    if origin in (typing.Union, types.UnionType):
+        return all(arg is type(None) or _supported(arg) for arg in args)
+    return False
 
 
 def _coerce(value: Any, hint: Any) -> Any:

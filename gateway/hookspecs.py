@@ -90,7 +90,8 @@ Options
 table, checked against its type hint when the policy is loaded (``lint``,
 ``serve``, every reload).  Hints may be ``bool``, ``int``, ``float``,
 ``str``, ``Literal[...]``, ``tuple[T, ...]`` (a TOML array; lists arrive as
-tuples), ``dict[str, T]`` (a table) and unions of those.  A field without
+tuples), ``dict[str, T]`` (a table) and unions of those; any other
+hint is reported at load, set or not.  A field without
 a default must be in the table.  For checks beyond types, give the class a
 ``check(self) -> dict[str, str]`` returning ``{key: "expected ..."}``; a
 ``ValueError`` from ``__post_init__`` is reported too, but names only the

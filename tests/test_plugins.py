@@ -1,6 +1,7 @@
 """Loading plugins: order from the policy, defaults, validation."""
 
 import logging
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -191,3 +192,23 @@ def test_a_plugin_of_ours_maps_findings_to_actions_through_the_policy() -> None:
         ("plugins.lookup.actions.tempfail", "defer, tag, accept, continue or a score (a temporary failure must not bounce mail)"),
         ("plugins.lookup.actions.spam", "a finding of this plugin (listed, tempfail, clean)"),
     }
+
+
+class ListTyped(Plugin):
+    @dataclass(frozen=True)
+    class Options:
+        names: list[str] = dataclasses.field(default_factory=list)  # the loader gives tuples, not lists
+        limit: int = 3
+
+    @hookimpl
+    def rcpt(self):
+        return None
+
+
+@pytest.mark.parametrize("table", [{}, {"names": ["a"]}], ids=["unset", "set"])
+def test_an_option_type_the_loader_cannot_check_is_named_even_unset(table) -> None:
+    with pytest.raises(PolicyError) as info:
+        load({"listy": table}, {"listy": ListTyped})
+    (problem,) = info.value.problems
+    assert problem.key == "plugins.listy.names"
+    assert problem.expected == "an option type the loader takes, not list[str] (a bug in the plugin)"
