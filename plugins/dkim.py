@@ -171,6 +171,8 @@ _DKIMPY_RFC822_PARSE = dkim.rfc822_parse
 _DKIMPY_SELECT_HEADERS = dkim.select_headers
 _DKIMPY_STRIP_TRAILING = dkim.canonicalization.strip_trailing_whitespace
 _DKIMPY_COMPRESS = dkim.canonicalization.compress_whitespace
+_DKIMPY_UNFOLD = dkim.canonicalization.unfold_header_value
+_FIELD_NAME = re.compile(rb"([\x21-\x7e]+?):")
 _TRAILING_WSP = re.compile(rb"[\t ]+\r\n")
 #: Runs of WSP other than a lone space: the only ones compressing changes.
 _WSP_RUN = re.compile(rb"\t[\t ]*| [\t ]+")
@@ -186,8 +188,25 @@ def _rfc822_parse(message: bytes) -> tuple[list[list[bytes]], bytes]:
     end = message.find(b"\r\n\r\n")
     if end < 0 or message.startswith(b"\r\n") or message.count(b"\n") != message.count(b"\r\n"):
         return _DKIMPY_RFC822_PARSE(message)  # type: ignore[no-any-return]
-    headers, _ = _DKIMPY_RFC822_PARSE(message[: end + 4])
+    # dkimpy's loop over the header lines; its re.split(b"\r?\n") tries a
+    # match at every byte, where every line here ends in CRLF.
+    headers: list[list[bytes]] = []
+    for line in message[:end].split(b"\r\n"):
+        if line[:1] in (b"\t", b" "):
+            headers[-1][1] += line + b"\r\n"
+        elif (name := _FIELD_NAME.match(line)) is not None:
+            headers.append([name[1], line[name.end() :] + b"\r\n"])
+        elif not line.startswith(b"From "):
+            raise dkim.MessageFormatError(f"Unexpected characters in RFC822 header: {line!r}")
     return headers, message[end + 4 :]
+
+
+def _unfold_header_value(content: bytes) -> bytes:
+    # dkimpy's re.sub(b"\r?\n", b"", ...) has no fixed first byte, so it
+    # tries a match at every byte of every field; this removes the same.
+    if b"\n" not in content:
+        return content
+    return content.replace(b"\r\n", b"").replace(b"\n", b"")
 
 
 def _select_headers(headers: Sequence[tuple[bytes, bytes]], include_headers: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
@@ -225,6 +244,7 @@ dkim.select_headers = _select_headers
 dkim.RE_BTAG = _RE_BTAG
 dkim.canonicalization.strip_trailing_whitespace = _strip_trailing_whitespace
 dkim.canonicalization.compress_whitespace = _compress_whitespace
+dkim.canonicalization.unfold_header_value = _unfold_header_value
 
 _log = logging.getLogger("smtpgate.plugin.dkim.dkimpy")
 _log.addHandler(logging.NullHandler())

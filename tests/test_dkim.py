@@ -663,18 +663,21 @@ def test_faster_canonicalisation_gives_dkimpys_bytes() -> None:
     from plugins.dkim import (
         _DKIMPY_COMPRESS,
         _DKIMPY_STRIP_TRAILING,
+        _DKIMPY_UNFOLD,
         _compress_whitespace,
         _strip_trailing_whitespace,
+        _unfold_header_value,
     )
 
     crafted = [b"", b" ", b"\t", b"  ", b" \t ", b"a b", b"a  b", b"a\tb", b"a \r\n", b"a\t\r\n", b"\r\n \r\n",
-               b" \t\r\n", b"a \t \tb \r\n\r\n", b"x" * 100]
+               b" \t\r\n", b"a \t \tb \r\n\r\n", b"x" * 100, b"\r\r\n\n", b"\n\r", b"a\r\n b\n\tc\r"]
     rng = random.Random(5)
     pieces = (b" ", b"  ", b"\t", b"a", b"bc", b"\r\n", b"\r", b"\n", b" \r\n", b"\t\r\n")
     generated = [_fragments(rng, pieces, rng.randrange(0, 40)) for _ in range(3000)]
     for content in crafted + generated:
         assert _compress_whitespace(content) == _DKIMPY_COMPRESS(content), content
         assert _strip_trailing_whitespace(content) == _DKIMPY_STRIP_TRAILING(content), content
+        assert _unfold_header_value(content) == _DKIMPY_UNFOLD(content), content
 
 
 def test_faster_message_parsing_gives_dkimpys_headers_and_body() -> None:
@@ -697,10 +700,17 @@ def test_faster_message_parsing_gives_dkimpys_headers_and_body() -> None:
         b"A: 1\r\r\n\r\nbody\r\r\n",
         b"no colon here\r\n\r\nx",
         b" leading continuation\r\n\r\nx",
+        b"A:1\r\nFrom x\r\n\tmore\r\nB\x7f: 2\r\n\r\n",
+        b"A:1\r\n:x\r\n\r\n",
+        b"A b: 1\r\n\r\n",
+        b"A:1\r\r\n\r\n",
     ]
     rng = random.Random(7)
-    pieces = (b"A: 1", b"Subject: x", b" cont", b"\tcont", b"\r\n", b"\r\n", b"\r\n\r\n", b"body", b"\n", b"\r", b"From x")
+    pieces = (b"A: 1", b"Subject: x", b" cont", b"\tcont", b"\r\n", b"\r\n", b"\r\n\r\n", b"body", b"\n", b"\r", b"From x",
+              b"B:", b":", b" ", b"x y:", b"\x7f")
     generated = [b"H: v\r\n" + _fragments(rng, pieces, rng.randrange(0, 30)) for _ in range(3000)]
+    crlf_only = tuple(p for p in pieces if p not in (b"\n", b"\r"))  # no fallback to dkimpy's own
+    generated += [b"H: v\r\n" + _fragments(rng, crlf_only, rng.randrange(0, 30)) for _ in range(3000)]
     for message in crafted + generated:
         try:
             expected = _DKIMPY_RFC822_PARSE(message)
@@ -764,3 +774,4 @@ def test_dkimpy_uses_the_faster_functions() -> None:
     assert dkim.RE_BTAG is dkim_plugin._RE_BTAG
     assert dkim.canonicalization.compress_whitespace is _compress_whitespace
     assert dkim.canonicalization.strip_trailing_whitespace is _strip_trailing_whitespace
+    assert dkim.canonicalization.unfold_header_value is dkim_plugin._unfold_header_value
