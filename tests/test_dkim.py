@@ -775,3 +775,27 @@ def test_dkimpy_uses_the_faster_functions() -> None:
     assert dkim.canonicalization.compress_whitespace is _compress_whitespace
     assert dkim.canonicalization.strip_trailing_whitespace is _strip_trailing_whitespace
     assert dkim.canonicalization.unfold_header_value is dkim_plugin._unfold_header_value
+
+
+def test_tag_list_parsing_gives_dkimpys_tags_and_errors() -> None:
+    import random
+
+    from plugins.dkim import _DKIMPY_PARSE_TAG_VALUE, _parse_tag_value
+
+    signed = sign(MESSAGE)
+    field = signed.split(b"DKIM-Signature:", 1)[1].split(b"\r\nFrom:")[0]
+    crafted = [field, b"", b";", b"a=1;", b"a=1;;", b"=1", b" a = 1 ; b=2=3 ", b"1a=2", b"_a=1", b"a", b"a=1; a=2",
+               b"\xe9=1", b"a\tb=1", b"A=", b" ; a=1"]
+    rng = random.Random(17)
+    pieces = (b"a", b"B", b"1", b"_", b"=", b";", b" ", b"\t", b"\r\n", b"v=1", b"h=from:to", b"\xff", b"-")
+    generated = [_fragments(rng, pieces, rng.randrange(0, 20)) for _ in range(5000)]
+    for value in crafted + generated:
+        try:
+            expected = _DKIMPY_PARSE_TAG_VALUE(value)
+        except Exception as exc:  # noqa: BLE001 - the same exception must come out of ours
+            with pytest.raises(type(exc)) as raised:
+                _parse_tag_value(value)
+            assert raised.value.args == exc.args, value
+            continue
+        assert _parse_tag_value(value) == expected, value
+    assert dkim.parse_tag_value is _parse_tag_value
