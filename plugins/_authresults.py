@@ -387,9 +387,19 @@ class _Value(authres.core.QuotableValue):  # type: ignore[misc]  # authres is un
     value that is no address is quoted here."""
 
     def quote_if_needed(self) -> str:
-        if "@" in self and not _BARE_ADDRESS.fullmatch(self):
+        # authres's own test follows, with its patterns compiled once: it
+        # builds and looks one up for every value it writes.
+        if "@" in self:
+            if _BARE_ADDRESS.fullmatch(self):
+                return str(self)
             return '"%s"' % self.replace("\\", "\\\\").replace('"', '\\"')
-        return str(super().quote_if_needed())
+        if _TOKEN.match(self):
+            return str(self)
+        return '"%s"' % _QUOTE_SPECIAL.sub(r"\\\1", self)
+
+
+_TOKEN = re.compile(r"^%s$" % authres.core.RFC2045_TOKEN_PATTERN)
+_QUOTE_SPECIAL = re.compile(r'(["\\])')
 
 
 def property_(ptype: str, name: str, value: str) -> authres.AuthenticationResultProperty:

@@ -631,3 +631,27 @@ def test_the_simple_from_fast_path_agrees_with_the_full_parser(value: str, monke
     fast = ar.author_domain([("From", value)]), ar.author_domains([("From", value)])
     monkeypatch.setattr(ar, "_SIMPLE_FROM", re.compile(r"(?!)"))
     assert fast == (ar.author_domain([("From", value)]), ar.author_domains([("From", value)]))
+
+
+def test_property_values_quoted_as_authres_and_the_address_rule_quote_them() -> None:
+    # ar._Value does authres's own quoting with its patterns compiled once;
+    # what it writes must stay what authres (plus the rule that a value
+    # with an "@" is bare only as an address) wrote.
+    import random
+
+    import authres
+
+    def reference(value: str) -> str:
+        if "@" in value and not ar._BARE_ADDRESS.fullmatch(value):
+            return '"%s"' % value.replace("\\", "\\\\").replace('"', '\\"')
+        return str(authres.core.QuotableValue(value).quote_if_needed())
+
+    crafted = ["", "a", "example.com", "a@b.test", "@b.test", "x;dkim=pass@auth.test", 'a"b', "a\\b", "a b",
+               "a\n", "a\nb", "(x)", "ñ", "a=b", "1.2.3.4", "2001:db8::1", "a@b.test\n", "é@b.test"]
+    rng = random.Random(19)
+    pieces = ("a", "Z", "0", ".", "-", "@", '"', "\\", " ", "\n", "=", ";", "(", ")", "/", "ñ", "_", ":", "[", "]")
+    generated = ["".join(rng.choice(pieces) for _ in range(rng.randrange(0, 12))) for _ in range(5000)]
+    for value in crafted + generated:
+        written = ar._Value(value).quote_if_needed()
+        assert written == reference(value), value
+        assert type(written) is str
