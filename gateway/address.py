@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import idna
 
-__all__ = ["Address", "Params", "PathError", "ParamError", "parse_path", "is_domain", "is_hostname", "to_ascii_domain"]
+__all__ = ["Address", "Params", "PathError", "ParamError", "parse_path", "is_domain", "is_hostname", "may_be_ip", "to_ascii_domain"]
 
 # atext of RFC 5322 §3.2.3; non-ASCII is allowed only with SMTPUTF8.
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -213,6 +213,14 @@ def to_ascii_domain(name: str) -> str:
 def is_domain(text: str) -> bool:
     """Whether ``text`` is a domain or address literal by RFC 5321 syntax."""
     return _DOMAIN.match(text) is not None
+
+
+def may_be_ip(text: str) -> bool:
+    """False when ``ipaddress.ip_address(text)`` cannot succeed: an IPv6
+    address has a colon, an IPv4 one only ASCII digits and dots.  For host
+    names, where its two failed parses, each raising and formatting an
+    error, cost more than the check they are part of."""
+    return ":" in text or not text.lstrip("0123456789.")
 
 
 def is_hostname(text: str) -> bool:

@@ -66,7 +66,7 @@ from gateway import (
     then,
 )
 from gateway.actions import ACTION_NAMES, ActionOptions, ActionSpec, check_actions, decide
-from gateway.address import is_domain, to_ascii_domain
+from gateway.address import is_domain, may_be_ip, to_ascii_domain
 from gateway.config import parse_table
 from gateway.dns import Answer, Resolver, Status, dnsbl_name
 from gateway.verdict import Action, combine
@@ -317,11 +317,12 @@ def lookup_domain(text: str) -> str | None:
     name = text.strip().rstrip(".").lower()
     if not name or name.startswith("["):
         return None
-    try:
-        ipaddress.ip_address(name)
-        return None
-    except ValueError:
-        pass
+    if may_be_ip(name):
+        try:
+            ipaddress.ip_address(name)
+            return None
+        except ValueError:
+            pass
     if not name.isascii():
         try:
             name = to_ascii_domain(name)

@@ -32,7 +32,7 @@ from typing import Any
 
 from gateway import Context, Plugin, Reply, Session, Verdict, hookimpl
 from gateway.actions import ActionOptions, ActionSpec, check_actions, decide
-from gateway.address import is_domain
+from gateway.address import is_domain, may_be_ip
 from gateway.dns import Answer, Resolver
 from gateway.verdict import combine
 
@@ -216,7 +216,7 @@ def classify(
         except ValueError:
             return Finding.INVALID
         return _ip_finding(literal, client_ip, own_networks, bracketed=True)
-    if "%" not in hostname:
+    if "%" not in hostname and may_be_ip(hostname):
         try:
             bare = ipaddress.ip_address(hostname)
         except ValueError:

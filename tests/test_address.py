@@ -87,3 +87,24 @@ def test_to_ascii_domain(name: str, ascii_name: str) -> None:
 def test_to_ascii_domain_refuses_what_idna_cannot_convert() -> None:
     with pytest.raises(UnicodeError):
         to_ascii_domain("a\u200db.example")  # a ZERO WIDTH JOINER out of context
+
+
+def test_may_be_ip_is_false_only_where_ip_address_fails() -> None:
+    import ipaddress
+    import random
+
+    from gateway.address import may_be_ip
+
+    crafted = ["", ".", "1", "1.2.3.4", "01.2.3.4", "1.2.3.4.", " 1.2.3.4", "::", "::1", "fe80::1%eth0", "1::", "a.b",
+               "mail.example.org", "[1.2.3.4]", "٣.1.1.1", "１.2.3.4", "1.2.3", "256.1.1.1", "0x1.1.1.1", "1e3"]
+    rng = random.Random(23)
+    pieces = ("1", "0", "9", "25", ".", ":", "a", "f", "%", "x", " ", "٣", "::", "255")
+    generated = ["".join(rng.choice(pieces) for _ in range(rng.randrange(0, 10))) for _ in range(20000)]
+    for text in crafted + generated:
+        try:
+            ipaddress.ip_address(text)
+        except ValueError:
+            continue
+        assert may_be_ip(text), text
+    assert not may_be_ip("mail.example.org") and not may_be_ip("٣.1.1.1")
+    assert may_be_ip("1.2.3.4") and may_be_ip("::1")
