@@ -173,6 +173,7 @@ _DKIMPY_STRIP_TRAILING = dkim.canonicalization.strip_trailing_whitespace
 _DKIMPY_COMPRESS = dkim.canonicalization.compress_whitespace
 _DKIMPY_UNFOLD = dkim.canonicalization.unfold_header_value
 _DKIMPY_PARSE_TAG_VALUE = dkim.parse_tag_value
+_H_SEPARATOR = re.compile(rb"\s*:\s*")
 _FIELD_NAME = re.compile(rb"([\x21-\x7e]+?):")
 _TRAILING_WSP = re.compile(rb"[\t ]+\r\n")
 #: Runs of WSP other than a lone space: the only ones compressing changes.
@@ -228,6 +229,27 @@ def _parse_tag_value(tag_list: bytes) -> dict[bytes, bytes]:
             raise DuplicateTag(key)
         tags[key] = value.strip()
     return tags
+
+
+def _verify_headerprep(verifier: dkim.DKIM, idx: int) -> tuple[dict[bytes, bytes], list[bytes], list[tuple[bytes, bytes]]] | bool:
+    """``verifier.verify_headerprep(idx)`` without its debug line, which
+    formats the repr of every tag of the signature (the long b= too) for
+    each signature, whether anything is logged or not.  The same steps,
+    results, exceptions and attributes set on ``verifier``."""
+    sigheaders = [(x, y) for x, y in verifier.headers if x.lower() == b"dkim-signature"]
+    if len(sigheaders) <= idx:
+        return False
+    try:
+        sig = _parse_tag_value(sigheaders[idx][1])
+        verifier.signature_fields = sig
+    except dkim.util.InvalidTagValueList as e:
+        raise dkim.MessageFormatError(e) from None
+    dkim.validate_signature_fields(sig)
+    verifier.domain = sig[b"d"]
+    verifier.selector = sig[b"s"]
+    include_headers = [x.lower() for x in _H_SEPARATOR.split(sig[b"h"])]
+    verifier.include_headers = tuple(include_headers)
+    return sig, include_headers, sigheaders
 
 
 def _select_headers(headers: Sequence[tuple[bytes, bytes]], include_headers: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
@@ -407,7 +429,7 @@ def _parse(raw: bytes, fields: Sequence[tuple[str, str]]) -> _Parsed | tuple[Dki
     prepared: list[DkimResult | tuple[Any, ...]] = []
     for idx in range(min(count, MAX_SIGNATURES)):
         try:
-            prep = verifier.verify_headerprep(idx)
+            prep = _verify_headerprep(verifier, idx)
         except (dkim.DKIMException, KeyError, ValueError, TypeError) as exc:  # missing or bad tags, expired...
             prepared.append(DkimResult("neutral", reason=f"bad signature: {exc}"))
             continue

@@ -799,3 +799,39 @@ def test_tag_list_parsing_gives_dkimpys_tags_and_errors() -> None:
             continue
         assert _parse_tag_value(value) == expected, value
     assert dkim.parse_tag_value is _parse_tag_value
+
+
+def test_header_preparation_gives_dkimpys_fields_errors_and_state() -> None:
+    import random
+
+    from plugins.dkim import _verify_headerprep
+
+    signed = sign(MESSAGE)
+    head, _, rest = signed.partition(b"\r\nFrom:")
+    value = head.split(b"DKIM-Signature:", 1)[1]
+    tags = [t for t in value.replace(b"\r\n", b"").split(b";")]
+    rng = random.Random(29)
+    extra = (b" h=from : to", b"h=From:TO:subject", b"h= from", b"t=99999999999", b"t=x", b"x=1", b"b=a$b",
+             b"a=rsa-sha1", b"a=none", b"v=2", b"i=@other.test", b"d=a(b", b"q=x", b"l=12", b"l=x", b"bh=ab",
+             b"c=relaxed", b"novalue", b" =1", b"9a=1", b"d=example.com", b"")
+    variants = [value, b" v=1; a=rsa-sha256", value + b"; a=rsa-sha256"]
+    for _ in range(1500):
+        chosen = [t for t in tags if rng.random() > 0.15] + [rng.choice(extra) for _ in range(rng.randrange(0, 3))]
+        rng.shuffle(chosen)
+        variants.append(b";".join(chosen))
+    for variant in variants:
+        for count in (1, 2):
+            message = b"DKIM-Signature:" + variant + b"\r\n" + (b"DKIM-Signature:" + value + b"\r\n") * (count - 1)
+            message += b"From:" + rest
+            for idx in range(count + 1):
+                ours, theirs = dkim.DKIM(message), dkim.DKIM(message)
+                try:
+                    expected = theirs.verify_headerprep(idx)
+                except Exception as exc:  # noqa: BLE001 - the same exception must come out of ours
+                    with pytest.raises(type(exc)) as raised:
+                        _verify_headerprep(ours, idx)
+                    assert str(raised.value) == str(exc), variant
+                else:
+                    assert _verify_headerprep(ours, idx) == expected, variant
+                for name in ("signature_fields", "domain", "selector", "include_headers"):
+                    assert getattr(ours, name, None) == getattr(theirs, name, None), (variant, name)
