@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import gc
 import logging
 import signal
 import socket
@@ -266,6 +267,11 @@ def run_worker(policy: Policy, sock: socket.socket, counts: Counts, early: set[i
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         service = Service(Gateway(policy, counts=counts))
+        # What start-up built (modules, the policy, the plugins and their
+        # tables) lives as long as the worker: frozen, the collector's full
+        # collections stop walking it again and again (about 1 % of a
+        # message with every check on).  reload() thaws it.
+        gc.freeze()
 
         def on_hup() -> None:
             if not stop.is_set():
@@ -294,6 +300,9 @@ def reload(service: Service, load: Callable[[], Policy], extra: Mapping[str, typ
     policy = policy_for_reload(load, service.gateway.policy)
     if policy is None:
         return
+    # Collectable again, so the running policy's objects go once its
+    # sessions end (what is frozen never is).
+    gc.unfreeze()
     try:
         # Plugins are built here, with the new options, before anything
         # changes; the DNS cache stays warm unless [dns] itself changed.

@@ -78,6 +78,19 @@ def test_reloads_leave_no_old_policy_behind(start_gateway, tmp_path: Path) -> No
     assert [ref() for ref in gone] == [None] * 5
 
 
+def test_a_reload_thaws_what_the_worker_froze_at_start(start_gateway, tmp_path: Path) -> None:
+    # run_worker freezes what start-up built (gc.freeze); frozen, the old
+    # policy's objects could never be collected after a reload.
+    upstream = f"maildir:{tmp_path / 'maildir'}"
+    gw = start_gateway(upstream)
+    gc.freeze()
+    try:
+        gw.reload(make_policy(upstream, hostname="thawed.example"))
+        assert gc.get_freeze_count() == 0
+    finally:
+        gc.unfreeze()
+
+
 def test_a_reload_keeps_the_dns_cache_unless_the_dns_settings_change(start_gateway, dns, tmp_path: Path) -> None:
     upstream = f"maildir:{tmp_path / 'maildir'}"
     settings = {"nameservers": [dns.nameserver], "timeout": 2.0}
