@@ -839,3 +839,46 @@ def test_header_preparation_gives_dkimpys_fields_errors_and_state() -> None:
                     assert _verify_headerprep(ours, idx) == expected, variant
                 for name in ("signature_fields", "domain", "selector", "include_headers"):
                     assert getattr(ours, name, None) == getattr(theirs, name, None), (variant, name)
+
+
+def test_signature_field_validation_gives_dkimpys_errors() -> None:
+    import random
+    import time
+
+    from plugins.dkim import _DKIMPY_VALIDATE, _validate_signature_fields
+
+    # b"".join(value.split()) drops what re.sub(rb"\s+", b"") drops.
+    every_byte = bytes(range(256))
+    assert b"".join(every_byte.split()) == re.sub(rb"\s+", b"", every_byte)
+    signed = sign(MESSAGE)
+    field = signed.split(b"DKIM-Signature:", 1)[1].split(b"\r\nFrom:")[0]
+    good = dkim_plugin._parse_tag_value(field)
+    now = int(time.time())
+    values = {
+        b"v": [b"1", b"2", b""],
+        b"a": [b"rsa-sha256", b"rsa-sha1", b"ed25519-sha256", b"x"],
+        b"b": [good[b"b"], b"abcd", b"abc", b"ab cd", b"a$bc", b"ab==", b"====", b"ab\r\n cd", b""],
+        b"bh": [good[b"bh"], b"abcd", b"abc", b"a b", b""],
+        b"d": [b"example.org", b"a(b", b"exa mple.org", b"\xe9.test", b"ample.org"],
+        b"i": [b"@example.org", b"x@sub.example.org", b"@other.test", b"x@ample.org", b"example.org"],
+        b"l": [b"12", b"x", b"1" * 77, b""],
+        b"q": [b"dns/txt", b"dns"],
+        b"t": [str(now).encode(), str(now + 99999).encode(), b"x", b"12\n"],
+        b"x": [str(now + 10).encode(), str(now - 99999).encode(), b"1", b"y"],
+        b"cv": [b"pass", b"maybe"],
+        b"h": [b"from"],
+        b"s": [b"bench"],
+    }
+    rng = random.Random(31)
+    for _ in range(6000):
+        # Mostly the first (valid) value, so the later checks are reached too.
+        sig = {k: v[0] if rng.random() < 0.8 else rng.choice(v) for k, v in values.items()
+               if rng.random() < (0.99 if k in good else 0.4)}
+        try:
+            _DKIMPY_VALIDATE(sig)
+        except Exception as exc:  # noqa: BLE001 - the same exception must come out of ours
+            with pytest.raises(type(exc)) as raised:
+                _validate_signature_fields(sig)
+            assert str(raised.value) == str(exc), sig
+        else:
+            _validate_signature_fields(sig)
