@@ -15,6 +15,13 @@ from dataclasses import dataclass, field
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
 
 
+def enhanced_class(enhanced: str) -> int | None:
+    """The class (2, 4 or 5) of an RFC 3463 code such as ``"5.7.1"``, or
+    None for anything else."""
+    match = _ENHANCED.match(enhanced)
+    return int(match[1]) if match is not None and match.end() == len(enhanced) else None
+
+
 @dataclass(frozen=True, slots=True)
 class Reply:
     """One SMTP reply: basic code, RFC 3463 enhanced code, text.

@@ -309,27 +309,27 @@ class SMTPSession(_AiosmtpdSMTP):
                 line = await reader.readuntil(b"\n")
             except asyncio.LimitOverrunError as exc:
                 await self._discard_long_line(exc.consumed)
-                await self._error(replies.LINE_TOO_LONG)
+                await self.reply(replies.LINE_TOO_LONG)
                 continue
             finally:
                 self._silence = 0.0
                 deadline.disarm()
                 self._idle = False
             if len(line) > max_len:
-                await self._error(replies.LINE_TOO_LONG)
+                await self.reply(replies.LINE_TOO_LONG)
                 continue
             line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
             if _CONTROL.search(line):
                 # A CR, NUL or other control byte inside a command would end
                 # up in the next hop's command line or in our logs.
-                await self._error(replies.BAD_SYNTAX)
+                await self.reply(replies.BAD_SYNTAX)
                 continue
             try:
                 text = line.decode()
             except UnicodeDecodeError:
                 # What Postfix answers; and bytes that are no UTF-8 have no
                 # faithful way into XCLIENT, our logs or a plugin's str.
-                await self._error(replies.BAD_UTF8)
+                await self.reply(replies.BAD_UTF8)
                 continue
             verb, _, arg = text.partition(" ")
             # Only ASCII verbs are upper-cased: str.upper() makes "QU\u0131T"
@@ -337,10 +337,10 @@ class SMTPSession(_AiosmtpdSMTP):
             verb = verb.upper() if verb.isascii() else verb
             handler = self._commands.get(verb)
             if handler is None:
-                await self._error(replies.BAD_SYNTAX if not verb else replies.UNKNOWN_COMMAND)
+                await self.reply(replies.BAD_SYNTAX if not verb else replies.UNKNOWN_COMMAND)
                 continue
             if self._refusal is not None and verb != "QUIT":
-                await self._error(replies.ACCESS_DENIED.format(client=self.session.client))
+                await self.reply(replies.ACCESS_DENIED.format(client=self.session.client))
                 continue
             await handler(self, arg.strip(" ") or None)
 
@@ -352,10 +352,6 @@ class SMTPSession(_AiosmtpdSMTP):
                 return
             except asyncio.LimitOverrunError as exc:
                 await self._reader.readexactly(exc.consumed)
-
-    async def _error(self, reply: Reply) -> None:
-        """A protocol error (counted by :meth:`reply`, as every refusal is)."""
-        await self.reply(reply)
 
     def _junk(self) -> None:
         """NOOP, RSET, VRFY, EXPN and HELP cost nothing to send and prove
@@ -556,7 +552,7 @@ class SMTPSession(_AiosmtpdSMTP):
     async def _helo(self, arg: str | None, *, esmtp: bool) -> None:
         command = "EHLO" if esmtp else "HELO"
         if arg is None or " " in arg:
-            await self._error(replies.SYNTAX_HELO.format(command=command))
+            await self.reply(replies.SYNTAX_HELO.format(command=command))
             return
         await self._reset_transaction()
         verdict = await self._stage("helo", session=self.session, hostname=arg)
@@ -610,19 +606,19 @@ class SMTPSession(_AiosmtpdSMTP):
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         if not self._greeted:
-            await self._error(replies.NEED_HELO)
+            await self.reply(replies.NEED_HELO)
             return
         if self.envelope is not None:
-            await self._error(replies.NESTED_MAIL)
+            await self.reply(replies.NESTED_MAIL)
             return
         if arg is None:
-            await self._error(replies.SYNTAX_MAIL)
+            await self.reply(replies.SYNTAX_MAIL)
             return
         offered_utf8 = self._offered("smtputf8")
         try:
             sender, params, params_text = parse_path(arg, "FROM", utf8=offered_utf8)
         except PathError as exc:
-            await self._error(_path_reply(exc, replies.SYNTAX_MAIL, replies.BAD_SENDER_SYNTAX))
+            await self.reply(_path_reply(exc, replies.SYNTAX_MAIL, replies.BAD_SENDER_SYNTAX))
             return
         dsn = self._offered("dsn")
         bad = self._check_params(params, {
@@ -633,11 +629,11 @@ class SMTPSession(_AiosmtpdSMTP):
                 "ENVID": lambda v: v is not None} if dsn else {}),
         })
         if bad is not None:
-            await self._error(bad)
+            await self.reply(bad)
             return
         envelope = Envelope(sender, params)
         if not envelope.utf8 and not arg.isascii():
-            await self._error(replies.UTF8_NOT_DECLARED)
+            await self.reply(replies.UTF8_NOT_DECLARED)
             return
         size = envelope.param("SIZE")
         if size is not None and int(size) > self.settings.max_message_size:
@@ -690,18 +686,18 @@ class SMTPSession(_AiosmtpdSMTP):
     async def smtp_RCPT(self, arg: str | None) -> None:
         envelope = self.envelope
         if envelope is None:
-            await self._error(replies.NEED_MAIL)
+            await self.reply(replies.NEED_MAIL)
             return
         if arg is None:
-            await self._error(replies.SYNTAX_RCPT)
+            await self.reply(replies.SYNTAX_RCPT)
             return
         if not envelope.utf8 and not arg.isascii():
-            await self._error(replies.UTF8_NOT_DECLARED)
+            await self.reply(replies.UTF8_NOT_DECLARED)
             return
         try:
             address, params, params_text = parse_path(arg, "TO", utf8=envelope.utf8)
         except PathError as exc:
-            await self._error(_path_reply(exc, replies.SYNTAX_RCPT, replies.BAD_RECIPIENT_SYNTAX))
+            await self.reply(_path_reply(exc, replies.SYNTAX_RCPT, replies.BAD_RECIPIENT_SYNTAX))
             return
         allowed: dict[str, Callable[[str | None], bool]] = {}
         if self._offered("dsn"):
@@ -711,7 +707,7 @@ class SMTPSession(_AiosmtpdSMTP):
             }
         bad = self._check_params(params, allowed)
         if bad is not None:
-            await self._error(bad)
+            await self.reply(bad)
             return
         if len(envelope.recipients) >= self.settings.max_recipients:
             decisions.decision(self.session, "rcpt", "defer", replies.TOO_MANY_RECIPIENTS,
@@ -744,13 +740,13 @@ class SMTPSession(_AiosmtpdSMTP):
     async def smtp_DATA(self, arg: str | None) -> None:
         envelope = self.envelope
         if arg is not None:
-            await self._error(replies.SYNTAX_NOARG.format(command="DATA"))
+            await self.reply(replies.SYNTAX_NOARG.format(command="DATA"))
             return
         if envelope is None:
-            await self._error(replies.NEED_MAIL)
+            await self.reply(replies.NEED_MAIL)
             return
         if not envelope.recipients:
-            await self._error(replies.NO_RECIPIENTS)
+            await self.reply(replies.NO_RECIPIENTS)
             return
         await self.reply(replies.START_DATA)
         # The next hop hears nothing until the message is in and judged.
@@ -870,7 +866,7 @@ class SMTPSession(_AiosmtpdSMTP):
     async def smtp_RSET(self, arg: str | None) -> None:
         self._junk()
         if arg is not None:
-            await self._error(replies.SYNTAX_NOARG.format(command="RSET"))
+            await self.reply(replies.SYNTAX_NOARG.format(command="RSET"))
             return
         await self._reset_transaction()
         await self.reply(replies.OK)
@@ -885,7 +881,7 @@ class SMTPSession(_AiosmtpdSMTP):
 
     async def smtp_QUIT(self, arg: str | None) -> None:
         if arg is not None:
-            await self._error(replies.SYNTAX_NOARG.format(command="QUIT"))
+            await self.reply(replies.SYNTAX_NOARG.format(command="QUIT"))
             return
         # Before the 221: a client may reconnect the moment it reads it, and
         # another worker must not still count this connection then.
@@ -896,14 +892,14 @@ class SMTPSession(_AiosmtpdSMTP):
     async def smtp_VRFY(self, arg: str | None) -> None:
         self._junk()
         if arg is None:
-            await self._error(replies.SYNTAX_VRFY)
+            await self.reply(replies.SYNTAX_VRFY)
             return
         await self._lookup("vrfy", arg, replies.VRFY_DISABLED)
 
     async def smtp_EXPN(self, arg: str | None) -> None:
         self._junk()
         if arg is None:
-            await self._error(replies.SYNTAX_NOARG.format(command="EXPN list"))
+            await self.reply(replies.SYNTAX_NOARG.format(command="EXPN list"))
             return
         await self._lookup("expn", arg, replies.EXPN_DISABLED)
 
@@ -916,13 +912,13 @@ class SMTPSession(_AiosmtpdSMTP):
 
     async def smtp_XCLIENT(self, arg: str | None) -> None:
         if not self._xclient_allowed:
-            await self._error(replies.XCLIENT_DENIED)
+            await self.reply(replies.XCLIENT_DENIED)
             return
         if self.envelope is not None:
-            await self._error(replies.XCLIENT_NESTED)
+            await self.reply(replies.XCLIENT_NESTED)
             return
         if arg is None:
-            await self._error(replies.XCLIENT_SYNTAX.format(attribute="(none)"))
+            await self.reply(replies.XCLIENT_SYNTAX.format(attribute="(none)"))
             return
         changes: dict[str, Any] = {}
         if any(item.upper().startswith("ADDR=") for item in arg.split()):
@@ -942,7 +938,7 @@ class SMTPSession(_AiosmtpdSMTP):
                         # Every check (relay, DNS lists, SPF) judges the
                         # address; keeping the previous one would let this
                         # client pass as that one, trusted perhaps.
-                        await self._error(replies.XCLIENT_NO_ADDR.format(attribute=item))
+                        await self.reply(replies.XCLIENT_NO_ADDR.format(attribute=item))
                         return
                     text = value[5:] if value.upper().startswith("IPV6:") else value
                     changes["client_ip"] = _client_address(ipaddress.ip_address(text))
@@ -973,7 +969,7 @@ class SMTPSession(_AiosmtpdSMTP):
                     # LOGIN too: we take no word for who authenticated.
                     raise ValueError
             except ValueError:
-                await self._error(replies.XCLIENT_SYNTAX.format(attribute=item))
+                await self.reply(replies.XCLIENT_SYNTAX.format(attribute=item))
                 return
         session = self.session
         for key, value in changes.items():

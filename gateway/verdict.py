@@ -11,16 +11,13 @@ against thresholds, like rspamd's actions) needs no other shape.
 from __future__ import annotations
 
 import enum
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .replies import Reply
+from .replies import Reply, enhanced_class
 
 __all__ = ["Action", "Verdict", "combine", "CONTINUE"]
-
-_ENHANCED = re.compile(r"[45]\.\d{1,3}\.\d{1,3}\Z")
 
 
 class Action(enum.IntEnum):
@@ -79,7 +76,7 @@ class Verdict:
                 )
             # We offer ENHANCEDSTATUSCODES: a client that reads only the
             # enhanced code must not take a refusal for the other kind.
-            if not _ENHANCED.match(self.reply.enhanced) or self.reply.enhanced[0] != str(wanted):
+            if enhanced_class(self.reply.enhanced) != wanted:
                 raise ValueError(
                     f"a {self.action.name} verdict needs an RFC 3463 code {wanted}.x.y, "
                     f"got {self.reply.enhanced!r}"
