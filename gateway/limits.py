@@ -6,21 +6,27 @@ connections over all of them, so counting per worker would let a client
 hold ``workers`` times its share.  The counts live in one anonymous shared
 memory area, made before the workers fork: a row per worker, holding its
 total and a counter per address bucket.  Each worker writes only its own
-row, so no lock is needed; a check sums the rows.
+row; a check sums the rows.
 
-Two costs, both bounded:
+Admitting is "look, then count", and two workers doing it for the same
+address at the same instant would both see room for one more.  So with
+more than one worker, admitting holds a POSIX record lock (``lockf``) on
+the area's file.  The kernel drops such a lock when its process dies, so
+a worker killed while admitting cannot stop the others; the lock is held
+for a few microseconds and costs two system calls per connection.
+Releasing a connection only lowers a count and takes no lock.
 
-* Addresses share a counter when they hash to the same bucket (CRC-32
-  over :data:`BUCKETS`); the per-address limit then applies to them
-  together.  With 65,536 buckets that takes two busy addresses colliding.
-* Two workers admitting the same address at the same instant can both
-  see room for one more, so a limit can be overshot by at most one
-  connection per other worker.
+Addresses share a counter when they hash to the same bucket (CRC-32 over
+:data:`BUCKETS`); the per-address limit then applies to them together.
+With 65,536 buckets that takes two busy addresses colliding.
 """
 
 from __future__ import annotations
 
+import fcntl
 import mmap
+import os
+import tempfile
 import zlib
 
 __all__ = ["BUCKETS", "SharedCounts", "Counts"]
@@ -37,7 +43,10 @@ class SharedCounts:
         self.workers = workers
         self.buckets = buckets
         self._row = buckets + 1  # the row's total comes after its buckets
-        self._memory = mmap.mmap(-1, workers * self._row * _SLOT)
+        size = workers * self._row * _SLOT
+        # One worker has no one to race: no file, no lock.
+        self.fd = _shared_file(size) if workers > 1 else None
+        self._memory = mmap.mmap(-1 if self.fd is None else self.fd, size)
         self._view = memoryview(self._memory).cast("I")
 
     def row(self, index: int) -> Counts:
@@ -52,10 +61,23 @@ class SharedCounts:
         self._view[start:start + self._row] = memoryview(bytes(self._row * _SLOT)).cast("I")
 
 
+def _shared_file(size: int) -> int:
+    """A file only this process and its children can reach: workers map it
+    and lock it."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("smtpgate-counts", os.MFD_CLOEXEC)
+    else:  # not Linux: an unlinked temporary file serves as well
+        with tempfile.TemporaryFile() as file:
+            fd = os.dup(file.fileno())
+    os.ftruncate(fd, size)
+    return fd
+
+
 class Counts:
     """One worker's view: it changes its own row and reads all of them."""
 
     def __init__(self, shared: SharedCounts, index: int):
+        self._fd = shared.fd
         self._view = shared._view
         self._rows = range(0, shared.workers * shared._row, shared._row)
         self._mine = index * shared._row
@@ -73,6 +95,30 @@ class Counts:
         """Open connections from the addresses of ``bucket``, in every worker."""
         view = self._view
         return sum(view[row + bucket] for row in self._rows)
+
+    def admit(self, bucket: int | None, max_total: int, max_bucket: int = 0) -> str | None:
+        """Count a connection from ``bucket`` if both limits leave room;
+        otherwise the limit it met, ``"total"`` or ``"address"``.  A
+        connection whose address is not known yet (``bucket`` None) counts
+        in the total only."""
+        if self._fd is None:
+            return self._admit(bucket, max_total, max_bucket)
+        fcntl.lockf(self._fd, fcntl.LOCK_EX)
+        try:
+            return self._admit(bucket, max_total, max_bucket)
+        finally:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+
+    def _admit(self, bucket: int | None, max_total: int, max_bucket: int) -> str | None:
+        if self.total() >= max_total:
+            return "total"
+        if bucket is None:
+            self.add_unnamed(1)
+            return None
+        if self.of(bucket) >= max_bucket:
+            return "address"
+        self.add(bucket, 1)
+        return None
 
     def add_unnamed(self, delta: int) -> None:
         """Count a connection in the total only: its client is not known

@@ -117,22 +117,22 @@ class Gateway:
 
         The limits hold for all workers together (gateway/limits.py).
         """
-        counts = self.counts
-        if counts.total() >= self.settings.max_connections or self.closing:
+        if self.closing:
             return replies.SERVICE_BUSY.format(hostname=self.settings.hostname)
-        bucket = counts.bucket(ip)
-        if counts.of(bucket) >= self.settings.max_connections_per_ip:
-            return replies.TOO_MANY_CONNECTIONS.format(hostname=self.settings.hostname, ip=ip)
-        counts.add(bucket, 1)
+        counts, settings = self.counts, self.settings
+        full = counts.admit(counts.bucket(ip), settings.max_connections, settings.max_connections_per_ip)
+        if full == "total":
+            return replies.SERVICE_BUSY.format(hostname=settings.hostname)
+        if full == "address":
+            return replies.TOO_MANY_CONNECTIONS.format(hostname=settings.hostname, ip=ip)
         return None
 
     def admit_unnamed(self) -> Reply | None:
         """Count a connection whose client is not known yet (it is to send
         a PROXY header) against ``max_connections``; ``release_unnamed``
         once the header is in or the wait is over."""
-        if self.counts.total() >= self.settings.max_connections or self.closing:
+        if self.closing or self.counts.admit(None, self.settings.max_connections):
             return replies.SERVICE_BUSY.format(hostname=self.settings.hostname)
-        self.counts.add_unnamed(1)
         return None
 
     def release_unnamed(self) -> None:

@@ -1,6 +1,10 @@
 """Connection counts shared by the worker processes."""
 
+import fcntl
 import os
+import signal
+import threading
+import time
 import zlib
 
 import pytest
@@ -62,3 +66,60 @@ def test_bucket_is_the_same_in_every_process() -> None:
 def test_row_index_is_checked() -> None:
     with pytest.raises(IndexError):
         SharedCounts(workers=2).row(2)
+
+
+def _child_holding_the_lock(shared: SharedCounts, then=None) -> int:
+    """Fork a worker that takes the admission lock and, once it has said so,
+    runs ``then`` and exits (or waits to be killed); its pid."""
+    ready, told = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        fcntl.lockf(shared.fd, fcntl.LOCK_EX)
+        os.write(told, b"x")
+        if then is None:
+            time.sleep(60)
+        else:
+            then()
+        os._exit(0)
+    os.close(told)
+    assert os.read(ready, 1) == b"x"
+    os.close(ready)
+    return pid
+
+
+def test_two_workers_cannot_both_take_the_last_place() -> None:
+    shared = SharedCounts(workers=2)
+    bucket = shared.row(0).bucket("192.0.2.1")
+
+    def fill_the_address_up():
+        time.sleep(0.2)  # the other worker is waiting for the lock by now
+        shared.row(1).add(bucket, 1)
+
+    pid = _child_holding_the_lock(shared, fill_the_address_up)
+    # It looked while the other held the lock: without the lock it would
+    # have seen the address's one place free.
+    assert shared.row(0).admit(bucket, max_total=10, max_bucket=1) == "address"
+    os.waitpid(pid, 0)
+    assert shared.row(0).of(bucket) == 1
+
+
+def test_a_worker_killed_while_admitting_does_not_stop_the_others() -> None:
+    shared = SharedCounts(workers=2)
+    pid = _child_holding_the_lock(shared)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    done = threading.Thread(target=shared.row(0).admit, args=(None, 10), daemon=True)
+    done.start()
+    done.join(10)
+    assert not done.is_alive()
+    assert shared.row(0).total() == 1
+
+
+def test_admit_counts_until_a_limit_then_names_it() -> None:
+    counts = SharedCounts(workers=1).row(0)
+    bucket = counts.bucket("192.0.2.1")
+    assert [counts.admit(bucket, 3, 2) for _ in range(3)] == [None, None, "address"]
+    assert counts.admit(None, 3) is None
+    assert counts.admit(counts.bucket("192.0.2.2"), 3, 2) == "total"
+    assert counts.admit(None, 3) == "total"
+    assert (counts.of(bucket), counts.total()) == (2, 3)
