@@ -98,6 +98,13 @@ def relay_risks(policy: Policy, enabled: set[str]) -> list[str]:
             for i, net in enumerate(policy.gateway.xclient)
             if net.prefixlen == 0
         ]
+        if policy.gateway.proxy_protocol and not policy.gateway.proxy_hosts:
+            # The header names the client every check judges, as XCLIENT does.
+            risks.append(
+                "gateway.proxy_protocol takes a PROXY header from every peer: a client that reaches "
+                "this port directly can claim an address in trusted_networks, and relay "
+                "(gateway.proxy_hosts names the balancers)"
+            )
     return risks
 
 

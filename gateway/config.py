@@ -179,6 +179,10 @@ class GatewaySettings:
     #: Hosts allowed to send XCLIENT to us (e.g. a front proxy, tests).
     xclient_hosts: tuple[str, ...] = ()
     proxy_protocol: bool = False
+    #: With ``proxy_protocol``, the balancers whose connections begin with a
+    #: PROXY header; other peers are ordinary clients.  Empty: every peer
+    #: must send one (as Postfix's smtpd_upstream_proxy_protocol).
+    proxy_hosts: tuple[str, ...] = ()
     #: Seconds to wait for the PROXY header (Postfix's
     #: smtpd_upstream_proxy_timeout); a balancer sends it at once.
     proxy_timeout: float = 5.0
@@ -234,12 +238,14 @@ class GatewaySettings:
         for i, domain in enumerate(self.local_domains):
             if not is_domain(domain) or domain.startswith("["):
                 bad[f"local_domains[{i}]"] = f"expected a domain name, got {domain!r}"
-        for key in ("trusted_networks", "xclient_hosts"):
+        for key in ("trusted_networks", "xclient_hosts", "proxy_hosts"):
             for i, net in enumerate(getattr(self, key)):
                 try:
                     ipaddress.ip_network(net, strict=False)
                 except ValueError:
                     bad[f"{key}[{i}]"] = f"expected an address or network, got {net!r}"
+        if self.proxy_hosts and not self.proxy_protocol and "proxy_hosts" not in bad:
+            bad["proxy_hosts"] = "proxy_protocol = true as well (without it no peer is asked for a PROXY header)"
         for key in (
             "max_message_size",
             "max_recipients",
@@ -274,6 +280,10 @@ class GatewaySettings:
     @property
     def xclient(self) -> tuple[Network, ...]:
         return tuple(ipaddress.ip_network(n, strict=False) for n in self.xclient_hosts)
+
+    @property
+    def proxy(self) -> tuple[Network, ...]:
+        return tuple(ipaddress.ip_network(n, strict=False) for n in self.proxy_hosts)
 
     @property
     def local_domain_set(self) -> frozenset[str]:

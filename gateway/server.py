@@ -56,6 +56,7 @@ class Gateway:
         self.context = self.registry.context
         self._trusted = self.settings.trusted
         self._xclient = self.settings.xclient
+        self._proxy = self.settings.proxy
         # Shared with the other workers (gateway/limits.py); alone, our own.
         self.counts = counts if counts is not None else SharedCounts(1).row(0)
         self.sessions: set[SMTPSession] = set()
@@ -111,6 +112,10 @@ class Gateway:
 
     def may_xclient(self, ip: IPAddress | None) -> bool:
         return ip is not None and ip_in(ip, self._xclient)
+
+    def expects_proxy(self, peer: IPAddress) -> bool:
+        """Whether a connection from ``peer`` must begin with a PROXY header."""
+        return self.settings.proxy_protocol and (not self._proxy or ip_in(peer, self._proxy))
 
     def admit(self, ip: str) -> Reply | None:
         """Count a new client; the reply to refuse it with if over a limit.

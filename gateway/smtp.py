@@ -198,7 +198,7 @@ class SMTPSession(_AiosmtpdSMTP):
         # A link-local peer's zone (fe80::1%eth0) is ours, not its name.
         peer_ip = ipaddress.ip_address(peer[0].partition("%")[0])
         ip, port = peer_ip, peer[1]
-        if self.settings.proxy_protocol:
+        if self.gateway.expects_proxy(peer_ip):
             # Connections still waiting for their header count against the
             # total, so a flood of silent ones cannot go past the limit.
             busy = self.gateway.admit_unnamed()

@@ -51,6 +51,20 @@ def test_lint_warns_of_xclient_from_anyone_where_some_clients_may_relay(tmp_path
     assert smtpgate("lint", str(policy)).stderr == ""
 
 
+def test_lint_warns_of_proxy_headers_from_anyone_where_some_clients_may_relay(tmp_path: Path) -> None:
+    policy = policy_file(tmp_path, '[gateway]\nhostname = "gw.example.org"\n'
+                         'trusted_networks = ["192.0.2.0/24"]\nproxy_protocol = true\n')
+    run = smtpgate("lint", str(policy))
+    assert run.returncode == 0 and run.stdout == f"{policy}: ok\n"
+    assert run.stderr.splitlines() == [
+        f"{policy}: warning: gateway.proxy_protocol takes a PROXY header from every peer: a client that "
+        "reaches this port directly can claim an address in trusted_networks, and relay "
+        "(gateway.proxy_hosts names the balancers)",
+    ]
+    policy.write_text(policy.read_text() + 'proxy_hosts = ["10.1.2.3"]\n')
+    assert smtpgate("lint", str(policy)).stderr == ""
+
+
 def test_shipped_policies_give_no_warning() -> None:
     run = smtpgate("lint", *sorted(map(str, (ROOT / "policies").glob("*.toml"))))
     assert run.returncode == 0 and run.stderr == ""

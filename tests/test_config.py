@@ -101,6 +101,15 @@ def test_a_wrong_type_does_not_hide_other_keys_value_problems(tmp_path: Path) ->
     ]
 
 
+def test_proxy_hosts_are_networks_and_need_proxy_protocol(tmp_path: Path) -> None:
+    path = write(tmp_path, '[gateway]\nhostname = "mx.example.org"\nproxy_protocol = true\nproxy_hosts = ["lb"]\n')
+    assert problems(path) == [f"{path}: gateway.proxy_hosts[0]: expected an address or network, got 'lb'"]
+    path.write_text('[gateway]\nhostname = "mx.example.org"\nproxy_hosts = ["10.1.2.3"]\n')
+    assert problems(path) == [
+        f"{path}: gateway.proxy_hosts: proxy_protocol = true as well (without it no peer is asked for a PROXY header)",
+    ]
+
+
 def test_semantic_checks(tmp_path: Path) -> None:
     path = write(tmp_path, '[gateway]\ntrusted_networks = ["10.0.0.0/33"]\nupstream = "nowhere"\n')
     found = problems(path)

@@ -106,3 +106,29 @@ def test_connections_waiting_for_their_header_are_counted_and_bounded(start_gate
     with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
         sock.sendall(b"PROXY TCP4 203.0.113.9 192.0.2.1 40000 25\r\n")
         conversation(sock)
+
+
+def test_a_peer_outside_proxy_hosts_cannot_name_a_client(start_gateway, postfix) -> None:
+    # Only the balancers in proxy_hosts speak PROXY; a client reaching the
+    # port directly is served as itself, and its header line is no command.
+    gw = start_gateway(f"127.0.0.1:{postfix.port}", proxy_protocol=True, proxy_hosts=["192.0.2.0/24"],
+                       trusted_networks=[f"{TRUSTED_IP}/32"])
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+        assert recv_reply(sock).startswith(b"220 gw.test.example ")
+        reply = say(sock, f"PROXY TCP4 {TRUSTED_IP} 192.0.2.1 40000 25".encode())
+        assert reply.startswith(b"500 5.5.2 "), reply
+        assert say(sock, b"EHLO direct.example.net").startswith(b"250-")
+        assert say(sock, b"MAIL FROM:<bob@example.org>").startswith(b"250 ")
+        assert say(sock, b"RCPT TO:<victim@remote.example>") == b"554 5.7.1 <victim@remote.example>: Relay access denied\r\n"
+    assert "victim@remote.example" not in postfix.maillog()
+
+
+def test_a_balancer_in_proxy_hosts_names_its_client(start_gateway, postfix) -> None:
+    gw = start_gateway(f"127.0.0.1:{postfix.port}", proxy_protocol=True, proxy_hosts=["127.0.0.0/8"])
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+        sock.sendall(b"EHLO direct.example.net\r\n")
+        assert sock.recv(100) == b""  # a listed balancer must send the header
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+        sock.sendall(b"PROXY TCP4 203.0.113.11 192.0.2.1 40000 25\r\n")
+        conversation(sock)
+    postfix.wait_for_client("203.0.113.11")
