@@ -179,12 +179,14 @@ def test_forged_authentication_results_are_removed(gateway, postfix) -> None:
         b"Authentication-Results: gw.test.example; spf=pass smtp.mailfrom=example.org\r\n"
         b"Authentication-Results: (comment) GW.TEST.EXAMPLE;\r\n  dkim=pass header.d=example.org\r\n"
         b"Authentication-Results: other.example; spf=fail\r\n"
+        b"X-Smtpgate-Tag: helo: helo=ok\r\n"
     )
     with gateway.client(xclient=OUTSIDE_IP) as smtp:
         smtp.sendmail("bob@example.org", ["alice@example.com"], forged + b"Subject: ar\r\n\r\nbody\r\n")
     (delivered,) = postfix.wait_for_messages("alice")
     assert delivered.count(b"Authentication-Results:") == 1
     assert b"-100.0" not in delivered  # the client's X-Spam-* are gone too
+    assert b"X-Smtpgate-Tag" not in delivered  # and its tags: only ours may say a check tagged it
     assert b"Authentication-Results: other.example; spf=fail\nSubject: ar\n" in delivered
 
 
