@@ -762,7 +762,7 @@ class SMTPSession(_AiosmtpdSMTP):
             await self.reply(refusal)
             return
         try:
-            reply = await self.upstream.data(envelope, raw)
+            reply = await self.upstream.data(envelope, raw, crlf=True)
         except UpstreamError as exc:
             log.warning("session %s: next hop failed during DATA: %s", self.session.id, exc)
             reply = replies.UPSTREAM_FAILED
@@ -803,7 +803,10 @@ class SMTPSession(_AiosmtpdSMTP):
         # message are forgeries; ours are added below.  So are the client's
         # own X-Spam-* fields when we write those.
         raw = remove_fields(raw, self.gateway.forgeable_fields, self._keep_field)
-        return prepend(raw, self._headers(envelope)), None
+        headers = self._headers(envelope)
+        # The next hop takes our word that every line ends in CRLF
+        # (data(crlf=True)): _read_data made it true of the client's part.
+        return (_field_lines(headers) + raw if headers else raw), None
 
     async def _read_data(self) -> tuple[bytes, Reply | None]:
         """Read the message up to ``<CR><LF>.<CR><LF>``; undo dot-stuffing.
@@ -1011,6 +1014,13 @@ def _path_reply(exc: PathError, syntax: Reply, bad_address: Reply) -> Reply:
     if isinstance(exc, ParamError):
         return (replies.BAD_PARAMETER if exc.keyword_ok else replies.UNSUPPORTED_PARAMETER).format(name=exc.name)
     return syntax if str(exc).startswith("expected") else bad_address
+
+
+def _field_lines(headers: Sequence[tuple[str, str]]) -> bytes:
+    """Header fields to put in front of a message, every line ended by
+    CRLF: a plugin's folded value may carry a bare LF (field_value keeps
+    "\\n\\t" as a fold)."""
+    return _NEWLINES.sub(b"\r\n", prepend(b"", headers))
 
 
 def _keep(verdict: Verdict, into: list[Verdict]) -> None:

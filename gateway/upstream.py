@@ -172,7 +172,7 @@ class Upstream(Protocol):
     async def connect(self) -> None: ...
     async def introduce(self, session: Session) -> None: ...
     async def command(self, line: str) -> Reply: ...
-    async def data(self, envelope: Envelope, message: bytes) -> Reply: ...
+    async def data(self, envelope: Envelope, message: bytes, *, crlf: bool = False) -> Reply: ...
     async def reset(self) -> None: ...
     async def close(self) -> None: ...
     def keep_awake(self) -> None: ...
@@ -463,18 +463,23 @@ class SMTPUpstream:
             self._drop()
         return _reply(response.code, response.message)
 
-    async def data(self, envelope: Envelope, message: bytes) -> Reply:
+    async def data(self, envelope: Envelope, message: bytes, *, crlf: bool = False) -> Reply:
         """The message, and the MTA's final reply.
 
         With CHUNKING (RFC 3030, Postfix since 3.4) it goes as one
         ``BDAT n LAST``: one round trip fewer than DATA/354, and no end
         marker for the MTA to look for, so nothing in the message can be read
         as one.  Otherwise DATA, with the message dot-stuffed here.
+
+        :param crlf: the caller vouches that every line of ``message``
+            ends in CRLF, the last one included (the SMTP front reads it
+            so): three scans of the whole message fewer.
         """
         smtp = self._smtp
         if smtp is None:
             raise UpstreamError(self._lost)
-        message = _crlf(message)
+        if not crlf:
+            message = _crlf(message)
         try:
             if "chunking" in self.extensions:
                 response = await self._send(smtp, b"BDAT %d LAST\r\n%b" % (len(message), message), final=True)
@@ -699,7 +704,7 @@ class MaildirUpstream:
             return replies.RECIPIENT_OK
         return replies.OK
 
-    async def data(self, envelope: Envelope, message: bytes) -> Reply:
+    async def data(self, envelope: Envelope, message: bytes, *, crlf: bool = False) -> Reply:
         head = [f"Return-Path: <{envelope.sender.mailbox}>"]
         head += [f"Delivered-To: {r.address.mailbox}" for r in envelope.recipients]
         content = ("\r\n".join(head) + "\r\n").encode("utf-8", "surrogateescape") + message

@@ -45,7 +45,7 @@ from gateway import replies
 from gateway.config import Endpoint, GatewaySettings
 from gateway.replies import Reply
 from gateway.smtp import SMTPSession
-from gateway.upstream import SMTPUpstream
+from gateway.upstream import SMTPUpstream, _crlf
 
 CR, LF = 0x0D, 0x0A
 END = b"\r\n.\r\n"
@@ -317,6 +317,18 @@ def test_the_client_message_reaches_the_next_hop_unchanged(
     assert result is not None and result[1] is None
     _, writes = asyncio.run(send_upstream(result[0], chunking))
     assert decode_upstream(writes) == expected.message
+
+
+@settings(max_examples=150)
+@given(data_streams(), st.sampled_from(["reject", "normalize"]))
+def test_the_reader_hands_on_crlf_lines_only(stream_and_cuts: tuple[bytes, list[int]], bare_newline: str) -> None:
+    # smtp_DATA passes what the reader made to the next hop with
+    # data(crlf=True), which then does not repair line ends: none may need it.
+    stream, cuts = stream_and_cuts
+    result, _ = asyncio.run(read_data(stream, cuts, gateway_settings(bare_newline), gateway.smtp._READ_LIMIT))
+    if result is None or result[1] is not None:
+        return  # refused or incomplete: nothing goes on
+    assert _crlf(result[0]) == result[0]
 
 
 # --- the model itself, on cases whose answer is known -----------------------

@@ -1,6 +1,6 @@
 """Units of the SMTP front that need no network (the rest is in tests/e2e/)."""
 
-from gateway.smtp import _tests, _total
+from gateway.smtp import _field_lines, _tests, _total
 from gateway.verdict import Verdict
 
 
@@ -17,3 +17,11 @@ def test_tests_list_scored_verdicts_on_one_line() -> None:
     ]
     assert _tests(verdicts) == "dnsbl:listed_bl.test(10),x:a__b_c(-1.5)"
     assert _tests([]) == "none"
+
+
+def test_our_header_fields_end_every_line_in_crlf() -> None:
+    # The next hop takes the message's line ends on trust (data(crlf=True));
+    # field_value leaves a fold made with a bare LF as it is.
+    assert _field_lines([("X-Folded", "one\n\ttwo"), ("X-Plain", "three")]) == (
+        b"X-Folded: one\r\n\ttwo\r\nX-Plain: three\r\n"
+    )
