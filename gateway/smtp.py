@@ -413,9 +413,12 @@ class SMTPSession(_AiosmtpdSMTP):
             log.exception("closing the next hop failed")
 
     async def _stage(self, stage: str, **kwargs: Any) -> Verdict:
-        verdict = await run_stage(
-            self.gateway.registry.calls[stage], kwargs, self.settings.hook_timeout, self.session.id
-        )
+        calls = self.gateway.registry.calls[stage]
+        if not calls:
+            # Most stages have no hook in a small policy (on the plain path
+            # only rcpt has one): a coroutine run for nothing, five a message.
+            return CONTINUE
+        verdict = await run_stage(calls, kwargs, self.settings.hook_timeout, self.session.id)
         if not (verdict.refuses and self.settings.monitor):
             return verdict
         return self._monitored(stage, verdict, kwargs.get("envelope"), kwargs.get("recipient"))
