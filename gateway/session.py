@@ -21,11 +21,22 @@ __all__ = ["Session", "Envelope", "Recipient", "Message", "IPAddress"]
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _ids = itertools.count(1)
+#: The pid keeps ids unique across worker processes sharing one log.
+#: Kept here: os.getpid() is a system call, and every message takes two ids.
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+# A worker is forked after this module is imported.
+os.register_at_fork(after_in_child=_forked)
 
 
 def _next_id() -> str:
-    # The pid keeps ids unique across worker processes sharing one log.
-    return f"{os.getpid()}.{next(_ids)}"
+    return f"{_pid}.{next(_ids)}"
 
 
 @dataclass(slots=True)
