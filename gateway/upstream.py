@@ -82,6 +82,9 @@ def _judges_the_client(response: aiosmtplib.SMTPResponse) -> Reply | None:
 #: message than setblocking(False).
 _NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
 
+#: The errors a non-blocking connect() raises as BlockingIOError: under way.
+_UNDER_WAY = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK, errno.EALREADY})
+
 _SEPARATORS = (b" ", b"-", b"\r", b"\n")
 #: aiosmtplib's limit on one reply line.
 _MAX_REPLY_LINE = 8192
@@ -267,7 +270,7 @@ class SMTPUpstream:
         known = self._memory
         try:
             try:
-                async with asyncio.timeout(limit):
+                async with asyncio.timeout_at(loop.time() + limit):
                     await self._open(loop, smtp)
                     greeting = await smtp.read_response(timeout=None)
             except TimeoutError:
@@ -308,10 +311,11 @@ class SMTPUpstream:
         try:
             if not _NONBLOCK:
                 sock.setblocking(False)
-            try:
-                sock.connect((self._endpoint.host, self._endpoint.port))
-            except BlockingIOError:
-                pass
+            # connect_ex: the "in progress" of every connect is no exception
+            # to build (strerror() and all) and to catch.
+            error = sock.connect_ex((self._endpoint.host, self._endpoint.port))
+            if error and error not in _UNDER_WAY:
+                raise OSError(error, os.strerror(error))  # the subclass connect() raises
             await loop.create_connection(lambda: smtp, sock=sock)
         except BaseException:
             sock.close()
