@@ -6,10 +6,12 @@ import asyncio
 import contextlib
 import ctypes
 import gc
+import ipaddress
 import logging
 import signal
 import socket
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import __version__, replies
@@ -20,19 +22,36 @@ from .limits import Counts, SharedCounts
 from .plugin import Context
 from .plugins import load_plugins
 from .replies import Reply
-from .smtp import SMTPSession
+from .smtp import SMTPSession, _client_address
 from .supervisor import Supervisor, policy_for_reload
 from .upstream import NextHopMemory, Upstream, make_upstream
 
 if TYPE_CHECKING:
     from .session import IPAddress
 
-__all__ = ["Gateway", "Service", "serve", "reload", "run", "run_worker", "bind"]
+__all__ = ["ClientAddress", "Gateway", "Service", "serve", "reload", "run", "run_worker", "bind"]
 
 log = logging.getLogger("smtpgate.server")
 
 #: Seconds the event loop may fall behind before that is reported.
 _BLOCKED = 1.0
+#: Client addresses a Gateway keeps what it made of (Gateway.client).
+_CLIENTS_KEPT = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class ClientAddress:
+    """An address a client connects from, and what the policy makes of it."""
+
+    #: As the connection reports it.
+    peer: IPAddress
+    #: As every check takes it (IPv4-mapped IPv6 unmapped).
+    ip: IPAddress
+    #: ``str(ip)``.
+    text: str
+    trusted: bool
+    xclient: bool
+    loopback: bool
 
 
 class Gateway:
@@ -73,6 +92,7 @@ class Gateway:
         )
         #: The 220 every accepted connection gets, made once.
         self.greeting = replies.GREETING.format(hostname=self.settings.hostname)
+        self._clients: dict[str, ClientAddress] = {}
 
     def new_upstream(self, deadline: Deadline | None = None) -> Upstream:
         return make_upstream(self.settings, self._next_hop, deadline, self._upstream)
@@ -106,6 +126,25 @@ class Gateway:
 
     def forget(self, session: SMTPSession) -> None:
         self.sessions.discard(session)
+
+    def client(self, host: str) -> ClientAddress:
+        """The address ``host`` (text) and what this policy makes of it.
+
+        Worked out once per address: parsing it, formatting it back and
+        looking it up in the policy's networks cost more instructions than
+        anything else a connection does before its greeting, and most mail
+        comes from addresses seen before.  Raises ValueError as
+        ipaddress does, and for a scoped address.
+        """
+        known = self._clients.get(host)
+        if known is None:
+            peer = ipaddress.ip_address(host)
+            ip = _client_address(peer)
+            known = ClientAddress(peer, ip, str(ip), self.is_trusted(ip), self.may_xclient(ip), ip.is_loopback)
+            if len(self._clients) >= _CLIENTS_KEPT:
+                self._clients.clear()  # simpler than least-recently-used, and rare
+            self._clients[host] = known
+        return known
 
     def is_trusted(self, ip: IPAddress) -> bool:
         return ip_in(ip, self._trusted)

@@ -196,8 +196,8 @@ class SMTPSession(_AiosmtpdSMTP):
     async def _start(self) -> bool:
         peer = self.transport.get_extra_info("peername") or ("0.0.0.0", 0)
         # A link-local peer's zone (fe80::1%eth0) is ours, not its name.
-        peer_ip = ipaddress.ip_address(peer[0].partition("%")[0])
-        ip, port = peer_ip, peer[1]
+        client = self.gateway.client(peer[0].partition("%")[0])
+        peer_ip, port = client.peer, peer[1]
         if self.gateway.expects_proxy(peer_ip):
             # Connections still waiting for their header count against the
             # total, so a flood of silent ones cannot go past the limit.
@@ -217,25 +217,23 @@ class SMTPSession(_AiosmtpdSMTP):
                 log.warning("client %s: invalid or missing PROXY header", peer_ip)
                 return False
             if isinstance(proxy.src_addr, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
-                ip, port = proxy.src_addr, proxy.src_port or 0
-        # aiosmtpd's PROXY reader refuses a scoped address, and the peer's
-        # zone is dropped above: only a mapped one is left to unmap here.
-        ip = _client_address(ip)
-        self._xclient_allowed = self.gateway.may_xclient(ip)
+                # aiosmtpd's PROXY reader refuses a scoped address.
+                client, port = self.gateway.client(str(proxy.src_addr)), proxy.src_port or 0
+        self._xclient_allowed = client.xclient
         self.session = Session(
-            client_ip=ip,
+            client_ip=client.ip,
             client_port=port,
             peer_ip=peer_ip,
-            trusted=self.gateway.is_trusted(ip),
+            trusted=client.trusted,
         )
-        limit = self.gateway.admit(str(ip))
+        limit = self.gateway.admit(client.text)
         if limit is not None:
             decisions.decision(self.session, "connect", "defer", limit)
             await self.reply(limit)
             return False
-        self._counted_ip = str(ip)
+        self._counted_ip = client.text
         if self.settings.peername_lookup:
-            if ip.is_loopback:
+            if client.loopback:
                 # As every hosts file says; no query leaves the machine.
                 self.session.client_name = self.session.reverse_name = "localhost"
             else:

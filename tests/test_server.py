@@ -1,6 +1,7 @@
 """Reloading a policy inside a running worker (gateway.server.reload)."""
 
 import gc
+import ipaddress
 import logging
 import time
 import weakref
@@ -109,3 +110,15 @@ def test_a_reload_keeps_the_dns_cache_unless_the_dns_settings_change(start_gatew
     gw.reload(make_policy(upstream, hostname="new.example", dns={**settings, "timeout": 3.0}, plugins={"sender": {}}))
     mail_from_good_domain(gw)
     assert dns.query_count("good.mail.test") > asked  # new settings, new cache
+
+
+def test_a_client_address_is_judged_once_per_policy(tmp_path: Path) -> None:
+    from gateway.server import Gateway
+
+    gateway = Gateway(make_policy(f"maildir:{tmp_path}", trusted_networks=["192.0.2.0/24"], xclient_hosts=[]))
+    mapped = gateway.client("::ffff:192.0.2.7")
+    assert mapped.peer == ipaddress.ip_address("::ffff:192.0.2.7")
+    assert (mapped.ip, mapped.text) == (ipaddress.ip_address("192.0.2.7"), "192.0.2.7")
+    assert (mapped.trusted, mapped.xclient, mapped.loopback) == (True, False, False)
+    assert gateway.client("::ffff:192.0.2.7") is mapped
+    assert gateway.client("127.0.0.1").loopback and not gateway.client("127.0.0.1").trusted
