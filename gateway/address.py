@@ -149,6 +149,11 @@ def parse_path(arg: str, keyword: str, *, utf8: bool = False) -> tuple[Address, 
 
 def _closing_bracket(text: str) -> int:
     """Index of the ``>`` that closes the path, skipping quoted strings."""
+    end = text.find(">", 1)
+    if end > 0 and text.find('"', 1, end) < 0:
+        # No quoted string before the first ">": that one closes the path.
+        # The common case, found without a loop over every character.
+        return end
     quoted = False
     i = 1
     while i < len(text):

@@ -1,6 +1,8 @@
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from gateway.address import PathError, is_domain, parse_path, to_ascii_domain
+from gateway.address import PathError, _closing_bracket, is_domain, parse_path, to_ascii_domain
 
 
 @pytest.mark.parametrize(
@@ -108,3 +110,28 @@ def test_may_be_ip_is_false_only_where_ip_address_fails() -> None:
         assert may_be_ip(text), text
     assert not may_be_ip("mail.example.org") and not may_be_ip("٣.1.1.1")
     assert may_be_ip("1.2.3.4") and may_be_ip("::1")
+
+
+def _closing_bracket_by_hand(text: str) -> int | None:
+    quoted, i = False, 1
+    while i < len(text):
+        if quoted and text[i] == "\\":
+            i += 1
+        elif text[i] == '"':
+            quoted = not quoted
+        elif text[i] == ">" and not quoted:
+            return i
+        i += 1
+    return None
+
+
+@given(st.text(alphabet='<>"\\a@ ', max_size=12).map(lambda t: "<" + t))
+def test_the_closing_bracket_is_found_past_quoted_strings(text: str) -> None:
+    # _closing_bracket finds it without a loop when nothing is quoted before
+    # the first ">": the same answer as a walk over every character.
+    expected = _closing_bracket_by_hand(text)
+    if expected is None:
+        with pytest.raises(PathError):
+            _closing_bracket(text)
+    else:
+        assert _closing_bracket(text) == expected
