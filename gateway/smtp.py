@@ -17,6 +17,7 @@ PROXY protocol reader, but run our own command loop and DATA reader:
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import re
@@ -573,25 +574,13 @@ class SMTPSession(_AiosmtpdSMTP):
         self.session.protocol = "ESMTP" if esmtp else "SMTP"
         self._greeted = True
         if not esmtp:
-            await self.reply(Reply(250, "", self.hostname))
+            await self.reply(_helo_reply(self.hostname))
             return
-        await self.reply(Reply(250, "", "\n".join([self.hostname, *await self._extensions()])))
-
-    async def _extensions(self) -> list[str]:
         upstream = await self._upstream_extensions()
-        lines = ["PIPELINING", f"SIZE {self.settings.max_message_size}"]
-        if self._xclient_allowed:
-            lines.append("XCLIENT NAME REVERSE_NAME ADDR PORT PROTO HELO DESTADDR DESTPORT")
-        lines.append("ENHANCEDSTATUSCODES")
-        if "8bitmime" in upstream:
-            lines.append("8BITMIME")
-        # Only what the next hop can honour: a DSN request or a UTF-8 address
-        # we accepted but could not pass on would be lost.
-        if "dsn" in upstream:
-            lines.append("DSN")
-        if "smtputf8" in upstream:
-            lines.append("SMTPUTF8")
-        return lines
+        await self.reply(_ehlo_reply(
+            self.hostname, self.settings.max_message_size, self._xclient_allowed,
+            "8bitmime" in upstream, "dsn" in upstream, "smtputf8" in upstream,
+        ))
 
     def _offered(self, extension: str) -> bool:
         return self.session.esmtp and extension in self.upstream.extensions
@@ -1015,6 +1004,31 @@ def _path_reply(exc: PathError, syntax: Reply, bad_address: Reply) -> Reply:
     if isinstance(exc, ParamError):
         return (replies.BAD_PARAMETER if exc.keyword_ok else replies.UNSUPPORTED_PARAMETER).format(name=exc.name)
     return syntax if str(exc).startswith("expected") else bad_address
+
+
+# Every session is greeted with one of a few replies; each is made (and
+# its wire form encoded) once, not per session.
+@functools.lru_cache(maxsize=8)
+def _helo_reply(hostname: str) -> Reply:
+    return Reply(250, "", hostname)
+
+
+@functools.lru_cache(maxsize=64)
+def _ehlo_reply(hostname: str, size: int, xclient: bool, eightbit: bool, dsn: bool, smtputf8: bool) -> Reply:
+    """The EHLO reply: ours, and of the next hop's extensions only what
+    it can honour (a DSN request or a UTF-8 address we accepted but could
+    not pass on would be lost)."""
+    lines = [hostname, "PIPELINING", f"SIZE {size}"]
+    if xclient:
+        lines.append("XCLIENT NAME REVERSE_NAME ADDR PORT PROTO HELO DESTADDR DESTPORT")
+    lines.append("ENHANCEDSTATUSCODES")
+    if eightbit:
+        lines.append("8BITMIME")
+    if dsn:
+        lines.append("DSN")
+    if smtputf8:
+        lines.append("SMTPUTF8")
+    return Reply(250, "", "\n".join(lines))
 
 
 def _field_lines(headers: Sequence[tuple[str, str]]) -> bytes:
