@@ -127,7 +127,7 @@ class _NextHopProtocol(SMTPProtocol):
         first = bytes(buffer[: end + 1])
         code, separator = first[:3], first[3:4]
         if separator == b"-":
-            text = self._multiline(buffer, code)
+            text = _multiline(bytes(buffer))
             if text is None:
                 return None  # its last line is still on its way
         else:
@@ -139,29 +139,35 @@ class _NextHopProtocol(SMTPProtocol):
         del buffer[:]
         return aiosmtplib.SMTPResponse(int(code), text.decode("utf-8", "surrogateescape"))
 
-    @staticmethod
-    def _multiline(buffer: bytearray, code: bytes) -> bytes | None:
-        """The text of a whole multi-line reply in ``buffer``, or None if
-        its last line has not arrived."""
-        lines = []
-        start = 0
-        while True:
-            end = buffer.find(b"\n", start)
-            if end < 0:
-                return None
-            line = bytes(buffer[start : end + 1])
-            if line[:3] != code or line[3:4] not in _SEPARATORS or len(line) > _MAX_REPLY_LINE:
-                raise aiosmtplib.SMTPResponseException(-1, f"malformed reply line {line[:40]!r}...")
-            lines.append(line[4:].strip(b" \t\r\n"))
-            start = end + 1
-            if line[3:4] != b"-":
-                break
-        if start != len(buffer):
-            raise _out_of_step(buffer, start)
-        return b"\n".join(lines)
 
 
-def _out_of_step(buffer: bytearray, end: int) -> aiosmtplib.SMTPResponseException:
+# The multi-line reply of every connection is the next hop's EHLO offer,
+# the same bytes each time: read line by line once (a failed read raises,
+# and is not kept).
+@functools.lru_cache(maxsize=16)
+def _multiline(buffer: bytes) -> bytes | None:
+    """The text of a whole multi-line reply in ``buffer``, or None if its
+    last line has not arrived."""
+    code = buffer[:3]
+    lines = []
+    start = 0
+    while True:
+        end = buffer.find(b"\n", start)
+        if end < 0:
+            return None
+        line = buffer[start : end + 1]
+        if line[:3] != code or line[3:4] not in _SEPARATORS or len(line) > _MAX_REPLY_LINE:
+            raise aiosmtplib.SMTPResponseException(-1, f"malformed reply line {line[:40]!r}...")
+        lines.append(line[4:].strip(b" \t\r\n"))
+        start = end + 1
+        if line[3:4] != b"-":
+            break
+    if start != len(buffer):
+        raise _out_of_step(buffer, start)
+    return b"\n".join(lines)
+
+
+def _out_of_step(buffer: bytes | bytearray, end: int) -> aiosmtplib.SMTPResponseException:
     # What came after the reply goes in the log: often the next hop's own
     # 421 (Postfix's "too many errors"), which says why.
     return aiosmtplib.SMTPResponseException(

@@ -105,6 +105,16 @@ def test_a_reply_that_is_not_one_well_formed_reply_fails_the_read(wire: bytes) -
         read_reply(wire)
 
 
+def test_a_multiline_reply_read_again_is_read_alike() -> None:
+    # Multi-line replies are kept once read (the EHLO offer of every
+    # connection); a malformed one must fail every read, not only the first.
+    offer = b"250-mx.example\r\n250-PIPELINING\r\n250 DSN\r\n"
+    assert read_reply(offer) == read_reply(offer) == (250, "mx.example\nPIPELINING\nDSN")
+    for _ in range(2):
+        with pytest.raises(aiosmtplib.SMTPResponseException):
+            read_reply(b"250-2.0.0 hmm\r\n2500 queued\r\n")
+
+
 async def _next_hop_offering(extensions: list[str]) -> tuple[asyncio.Server, asyncio.Event]:
     """A next hop that greets, answers EHLO with ``extensions``, XCLIENT as
     Postfix does, and QUIT; the event is set once its session has ended."""
