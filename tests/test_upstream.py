@@ -113,6 +113,11 @@ def test_a_multiline_reply_read_again_is_read_alike() -> None:
     for _ in range(2):
         with pytest.raises(aiosmtplib.SMTPResponseException):
             read_reply(b"250-2.0.0 hmm\r\n2500 queued\r\n")
+    # Too long to be kept: read all the same.
+    long_offer = b"".join(b"250-X-EXTENSION-%03d\r\n" % i for i in range(60)) + b"250 DSN\r\n"
+    assert len(long_offer) > 1024
+    response = read_reply(long_offer)
+    assert response is not None and response.message.split("\n")[-2:] == ["X-EXTENSION-059", "DSN"]
 
 
 async def _next_hop_offering(extensions: list[str]) -> tuple[asyncio.Server, asyncio.Event]:
