@@ -281,7 +281,7 @@ class SMTPSession(_AiosmtpdSMTP):
                 await self.reply(reply)
                 return False
             self._refusal = reply
-        else:
+        elif verdict is not CONTINUE:  # no hook had anything to say: the common case
             _keep(verdict, self.session.tags)
             accepted = next((v for v in verdict.parts or (verdict,) if v.action is Action.ACCEPT), None)
             if accepted is not None:
@@ -564,11 +564,13 @@ class SMTPSession(_AiosmtpdSMTP):
             return
         # A new HELO replaces what the previous one contributed, so saying
         # EHLO twice cannot count a score twice.
-        previous = {id(v) for v in self._helo_tags}
-        self.session.tags[:] = [v for v in self.session.tags if id(v) not in previous]
-        self._helo_tags = []
-        _keep(verdict, self._helo_tags)
-        self.session.tags.extend(self._helo_tags)
+        if self._helo_tags:
+            previous = {id(v) for v in self._helo_tags}
+            self.session.tags[:] = [v for v in self.session.tags if id(v) not in previous]
+            self._helo_tags = []
+        if verdict is not CONTINUE:
+            _keep(verdict, self._helo_tags)
+            self.session.tags.extend(self._helo_tags)
         self.session.helo = arg
         self.session.esmtp = esmtp
         self.session.protocol = "ESMTP" if esmtp else "SMTP"
@@ -1041,6 +1043,8 @@ def _field_lines(headers: Sequence[tuple[str, str]]) -> bytes:
 def _keep(verdict: Verdict, into: list[Verdict]) -> None:
     """Verdicts that did not refuse but carry headers or a score stay with
     the session or transaction until the message is sent."""
+    if verdict is CONTINUE:
+        return  # what a stage without hooks, or whose hooks said nothing, gives
     into.extend(
         v for v in (verdict.parts or (verdict,)) if v.headers or v.score or v.action is Action.TAG
     )
