@@ -40,6 +40,17 @@ def test_malformed_tricks_are_refused_as_syntax(gateway, rcpt: str) -> None:
         assert smtp.rcpt(rcpt) == (501, b"5.1.3 Bad recipient address syntax")
 
 
+@pytest.mark.parametrize("client", [OUTSIDE_IP, TRUSTED_IP])
+def test_a_routed_postmaster_is_no_bare_postmaster(gateway, postfix, client: str) -> None:
+    # Only the bare <Postmaster> may go without a domain (RFC 5321 §4.5.1);
+    # with a route in front it is no address at all, not even for a client
+    # that may relay: the route would send it to whatever host it names.
+    with gateway.client(xclient=client) as smtp:
+        smtp.mail("bob@example.org")
+        assert smtp.docmd("RCPT TO:<@remote.example:Postmaster>") == (501, b"5.1.3 Bad recipient address syntax")
+    assert "remote.example" not in postfix.maillog()
+
+
 def test_local_mail_is_accepted_from_anyone(gateway, postfix) -> None:
     with gateway.client(xclient=OUTSIDE_IP) as smtp:
         assert smtp.sendmail("bob@example.org", ["ALICE@EXAMPLE.COM", "Postmaster"], b"Subject: hi\r\n\r\nx\r\n") == {}
