@@ -80,3 +80,18 @@ def test_vrfy_cannot_verify_reveals_nothing(start_gateway, postfix) -> None:
         known = smtp.verify("alice@example.com")
         unknown = smtp.verify("nobody@example.com")
     assert known == unknown == (252, b"2.5.2 Cannot VRFY user, but will accept message and attempt delivery")
+
+
+def test_vrfy_that_answers_252_still_counts_as_junk(start_gateway, postfix) -> None:
+    # A 252 is no error, so only the junk limit stops a harvester that asks
+    # forever: past it each VRFY is an error, and max_errors ends the session.
+    gw = start_gateway(f"127.0.0.1:{postfix.port}", plugins={"commands": {"vrfy": "cannot-verify"}},
+                       max_errors=2, max_junk_commands=1)
+    sock = gw.raw()
+    with sock:
+        for _ in range(3):  # the junk allowance, then errors 1 and 2
+            sock.sendall(b"VRFY alice@example.com\r\n")
+            assert recv_reply(sock).startswith(b"252 2.5.2 ")
+        # The limit is reached: the 421 follows without another command.
+        assert recv_reply(sock) == b"421 4.7.0 gw.test.example Error: too many errors\r\n"
+    assert "VRFY" not in postfix.maillog()
