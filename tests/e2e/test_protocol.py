@@ -4,7 +4,7 @@ import smtplib
 
 import pytest
 
-from tests.fixtures.gateway import OUTSIDE_IP, recv_reply
+from tests.fixtures.gateway import OUTSIDE_IP, TRUSTED_IP, recv_reply
 
 
 def say(sock, line: bytes) -> bytes:
@@ -206,3 +206,18 @@ def test_xclient_syntax(sock) -> None:
         )
     assert say(sock, b"XCLIENT ADDR=IPV6:2001:db8::1 NAME=mail.example.net HELO=mx.example.net").startswith(b"220 ")
     assert say(sock, b"MAIL FROM:<a@example.org>") == b"503 5.5.1 Error: send HELO/EHLO first\r\n"
+
+
+def test_xclient_inside_a_transaction_is_refused(gateway, postfix) -> None:
+    # Whom the open transaction was judged as stays whom it is delivered as:
+    # XCLIENT may not swap the client between MAIL and DATA.
+    s = gateway.raw()
+    with s:
+        assert say(s, b"XCLIENT ADDR=" + OUTSIDE_IP.encode())[:4] == b"220 "
+        assert say(s, b"EHLO client.example.net")[:4] == b"250-"
+        assert say(s, b"MAIL FROM:<bob@example.org>")[:4] == b"250 "
+        assert say(s, b"XCLIENT ADDR=" + TRUSTED_IP.encode()) == b"503 5.5.1 Error: MAIL transaction in progress\r\n"
+        assert say(s, b"RCPT TO:<friend@remote.example>") == (
+            b"554 5.7.1 <friend@remote.example>: Relay access denied\r\n"
+        )
+    assert "friend@remote.example" not in postfix.maillog()
