@@ -245,3 +245,41 @@ async def test_a_refused_connection_is_logged_as_asyncio_words_it(host: str) -> 
     with pytest.raises(UpstreamError) as failed:
         await upstream.connect()
     assert str(failed.value) == f"connect to {host}:{port}: [Errno 111] Connect call failed {address}"
+
+
+@pytest.mark.parametrize("line", ["MAIL FROM:<a@example.org>\r\nRCPT TO:<x@remote.example>",
+                                  "RCPT TO:<x@example.com>\nDATA", "MAIL FROM:<a@example.org>\r"])
+async def test_a_line_break_inside_a_command_never_reaches_the_next_hop(line: str) -> None:
+    # The SMTP front refuses such commands; this is the last guard, for any
+    # other way a line could be built: one command must not become two.
+    from gateway.config import Endpoint
+    from gateway.upstream import SMTPUpstream, UpstreamError
+
+    heard: list[bytes] = []
+    done = asyncio.Event()
+
+    async def mta(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(b"220 mta.example ESMTP\r\n")
+            while command := await reader.readline():
+                heard.append(command)
+                writer.write(b"250-mta.example\r\n250 PIPELINING\r\n" if command.startswith(b"EHLO")
+                             else b"250 2.0.0 Ok\r\n")
+                await writer.drain()
+        finally:
+            writer.close()
+            done.set()
+
+    server = await asyncio.start_server(mta, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        upstream = SMTPUpstream(Endpoint("127.0.0.1", port), _settings())
+        await upstream.connect()
+        with pytest.raises(UpstreamError):
+            await upstream.command(line)
+        await upstream.close()
+        await asyncio.wait_for(done.wait(), 5)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert heard == [b"EHLO gw.example.org\r\n", b"QUIT\r\n"]
