@@ -16,6 +16,7 @@ from typing import TypeVar
 import dkim
 import dkim.asyncsupport
 import dns.message as dns_message  # aliased: the `dns` fixture shadows the package name
+import dns.resolver as dns_resolver
 import pytest
 import spf
 
@@ -655,3 +656,18 @@ async def test_spf_temperror_is_not_reused(resolver: Resolver, dns: DNSServer, c
 ])
 def test_names_as_postfix_takes_them(found: ReverseDNS, names: tuple[str, str, bool]) -> None:
     assert found.as_postfix() == names
+
+
+@pytest.mark.parametrize("error", [dns_resolver.YXDOMAIN, OSError, RuntimeError])
+async def test_an_unexpected_resolver_failure_is_tempfail_not_nxdomain(
+    resolver: Resolver, monkeypatch: pytest.MonkeyPatch, error: type[Exception]
+) -> None:
+    # A broken or hostile server (a YXDOMAIN, a socket error, a dnspython
+    # surprise) proves nothing about the name: taken for NXDOMAIN it would
+    # turn a sender domain or HELO name into a 5yz "not found".
+    async def fails(*args: object, **kwargs: object) -> None:
+        raise error()
+
+    monkeypatch.setattr(resolver._dns, "resolve", fails)
+    answer = await resolver.query("host.test.example", "A")
+    assert answer.status is Status.TEMPFAIL and not answer.negative
