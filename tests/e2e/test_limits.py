@@ -74,6 +74,28 @@ def test_recipient_limit(start_gateway, postfix) -> None:
     assert postfix.messages("carol") == []
 
 
+def test_temporary_refusals_count_against_max_errors(start_gateway, postfix) -> None:
+    # A 4yz is a refusal like a 5yz: a client that keeps hitting the
+    # recipient limit is cut off after max_errors, not served forever.
+    gw = start_gateway(f"127.0.0.1:{postfix.port}", max_recipients=1, max_errors=2)
+    sock = gw.raw()
+    with sock:
+        for line in (b"XCLIENT ADDR=" + OUTSIDE_IP.encode(), b"EHLO c.example.net",
+                     b"MAIL FROM:<bob@example.org>", b"RCPT TO:<alice@example.com>"):
+            sock.sendall(line + b"\r\n")
+            assert recv_reply(sock)[:1] == b"2"
+        sock.sendall(b"RCPT TO:<carol@example.com>\r\n")
+        assert recv_reply(sock) == b"452 4.5.3 Error: too many recipients\r\n"
+        sock.sendall(b"RCPT TO:<carol@example.com>\r\n")
+        # The second 452 reached the limit: the 421 follows unasked, and the close.
+        said = b""
+        while chunk := sock.recv(4096):
+            said += chunk
+        assert said == (b"452 4.5.3 Error: too many recipients\r\n"
+                        b"421 4.7.0 gw.test.example Error: too many errors\r\n")
+    assert postfix.messages("alice") == []
+
+
 def test_connections_per_client_ip(start_gateway, postfix) -> None:
     gw = start_gateway(f"127.0.0.1:{postfix.port}", max_connections_per_ip=2)
     first, second = gw.raw(), gw.raw()
