@@ -2,6 +2,8 @@
 retries; never a 250 for mail that went nowhere."""
 
 import logging
+import socket
+import struct
 import time
 
 import pytest
@@ -9,7 +11,7 @@ import pytest
 from tests.fixtures.badmta import BadMTA
 from tests.fixtures.gateway import OUTSIDE_IP, recv_reply
 from tests.fixtures.postfix import free_port
-from tests.fixtures.testplugins import BOOM_IP, Boom, Stall
+from tests.fixtures.testplugins import BOOM_IP, Boom, Latch, Stall
 
 MSG = b"Subject: x\r\n\r\nbody\r\n"
 
@@ -137,6 +139,32 @@ def test_client_disconnecting_mid_data_delivers_nothing(gateway, postfix) -> Non
     sock.sendall(b"Subject: half\r\n\r\nthe first half of a message\r\n")
     sock.close()
     # Postfix logs the aborted session once the gateway drops the upstream.
+    postfix.wait_for_log(r"disconnect from unknown\[" + OUTSIDE_IP.replace(".", r"\.") + r"\]")
+    assert postfix.messages("alice") == []
+    assert postfix.deliveries() == []
+
+
+def test_client_vanishing_while_its_message_is_judged_delivers_nothing(start_gateway, postfix) -> None:
+    # The whole message is in, its checks are under way, and the client's
+    # connection is reset: it never hears a 250, so it will send the message
+    # again; the gateway must drop this copy, not pass it on as well.
+    Latch.reset()
+    gw = start_gateway(f"127.0.0.1:{postfix.port}", plugins={"latch": {}}, extra={"latch": Latch})
+    sock = gw.raw()
+    try:
+        for line in (b"XCLIENT ADDR=" + OUTSIDE_IP.encode(), b"EHLO c.example.net", b"MAIL FROM:<bob@example.org>",
+                     b"RCPT TO:<alice@example.com>", b"DATA"):
+            sock.sendall(line + b"\r\n")
+            assert recv_reply(sock)[:1] in (b"2", b"3")
+        sock.sendall(b"Subject: judged\r\n\r\nwhole\r\n.\r\n")
+        assert Latch.entered.wait(10)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+    finally:
+        sock.close()
+    try:
+        assert Latch.abandoned.wait(10), "the check went on for a client that was gone"
+    finally:
+        Latch.gate.set()
     postfix.wait_for_log(r"disconnect from unknown\[" + OUTSIDE_IP.replace(".", r"\.") + r"\]")
     assert postfix.messages("alice") == []
     assert postfix.deliveries() == []
