@@ -27,6 +27,8 @@ def test_upstream_down_gives_421_at_mail(start_gateway) -> None:
 @pytest.mark.parametrize("mode, logged", [
     ("silent-greeting", "no greeting within 1s"),
     ("refusing-greeting", "greeted with 554 5.3.2 bad.example not accepting mail"),
+    # Only a 220 opens a session: a 421 greeting followed by 250s is no MTA to trust.
+    ("busy-greeting", "greeted with 421 4.3.2 bad.example busy, try again later"),
 ])
 def test_next_hop_that_does_not_greet_gives_421(start_gateway, caplog, mode: str, logged: str) -> None:
     with BadMTA(mode) as mta:
