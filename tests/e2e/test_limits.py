@@ -1,6 +1,8 @@
 """Size, recipient, connection and time limits, through the network."""
 
+import select
 import socket
+import threading
 import time
 
 import pytest
@@ -94,6 +96,31 @@ def test_temporary_refusals_count_against_max_errors(start_gateway, postfix) -> 
         assert said == (b"452 4.5.3 Error: too many recipients\r\n"
                         b"421 4.7.0 gw.test.example Error: too many errors\r\n")
     assert postfix.messages("alice") == []
+
+
+def test_the_221_is_sent_only_once_the_place_is_free(gateway, monkeypatch) -> None:
+    # A client may reconnect the moment it reads 221; another worker must not
+    # still count it then.  The gateway is held inside release(): by then
+    # nothing of the 221 may have been sent.
+    releasing, go_on = threading.Event(), threading.Event()
+    release = gateway.gateway.release
+
+    def held_release(ip: str) -> None:
+        releasing.set()
+        go_on.wait(10)
+        release(ip)
+
+    monkeypatch.setattr(gateway.gateway, "release", held_release)
+    sock = gateway.raw()
+    with sock:
+        sock.sendall(b"QUIT\r\n")
+        try:
+            assert releasing.wait(10)
+            readable, _, _ = select.select([sock], [], [], 0)  # a look, not a wait
+        finally:
+            go_on.set()
+        assert readable == [], "the 221 went out while the place was still counted"
+        assert recv_reply(sock) == b"221 2.0.0 Bye\r\n"
 
 
 def test_connections_per_client_ip(start_gateway, postfix) -> None:
