@@ -172,6 +172,19 @@ def test_client_vanishing_while_its_message_is_judged_delivers_nothing(start_gat
     assert postfix.deliveries() == []
 
 
+def test_a_mail_the_next_hop_refuses_opens_no_transaction(start_gateway) -> None:
+    # The next hop's refusal of the sender is the client's answer, and the
+    # client has no transaction: its RCPT and DATA meet our 503, never a
+    # next hop that (wrongly) answers them as if the MAIL had been taken.
+    with BadMTA("refused-mail") as mta:
+        gw = start_gateway(f"127.0.0.1:{mta.port}")
+        with gw.client(xclient=OUTSIDE_IP) as smtp:
+            assert smtp.mail("bob@example.org") == (550, b"5.7.1 <bob@example.org>: Sender address rejected: go away")
+            assert smtp.rcpt("alice@example.com") == (503, b"5.5.1 Error: need MAIL command")
+            assert smtp.docmd("DATA") == (503, b"5.5.1 Error: need MAIL command")
+        assert [c for c in mta.commands if c[:4].upper() in (b"RCPT", b"DATA")] == []
+
+
 def test_plugin_that_raises_gives_451_and_the_gateway_goes_on(start_gateway, postfix, caplog) -> None:
     gw = start_gateway(f"127.0.0.1:{postfix.port}", plugins={"boom": {}}, extra={"boom": Boom})
     with caplog.at_level(logging.ERROR, "smtpgate"):
