@@ -4,7 +4,7 @@ too, not only what the client heard."""
 
 import pytest
 
-from tests.fixtures.gateway import OUTSIDE_IP, TRUSTED_IP, recv_reply
+from tests.fixtures.gateway import OUTSIDE_IP, TRUSTED_IP, TRUSTED_NET, recv_reply
 
 TRICKS = [
     "user%remote.example@example.com",
@@ -64,6 +64,21 @@ def test_trusted_clients_may_relay(gateway, postfix) -> None:
     with gateway.client(xclient=TRUSTED_IP) as smtp:
         assert smtp.sendmail("alice@example.com", ["friend@remote.example"], b"Subject: out\r\n\r\nx\r\n") == {}
     assert postfix.wait_for_delivery("friend@remote.example")["status"] == "sent"
+
+
+def test_xclient_from_a_trusted_proxy_does_not_lend_it_its_trust(start_gateway, postfix) -> None:
+    # The proxy itself may relay (it is in trusted_networks); the client it
+    # names may not: XCLIENT narrows trust as well as widening it, or every
+    # client behind a trusted front proxy would find an open relay.
+    gw = start_gateway(f"127.0.0.1:{postfix.port}", trusted_networks=["127.0.0.0/8", TRUSTED_NET])
+    sock = gw.raw()
+    with sock:
+        for line in (b"XCLIENT ADDR=" + OUTSIDE_IP.encode(), b"EHLO c.example.net", b"MAIL FROM:<bob@example.org>"):
+            sock.sendall(line + b"\r\n")
+            assert recv_reply(sock)[:1] == b"2"
+        sock.sendall(b"RCPT TO:<friend@remote.example>\r\n")
+        assert recv_reply(sock) == b"554 5.7.1 <friend@remote.example>: Relay access denied\r\n"
+    assert "friend@remote.example" not in postfix.maillog()
 
 
 def test_vrfy_and_expn_are_disabled_and_never_reach_postfix(gateway, postfix) -> None:
