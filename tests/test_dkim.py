@@ -94,7 +94,7 @@ def sign_by_hand(message: bytes, signed: Sequence[str], domain: str = "auth.test
 
 @pytest.fixture
 def resolver(dns: DNSServer) -> Resolver:
-    return Resolver([dns.nameserver], timeout=1.0)
+    return Resolver([dns.nameserver], timeout=5.0)
 
 
 @pytest.fixture

@@ -75,7 +75,7 @@ async def transaction(
 
 @pytest.fixture
 def resolver(dns: DNSServer) -> Resolver:
-    return Resolver([dns.nameserver], timeout=1.0)
+    return Resolver([dns.nameserver], timeout=5.0)
 
 
 @pytest.fixture

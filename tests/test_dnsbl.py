@@ -60,7 +60,7 @@ REASON_99 = "Listed for testing, see https://bl.test/q?ip=192.0.2.99"
 
 @pytest.fixture
 def resolver(dns: DNSServer) -> Resolver:
-    return Resolver([dns.nameserver], timeout=0.5)
+    return Resolver([dns.nameserver], timeout=5.0)
 
 
 def make(resolver: Resolver | None, zones: dict[str, Any], **options: Any) -> DnsblPlugin:

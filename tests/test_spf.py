@@ -62,7 +62,7 @@ def unfold(value: str) -> str:
 
 @pytest.fixture
 def resolver(dns: DNSServer) -> Resolver:
-    return Resolver([dns.nameserver], timeout=1.0)
+    return Resolver([dns.nameserver], timeout=5.0)
 
 
 @pytest.fixture
