@@ -10,12 +10,16 @@ wrote it, so the next hop receives the same bytes.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 
 import idna
 
-__all__ = ["Address", "Params", "PathError", "ParamError", "parse_path", "is_domain", "is_hostname", "may_be_ip", "to_ascii_domain"]
+__all__ = [
+    "Address", "Params", "PathError", "ParamError", "parse_path", "is_domain", "is_hostname", "may_be_ip",
+    "to_ascii_domain", "client_address",
+]
 
 # atext of RFC 5322 §3.2.3; non-ASCII is allowed only with SMTPUTF8.
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -232,3 +236,16 @@ def is_hostname(text: str) -> bool:
     """Whether ``text`` is a host name as Postfix's XCLIENT takes it for
     ``NAME`` (no address literal, not all digits, at most 255 octets)."""
     return _HOSTNAME.match(text) is not None
+
+
+def client_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """A client's address as every check takes it: an IPv4-mapped one is
+    the IPv4 client (what a dual-stack socket reports); a scoped one
+    (``%eth0``) names no host outside a link, and no DNS list or next hop
+    takes it (ValueError)."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.scope_id is not None:
+            raise ValueError(f"scoped address {ip}")
+        if ip.ipv4_mapped is not None:
+            return ip.ipv4_mapped
+    return ip

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import __version__, replies
+from .address import client_address
 from .config import Policy, PolicyError, ip_in
 from .deadline import Deadline, tick_for
 from .dns import Resolver
@@ -22,7 +23,7 @@ from .limits import Counts, SharedCounts
 from .plugin import Context
 from .plugins import load_plugins
 from .replies import Reply
-from .smtp import SMTPSession, _client_address
+from .smtp import SMTPSession
 from .supervisor import Supervisor, policy_for_reload
 from .upstream import NextHopMemory, Upstream, make_upstream
 
@@ -139,7 +140,7 @@ class Gateway:
         known = self._clients.get(host)
         if known is None:
             peer = ipaddress.ip_address(host)
-            ip = _client_address(peer)
+            ip = client_address(peer)
             known = ClientAddress(peer, ip, str(ip), self.is_trusted(ip), self.may_xclient(ip), ip.is_loopback)
             if len(self._clients) >= _CLIENTS_KEPT:
                 self._clients.clear()  # simpler than least-recently-used, and rare

@@ -29,8 +29,8 @@ from aiosmtpd.proxy_protocol import get_proxy
 from aiosmtpd.smtp import SMTP as _AiosmtpdSMTP
 
 from . import log as decisions
-from . import replies
-from .address import ParamError, PathError, is_hostname, parse_path
+from . import replies, xclient
+from .address import ParamError, PathError, parse_path
 from .config import READ_BUFFER
 from .deadline import Deadline
 from .headers import claims_authserv_id, prepend, remove_fields
@@ -51,17 +51,12 @@ log = logging.getLogger("smtpgate.smtp")
 _READ_LIMIT = READ_BUFFER
 _NEWLINES = re.compile(rb"\r\n|\r|\n")
 #: Postfix's XCLIENT refuses longer values ("attribute value too long").
-_XCLIENT_VALUE_MAX = 255
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _BLANKS = re.compile(r"\s")
 
 
 class _Close(Exception):
     """End the session after the reply that was just sent."""
-
-
-def _xtext_decode(value: str) -> str:
-    return re.sub(r"\+([0-9A-F]{2})", lambda m: chr(int(m[1], 16)), value)
 
 
 class SMTPSession(_AiosmtpdSMTP):
@@ -915,57 +910,11 @@ class SMTPSession(_AiosmtpdSMTP):
         if arg is None:
             await self.reply(replies.XCLIENT_SYNTAX.format(attribute="(none)"))
             return
-        changes: dict[str, Any] = {}
-        if any(item.upper().startswith("ADDR=") for item in arg.split()):
-            # A new address has no name unless one comes with it: the names
-            # known so far were another client's.
-            changes.update(client_name="unknown", reverse_name="unknown", name_tempfail=False, reverse_tempfail=False)
-        for item in arg.split():
-            name, eq, value = item.partition("=")
-            name = name.upper()
-            value = _xtext_decode(value)
-            unavailable = value.upper() in ("[UNAVAILABLE]", "[TEMPUNAVAIL]")
-            try:
-                if not eq:
-                    raise ValueError
-                if name == "ADDR":
-                    if unavailable:
-                        # Every check (relay, DNS lists, SPF) judges the
-                        # address; keeping the previous one would let this
-                        # client pass as that one, trusted perhaps.
-                        await self.reply(replies.XCLIENT_NO_ADDR.format(attribute=item))
-                        return
-                    text = value[5:] if value.upper().startswith("IPV6:") else value
-                    changes["client_ip"] = _client_address(ipaddress.ip_address(text))
-                elif len(value.encode()) > _XCLIENT_VALUE_MAX:
-                    raise ValueError
-                elif name in ("NAME", "REVERSE_NAME"):
-                    # Only what the next hop's own XCLIENT takes: a value it
-                    # refused would make it unavailable for this client.
-                    if not unavailable and not is_hostname(value):
-                        raise ValueError
-                    field = "client_name" if name == "NAME" else "reverse_name"
-                    changes[field] = "unknown" if unavailable else value
-                    # [TEMPUNAVAIL]: the next hop defers where it would reject.
-                    changes["name_tempfail" if name == "NAME" else "reverse_tempfail"] = (
-                        value.upper() == "[TEMPUNAVAIL]"
-                    )
-                elif name == "PORT":
-                    if not unavailable and not (value.isascii() and value.isdigit() and int(value) <= 65535):
-                        raise ValueError
-                    changes["client_port"] = 0 if unavailable else int(value)
-                elif name == "HELO":
-                    changes["helo"] = None if unavailable else value
-                elif name == "PROTO":
-                    if value.upper() not in ("SMTP", "ESMTP"):
-                        raise ValueError
-                    changes["protocol"] = value.upper()
-                elif name not in ("DESTADDR", "DESTPORT"):
-                    # LOGIN too: we take no word for who authenticated.
-                    raise ValueError
-            except ValueError:
-                await self.reply(replies.XCLIENT_SYNTAX.format(attribute=item))
-                return
+        try:
+            changes = xclient.session_changes(arg)
+        except xclient.Refused as exc:
+            await self.reply(exc.reply)
+            return
         session = self.session
         for key, value in changes.items():
             setattr(session, key, value)
@@ -984,19 +933,6 @@ class SMTPSession(_AiosmtpdSMTP):
             await self.reply(self._refusal)
             return
         await self.reply(self.gateway.greeting)
-
-
-def _client_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    """A client's address as every check takes it: an IPv4-mapped one is
-    the IPv4 client (what a dual-stack socket reports); a scoped one
-    (``%eth0``) names no host outside a link, and no DNS list or next hop
-    takes it (ValueError)."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.scope_id is not None:
-            raise ValueError(f"scoped address {ip}")
-        if ip.ipv4_mapped is not None:
-            return ip.ipv4_mapped
-    return ip
 
 
 def _path_reply(exc: PathError, syntax: Reply, bad_address: Reply) -> Reply:

@@ -1,0 +1,92 @@
+"""The XCLIENT command's attributes (Postfix's XCLIENT_README): what a
+front proxy may tell us about the client it speaks for.
+
+Only the SMTP front calls :func:`session_changes`, and only for a host in
+``xclient_hosts``; it applies the changes and judges the client afresh.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Any
+
+from . import replies
+from .address import client_address, is_hostname
+from .replies import Reply
+
+__all__ = ["Refused", "session_changes"]
+
+#: Postfix's limit on one attribute's value.
+VALUE_MAX = 255
+
+_XTEXT = re.compile(r"\+([0-9A-F]{2})")
+_UNAVAILABLE = ("[UNAVAILABLE]", "[TEMPUNAVAIL]")
+
+
+class Refused(Exception):
+    """An attribute we do not take; :attr:`reply` says which."""
+
+    def __init__(self, reply: Reply):
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+def _xtext_decode(value: str) -> str:
+    return _XTEXT.sub(lambda m: chr(int(m[1], 16)), value)
+
+
+def session_changes(arg: str) -> dict[str, Any]:
+    """The :class:`~gateway.session.Session` fields that ``XCLIENT arg``
+    sets, by name; raises :class:`Refused` for the first attribute that is
+    malformed or not taken.  Nothing is half applied: a refusal changes
+    nothing."""
+    changes: dict[str, Any] = {}
+    items = arg.split()
+    if any(item.upper().startswith("ADDR=") for item in items):
+        # A new address has no name unless one comes with it: the names
+        # known so far were another client's.
+        changes.update(client_name="unknown", reverse_name="unknown", name_tempfail=False, reverse_tempfail=False)
+    for item in items:
+        name, eq, value = item.partition("=")
+        name = name.upper()
+        value = _xtext_decode(value)
+        unavailable = value.upper() in _UNAVAILABLE
+        try:
+            if not eq:
+                raise ValueError
+            if name == "ADDR":
+                if unavailable:
+                    # Every check (relay, DNS lists, SPF) judges the address;
+                    # keeping the previous one would let this client pass as
+                    # that one, trusted perhaps.
+                    raise Refused(replies.XCLIENT_NO_ADDR.format(attribute=item))
+                text = value[5:] if value.upper().startswith("IPV6:") else value
+                changes["client_ip"] = client_address(ipaddress.ip_address(text))
+            elif len(value.encode()) > VALUE_MAX:
+                raise ValueError
+            elif name in ("NAME", "REVERSE_NAME"):
+                # Only what the next hop's own XCLIENT takes: a value it
+                # refused would make it unavailable for this client.
+                if not unavailable and not is_hostname(value):
+                    raise ValueError
+                field = "client_name" if name == "NAME" else "reverse_name"
+                changes[field] = "unknown" if unavailable else value
+                # [TEMPUNAVAIL]: the next hop defers where it would reject.
+                changes["name_tempfail" if name == "NAME" else "reverse_tempfail"] = value.upper() == "[TEMPUNAVAIL]"
+            elif name == "PORT":
+                if not unavailable and not (value.isascii() and value.isdigit() and int(value) <= 65535):
+                    raise ValueError
+                changes["client_port"] = 0 if unavailable else int(value)
+            elif name == "HELO":
+                changes["helo"] = None if unavailable else value
+            elif name == "PROTO":
+                if value.upper() not in ("SMTP", "ESMTP"):
+                    raise ValueError
+                changes["protocol"] = value.upper()
+            elif name not in ("DESTADDR", "DESTPORT"):
+                # LOGIN too: we take no word for who authenticated.
+                raise ValueError
+        except ValueError:
+            raise Refused(replies.XCLIENT_SYNTAX.format(attribute=item)) from None
+    return changes

@@ -1,0 +1,64 @@
+"""XCLIENT attributes as the SMTP front takes them (the command itself,
+who may send it and what follows, is in tests/e2e/)."""
+
+import ipaddress
+
+import pytest
+
+from gateway.xclient import Refused, session_changes
+
+
+def refusal(arg: str) -> str:
+    with pytest.raises(Refused) as caught:
+        session_changes(arg)
+    return str(caught.value.reply)
+
+
+def test_a_new_address_forgets_the_previous_clients_names() -> None:
+    assert session_changes("ADDR=203.0.113.7") == {
+        "client_ip": ipaddress.ip_address("203.0.113.7"),
+        "client_name": "unknown", "reverse_name": "unknown", "name_tempfail": False, "reverse_tempfail": False,
+    }
+
+
+def test_names_port_helo_and_proto() -> None:
+    changes = session_changes("addr=IPV6:2001:db8::1 NAME=mx.example.net REVERSE_NAME=[TEMPUNAVAIL] "
+                              "PORT=2525 HELO=mx+2Eexample.net PROTO=esmtp DESTADDR=192.0.2.1 DESTPORT=25")
+    assert changes == {
+        "client_ip": ipaddress.ip_address("2001:db8::1"),
+        "client_name": "mx.example.net", "name_tempfail": False,
+        "reverse_name": "unknown", "reverse_tempfail": True,
+        "client_port": 2525, "helo": "mx.example.net", "protocol": "ESMTP",
+    }
+
+
+def test_an_ipv4_mapped_address_is_the_ipv4_client() -> None:
+    assert session_changes("ADDR=IPV6:::ffff:192.0.2.9")["client_ip"] == ipaddress.ip_address("192.0.2.9")
+
+
+def test_unavailable_values_are_unknown() -> None:
+    assert session_changes("NAME=[UNAVAILABLE] PORT=[UNAVAILABLE] HELO=[UNAVAILABLE]") == {
+        "client_name": "unknown", "name_tempfail": False, "client_port": 0, "helo": None,
+    }
+
+
+@pytest.mark.parametrize("arg,attribute", [
+    ("ADDR=not-an-ip", "ADDR=not-an-ip"),
+    ("ADDR=fe80::1%eth0", "ADDR=fe80::1%eth0"),  # names no host beyond a link
+    ("NAME=bad_name!", "NAME=bad_name!"),
+    ("PORT=65536", "PORT=65536"),
+    ("PORT=\u0663", "PORT=\u0663"),  # a digit, but not ASCII
+    ("PROTO=LMTP", "PROTO=LMTP"),
+    ("LOGIN=alice", "LOGIN=alice"),  # we take no word for who authenticated
+    ("HELO", "HELO"),
+    ("HELO=" + "a" * 256, "HELO=" + "a" * 256),
+])
+def test_a_bad_attribute_is_named(arg: str, attribute: str) -> None:
+    assert refusal(arg) == f"501 5.5.4 Bad XCLIENT attribute: {attribute}"
+
+
+def test_an_unavailable_address_is_refused_not_kept() -> None:
+    # Keeping the address before it would let this client pass as that one.
+    assert refusal("NAME=mx.example.net ADDR=[UNAVAILABLE]") == (
+        "501 5.5.4 Bad XCLIENT attribute: ADDR=[UNAVAILABLE]: the client's address is required"
+    )
