@@ -28,11 +28,11 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from email import errors
 from email.headerregistry import HeaderRegistry
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import authres
 
@@ -42,8 +42,11 @@ from gateway.address import to_ascii_domain
 __all__ = [
     "AR_HEADER",
     "MAX_VALUE",
+    "MEMO_MAX_CHARS",
+    "MEMO_SIZE",
     "Author",
     "Authors",
+    "ClauseMemo",
     "authentication_results",
     "author_domain",
     "author_domains",
@@ -420,9 +423,48 @@ def clause(method: str, result: str, note: str = "", properties: Sequence[Any] =
     )
 
 
+K = TypeVar("K", bound=Hashable)
+
+#: Clause texts a :class:`ClauseMemo` keeps.
+MEMO_SIZE = 1024
+#: A result whose texts are longer than this in all is formatted every
+#: time, not kept: its values come from the client and the DNS (a HELO, an
+#: SPF explanation, a DKIM tag), and 1,024 of them must stay small.
+MEMO_MAX_CHARS = 1024
+
+
+class ClauseMemo(Generic[K]):
+    """The text of a result clause (``str`` of the authres object that
+    ``make`` builds), kept per distinct key: a busy sender gets the same
+    spf, dkim and dmarc results message after message, and authres's
+    objects and their formatting cost more per message than the rest of the
+    header.  The key must hold everything the clause is made of; ``chars``
+    gives its size.  At most ``size`` texts are kept, the oldest dropped
+    first."""
+
+    def __init__(self, make: Callable[[K], Any], chars: Callable[[K], int], size: int = MEMO_SIZE) -> None:
+        self._make = make
+        self._chars = chars
+        self.size = size
+        self._texts: dict[K, str] = {}
+
+    def __call__(self, key: K) -> str:
+        text = self._texts.get(key)
+        if text is None:
+            text = str(self._make(key))
+            if self._chars(key) <= MEMO_MAX_CHARS and self.size > 0:
+                if len(self._texts) >= self.size:
+                    del self._texts[next(iter(self._texts))]
+                self._texts[key] = text
+        return text
+
+    def __len__(self) -> int:
+        return len(self._texts)
+
+
 def authentication_results(authserv_id: str, results: Sequence[Any]) -> tuple[str, str]:
     """The ``(name, value)`` of one Authentication-Results header carrying
-    ``results`` (authres result objects), folded."""
+    ``results`` (authres result objects, or their texts), folded."""
     header = authres.AuthenticationResultsHeader(authserv_id=authserv_id, results=list(results) or None)
     return AR_HEADER, fold(AR_HEADER, header.header_value())
 

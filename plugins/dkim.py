@@ -75,6 +75,7 @@ __all__ = [
     "DkimPlugin",
     "DkimResult",
     "ar_results",
+    "ar_texts",
     "dkim_decision",
     "dkim_results",
     "required_domain",
@@ -619,6 +620,29 @@ def ar_results(results: Sequence[DkimResult]) -> list[Any]:
     return clauses
 
 
+def _without_b(key: tuple[str, str, str, str, str, str]) -> Any:
+    (clause,) = ar_results([DkimResult(*key[:5], reason=key[5])])
+    return clause
+
+
+_AR_TEXTS = ar.ClauseMemo(_without_b, lambda key: sum(map(len, key)))
+
+
+def ar_texts(results: Sequence[DkimResult]) -> list[str]:
+    """:func:`ar_results` as text.  ``header.b`` is the one part that differs
+    from message to message, and the last: the rest is formatted once per
+    distinct result, and that property added after it."""
+    if not results:
+        return ["dkim=none"]
+    texts = []
+    for r in results:
+        text = _AR_TEXTS((r.result, r.domain, r.selector, r.identity, r.algorithm, r.reason))
+        if r.b and _B64.match(r.b):
+            text += " " + str(ar.property_("header", "b", r.b))
+        texts.append(text)
+    return texts
+
+
 # ------------------------------------------------------------------ plugin
 
 
@@ -663,10 +687,10 @@ class DkimPlugin(Plugin):
         authors = ar.authors_of(message).domains  # every one: a second From hides none
         if ar.reporter(self.context) != "dkim":
             return dkim_decision(results, authors, self.options.actions, self.required)
-        clauses = []
+        clauses: list[str] = []
         outcome = spf.stored_outcome(session, envelope)
         if outcome is not None:
-            clauses += spf.ar_results(outcome)
-        clauses += ar_results(results)
+            clauses += spf.ar_texts(outcome)
+        clauses += ar_texts(results)
         header = ar.authentication_results(self.context.hostname, clauses)
         return dkim_decision(results, authors, self.options.actions, self.required, headers=(header,))

@@ -382,6 +382,9 @@ def ar_result(result: DmarcResult) -> Any:
     return ar.clause("dmarc", result.result, " ".join(notes), props)
 
 
+_AR_TEXTS = ar.ClauseMemo(ar_result, lambda r: len(r.domain) + len(r.reason))
+
+
 # ------------------------------------------------------------ plugin
 
 
@@ -456,7 +459,7 @@ class DmarcPlugin(Plugin):
             authors, discoveries, outcome.identity, dkim_results,
             sample=random.random(), honour_pct=self.options.honour_pct,
         )
-        clauses = [*spf.ar_results(outcome), *dkim.ar_results(dkim_results), ar_result(result)]
+        clauses = [*spf.ar_texts(outcome), *dkim.ar_texts(dkim_results), _AR_TEXTS(result)]
         header = ar.authentication_results(self.context.hostname, clauses)
         reject, defer = _replies(result)
         label = f"dmarc={result.finding}" + (f" {result.domain}" if result.domain else "")

@@ -59,6 +59,7 @@ __all__ = [
     "SpfPlugin",
     "SpfResult",
     "ar_results",
+    "ar_texts",
     "check_envelope",
     "check_identity",
     "received_spf",
@@ -340,16 +341,25 @@ def ar_results(outcome: SpfOutcome) -> list[Any]:
     """The ``spf=`` clauses for Authentication-Results (RFC 8601 §2.7.2):
     ``smtp.helo`` for the HELO identity, ``smtp.mailfrom`` for MAIL FROM
     (the address when its local part is a plain dot-atom, else the domain)."""
-    clauses = []
-    for result in outcome.results:
-        if result.identity == "helo":
-            prop = ar.property_("smtp", "helo", _PRINTABLE.sub("?", result.helo) or "unknown")
-        else:
-            local = result.sender.rpartition("@")[0]
-            value = result.sender if _DOT_ATOM.match(local) else result.domain
-            prop = ar.property_("smtp", "mailfrom", value)
-        clauses.append(authres.SPFAuthenticationResult(result=result.result, properties=[prop]))
-    return clauses
+    return [_ar_clause(result) for result in outcome.results]
+
+
+def _ar_clause(result: SpfResult) -> Any:
+    if result.identity == "helo":
+        prop = ar.property_("smtp", "helo", _PRINTABLE.sub("?", result.helo) or "unknown")
+    else:
+        local = result.sender.rpartition("@")[0]
+        value = result.sender if _DOT_ATOM.match(local) else result.domain
+        prop = ar.property_("smtp", "mailfrom", value)
+    return authres.SPFAuthenticationResult(result=result.result, properties=[prop])
+
+
+_AR_TEXTS = ar.ClauseMemo(_ar_clause, lambda r: len(r.sender) + len(r.helo) + len(r.domain) + len(r.ip) + len(r.explanation))
+
+
+def ar_texts(outcome: SpfOutcome) -> list[str]:
+    """:func:`ar_results` as text, formatted once per distinct result."""
+    return [_AR_TEXTS(result) for result in outcome.results]
 
 
 # ------------------------------------------------------------------ plugin
@@ -397,5 +407,5 @@ class SpfPlugin(Plugin):
         if self.options.received_spf:
             headers += [received_spf(r, self.context.hostname, outcome.mail_from) for r in outcome.results]
         if ar.reporter(self.context) == "spf":
-            headers.append(ar.authentication_results(self.context.hostname, ar_results(outcome)))
+            headers.append(ar.authentication_results(self.context.hostname, ar_texts(outcome)))
         return Verdict(headers=tuple(headers)) if headers else None
