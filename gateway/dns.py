@@ -28,6 +28,7 @@ import ipaddress
 import logging
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -54,6 +55,7 @@ __all__ = [
     "Resolver",
     "ReverseDNS",
     "Status",
+    "TtlMemo",
     "dkim_dnsfunc",
     "dkim_key_record",
     "dnsbl_name",
@@ -157,6 +159,8 @@ class ReverseDNS:
     :param unsure: names whose own lookup failed temporarily.
     :param first: the first PTR name as published, host name or not (the
         one Postfix's lookup takes, as getnameinfo gives it).
+    :param ttl: seconds every answer it was made of stays valid (the
+        shortest remaining TTL; 0 after a temporary failure).
     """
 
     names: tuple[str, ...] = ()
@@ -164,6 +168,7 @@ class ReverseDNS:
     ptr_temporary: bool = False
     unsure: tuple[str, ...] = ()
     first: str = ""
+    ttl: int = field(default=0, compare=False)
 
     @property
     def temporary(self) -> bool:
@@ -218,6 +223,50 @@ def _parse_nameserver(text: str) -> dns.nameserver.Do53Nameserver:
 
 
 # --------------------------------------------------------------- resolver
+
+
+class TtlMemo:
+    """What a check concluded from DNS answers alone, kept while the
+    answers it used are: a busy client asks the same questions session
+    after session, and judging the cached answers again cost more than
+    asking the cache.  Get one from :meth:`Resolver.memo`.
+
+    The key must hold every input besides the answers.  A value is kept
+    for the ``ttl`` given (the shortest remaining TTL of the answers; 0,
+    as a temporary failure's, keeps nothing), at most ``size`` of them,
+    the least recently used dropped first."""
+
+    __slots__ = ("__weakref__", "_clock", "_entries", "size")
+
+    def __init__(self, clock: Callable[[], float], size: int) -> None:
+        self._clock = clock
+        self.size = size
+        self._entries: OrderedDict[Any, tuple[float, Any]] = OrderedDict()
+
+    def get(self, key: Any) -> Any:
+        """The value kept under ``key``, or None."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry[0] <= self._clock():
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return entry[1]
+
+    def put(self, key: Any, value: Any, ttl: float) -> None:
+        if ttl <= 0 or self.size <= 0:
+            return
+        self._entries[key] = (self._clock() + ttl, value)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 def _text(rdata: dns.rdata.Rdata) -> str:
@@ -332,6 +381,7 @@ class Resolver:
         self._spf_slots: dict[str, _ClientSlots] = {}
         self._inflight: dict[_Key, asyncio.Task[Answer]] = {}
         self._hits = self._coalesced = self._sent = 0
+        self._memos: weakref.WeakSet[TtlMemo] = weakref.WeakSet()
 
     # ---------------------------------------------------------------- query
 
@@ -484,6 +534,15 @@ class Resolver:
         self._spf_results.clear()
         self._cache.clear()
         self._cache_weight = 0
+        for memo in self._memos:
+            memo.clear()
+
+    def memo(self) -> TtlMemo:
+        """A :class:`TtlMemo` on this resolver's clock, as large as its
+        cache, cleared with it."""
+        memo = TtlMemo(self._clock, max(self._cache_size, 0))
+        self._memos.add(memo)
+        return memo
 
     @property
     def stats(self) -> CacheStats:
@@ -517,13 +576,13 @@ class Resolver:
             address = address.ipv4_mapped
         ptr = await self.ptr(str(address))
         if not ptr.ok:
-            return ReverseDNS(ptr_temporary=ptr.temporary)
+            return ReverseDNS(ptr_temporary=ptr.temporary, ttl=ptr.ttl)
         # A PTR "name" that is no host name (all digits, a bad label) is
         # none, as Postfix takes it; the next hop's XCLIENT would refuse it.
         published = [record.rstrip(".") for record in ptr.records[:max_names]]
         names = tuple(name for name in published if is_hostname(name))
         if not names:
-            return ReverseDNS(first=published[0] if published else "")
+            return ReverseDNS(first=published[0] if published else "", ttl=ptr.ttl)
         rdtype = "A" if address.version == 4 else "AAAA"
         answers = await self.query_all([(name, rdtype) for name in names])
         confirmed = tuple(
@@ -531,7 +590,8 @@ class Resolver:
             if answer.ok and any(ipaddress.ip_address(record) == address for record in answer.records)
         )
         unsure = tuple(name for name, answer in zip(names, answers) if answer.temporary)
-        return ReverseDNS(names, confirmed, unsure=unsure, first=published[0])
+        ttl = min(ptr.ttl, *(answer.ttl for answer in answers))
+        return ReverseDNS(names, confirmed, unsure=unsure, first=published[0], ttl=ttl)
 
     async def a_aaaa(self, name: str) -> Answer:
         """A and AAAA of ``name``, asked concurrently, IPv4 first.
@@ -539,7 +599,16 @@ class Resolver:
         RECORDS if either has records (a TEMPFAIL on the other is dropped:
         the address we have is still an address); else TEMPFAIL if either
         failed; else NXDOMAIN if both say so; else NODATA."""
+        return (await self.a_aaaa_ttl(name))[0]
+
+    async def a_aaaa_ttl(self, name: str) -> tuple[Answer, int]:
+        """:meth:`a_aaaa`, and the seconds both answers it was made of stay
+        valid (whose ``ttl`` leaves out one dropped)."""
         a, aaaa = await self.query_all(((name, "A"), (name, "AAAA")))
+        return self._a_aaaa(a, aaaa), min(a.ttl, aaaa.ttl)
+
+    @staticmethod
+    def _a_aaaa(a: Answer, aaaa: Answer) -> Answer:
         found = [x for x in (a, aaaa) if x.ok]
         if found:
             return Answer(

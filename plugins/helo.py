@@ -26,14 +26,15 @@ import asyncio
 import enum
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+import time
+from collections.abc import Coroutine, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gateway import Context, Plugin, Reply, Session, Verdict, hookimpl
 from gateway.actions import ActionOptions, ActionSpec, check_actions, decide
 from gateway.address import is_domain, may_be_ip
-from gateway.dns import Answer, Resolver
+from gateway.dns import MAX_TTL, Answer, Resolver, TtlMemo
 from gateway.verdict import combine
 
 __all__ = [
@@ -255,6 +256,8 @@ class Fcrdns:
 
     finding: Finding | None
     names: tuple[str, ...] = ()
+    #: seconds the answers it was made of stay valid (ReverseDNS.ttl)
+    ttl: int = field(default=0, compare=False)
 
     @property
     def result(self) -> str:
@@ -268,8 +271,8 @@ async def check_fcrdns(resolver: Resolver, ip: IPAddress, *, max_names: int = MA
     A temporary failure counts only when no name confirms."""
     found = await resolver.fcrdns(str(_plain(ip)), max_names=max_names)
     if found.confirmed:
-        return Fcrdns(None, found.confirmed)
-    return Fcrdns(Finding.FCRDNS_TEMPFAIL if found.temporary else Finding.NO_FCRDNS)
+        return Fcrdns(None, found.confirmed, found.ttl)
+    return Fcrdns(Finding.FCRDNS_TEMPFAIL if found.temporary else Finding.NO_FCRDNS, ttl=found.ttl)
 
 
 # ---------------------------------------------------------------- verdict
@@ -323,8 +326,31 @@ async def check_helo(
     :param previous: the state left by an earlier HELO of this session.
     :returns: the verdict and the state to keep for the next HELO.
     """
+    verdict, state, _ = await _check_helo(
+        hostname, client_ip, previous, resolver=resolver, actions=actions, resolve=resolve, fcrdns=fcrdns,
+        own_names=own_names, own_networks=own_networks,
+    )
+    return verdict, state
+
+
+async def _check_helo(
+    hostname: str,
+    client_ip: IPAddress,
+    previous: HeloState | None,
+    *,
+    resolver: Resolver | None,
+    actions: Mapping[str, ActionSpec],
+    resolve: bool,
+    fcrdns: bool,
+    own_names: frozenset[str],
+    own_networks: tuple[Network, ...],
+) -> tuple[Verdict, HeloState, float]:
+    """:func:`check_helo`, and for how many seconds its answer holds: the
+    shortest TTL of the DNS answers it used (0 after a temporary failure),
+    :data:`gateway.dns.MAX_TTL` when it asked none."""
     if previous is not None and previous.refusal is not None:
-        return replace(previous.refusal, result=f"{previous.refusal.result} (repeated)"), previous
+        return replace(previous.refusal, result=f"{previous.refusal.result} (repeated)"), previous, 0
+    ttl = MAX_TTL
     reverse = previous.fcrdns if previous is not None else None
     judged: list[tuple[Finding, Verdict]] = []
     found = classify(hostname, client_ip, own_names=own_names, own_networks=own_networks)
@@ -333,18 +359,22 @@ async def check_helo(
     if resolver is not None and not any(v.refuses for _, v in judged):
         want_host = resolve and valid_hostname(hostname)
         want_reverse = fcrdns and reverse is None
-        host_answer: Answer | None = None
+        host: tuple[Answer, int] | None = None
         if want_host and want_reverse and not resolver.is_cached(hostname, "A", "AAAA"):
-            host_answer, reverse = await asyncio.gather(resolver.a_aaaa(hostname), check_fcrdns(resolver, client_ip))
+            host, reverse = await asyncio.gather(resolver.a_aaaa_ttl(hostname), check_fcrdns(resolver, client_ip))
         else:
             # A cached answer comes without waiting, so asking in turn loses
             # nothing and saves a task per lookup.
             if want_host:
-                host_answer = await resolver.a_aaaa(hostname)
+                host = await resolver.a_aaaa_ttl(hostname)
             if want_reverse:
                 reverse = await check_fcrdns(resolver, client_ip)
-        if host_answer is not None and (host := host_finding(host_answer)) is not None:
-            judged.append((host, _verdict(host, actions, hostname, client_ip, f"helo={host}")))
+        if want_reverse and reverse is not None:
+            ttl = min(ttl, reverse.ttl)
+        if host is not None:
+            ttl = min(ttl, host[1])
+            if (host_found := host_finding(host[0])) is not None:
+                judged.append((host_found, _verdict(host_found, actions, hostname, client_ip, f"helo={host_found}")))
     if fcrdns and reverse is not None and reverse.finding is not None:
         judged.append((reverse.finding, _verdict(reverse.finding, actions, hostname, client_ip, reverse.result)))
     findings = tuple(f for f, _ in judged)
@@ -358,7 +388,7 @@ async def check_helo(
         parts.append(reverse.result)
     verdict = replace(verdict, result=" ".join(parts))
     state = HeloState(hostname, findings, verdict if verdict.refuses else None, reverse)
-    return verdict, state
+    return verdict, state, ttl
 
 
 # ----------------------------------------------------------------- plugin
@@ -412,18 +442,32 @@ class HeloPlugin(Plugin):
         except ValueError:
             pass  # a name, not an address
         self.own_networks = _networks(own)
+        resolver = context.resolver
+        self._judged = resolver.memo() if resolver is not None else TtlMemo(time.monotonic, 0)
 
     @hookimpl
-    async def helo(self, session: Session, hostname: str) -> Verdict:
+    def helo(self, session: Session, hostname: str) -> Verdict | Coroutine[Any, Any, Verdict]:
         if session.trusted:
             return Verdict(result="helo=trusted")
         if session.allowlisted and self.options.skip_allowlisted:
             return Verdict(result="helo=allowlisted")
         previous = session.results.get(self.name)
-        verdict, state = await check_helo(
+        if not isinstance(previous, HeloState):
+            # The first HELO of a session: the same client and name were
+            # judged the same way while the DNS answers hold (a plain
+            # answer, no task for the gateway).
+            known = self._judged.get((hostname, session.client_ip))
+            if known is not None:
+                session.results[self.name] = known[1]
+                return known[0]  # type: ignore[no-any-return]
+            previous = None
+        return self._check(session, hostname, previous)
+
+    async def _check(self, session: Session, hostname: str, previous: HeloState | None) -> Verdict:
+        verdict, state, ttl = await _check_helo(
             hostname,
             session.client_ip,
-            previous if isinstance(previous, HeloState) else None,
+            previous,
             resolver=self.context.resolver,
             actions=self.options.actions,
             resolve=self.options.resolve,
@@ -431,5 +475,7 @@ class HeloPlugin(Plugin):
             own_names=self.own_names,
             own_networks=self.own_networks,
         )
+        if previous is None:
+            self._judged.put((hostname, session.client_ip), (verdict, state), ttl)
         session.results[self.name] = state
         return verdict

@@ -24,6 +24,7 @@ from gateway import dns as gdns
 from gateway.config import DNSSettings
 from gateway.dns import (
     Answer, Resolver, ReverseDNS, Status, dkim_dnsfunc, dnsbl_name, reverse_name, spf_cached, spf_check,
+    _query_key,
 )
 from tests.fixtures.clock import FakeClock
 from tests.fixtures.dkimkeys import keypair
@@ -671,3 +672,45 @@ async def test_an_unexpected_resolver_failure_is_tempfail_not_nxdomain(
     monkeypatch.setattr(resolver._dns, "resolve", fails)
     answer = await resolver.query("host.test.example", "A")
     assert answer.status is Status.TEMPFAIL and not answer.negative
+
+
+# ------------------------------------------------------------- TtlMemo
+
+
+def test_a_memo_keeps_a_value_for_its_ttl(resolver: Resolver, clock: FakeClock) -> None:
+    memo = resolver.memo()
+    memo.put("k", "v", 10)
+    memo.put("nothing", "v", 0)  # a temporary failure's TTL
+    clock.now += 9.9
+    assert memo.get("k") == "v" and memo.get("nothing") is None
+    clock.now += 0.1
+    assert memo.get("k") is None and len(memo) == 0
+
+
+def test_a_memo_is_bounded_and_cleared_with_the_cache(dns: DNSServer, clock: FakeClock) -> None:
+    resolver = Resolver([dns.nameserver], cache_size=2, clock=clock)
+    memo = resolver.memo()
+    memo.put(1, "a", 60)
+    memo.put(2, "b", 60)
+    assert memo.get(1) == "a"  # used: 2 is now the oldest
+    memo.put(3, "c", 60)
+    assert (memo.get(1), memo.get(2), memo.get(3), len(memo)) == ("a", None, "c", 2)
+    resolver.cache_clear()
+    assert len(memo) == 0
+    uncached = Resolver([dns.nameserver], cache_size=0).memo()
+    uncached.put(1, "a", 60)
+    assert len(uncached) == 0
+
+
+async def test_fcrdns_and_a_aaaa_say_how_long_their_answers_hold(resolver: Resolver, clock: FakeClock) -> None:
+    resolver._cache_put(_query_key(reverse_name("192.0.2.7"), "PTR"), Answer(Status.RECORDS, ("a.example.", "b.example."), 300), 300)
+    resolver._cache_put(_query_key("a.example", "A"), Answer(Status.RECORDS, ("192.0.2.7",), 100), 100)
+    resolver._cache_put(_query_key("b.example", "A"), Answer(Status.NXDOMAIN, ttl=40), 40)
+    resolver._cache_put(_query_key("a.example", "AAAA"), Answer(Status.NODATA, ttl=20), 20)
+    clock.now += 5
+    found = await resolver.fcrdns("192.0.2.7")
+    assert found.confirmed == ("a.example",) and found.ttl == 35
+    answer, ttl = await resolver.a_aaaa_ttl("a.example")
+    assert answer == await resolver.a_aaaa("a.example") and (answer.ttl, ttl) == (95, 15)
+    resolver._cache_put(_query_key(reverse_name("192.0.2.8"), "PTR"), Answer(Status.TEMPFAIL, error="x"), 5)
+    assert (await resolver.fcrdns("192.0.2.8")).ttl == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import ipaddress
 from collections.abc import Mapping
 
@@ -32,7 +33,9 @@ from plugins.helo import (
     parse_literal,
     valid_hostname,
 )
+from tests.fixtures.clock import FakeClock
 from tests.fixtures.dnsserver import DNSServer
+from tests.fixtures.hooks import settle
 
 SETTINGS = GatewaySettings(
     hostname="gw.test.example",
@@ -309,14 +312,14 @@ def test_not_enabled_without_a_table() -> None:
 
 @pytest.mark.parametrize("name", ["good.mail.test", "GOOD.mail.test", "v6host.mail.test"])
 async def test_resolve_accepts_names_with_an_address(resolver: Resolver, name: str) -> None:
-    verdict = await plugin(resolver, resolve=True).helo(session(), name)
+    verdict = await settle(plugin(resolver, resolve=True).helo(session(), name))
     assert verdict.action is Action.CONTINUE
     assert verdict.result == "helo=ok"
 
 
 @pytest.mark.parametrize("name", ["nohost.mail.test", "nodata.mail.test"])
 async def test_resolve_refuses_unknown_names(resolver: Resolver, name: str) -> None:
-    verdict = await plugin(resolver, resolve=True).helo(session(), name)
+    verdict = await settle(plugin(resolver, resolve=True).helo(session(), name))
     assert verdict.action is Action.REJECT
     assert str(verdict.reply) == f"550 5.7.1 <{name}>: Helo command rejected: Host not found"
     assert verdict.result == "helo=not_found"
@@ -326,26 +329,26 @@ async def test_resolve_refuses_unknown_names(resolver: Resolver, name: str) -> N
 async def test_resolve_defers_on_dns_trouble(dns: DNSServer, fault: str) -> None:
     name = f"{fault}.mail.test"
     getattr(dns, fault)(name)
-    verdict = await plugin(Resolver([dns.nameserver], timeout=0.5), resolve=True).helo(session(), name)
+    verdict = await settle(plugin(Resolver([dns.nameserver], timeout=0.5), resolve=True).helo(session(), name))
     assert verdict.action is Action.DEFER
     assert str(verdict.reply) == f"450 4.7.1 <{name}>: Helo command rejected: Host not found"
     assert verdict.result == "helo=tempfail"
 
 
 async def test_resolve_off_asks_nothing(resolver: Resolver, dns: DNSServer) -> None:
-    verdict = await plugin(resolver).helo(session(), "nohost.mail.test")
+    verdict = await settle(plugin(resolver).helo(session(), "nohost.mail.test"))
     assert verdict.action is Action.CONTINUE
     assert dns.total_queries == 0
 
 
 async def test_syntax_refusal_asks_nothing(resolver: Resolver, dns: DNSServer) -> None:
-    verdict = await plugin(resolver, resolve=True, fcrdns=True).helo(session(), "nohost")
+    verdict = await settle(plugin(resolver, resolve=True, fcrdns=True).helo(session(), "nohost"))
     assert verdict.action is Action.REJECT
     assert dns.total_queries == 0
 
 
 async def test_literals_are_not_resolved(resolver: Resolver, dns: DNSServer) -> None:
-    verdict = await plugin(resolver, resolve=True).helo(session(), "[203.0.113.7]")
+    verdict = await settle(plugin(resolver, resolve=True).helo(session(), "[203.0.113.7]"))
     assert verdict.action is Action.CONTINUE
     assert dns.total_queries == 0
 
@@ -354,7 +357,7 @@ async def test_trusted_clients_skip_every_check(resolver: Resolver, dns: DNSServ
     p = plugin(resolver, resolve=True, fcrdns=True)
     s = session(INSIDE)
     for name in ("localhost", "gw.test.example", "nohost.mail.test", "x"):
-        verdict = await p.helo(s, name)
+        verdict = await settle(p.helo(s, name))
         assert verdict.action is Action.CONTINUE and verdict.result == "helo=trusted"
     assert s.results == {}
     assert dns.total_queries == 0
@@ -363,12 +366,12 @@ async def test_trusted_clients_skip_every_check(resolver: Resolver, dns: DNSServ
 async def test_refusal_sticks_in_the_session_until_it_is_cleared(resolver: Resolver) -> None:
     p = plugin(resolver, resolve=True)
     s = session()
-    first = await p.helo(s, "nohost.mail.test")
+    first = await settle(p.helo(s, "nohost.mail.test"))
     assert first.refuses
-    again = await p.helo(s, "good.mail.test")
+    again = await settle(p.helo(s, "good.mail.test"))
     assert again.reply == first.reply
     s.results.clear()  # what the core does after XCLIENT
-    assert not (await p.helo(s, "good.mail.test")).refuses
+    assert not (await settle(p.helo(s, "good.mail.test"))).refuses
 
 
 # ----------------------------------------------------------------- FCrDNS
@@ -390,23 +393,23 @@ async def test_check_fcrdns(resolver: Resolver, reverse: DNSServer, ip: str, exp
 
 
 async def test_fcrdns_pass_is_recorded(resolver: Resolver, reverse: DNSServer) -> None:
-    verdict = await plugin(resolver, fcrdns=True).helo(session(), "good.mail.test")
+    verdict = await settle(plugin(resolver, fcrdns=True).helo(session(), "good.mail.test"))
     assert verdict.action is Action.CONTINUE
     assert verdict.result == "helo=ok fcrdns=pass (fcrdns.mail.test)"
 
 
 async def test_no_fcrdns_only_informs_by_default(resolver: Resolver, reverse: DNSServer) -> None:
-    verdict = await plugin(resolver, fcrdns=True).helo(session(ipaddress.ip_address("203.0.113.8")), "good.mail.test")
+    verdict = await settle(plugin(resolver, fcrdns=True).helo(session(ipaddress.ip_address("203.0.113.8")), "good.mail.test"))
     assert (verdict.action, verdict.score, verdict.result) == (Action.CONTINUE, 0.0, "helo=ok fcrdns=fail")
 
 
 async def test_no_fcrdns_is_checked_once_and_scored_at_every_helo(resolver: Resolver, reverse: DNSServer) -> None:
     p = plugin(resolver, fcrdns=True, actions={"no_fcrdns": 2.0})
     s = session(ipaddress.ip_address("203.0.113.9"))
-    first = await p.helo(s, "good.mail.test")
+    first = await settle(p.helo(s, "good.mail.test"))
     assert (first.score, first.result) == (2.0, "helo=ok fcrdns=fail")
     reverse.reset_counts()
-    second = await p.helo(s, "good.mail.test")
+    second = await settle(p.helo(s, "good.mail.test"))
     assert (second.score, second.result) == (2.0, "helo=ok fcrdns=fail")
     assert reverse.total_queries == 0  # checked once per session
 
@@ -417,22 +420,22 @@ async def test_no_fcrdns_is_checked_once_and_scored_at_every_helo(resolver: Reso
     ("::ffff:203.0.113.9", "reject", "550 5.7.25 Client host rejected: cannot find your hostname, [203.0.113.9]"),
 ])
 async def test_no_fcrdns_can_refuse(resolver: Resolver, reverse: DNSServer, ip: str, action: str, reply: str) -> None:
-    verdict = await plugin(resolver, fcrdns=True, actions={"no_fcrdns": action}).helo(
+    verdict = await settle(plugin(resolver, fcrdns=True, actions={"no_fcrdns": action}).helo(
         session(ipaddress.ip_address(ip)), "good.mail.test"
-    )
+    ))
     assert str(verdict.reply) == reply
 
 
 async def test_fcrdns_tempfail_can_defer(resolver: Resolver, reverse: DNSServer) -> None:
     p = plugin(resolver, fcrdns=True, actions={"fcrdns_tempfail": "defer"})
-    verdict = await p.helo(session(ipaddress.ip_address("203.0.113.13")), "good.mail.test")
+    verdict = await settle(p.helo(session(ipaddress.ip_address("203.0.113.13")), "good.mail.test"))
     assert str(verdict.reply) == "450 4.7.25 Client host rejected: cannot find your hostname, [203.0.113.13]"
     assert verdict.result == "helo=ok fcrdns=tempfail"
 
 
 async def test_resolve_and_fcrdns_combine(resolver: Resolver, reverse: DNSServer) -> None:
     p = plugin(resolver, resolve=True, fcrdns=True, actions={"no_fcrdns": 1.5})
-    verdict = await p.helo(session(ipaddress.ip_address("203.0.113.8")), "nohost.mail.test")
+    verdict = await settle(p.helo(session(ipaddress.ip_address("203.0.113.8")), "nohost.mail.test"))
     assert verdict.action is Action.REJECT
     assert str(verdict.reply) == "550 5.7.1 <nohost.mail.test>: Helo command rejected: Host not found"
     assert verdict.result == "helo=not_found fcrdns=fail"
@@ -467,8 +470,50 @@ async def test_host_and_fcrdns_lookups_run_at_once_and_then_come_from_the_cache(
     first = await helo
     assert first.result == "helo=ok fcrdns=pass (fcrdns.mail.test)"
     asked = dns.query_count("good.mail.test"), dns.query_count(reverse_name(str(OUTSIDE)))
-    # Then from the cache, without waiting: the coroutine ends on its first step.
+    # Then from the cache, without waiting: the coroutine ends on its first step
+    # (a plugin of its own, which has judged nothing yet)...
     with pytest.raises(StopIteration) as again:
-        p.helo(session(), "good.mail.test").send(None)
+        plugin(resolver, resolve=True, fcrdns=True).helo(session(), "good.mail.test").send(None)
     assert again.value.value == first
+    # ... and the plugin that judged it answers at once.
+    assert p.helo(session(), "good.mail.test") == first
     assert (dns.query_count("good.mail.test"), dns.query_count(reverse_name(str(OUTSIDE)))) == asked
+
+
+async def test_a_judged_name_is_kept_while_its_answers_are(dns: DNSServer, reverse: DNSServer) -> None:
+    clock = FakeClock()
+    resolver = Resolver([dns.nameserver], timeout=2.0, clock=clock)
+    p = plugin(resolver, resolve=True, fcrdns=True)
+    first = await settle(p.helo(session(), "good.mail.test"))
+    used = [("good.mail.test", "A"), ("good.mail.test", "AAAA"), (reverse_name(str(OUTSIDE)), "PTR"), ("fcrdns.mail.test", "A")]
+    ttl = min(resolver.cached(name, rdtype).ttl for name, rdtype in used)  # type: ignore[union-attr]
+    assert ttl > 0
+    clock.now += ttl - 0.5
+    s = session()
+    assert p.helo(s, "good.mail.test") is first  # judged once, no coroutine
+    assert isinstance(s.results["helo"], HeloState) and s.results["helo"].fcrdns == Fcrdns(None, ("fcrdns.mail.test",))
+    clock.now += 1.0  # the shortest TTL is up: asked and judged again
+    again = p.helo(session(), "good.mail.test")
+    assert inspect.isawaitable(again)
+    assert await again == first
+
+
+async def test_a_temporary_failure_is_not_kept(reverse: DNSServer) -> None:
+    p = plugin(Resolver([reverse.nameserver], timeout=2.0), fcrdns=True)
+    client = ipaddress.ip_address("203.0.113.13")  # PTR SERVFAIL
+    first = await settle(p.helo(session(client), "good.mail.test"))
+    assert "fcrdns=tempfail" in first.result
+    again = p.helo(session(client), "good.mail.test")
+    assert inspect.isawaitable(again)
+    assert await again == first
+
+
+async def test_judged_names_are_kept_per_client_and_bounded(dns: DNSServer) -> None:
+    p = plugin(Resolver([dns.nameserver], timeout=2.0, cache_size=2))
+    for name in ("a.mail.test", "b.mail.test", "c.mail.test"):
+        await settle(p.helo(session(), name))
+    assert len(p._judged) == 2
+    other_client = p.helo(session(ipaddress.ip_address("203.0.113.99")), "c.mail.test")
+    assert inspect.iscoroutine(other_client)
+    other_client.close()
+    assert not inspect.isawaitable(p.helo(session(), "c.mail.test"))
