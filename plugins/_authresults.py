@@ -46,13 +46,14 @@ __all__ = [
     "MEMO_SIZE",
     "Author",
     "Authors",
-    "ClauseMemo",
+    "Memo",
     "authentication_results",
     "author_domain",
     "author_domains",
     "authors_of",
     "bounded",
     "clause",
+    "clause_text",
     "comment",
     "domain_or_none",
     "fold",
@@ -424,42 +425,48 @@ def clause(method: str, result: str, note: str = "", properties: Sequence[Any] =
 
 
 K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
 
-#: Clause texts a :class:`ClauseMemo` keeps.
+#: Values a :class:`Memo` keeps.
 MEMO_SIZE = 1024
-#: A result whose texts are longer than this in all is formatted every
-#: time, not kept: its values come from the client and the DNS (a HELO, an
-#: SPF explanation, a DKIM tag), and 1,024 of them must stay small.
+#: A key longer than this in all is not kept (its value is made every
+#: time): its values come from the client and the DNS (a HELO, an SPF
+#: explanation, a DKIM tag), and 1,024 of them must stay small.
 MEMO_MAX_CHARS = 1024
 
 
-class ClauseMemo(Generic[K]):
-    """The text of a result clause (``str`` of the authres object that
-    ``make`` builds), kept per distinct key: a busy sender gets the same
-    spf, dkim and dmarc results message after message, and authres's
-    objects and their formatting cost more per message than the rest of the
-    header.  The key must hold everything the clause is made of; ``chars``
-    gives its size.  At most ``size`` texts are kept, the oldest dropped
-    first."""
+class Memo(Generic[K, V]):
+    """``make(key)``, kept per distinct key: a busy sender gets the same
+    spf, dkim and dmarc results message after message, and formatting them
+    (clause texts, replies) cost more per message than deciding.  ``make``
+    must depend on nothing but the key; ``chars`` gives the key's size.  At
+    most ``size`` values are kept, the oldest dropped first."""
 
-    def __init__(self, make: Callable[[K], Any], chars: Callable[[K], int], size: int = MEMO_SIZE) -> None:
+    def __init__(self, make: Callable[[K], V], chars: Callable[[K], int], size: int = MEMO_SIZE) -> None:
         self._make = make
         self._chars = chars
         self.size = size
-        self._texts: dict[K, str] = {}
+        self._values: dict[K, V] = {}
 
-    def __call__(self, key: K) -> str:
-        text = self._texts.get(key)
-        if text is None:
-            text = str(self._make(key))
-            if self._chars(key) <= MEMO_MAX_CHARS and self.size > 0:
-                if len(self._texts) >= self.size:
-                    del self._texts[next(iter(self._texts))]
-                self._texts[key] = text
-        return text
+    def __call__(self, key: K) -> V:
+        try:
+            return self._values[key]
+        except KeyError:
+            pass
+        value = self._make(key)
+        if self._chars(key) <= MEMO_MAX_CHARS and self.size > 0:
+            if len(self._values) >= self.size:
+                del self._values[next(iter(self._values))]
+            self._values[key] = value
+        return value
 
     def __len__(self) -> int:
-        return len(self._texts)
+        return len(self._values)
+
+
+def clause_text(make: Callable[[K], Any]) -> Callable[[K], str]:
+    """``make`` (an authres result object for a key), as its text."""
+    return lambda key: str(make(key))
 
 
 def authentication_results(authserv_id: str, results: Sequence[Any]) -> tuple[str, str]:

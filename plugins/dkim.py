@@ -625,7 +625,7 @@ def _without_b(key: tuple[str, str, str, str, str, str]) -> Any:
     return clause
 
 
-_AR_TEXTS = ar.ClauseMemo(_without_b, lambda key: sum(map(len, key)))
+_AR_TEXTS = ar.Memo(ar.clause_text(_without_b), lambda key: sum(map(len, key)))
 
 
 def ar_texts(results: Sequence[DkimResult]) -> list[str]:

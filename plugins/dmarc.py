@@ -382,7 +382,7 @@ def ar_result(result: DmarcResult) -> Any:
     return ar.clause("dmarc", result.result, " ".join(notes), props)
 
 
-_AR_TEXTS = ar.ClauseMemo(ar_result, lambda r: len(r.domain) + len(r.reason))
+_AR_TEXTS = ar.Memo(ar.clause_text(ar_result), lambda r: len(r.domain) + len(r.reason))
 
 
 # ------------------------------------------------------------ plugin

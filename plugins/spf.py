@@ -161,6 +161,9 @@ class _Question:
         return SpfResult(self.identity, found[0], self.domain, self.checked, self.ip, self.helo, found[1])
 
 
+# Asked for every message with the same few (client, sender, HELO): the
+# domain checks cost more than the cached result they lead to.
+@functools.lru_cache(maxsize=1024)
 def _question(ip: str, identity: Identity, sender: str, helo: str) -> _Question | SpfResult:
     """What to check for one identity, or its result if no question is
     needed: a domain that is no multi-label host name (an address literal,
@@ -259,7 +262,13 @@ def _reply_text(text: str, limit: int = 200) -> str:
 
 
 def _replies(result: SpfResult) -> tuple[Reply, Reply | None]:
-    """(reply if refused, temporary reply if deferred) for ``result``."""
+    """(reply if refused, temporary reply if deferred) for ``result``;
+    made once per distinct result (:data:`_REPLIES`), as most are never
+    sent."""
+    return _REPLIES(result)
+
+
+def _make_replies(result: SpfResult) -> tuple[Reply, Reply | None]:
     fields = {
         "identity": result.sender if result.identity == "mailfrom" else result.helo,
         "what": "Sender address" if result.identity == "mailfrom" else "Helo command",
@@ -280,6 +289,11 @@ def _replies(result: SpfResult) -> tuple[Reply, Reply | None]:
         temporary = SPF_TEMPERROR.format(**fields) if result.result == "temperror" else None
         return SPF_ERROR.format(problem=problem, **fields), temporary
     return SPF_REJECTED.format(**fields), None
+
+
+_REPLIES = ar.Memo(
+    _make_replies, lambda r: len(r.sender) + len(r.helo) + len(r.domain) + len(r.ip) + len(r.explanation)
+)
 
 
 def spf_decision(outcome: SpfOutcome, actions: Mapping[str, ActionSpec]) -> Verdict:
@@ -354,7 +368,7 @@ def _ar_clause(result: SpfResult) -> Any:
     return authres.SPFAuthenticationResult(result=result.result, properties=[prop])
 
 
-_AR_TEXTS = ar.ClauseMemo(_ar_clause, lambda r: len(r.sender) + len(r.helo) + len(r.domain) + len(r.ip) + len(r.explanation))
+_AR_TEXTS = ar.Memo(ar.clause_text(_ar_clause), lambda r: len(r.sender) + len(r.helo) + len(r.domain) + len(r.ip) + len(r.explanation))
 
 
 def ar_texts(outcome: SpfOutcome) -> list[str]:

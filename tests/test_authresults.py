@@ -1,4 +1,4 @@
-"""The clause texts kept per result (plugins._authresults.ClauseMemo) read
+"""The clause texts kept per result (plugins._authresults.Memo) read
 exactly as authres formats the clauses each time."""
 
 from __future__ import annotations
@@ -75,14 +75,14 @@ def test_the_memo_is_bounded() -> None:
         made.append(key)
         return f"clause {key}"
 
-    memo = ar.ClauseMemo(make, lambda key: 1, size=3)
+    memo = ar.Memo(make, lambda key: 1, size=3)
     assert [memo(k) for k in (1, 2, 1, 3, 4)] == ["clause 1", "clause 2", "clause 1", "clause 3", "clause 4"]
     assert made == [1, 2, 3, 4] and len(memo) == 3
     assert memo(1) == "clause 1" and made[-1] == 1  # the oldest went first
 
 
 def test_long_values_are_not_kept() -> None:
-    memo = ar.ClauseMemo(str, len)
+    memo = ar.Memo(str, len)
     assert memo("x" * (ar.MEMO_MAX_CHARS + 1)) == "x" * (ar.MEMO_MAX_CHARS + 1)
     assert memo("y" * ar.MEMO_MAX_CHARS) and len(memo) == 1
 
@@ -93,3 +93,16 @@ def test_the_plugins_memos_are_bounded() -> None:
     for i in range(ar.MEMO_SIZE + 10):
         dmarc._AR_TEXTS(DmarcResult("none", "none", f"d{i}.auth.test"))
     assert len(dmarc._AR_TEXTS) == ar.MEMO_SIZE
+
+
+@settings(max_examples=100, deadline=None)
+@given(_spf_results())
+def test_spf_replies_are_made_once_per_result(result: SpfResult) -> None:
+    assert spf._replies(result) == spf._make_replies(result)
+    if len(result.sender) + len(result.helo) + len(result.domain) + len(result.ip) + len(result.explanation) <= ar.MEMO_MAX_CHARS:
+        assert spf._replies(result) is spf._replies(result)
+
+
+def test_spf_memos_are_bounded() -> None:
+    assert spf._REPLIES.size == ar.MEMO_SIZE
+    assert spf._question.cache_info().maxsize == 1024
