@@ -41,6 +41,7 @@ import asyncio
 import functools
 import random
 import re
+import time
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -58,7 +59,7 @@ from gateway import (
     hookimpl,
 )
 from gateway.actions import ActionOptions, ActionSpec, check_actions, decide
-from gateway.dns import Answer, Resolver
+from gateway.dns import MAX_TTL, Answer, Resolver, TtlMemo
 
 from . import _authresults as ar
 from . import dkim, spf
@@ -117,6 +118,15 @@ def _psl() -> PublicSuffixList:
 def organizational_domain(domain: str) -> str:
     """RFC 7489 §3.2: the public suffix plus one label; a public suffix
     itself (or an unknown name) stands for itself."""
+    if len(domain) > 253:  # no domain name: not worth keeping (d= can be any length)
+        return _psl().privatesuffix(domain) or domain
+    return _organizational_domain(domain)
+
+
+# The list does not change while the process runs, and every message asks
+# for the same few domains (its author's, its DKIM and SPF domains').
+@functools.lru_cache(maxsize=4096)
+def _organizational_domain(domain: str) -> str:
     return _psl().privatesuffix(domain) or domain
 
 
@@ -228,14 +238,21 @@ async def find_record(resolver: Resolver, domain: str) -> Discovery:
 def cached_record(resolver: Resolver, domain: str) -> Discovery | None:
     """:func:`find_record` from the resolver's cache alone; None if an
     answer it needs is not cached."""
+    return _cached_record(resolver, domain)[0]
+
+
+def _cached_record(resolver: Resolver, domain: str) -> tuple[Discovery | None, int]:
+    """:func:`cached_record`, and the seconds the answers it used stay valid."""
+    ttl = MAX_TTL
     for at in _places(domain):
         answer = resolver.cached(f"_dmarc.{at}", "TXT")
         if answer is None:
-            return None
+            return None, 0
+        ttl = min(ttl, answer.ttl)
         found = _found_at(at, answer)
         if found is not None:
-            return found
-    return Discovery("none")
+            return found, ttl
+    return Discovery("none"), ttl
 
 
 # ------------------------------------------------------------ evaluation
@@ -358,12 +375,21 @@ def _too_many(authors: ar.Authors) -> str:
 
 
 def _replies(result: DmarcResult) -> tuple[Reply, Reply | None]:
+    """(reply if refused, temporary reply if deferred); made once per
+    distinct result, as most are never sent."""
+    return _REPLIES(result)
+
+
+def _make_replies(result: DmarcResult) -> tuple[Reply, Reply | None]:
     domain = result.domain or "sender"
     if result.finding in ("bad_from", "many_authors"):
         return DMARC_BAD_FROM.format(problem=ar.comment(result.reason)), None
     if result.finding in ("reject", "quarantine", "fail", "temperror"):
         return DMARC_REJECT.format(domain=domain), DMARC_TEMPERROR.format(domain=domain)
     return DMARC_REJECTED.format(finding=result.finding, domain=domain), None
+
+
+_REPLIES = ar.Memo(_make_replies, lambda r: len(r.domain) + len(r.reason))
 
 
 def ar_result(result: DmarcResult) -> Any:
@@ -405,6 +431,18 @@ class DmarcPlugin(Plugin):
     def __init__(self, options: Any, context: Context, name: str = "") -> None:
         super().__init__(options, context, name)
         _psl()  # parsed at start-up, not by the first message
+        resolver = context.resolver
+        #: Each author domain's discovery, kept while its answers are valid.
+        self._records = resolver.memo() if resolver is not None else TtlMemo(time.monotonic, 0)
+
+    def _cached_record(self, domain: str) -> Discovery | None:
+        """:func:`cached_record`, judged once while the answers hold."""
+        known: Discovery | None = self._records.get(domain)
+        if known is None:
+            known, ttl = _cached_record(self.context.resolver, domain)
+            if known is not None:
+                self._records.put(domain, known, ttl)
+        return known
 
     @hookimpl
     def data(
@@ -418,7 +456,7 @@ class DmarcPlugin(Plugin):
         # or a task that goes on while we wait for the rest.
         verified = dkim.dkim_results(message, resolver)
         stored = spf.stored_outcome(session, envelope)  # the spf plugin's, if it ran
-        discoveries = [cached_record(resolver, domain) for domain in _checked(authors)]
+        discoveries = [self._cached_record(domain) for domain in _checked(authors)]
         cached = [d for d in discoveries if d is not None]
         if isinstance(verified, tuple) and stored is not None and len(cached) == len(discoveries):
             return self._decided(authors, cached, stored, verified)  # a plain answer: no task

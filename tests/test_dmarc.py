@@ -21,13 +21,16 @@ from plugins.dkim import DkimResult
 from plugins.dmarc import (
     Discovery,
     DmarcRecord,
+    DmarcResult,
     aligned,
+    cached_record,
     evaluate,
     find_record,
     organizational_domain,
     parse_record,
 )
 from plugins.spf import SpfResult
+from tests.fixtures.clock import FakeClock
 from tests.fixtures.dnsserver import DNSServer
 from tests.test_dkim import key_record, publish_keys, sign
 from tests.test_spf import (
@@ -655,3 +658,50 @@ def test_property_values_quoted_as_authres_and_the_address_rule_quote_them() -> 
         written = ar._Value(value).quote_if_needed()
         assert written == reference(value), value
         assert type(written) is str
+
+
+# ------------------------------------------------------------ kept discoveries
+
+
+def _plugin(resolver: Resolver) -> dmarc.DmarcPlugin:
+    return registry(resolver, {"dmarc": {}}).plugins[0].instance  # type: ignore[no-any-return]
+
+
+async def test_a_discovery_is_kept_while_its_answers_hold(dns: DNSServer) -> None:
+    clock = FakeClock()
+    resolver = Resolver([dns.nameserver], timeout=1.0, clock=clock)
+    plugin = _plugin(resolver)
+    assert plugin._cached_record("sub.auth.test") is None  # nothing cached yet: asked by find_record
+    found = await find_record(resolver, "sub.auth.test")
+    assert plugin._cached_record("sub.auth.test") == found == cached_record(resolver, "sub.auth.test")
+    ttl = min(resolver.cached(f"_dmarc.{at}", "TXT").ttl for at in ("sub.auth.test", "auth.test"))  # type: ignore[union-attr]
+    clock.now += ttl - 0.5
+    assert plugin._records.get("sub.auth.test") is not None
+    clock.now += 1.0  # the answers are gone, and so is what was made of them
+    assert plugin._records.get("sub.auth.test") is None
+    assert plugin._cached_record("sub.auth.test") is None
+
+
+async def test_a_failed_discovery_is_not_kept(resolver: Resolver, dns: DNSServer) -> None:
+    dns.servfail("_dmarc.quarantine.auth.test")
+    plugin = _plugin(resolver)
+    assert (await find_record(resolver, "quarantine.auth.test")).status == "temperror"
+    assert plugin._cached_record("quarantine.auth.test").status == "temperror"  # type: ignore[union-attr]
+    assert len(plugin._records) == 0
+
+
+def test_organizational_domains_are_kept_only_for_domain_names() -> None:
+    long = "a." * 200 + "auth.test"  # a d= tag can be any length
+    dmarc._organizational_domain.cache_clear()
+    assert organizational_domain(long) == "auth.test"
+    assert dmarc._organizational_domain.cache_info().currsize == 0
+    assert organizational_domain("x.auth.test") == "auth.test"
+    assert dmarc._organizational_domain.cache_info().currsize == 1
+    assert dmarc._organizational_domain.cache_info().maxsize == 4096
+
+
+def test_dmarc_replies_are_made_once_per_result() -> None:
+    result = DmarcResult("fail", "reject", "auth.test", DmarcRecord("reject", "reject"), "reject", "reject")
+    assert dmarc._replies(result) is dmarc._replies(result)
+    assert dmarc._replies(result) == dmarc._make_replies(result)
+    assert dmarc._REPLIES.size == ar.MEMO_SIZE
