@@ -68,7 +68,7 @@ from gateway import (
 from gateway.actions import ACTION_NAMES, ActionOptions, ActionSpec, check_actions, decide
 from gateway.address import is_domain, may_be_ip, to_ascii_domain
 from gateway.config import parse_table
-from gateway.dns import Answer, Resolver, Status, dnsbl_name
+from gateway.dns import Answer, Resolver, Status, TtlMemo, dnsbl_name
 from gateway.verdict import Action, combine
 
 __all__ = [
@@ -631,6 +631,8 @@ class DnsblPlugin(Plugin):
         self._sender = tuple(e for e in self.entries if e.zone.type == "rhs" and "sender" in e.zone.domains)
         self._exempt = frozenset(local.lower() for local in options.exempt_recipients)
         self._resolver: Resolver | None = context.resolver
+        #: What the cache said for (identity, subject, zones); see _lookup.
+        self._found = context.resolver.memo() if context.resolver is not None else TtlMemo(time.monotonic, 0)
 
     @property
     def resolver(self) -> Resolver:
@@ -645,16 +647,20 @@ class DnsblPlugin(Plugin):
             return entry.zone.action
         return self.options.actions[finding]  # type: ignore[no-any-return]
 
-    def _from_cache(self, entry: _Entry, name: str) -> tuple[Outcome, str] | None:
+    def _from_cache(self, entry: _Entry, name: str, ttls: list[int] | None = None) -> tuple[Outcome, str] | None:
         """What :meth:`_ask` would find, when the cache alone can tell
         (None otherwise): a warm gateway then needs no task or timer.  A
         cached answer was counted by the breaker when it was asked for, so
-        it is not counted again (nor logged again)."""
+        it is not counted again (nor logged again).  The remaining TTL of
+        each answer used goes to ``ttls`` (0 for a paused zone)."""
+        ttls = [] if ttls is None else ttls
         if not entry.breaker.allows():
+            ttls.append(0)
             return Outcome(ZoneStatus.PAUSED), ""
         answer = self.resolver.cached(name, "A")
         if answer is None:
             return None
+        ttls.append(answer.ttl)
         outcome = classify(answer, entry.codes)
         txt = ""
         if outcome.status is ZoneStatus.LISTED and entry.wants_txt:
@@ -663,6 +669,7 @@ class DnsblPlugin(Plugin):
                 reason = self.resolver.cached(name, "TXT")
                 if reason is None:
                     return None
+                ttls.append(reason.ttl)
                 txt = clean_txt(reason)
         return outcome, txt
 
@@ -735,13 +742,23 @@ class DnsblPlugin(Plugin):
         else a coroutine that asks the rest, all at once, each bounded by
         ``timeout``."""
         entries = tuple(entries)
+        key = (identity, subject, tuple(e.name for e in entries))
+        known: Found | None = self._found.get(key)
+        if known is not None and all(e.breaker.allows() for e in entries):
+            return known
         names = [
             dnsbl_name(subject, e.zone.zone) if identity == "client" else f"{subject}.{e.zone.zone}"
             for e in entries
         ]
-        cached = [self._from_cache(e, n) for e, n in zip(entries, names)]
+        ttls: list[int] = []
+        cached = [self._from_cache(e, n, ttls) for e, n in zip(entries, names)]
         if all(found is not None for found in cached):
-            return [(e, *found) for e, found in zip(entries, cached) if found is not None]
+            found = [(e, *found) for e, found in zip(entries, cached) if found is not None]
+            # The same client, HELO and sender domains are looked up for
+            # every message of a busy sender: what the cached answers say
+            # is kept while they hold (and only while no zone is paused).
+            self._found.put(key, found, min(ttls, default=0))
+            return found
         return self._ask_missing(entries, names, cached)
 
     async def _ask_missing(

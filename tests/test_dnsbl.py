@@ -1004,3 +1004,41 @@ async def test_a_query_whose_asker_hung_up_is_still_counted(dns: DNSServer) -> N
     verdict = await plugin.connect(session("192.0.2.99"))
     assert verdict is not None and verdict.result.startswith("dnsbl=tempfail bl.test")
     assert not plugin.entries[0].breaker.allows()
+
+
+# ------------------------------------------------------------- kept lookups
+
+
+async def test_what_the_cache_said_is_kept_while_the_answers_hold(dns: DNSServer) -> None:
+    clock = FakeClock()
+    plugin = make(Resolver([dns.nameserver], timeout=0.5, clock=clock), BL, delay_reject=False)
+    first = await settle(plugin.connect(session("192.0.2.99")))  # asked
+    second = plugin.connect(session("192.0.2.99"))  # from the cache: kept
+    assert isinstance(second, Verdict) and second == first and len(plugin._found) == 1
+    ttl = min(plugin.resolver.cached(f"99.2.0.192.{zone}", rdtype).ttl  # type: ignore[union-attr]
+              for zone, rdtype in (("bl.test", "A"), ("bl.test", "TXT")))
+    clock.now += ttl - 0.5
+    assert plugin._found.get(("client", "192.0.2.99", ("bl.test",))) is not None
+    clock.now += 1.0
+    assert plugin._found.get(("client", "192.0.2.99", ("bl.test",))) is None
+    asked = dns.query_count("99.2.0.192.bl.test")
+    assert await settle(plugin.connect(session("192.0.2.99"))) == first
+    assert dns.query_count("99.2.0.192.bl.test") > asked  # the answers expired: asked again
+
+
+async def test_a_paused_zone_is_not_answered_from_what_was_kept(dns: DNSServer, resolver: Resolver) -> None:
+    plugin = make(resolver, BL, delay_reject=False)
+    plugin.clock = FakeClock()
+    await settle(plugin.connect(session("192.0.2.99")))
+    assert plugin.connect(session("192.0.2.99")) is not None and len(plugin._found) == 1
+    (entry,) = plugin.entries
+    entry.breaker.paused_until = plugin.clock() + 60
+    assert plugin.connect(session("192.0.2.99")) is None  # paused: no finding
+
+
+async def test_kept_lookups_are_bounded(dns: DNSServer) -> None:
+    plugin = make(Resolver([dns.nameserver], timeout=0.5, cache_size=2), BL, delay_reject=False)
+    for ip in ("192.0.2.99", "192.0.2.98", "192.0.2.97"):
+        await settle(plugin.connect(session(ip)))
+        await settle(plugin.connect(session(ip)))
+    assert len(plugin._found) <= 2
