@@ -21,6 +21,9 @@ __all__ = ["Refused", "session_changes"]
 VALUE_MAX = 255
 
 _XTEXT = re.compile(r"\+([0-9A-F]{2})")
+#: What the command line itself may not carry (smtp.py): xtext must not
+#: smuggle it in, into our logs, a plugin's HELO or the next hop's XCLIENT.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _UNAVAILABLE = ("[UNAVAILABLE]", "[TEMPUNAVAIL]")
 
 
@@ -53,7 +56,7 @@ def session_changes(arg: str) -> dict[str, Any]:
         value = _xtext_decode(value)
         unavailable = value.upper() in _UNAVAILABLE
         try:
-            if not eq:
+            if not eq or _CONTROL.search(value):
                 raise ValueError
             if name == "ADDR":
                 if unavailable:

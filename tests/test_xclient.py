@@ -52,6 +52,10 @@ def test_unavailable_values_are_unknown() -> None:
     ("LOGIN=alice", "LOGIN=alice"),  # we take no word for who authenticated
     ("HELO", "HELO"),
     ("HELO=" + "a" * 256, "HELO=" + "a" * 256),
+    # xtext may encode any byte, a line break too: one for our log lines
+    ("HELO=mx.example.net+0D+0Aforged=yes", "HELO=mx.example.net+0D+0Aforged=yes"),
+    ("HELO=a+00b", "HELO=a+00b"),
+    ("NAME=[UNAVAILABLE]+09", "NAME=[UNAVAILABLE]+09"),
 ])
 def test_a_bad_attribute_is_named(arg: str, attribute: str) -> None:
     assert refusal(arg) == f"501 5.5.4 Bad XCLIENT attribute: {attribute}"

@@ -200,6 +200,8 @@ def test_xclient_syntax(sock) -> None:
     assert say(sock, b"XCLIENT FOO=bar") == b"501 5.5.4 Bad XCLIENT attribute: FOO=bar\r\n"
     # We take no word for who authenticated: LOGIN is refused, not ignored.
     assert say(sock, b"XCLIENT LOGIN=alice") == b"501 5.5.4 Bad XCLIENT attribute: LOGIN=alice\r\n"
+    # xtext encodes any byte: a line break must not reach a log line or a plugin.
+    assert say(sock, b"XCLIENT HELO=mx+0D+0Aforged") == b"501 5.5.4 Bad XCLIENT attribute: HELO=mx+0D+0Aforged\r\n"
     for unknown in (b"[UNAVAILABLE]", b"[TEMPUNAVAIL]"):
         assert say(sock, b"XCLIENT ADDR=" + unknown + b" NAME=[UNAVAILABLE]") == (
             b"501 5.5.4 Bad XCLIENT attribute: ADDR=" + unknown + b": the client's address is required\r\n"
