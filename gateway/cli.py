@@ -105,6 +105,12 @@ def relay_risks(policy: Policy, enabled: set[str]) -> list[str]:
                 "this port directly can claim an address in trusted_networks, and relay "
                 "(gateway.proxy_hosts names the balancers)"
             )
+        risks += [
+            f"gateway.proxy_hosts[{i}] ({net}) lets every client claim an address "
+            "in trusted_networks with a PROXY header, and relay"
+            for i, net in enumerate(policy.gateway.proxy)
+            if net.prefixlen == 0
+        ]
     return risks
 
 

@@ -61,7 +61,12 @@ def test_lint_warns_of_proxy_headers_from_anyone_where_some_clients_may_relay(tm
         "reaches this port directly can claim an address in trusted_networks, and relay "
         "(gateway.proxy_hosts names the balancers)",
     ]
-    policy.write_text(policy.read_text() + 'proxy_hosts = ["10.1.2.3"]\n')
+    policy.write_text(policy.read_text() + 'proxy_hosts = ["10.1.2.3", "0.0.0.0/0"]\n')
+    assert smtpgate("lint", str(policy)).stderr.splitlines() == [
+        f"{policy}: warning: gateway.proxy_hosts[1] (0.0.0.0/0) lets every client claim an address "
+        "in trusted_networks with a PROXY header, and relay",
+    ]
+    policy.write_text(policy.read_text().replace(', "0.0.0.0/0"', ""))
     assert smtpgate("lint", str(policy)).stderr == ""
 
 
