@@ -29,7 +29,7 @@ from aiosmtpd.proxy_protocol import get_proxy
 from aiosmtpd.smtp import SMTP as _AiosmtpdSMTP
 
 from . import log as decisions
-from . import replies, xclient
+from . import replies, scoring, xclient
 from .address import ParamError, PathError, parse_path
 from .config import READ_BUFFER
 from .deadline import Deadline
@@ -52,7 +52,6 @@ _READ_LIMIT = READ_BUFFER
 _NEWLINES = re.compile(rb"\r\n|\r|\n")
 #: Postfix's XCLIENT refuses longer values ("attribute value too long").
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-_BLANKS = re.compile(r"\s")
 
 
 class _Close(Exception):
@@ -277,7 +276,7 @@ class SMTPSession(_AiosmtpdSMTP):
                 return False
             self._refusal = reply
         elif verdict is not CONTINUE:  # no hook had anything to say: the common case
-            _keep(verdict, self.session.tags)
+            scoring.keep(verdict, self.session.tags)
             accepted = next((v for v in verdict.parts or (verdict,) if v.action is Action.ACCEPT), None)
             if accepted is not None:
                 self.session.allowlisted = f"{accepted.plugin}:{accepted.result}"
@@ -447,45 +446,15 @@ class SMTPSession(_AiosmtpdSMTP):
     def _score(self, stage: str, envelope: Envelope, pending: Sequence[Verdict] = ()) -> Verdict:
         """The transaction's summed score (with ``pending``, a recipient's
         verdicts not yet in it) against the [scoring] thresholds."""
-        scoring = self.gateway.policy.scoring
-        if not scoring.enabled:
-            return CONTINUE
-        verdicts = _scored(self.session, envelope, pending)
-        total = _total(verdicts)
-        detail = _tests(verdicts)
-        if scoring.reject is not None and total >= scoring.reject:
-            verdict = Verdict.reject(replies.SCORE_REJECT.format(score=total), plugin="scoring", result=detail)
-        elif scoring.defer is not None and total >= scoring.defer:
-            verdict = Verdict.defer(replies.SCORE_DEFER.format(score=total), plugin="scoring", result=detail)
-        else:
-            return CONTINUE
-        return self._monitored(stage, verdict, envelope)
+        verdict = scoring.judge(self.gateway.policy.scoring, _scored(self.session, envelope, pending))
+        return verdict if verdict is CONTINUE else self._monitored(stage, verdict, envelope)
 
     def _keep_field(self, field: bytes) -> bool:
         """For :func:`remove_fields`: only others' Authentication-Results stay."""
         return field[:22].lower() == b"authentication-results" and not claims_authserv_id(field, self.hostname)
 
     def _headers(self, envelope: Envelope) -> list[tuple[str, str]]:
-        verdicts = _scored(self.session, envelope)
-        headers: list[tuple[str, str]] = []
-        for v in verdicts:
-            if v.headers:
-                headers += v.headers
-            elif v.action is Action.TAG:
-                # "tag" means a header: a plugin that brings none gets ours.
-                headers.append((replies.TAG_FIELD, f"{v.plugin}: {v.result or 'tagged'}"))
-        scoring = self.gateway.policy.scoring
-        if scoring.headers and any(v.score for v in verdicts):
-            total = _total(verdicts)
-            # Spam from the lowest threshold the policy sets: with only
-            # `reject`, a message at or above it (delivered in monitor mode)
-            # is not marked "No".
-            lowest = min((t for t in (scoring.tag, scoring.defer, scoring.reject) if t is not None), default=None)
-            spam = lowest is not None and total >= lowest
-            required = f" required={lowest:.1f}" if lowest is not None else ""
-            headers.append(("X-Spam-Score", f"{total:.1f}"))
-            headers.append(("X-Spam-Status", f"{'Yes' if spam else 'No'}, score={total:.1f}{required} tests={_tests(verdicts)}"))
-        return headers
+        return scoring.header_fields(self.gateway.policy.scoring, _scored(self.session, envelope))
 
     def _refused(self, stage: str, verdict: Verdict, **log_fields: Any) -> Reply:
         assert verdict.reply is not None
@@ -564,7 +533,7 @@ class SMTPSession(_AiosmtpdSMTP):
             self.session.tags[:] = [v for v in self.session.tags if id(v) not in previous]
             self._helo_tags = []
         if verdict is not CONTINUE:
-            _keep(verdict, self._helo_tags)
+            scoring.keep(verdict, self._helo_tags)
             self.session.tags.extend(self._helo_tags)
         self.session.helo = arg
         self.session.esmtp = esmtp
@@ -631,7 +600,7 @@ class SMTPSession(_AiosmtpdSMTP):
         if verdict.refuses:
             await self.reply(self._refused("mail", verdict, envelope=envelope))
             return
-        _keep(verdict, envelope.tags)
+        scoring.keep(verdict, envelope.tags)
         refused = await self._upstream()
         if refused is not None:
             # What the MTA said to this client in place of its greeting or
@@ -709,7 +678,7 @@ class SMTPSession(_AiosmtpdSMTP):
         # This recipient's scores and headers join the transaction only once
         # the recipient is in it: a refused one must not weigh on the others.
         tags: list[Verdict] = []
-        _keep(verdict, tags)
+        scoring.keep(verdict, tags)
         if self.gateway.policy.scoring.stage == "rcpt":
             verdict = self._score("rcpt", envelope, tags)
             if verdict.refuses:
@@ -778,7 +747,7 @@ class SMTPSession(_AiosmtpdSMTP):
         verdict = await self._stage("data", session=self.session, envelope=envelope, message=message)
         if verdict.refuses:
             return b"", self._refused("data", verdict, envelope=envelope)
-        _keep(verdict, envelope.tags)
+        scoring.keep(verdict, envelope.tags)
         # With stage = "rcpt" too: the recipients were judged as they came,
         # but a check of the message scores only now, and its score must be
         # able to reach the thresholds (it was summed into X-Spam-Status and
@@ -976,30 +945,8 @@ def _field_lines(headers: Sequence[tuple[str, str]]) -> bytes:
     return _NEWLINES.sub(b"\r\n", prepend(b"", headers))
 
 
-def _keep(verdict: Verdict, into: list[Verdict]) -> None:
-    """Verdicts that did not refuse but carry headers or a score stay with
-    the session or transaction until the message is sent."""
-    if verdict is CONTINUE:
-        return  # what a stage without hooks, or whose hooks said nothing, gives
-    into.extend(
-        v for v in (verdict.parts or (verdict,)) if v.headers or v.score or v.action is Action.TAG
-    )
-
-
 def _scored(session: Session, envelope: Envelope, pending: Sequence[Verdict] = ()) -> tuple[Verdict, ...]:
     return (*session.tags, *envelope.tags, *pending)
-
-
-def _total(verdicts: Sequence[Verdict]) -> float:
-    # Rounded: 0.7 + 0.2 + 0.1 must reach a threshold of 1, as it reads.
-    return round(sum(v.score for v in verdicts), 6)
-
-
-def _tests(verdicts: Sequence[Verdict]) -> str:
-    """``plugin:result(score)`` for every scored verdict, for logs and headers."""
-    return ",".join(
-        f"{v.plugin}:{_BLANKS.sub('_', v.result or 'hit')}({v.score:g})" for v in verdicts if v.score
-    ) or "none"
 
 
 def _valid_notify(value: str) -> bool:
