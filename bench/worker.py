@@ -7,6 +7,8 @@ so a profiler or ``valgrind --tool=callgrind`` started on it would follow
 the idle parent.  This runs the worker's own code (gateway.server.run_worker)
 here instead; SIGTERM stops it, as it stops a worker.  For measuring only:
 nothing replaces it if it dies, and SIGHUP re-applies the same policy.
+Its log is set up as ``smtpgate serve``'s is by default (text, info, on
+stderr): a decision line per message is part of what a message costs.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gateway import log
 from gateway.config import load_policy
 from gateway.limits import SharedCounts
 from gateway.server import bind, run_worker
@@ -24,7 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", required=True)
     parser.add_argument("--listen", required=True)
     parser.add_argument("--upstream", required=True)
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     args = parser.parse_args(argv)
+    log.configure(args.log_format, args.log_level)
     policy = load_policy(args.policy).with_overrides(listen=args.listen, upstream=args.upstream)
     endpoint = policy.gateway.listen_endpoint
     sock = bind(endpoint.host, endpoint.port, reuse_port=False)
