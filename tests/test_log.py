@@ -83,3 +83,58 @@ def test_every_module_logs_where_serve_sends_its_log() -> None:
         module_log = getattr(importlib.import_module(f"gateway.{info.name}"), "log", None)
         if isinstance(module_log, logging.Logger):
             assert module_log.name.startswith("smtpgate."), f"gateway.{info.name} logs to {module_log.name}"
+
+
+def _record(created: float, exc_info=None, sinfo=None) -> logging.LogRecord:
+    record = logging.LogRecord("smtpgate.server", logging.WARNING, __file__, 1, "a %s line", ("warning",), exc_info,
+                               sinfo=sinfo)
+    record.created = created
+    record.msecs = int((created - int(created)) * 1000) + 0.0
+    return record
+
+
+def test_text_lines_are_those_of_the_format_string() -> None:
+    # TextFormatter makes by hand what logging.Formatter makes of its
+    # format string; serve's lines must not change with it.
+    plain = logging.Formatter(log.TextFormatter.FORMAT)
+    ours = log.TextFormatter()
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        import sys
+
+        exc_info = sys.exc_info()
+    records = [
+        _record(1_780_000_000.25),
+        _record(1_780_000_000.999),  # the same second, another record
+        _record(1_780_000_001.0),  # the next second
+        _record(1_780_000_000.5),  # back (the clock was set back)
+        _record(1_780_000_002.007, exc_info=exc_info),
+        _record(1_780_000_002.5, sinfo="Stack (most recent call last):\n  here"),
+    ]
+    for record in records:
+        assert ours.format(record) == plain.format(record)
+    # A second formatting (exc_text kept from the first) is the same too.
+    assert ours.format(records[4]) == plain.format(records[4])
+    assert ours.formatTime(records[0], "%H:%M") == plain.formatTime(records[0], "%H:%M")
+
+
+def test_serve_logs_with_the_text_formatter() -> None:
+    root = logging.getLogger("smtpgate")
+    saved = root.handlers[:], root.level, root.propagate
+    try:
+        log.configure("text", "info")
+        (handler,) = root.handlers
+        assert isinstance(handler.formatter, log.TextFormatter)
+    finally:
+        root.handlers[:], root.level, root.propagate = saved[0], saved[1], saved[2]
+
+
+def test_a_percent_sign_in_a_reply_is_logged_as_it_is(caplog) -> None:
+    # The line is the record's message itself (no arguments): a % in it
+    # is never taken for a format.
+    with caplog.at_level(logging.INFO, "smtpgate.decision"):
+        log.decision(session(), "data", "upstream", Reply(452, "4.3.1", "disk 100%s full %(x)s"))
+    (record,) = caplog.records
+    assert record.getMessage().endswith('reply="452 4.3.1 disk 100%s full %(x)s"')
+    assert log.TextFormatter().format(record).endswith('reply="452 4.3.1 disk 100%s full %(x)s"')
