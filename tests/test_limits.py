@@ -87,12 +87,31 @@ def _child_holding_the_lock(shared: SharedCounts, then=None) -> int:
     return pid
 
 
+def _waits_for_a_lock(pid: int, fd: int) -> bool:
+    """Whether process ``pid`` is blocked on a record lock of ``fd``'s file
+    (Linux lists each waiter in /proc/locks after a "->")."""
+    inode = os.fstat(fd).st_ino
+    with open("/proc/locks") as locks:
+        return any(
+            "->" in line and fields[fields.index("->") + 4] == str(pid) and fields[fields.index("->") + 5].endswith(f":{inode}")
+            for line in locks
+            if "->" in (fields := line.split())
+        )
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="needs Linux's /proc/locks")
 def test_two_workers_cannot_both_take_the_last_place() -> None:
     shared = SharedCounts(workers=2)
     bucket = shared.row(0).bucket("192.0.2.1")
+    parent = os.getpid()
 
     def fill_the_address_up():
-        time.sleep(0.2)  # the other worker is waiting for the lock by now
+        # Only once the other worker waits for the lock (bounded: without
+        # a lock it never will, and its admit has long returned).
+        for _ in range(1000):
+            if _waits_for_a_lock(parent, shared.fd):
+                break
+            time.sleep(0.01)
         shared.row(1).add(bucket, 1)
 
     pid = _child_holding_the_lock(shared, fill_the_address_up)
