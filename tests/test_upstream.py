@@ -1,6 +1,8 @@
 """The next hop's wire format: what the MTA is sent for a message."""
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiosmtplib
 import pytest
@@ -189,6 +191,29 @@ def _settings():
     return GatewaySettings(hostname="gw.example.org", upstream_connect_timeout=5.0)
 
 
+@contextlib.asynccontextmanager
+async def _fake_next_hop(
+    talk: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> AsyncIterator[tuple[int, asyncio.Event]]:
+    """A loopback next hop whose sessions ``talk``: its port, and an event
+    set once a session has ended (its connection closed by it)."""
+    ended = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await talk(reader, writer)
+        finally:
+            writer.close()
+            ended.set()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1], ended
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
 async def test_the_next_hop_is_reached_with_nagle_off(host: str) -> None:
     # An address is connected to without create_connection's resolving and
@@ -199,21 +224,13 @@ async def test_the_next_hop_is_reached_with_nagle_off(host: str) -> None:
     from gateway.config import Endpoint
     from gateway.upstream import SMTPUpstream
 
-    done = asyncio.Event()
-
     async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            writer.write(b"220 mta.example ESMTP\r\n")
-            await reader.readline()
-            writer.write(b"250-mta.example\r\n250 PIPELINING\r\n")
-            assert await reader.read() == b"QUIT\r\n"
-        finally:
-            writer.close()
-            done.set()
+        writer.write(b"220 mta.example ESMTP\r\n")
+        await reader.readline()
+        writer.write(b"250-mta.example\r\n250 PIPELINING\r\n")
+        assert await reader.read() == b"QUIT\r\n"
 
-    server = await asyncio.start_server(greet, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
+    async with _fake_next_hop(greet) as (port, done):
         upstream = SMTPUpstream(Endpoint.parse(f"{host}:{port}", maildir_ok=False), _settings())
         await upstream.connect()
         sock = upstream._smtp.transport.get_extra_info("socket")
@@ -221,9 +238,6 @@ async def test_the_next_hop_is_reached_with_nagle_off(host: str) -> None:
         assert upstream.extensions == frozenset({"pipelining"})
         await upstream.close()
         await asyncio.wait_for(done.wait(), 5)
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]"])
@@ -256,30 +270,20 @@ async def test_a_line_break_inside_a_command_never_reaches_the_next_hop(line: st
     from gateway.upstream import SMTPUpstream, UpstreamError
 
     heard: list[bytes] = []
-    done = asyncio.Event()
 
     async def mta(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            writer.write(b"220 mta.example ESMTP\r\n")
-            while command := await reader.readline():
-                heard.append(command)
-                writer.write(b"250-mta.example\r\n250 PIPELINING\r\n" if command.startswith(b"EHLO")
-                             else b"250 2.0.0 Ok\r\n")
-                await writer.drain()
-        finally:
-            writer.close()
-            done.set()
+        writer.write(b"220 mta.example ESMTP\r\n")
+        while command := await reader.readline():
+            heard.append(command)
+            writer.write(b"250-mta.example\r\n250 PIPELINING\r\n" if command.startswith(b"EHLO")
+                         else b"250 2.0.0 Ok\r\n")
+            await writer.drain()
 
-    server = await asyncio.start_server(mta, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
+    async with _fake_next_hop(mta) as (port, done):
         upstream = SMTPUpstream(Endpoint("127.0.0.1", port), _settings())
         await upstream.connect()
         with pytest.raises(UpstreamError):
             await upstream.command(line)
         await upstream.close()
         await asyncio.wait_for(done.wait(), 5)
-    finally:
-        server.close()
-        await server.wait_closed()
     assert heard == [b"EHLO gw.example.org\r\n", b"QUIT\r\n"]
