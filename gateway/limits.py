@@ -16,6 +16,14 @@ a worker killed while admitting cannot stop the others; the lock is held
 for a few microseconds and costs two system calls per connection.
 Releasing a connection only lowers a count and takes no lock.
 
+The lock is only ever tried, never waited for in the kernel: a worker
+that finds it taken sleeps on its event loop and tries again, so its
+other sessions go on.  A holder that never lets go (a worker stopped
+with SIGSTOP or held in a debugger) would otherwise stall every worker's
+new connections; after :data:`LOCK_WAIT` seconds the connection is
+admitted unlocked, with a warning.  The limits may then be overshot by
+the few connections that race, which beats refusing all mail.
+
 Addresses share a counter when they hash to the same bucket (CRC-32 over
 :data:`BUCKETS`); the per-address limit then applies to them together.
 With 65,536 buckets that takes two busy addresses colliding.
@@ -23,13 +31,27 @@ With 65,536 buckets that takes two busy addresses colliding.
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import fcntl
+import logging
 import mmap
 import os
 import tempfile
+import time
 import zlib
 
-__all__ = ["BUCKETS", "SharedCounts", "Counts"]
+__all__ = ["BUCKETS", "LOCK_WAIT", "LOCKED", "SharedCounts", "Counts"]
+
+log = logging.getLogger("smtpgate.limits")
+
+#: Seconds a worker keeps trying the admission lock before admitting without it.
+LOCK_WAIT = 1.0
+#: What :meth:`Counts.try_admit` returns while another worker holds the lock.
+LOCKED = "locked"
+#: The first and the longest pause between two tries of a taken lock.
+_FIRST_PAUSE, _LONGEST_PAUSE = 0.0002, 0.02
+_TAKEN = frozenset({errno.EAGAIN, errno.EACCES})  # lockf(F_TLOCK) gives either
 
 #: Counters per worker for per-address counts.
 BUCKETS = 65536
@@ -96,14 +118,38 @@ class Counts:
         view = self._view
         return sum(view[row + bucket] for row in self._rows)
 
-    def admit(self, bucket: int | None, max_total: int, max_bucket: int = 0) -> str | None:
+    async def admit(self, bucket: int | None, max_total: int, max_bucket: int = 0) -> str | None:
         """Count a connection from ``bucket`` if both limits leave room;
         otherwise the limit it met, ``"total"`` or ``"address"``.  A
         connection whose address is not known yet (``bucket`` None) counts
-        in the total only."""
+        in the total only.  Waits on the event loop while another worker
+        admits (at most :data:`LOCK_WAIT`)."""
+        found = self.try_admit(bucket, max_total, max_bucket)
+        if found is not LOCKED:
+            return found
+        give_up, pause = time.monotonic() + LOCK_WAIT, _FIRST_PAUSE
+        while time.monotonic() < give_up:
+            await asyncio.sleep(pause)
+            found = self.try_admit(bucket, max_total, max_bucket)
+            if found is not LOCKED:
+                return found
+            pause = min(pause * 2, _LONGEST_PAUSE)
+        log.warning(
+            "another worker has held the connection-count lock for over %.1f s (stopped?); "
+            "admitting without it, so the connection limits may be overshot", LOCK_WAIT)
+        return self._admit(bucket, max_total, max_bucket)
+
+    def try_admit(self, bucket: int | None, max_total: int, max_bucket: int = 0) -> str | None:
+        """:meth:`admit` without waiting: :data:`LOCKED` if another worker
+        holds the lock."""
         if self._fd is None:
             return self._admit(bucket, max_total, max_bucket)
-        fcntl.lockf(self._fd, fcntl.LOCK_EX)
+        try:
+            fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in _TAKEN:
+                return LOCKED
+            raise
         try:
             return self._admit(bucket, max_total, max_bucket)
         finally:

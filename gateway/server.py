@@ -157,7 +157,7 @@ class Gateway:
         """Whether a connection from ``peer`` must begin with a PROXY header."""
         return self.settings.proxy_protocol and (not self._proxy or ip_in(peer, self._proxy))
 
-    def admit(self, ip: str) -> Reply | None:
+    async def admit(self, ip: str) -> Reply | None:
         """Count a new client; the reply to refuse it with if over a limit.
 
         The limits hold for all workers together (gateway/limits.py).
@@ -165,18 +165,18 @@ class Gateway:
         if self.closing:
             return replies.SERVICE_BUSY.format(hostname=self.settings.hostname)
         counts, settings = self.counts, self.settings
-        full = counts.admit(counts.bucket(ip), settings.max_connections, settings.max_connections_per_ip)
+        full = await counts.admit(counts.bucket(ip), settings.max_connections, settings.max_connections_per_ip)
         if full == "total":
             return replies.SERVICE_BUSY.format(hostname=settings.hostname)
         if full == "address":
             return replies.TOO_MANY_CONNECTIONS.format(hostname=settings.hostname, ip=ip)
         return None
 
-    def admit_unnamed(self) -> Reply | None:
+    async def admit_unnamed(self) -> Reply | None:
         """Count a connection whose client is not known yet (it is to send
         a PROXY header) against ``max_connections``; ``release_unnamed``
         once the header is in or the wait is over."""
-        if self.closing or self.counts.admit(None, self.settings.max_connections):
+        if self.closing or await self.counts.admit(None, self.settings.max_connections):
             return replies.SERVICE_BUSY.format(hostname=self.settings.hostname)
         return None
 

@@ -196,7 +196,7 @@ class SMTPSession(_AiosmtpdSMTP):
         if self.gateway.expects_proxy(peer_ip):
             # Connections still waiting for their header count against the
             # total, so a flood of silent ones cannot go past the limit.
-            busy = self.gateway.admit_unnamed()
+            busy = await self.gateway.admit_unnamed()
             if busy is not None:
                 log.warning("client %s: %s", peer_ip, busy)
                 await self.reply(busy)
@@ -221,7 +221,7 @@ class SMTPSession(_AiosmtpdSMTP):
             peer_ip=peer_ip,
             trusted=client.trusted,
         )
-        limit = self.gateway.admit(client.text)
+        limit = await self.gateway.admit(client.text)
         if limit is not None:
             decisions.decision(self.session, "connect", "defer", limit)
             await self.reply(limit)
