@@ -34,8 +34,9 @@ row is paused for ``pause`` seconds: not asked, so it costs no time; its
 lookups meanwhile count as failed.  A lookup failure is the finding
 ``tempfail``, which by default lets mail through: a list's outage must not
 stop mail (and where the policy says defer, a paused zone defers too).  An
-allow list that lets clients in and cannot answer makes the session's
-block-list refusals 451s, as Postfix's permit_dnswl_client does.
+allow list that lets clients in and cannot answer (fails, answers an error
+code, or is paused) makes the session's block-list refusals 451s, as
+Postfix's permit_dnswl_client does.
 
 Options (``[plugins.dnsbl]``, documented in docs/plugins/dnsbl.md):
 ``zones``, ``actions``, ``delay_reject``, ``exempt_recipients``,
@@ -482,6 +483,10 @@ def parse_zones(tables: Mapping[str, Mapping[str, Any]]) -> tuple[tuple[tuple[st
     return tuple(zones), bad
 
 
+#: What an allow list may say that tells nothing about the client.
+_UNANSWERED = frozenset({ZoneStatus.TEMPFAIL, ZoneStatus.ERROR, ZoneStatus.PAUSED})
+
+
 # ------------------------------------------------------------------ results
 
 
@@ -519,8 +524,9 @@ class DnsblResults:
         refused (or held for RCPT), repeated to every later HELO/EHLO of the
         session, so another name cannot wash it out; None while none was.
     :param allow_unknown: an allow list whose hit lets clients in did not
-        answer for this client (failed, or paused): every block-list refusal
-        of the session is then a 451, as it might have let the client in.
+        answer for this client (failed, answered an error code, or paused):
+        every block-list refusal of the session is then a 451, as it might
+        have let the client in.
 
     Scores are not de-duplicated here: connect runs once per client, the
     gateway replaces what an earlier HELO contributed, and each transaction
@@ -841,7 +847,9 @@ class DnsblPlugin(Plugin):
         others: list[Verdict] = []
         hits: list[Hit] = []
         for entry, outcome, txt in found:
-            if (entry.zone.type == "allow" and outcome.status in (ZoneStatus.TEMPFAIL, ZoneStatus.PAUSED)
+            # An error code (127.0.0.255 "blocked", say) answers nothing about
+            # the client either: it is no "not listed", as the breaker knows.
+            if (entry.zone.type == "allow" and outcome.status in _UNANSWERED
                     and self._spec(entry, "allowed") == "accept"):
                 state.allow_unknown = True  # asked at connect; it covers HELO and MAIL too
             verdict = self._verdict(entry, outcome, identity, subject, txt, session)

@@ -761,20 +761,27 @@ async def test_a_blocked_allow_list_allows_nobody(
 ) -> None:
     """list.dnswl.org answers 127.0.0.255 to every query once it blocks the
     resolver (URIBL-style lists 127.0.0.1): an error, not an allow-listing
-    that would let every client skip every check; counted by the breaker."""
+    that would let every client skip every check; counted by the breaker.
+    Nor is it an answer for the client: the list might have let it in, so a
+    block-list refusal is a 451, as when the list fails or is paused."""
     dns.add_zone("dnswl.test", f"* A {code}\n")
     plugin = make(resolver, {**BL, "dnswl.test": {"type": "allow", **options}}, delay_reject=False, pause_after=2)
     client = session("192.0.2.99")
     verdict = await settle(plugin.connect(client))
-    assert verdict is not None and verdict.action is Action.REJECT
-    assert verdict.reply == listed("192.0.2.99", reason=f"; {REASON_99}")
-    assert verdict.result == f"dnsbl=listed bl.test:127.0.0.2 dnsbl=error dnswl.test:{code}"
+    deferred = Reply(451, "4.7.1", f"Service unavailable; Client host [192.0.2.99] blocked using bl.test; {REASON_99}")
+    assert verdict is not None and verdict.action is Action.DEFER
+    assert verdict.reply == deferred
+    assert verdict.result == (
+        f"dnsbl=listed bl.test:127.0.0.2 dnsbl=error dnswl.test:{code} (an allow list did not answer)")
     assert allowlisted(client) is None
     (warning,) = [r for r in records if r.levelno == logging.WARNING]
     assert warning.getMessage().startswith(f"zone dnswl.test answered {code} for 99.2.0.192.dnswl.test: {code}: ")
     # an error like the others: a second one in a row pauses the zone
     await settle(plugin.connect(session("192.0.2.1")))
     assert not plugin.entries[1].breaker.allows()
+    # ... and the listed client gets the same reply while it is paused
+    verdict = await settle(plugin.connect(session("192.0.2.99")))
+    assert verdict is not None and verdict.reply == deferred
 
 
 async def test_allow_list_as_a_score_only(resolver: Resolver) -> None:
