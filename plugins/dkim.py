@@ -12,7 +12,8 @@ Per signature the result is an RFC 8601 ``dkim=`` result: ``pass``,
 ``fail`` (the signature or body hash does not verify), ``neutral`` (the
 signature field is unusable: syntax, missing tags, expired),
 ``permerror`` (no key, a revoked or malformed key, a key too small or
-too costly to use, or ``h=`` without From, RFC 6376 §6.1.1),
+too costly to use, a key whose ``h=`` does not allow the signature's
+hash, or ``h=`` without From, RFC 6376 §6.1.1),
 ``temperror`` (the key lookup failed).  The message's finding is ``pass``
 (a signature passed), ``fail``, ``temperror``, ``permerror`` or ``none``
 (no signature) -- and ``required`` / ``required_temperror`` when a
@@ -334,6 +335,17 @@ def _key_name(sig: Mapping[bytes, bytes]) -> bytes:
     return sig[b"s"] + b"._domainkey." + sig[b"d"] + b"."
 
 
+@functools.lru_cache(maxsize=1024)
+def _key_hashes(record: bytes) -> frozenset[bytes] | None:
+    """The hash algorithms a key record allows (its ``h=``, RFC 6376
+    §3.6.1), None for any.  dkimpy does not read the tag.  Called only
+    for a record :func:`_parse_key` took, so its tag list parses."""
+    allowed = _parse_tag_value(record).get(b"h")
+    if allowed is None:
+        return None
+    return frozenset(name.strip().lower() for name in allowed.split(b":"))
+
+
 def _key_from(sig: Mapping[bytes, bytes], record: bytes | None | dkim.DnsTimeoutError) -> Key | DkimResult:
     """The signature's public key from its key record (or the failed
     lookup), or the result that ends its verification."""
@@ -342,9 +354,17 @@ def _key_from(sig: Mapping[bytes, bytes], record: bytes | None | dkim.DnsTimeout
     if not record:
         return _described("permerror", sig, "no key for signature")
     try:
-        return _parse_key(record)
+        key = _parse_key(record)
     except (dkim.DKIMException, binascii.Error, ValueError, TypeError, KeyError, IndexError) as exc:
         return _described("permerror", sig, f"unusable key: {exc}")
+    hashes = _key_hashes(record)
+    if hashes is not None and sig[b"a"].rpartition(b"-")[2].lower() not in hashes:
+        # §6.1.2: the verifier MUST ignore the key and return PERMFAIL
+        # (inappropriate hash algorithm): a key published for sha256 only
+        # must not vouch for a signature made with a weaker hash.
+        allowed = b":".join(sorted(hashes)).decode("ascii", "replace")
+        return _described("permerror", sig, f"inappropriate hash algorithm: the key allows h={allowed}")
+    return key
 
 
 async def _fetch_key(sig: Mapping[bytes, bytes], dnsfunc: DkimDnsFunc) -> Key | DkimResult:

@@ -387,6 +387,29 @@ async def test_required_domain_with_key_lookup_failure_is_deferred(resolver: Res
     assert str(verdict.reply) == "451 4.7.20 No passing DKIM signature found for auth.test: DNS error, try again later"
 
 
+def key_with(tags: str) -> str:
+    """The test key's record with more tags before ``p=`` (RFC 6376 §3.6.1)."""
+    record = f"v=DKIM1; k=rsa; {tags}; p={keypair()[1]}"
+    return " ".join(f'"{record[i : i + 255]}"' for i in range(0, len(record), 255))
+
+
+@pytest.mark.parametrize("hashes", ["sha256", "sha256 : sha512"])
+async def test_a_hash_the_key_does_not_allow_is_permerror(resolver: Resolver, dns: DNSServer, hashes: str) -> None:
+    # RFC 6376 §3.6.1 h=: a key published for sha256 only vouches for no
+    # rsa-sha1 signature; the verifier MUST ignore the key (PERMFAIL).
+    publish_keys(dns, "auth.test", {"s1": key_with(f"h={hashes}")})
+    verdict = await run_data(resolver, sign(MESSAGE, signature_algorithm=b"rsa-sha1"), tables=REQUIRED)
+    assert verdict.action is Action.REJECT and verdict.result == "dkim=required auth.test:permerror"
+    assert str(verdict.reply) == "550 5.7.20 No passing DKIM signature found for auth.test"
+    (header,) = headers_named(verdict, "Authentication-Results")
+    assert unfold(header).startswith(
+        f"{HOSTNAME}; dkim=permerror (inappropriate hash algorithm: the key allows h={hashes.replace(' ', '')})"
+        " header.d=auth.test header.i=@auth.test header.s=s1 header.a=rsa-sha1 header.b=")
+    # the hash it allows passes
+    verdict = await run_data(resolver, sign(MESSAGE), tables=REQUIRED)
+    assert verdict.action is Action.CONTINUE and verdict.result == "dkim=pass auth.test:pass"
+
+
 def with_from(*values: str) -> bytes:
     """MESSAGE with its From field replaced by one field per value."""
     fields = "".join(f"From: {v}\r\n" for v in values).encode()
