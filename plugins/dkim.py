@@ -3,7 +3,8 @@
 Each ``DKIM-Signature`` field (up to :data:`MAX_SIGNATURES`, topmost first)
 is verified with dkimpy, its key fetched through the gateway's shared
 resolver (:func:`gateway.dns.dkim_dnsfunc`, so keys are cached by their
-TTL) and parsed once per distinct key record (:func:`_parse_key`).  The
+TTL; a ``d=`` in U-labels is asked and compared in A-labels, RFC 8616) and
+parsed once per distinct key record (:func:`_parse_key`).  The
 verification of one message runs once, whoever asks first, and the
 ``dkim`` and ``dmarc`` plugins share its results (:func:`dkim_results`):
 at once when every key was cached, else through one future both await.
@@ -55,7 +56,7 @@ from gateway import (
     then,
 )
 from gateway.actions import ActionOptions, ActionSpec, check_actions, decide
-from gateway.address import is_domain
+from gateway.address import is_domain, to_ascii_domain
 from gateway.dns import DkimDnsFunc, Resolver, dkim_dnsfunc, dkim_key_record
 
 from . import _authresults as ar
@@ -319,11 +320,26 @@ def _tag(sig: Mapping[bytes, bytes], name: bytes) -> str:
     return sig.get(name, b"").decode("ascii", "replace")
 
 
+def _name_tag(sig: Mapping[bytes, bytes], name: bytes) -> str:
+    """``d=`` or ``s=`` as an ASCII DNS name.  RFC 8616 §4: in an SMTPUTF8
+    message they may be U-labels (UTF-8), which are looked up, and compared
+    with the From domain, as A-labels; one IDNA cannot convert stays as it
+    is (its key is then not found)."""
+    value = sig.get(name, b"")
+    if value.isascii():
+        return value.decode("ascii")
+    text = value.decode("utf-8", "replace")
+    try:
+        return to_ascii_domain(text)
+    except UnicodeError:
+        return text
+
+
 def _described(result: str, sig: Mapping[bytes, bytes], reason: str = "") -> DkimResult:
     return DkimResult(
         result,
-        domain=_tag(sig, b"d").lower(),
-        selector=_tag(sig, b"s"),
+        domain=_name_tag(sig, b"d").lower(),
+        selector=_name_tag(sig, b"s"),
         identity=_tag(sig, b"i"),
         algorithm=_tag(sig, b"a").lower(),
         b="".join(_tag(sig, b"b").split())[:8],  # str.split() splits at what r"\s" matches
@@ -332,7 +348,10 @@ def _described(result: str, sig: Mapping[bytes, bytes], reason: str = "") -> Dki
 
 
 def _key_name(sig: Mapping[bytes, bytes]) -> bytes:
-    return sig[b"s"] + b"._domainkey." + sig[b"d"] + b"."
+    selector, domain = sig[b"s"], sig[b"d"]
+    if not (selector.isascii() and domain.isascii()):  # U-labels: see _name_tag
+        selector, domain = _name_tag(sig, b"s").encode(), _name_tag(sig, b"d").encode()
+    return selector + b"._domainkey." + domain + b"."
 
 
 @functools.lru_cache(maxsize=1024)

@@ -410,6 +410,28 @@ async def test_a_hash_the_key_does_not_allow_is_permerror(resolver: Resolver, dn
     assert verdict.action is Action.CONTINUE and verdict.result == "dkim=pass auth.test:pass"
 
 
+async def test_an_internationalised_signing_domain_is_a_label_for_lookup_and_comparison(
+    resolver: Resolver, dns: DNSServer
+) -> None:
+    # RFC 8616 §4: an SMTPUTF8 message may name its signing domain in
+    # U-labels (d=straße.auth.test); the key is looked up, and the domain
+    # compared with the From domain, in A-labels (xn--strae-oqa.auth.test).
+    publish_keys(dns, "xn--strae-oqa.auth.test", {"s1": key_record()})
+    raw = sign(MESSAGE.replace(b"alice@auth.test", "alice@straße.auth.test".encode()), "straße.auth.test")
+    verdict = await run_data(resolver, raw, tables=REQUIRED)
+    assert verdict.action is Action.CONTINUE and verdict.result == "dkim=pass xn--strae-oqa.auth.test:pass"
+    (header,) = headers_named(verdict, "Authentication-Results")
+    assert unfold(header).startswith(f"{HOSTNAME}; dkim=pass header.d=xn--strae-oqa.auth.test header.s=s1 ")
+    assert dns.query_count("s1._domainkey.xn--strae-oqa.auth.test", "TXT") == 1
+    # ... so it aligns for DMARC (else auth.test's sp=quarantine applied)
+    dmarc = build(resolver, {"dkim": {}, "dmarc": {}})["dmarc"]
+    verdict = await settle(dmarc.data(session(), envelope("bounce@example.com"), Message(raw)))
+    (header,) = headers_named(verdict, "Authentication-Results")
+    assert verdict.result == "dmarc=pass xn--strae-oqa.auth.test"
+    assert unfold(header).endswith(
+        "dmarc=pass (p=reject sp=quarantine dis=none) header.from=xn--strae-oqa.auth.test")
+
+
 def with_from(*values: str) -> bytes:
     """MESSAGE with its From field replaced by one field per value."""
     fields = "".join(f"From: {v}\r\n" for v in values).encode()
