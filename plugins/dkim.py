@@ -14,7 +14,8 @@ Per signature the result is an RFC 8601 ``dkim=`` result: ``pass``,
 signature field is unusable: syntax, missing tags, expired),
 ``permerror`` (no key, a revoked or malformed key, a key too small or
 too costly to use, a key whose ``h=`` does not allow the signature's
-hash, or ``h=`` without From, RFC 6376 §6.1.1),
+hash or whose ``t=s`` forbids its ``i=``, or ``h=`` without From, RFC
+6376 §6.1.1),
 ``temperror`` (the key lookup failed).  The message's finding is ``pass``
 (a signature passed), ``fail``, ``temperror``, ``permerror`` or ``none``
 (no signature) -- and ``required`` / ``required_temperror`` when a
@@ -355,14 +356,16 @@ def _key_name(sig: Mapping[bytes, bytes]) -> bytes:
 
 
 @functools.lru_cache(maxsize=1024)
-def _key_hashes(record: bytes) -> frozenset[bytes] | None:
-    """The hash algorithms a key record allows (its ``h=``, RFC 6376
-    §3.6.1), None for any.  dkimpy does not read the tag.  Called only
-    for a record :func:`_parse_key` took, so its tag list parses."""
-    allowed = _parse_tag_value(record).get(b"h")
-    if allowed is None:
-        return None
-    return frozenset(name.strip().lower() for name in allowed.split(b":"))
+def _key_limits(record: bytes) -> tuple[frozenset[bytes] | None, bool]:
+    """What a key record restricts its use to (RFC 6376 §3.6.1), tags
+    dkimpy does not read: the hash algorithms it allows (``h=``, None for
+    any) and whether its ``t=`` has the flag ``s`` (no ``i=`` below
+    ``d=``).  Called only for a record :func:`_parse_key` took, so its
+    tag list parses."""
+    tags = _parse_tag_value(record)
+    allowed = tags.get(b"h")
+    hashes = None if allowed is None else frozenset(name.strip().lower() for name in allowed.split(b":"))
+    return hashes, b"s" in {flag.strip().lower() for flag in tags.get(b"t", b"").split(b":")}
 
 
 def _key_from(sig: Mapping[bytes, bytes], record: bytes | None | dkim.DnsTimeoutError) -> Key | DkimResult:
@@ -376,13 +379,16 @@ def _key_from(sig: Mapping[bytes, bytes], record: bytes | None | dkim.DnsTimeout
         key = _parse_key(record)
     except (dkim.DKIMException, binascii.Error, ValueError, TypeError, KeyError, IndexError) as exc:
         return _described("permerror", sig, f"unusable key: {exc}")
-    hashes = _key_hashes(record)
+    hashes, strict = _key_limits(record)
     if hashes is not None and sig[b"a"].rpartition(b"-")[2].lower() not in hashes:
         # §6.1.2: the verifier MUST ignore the key and return PERMFAIL
         # (inappropriate hash algorithm): a key published for sha256 only
         # must not vouch for a signature made with a weaker hash.
         allowed = b":".join(sorted(hashes)).decode("ascii", "replace")
         return _described("permerror", sig, f"inappropriate hash algorithm: the key allows h={allowed}")
+    if strict and b"i" in sig and sig[b"i"].rpartition(b"@")[2].lower() != sig[b"d"].lower():
+        # t=s: the i= domain MUST be d= itself, not a subdomain of it.
+        return _described("permerror", sig, "domain mismatch: the key's t=s forbids an i= below d=")
     return key
 
 

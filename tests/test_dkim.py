@@ -393,20 +393,39 @@ def key_with(tags: str) -> str:
     return " ".join(f'"{record[i : i + 255]}"' for i in range(0, len(record), 255))
 
 
-@pytest.mark.parametrize("hashes", ["sha256", "sha256 : sha512"])
-async def test_a_hash_the_key_does_not_allow_is_permerror(resolver: Resolver, dns: DNSServer, hashes: str) -> None:
-    # RFC 6376 §3.6.1 h=: a key published for sha256 only vouches for no
-    # rsa-sha1 signature; the verifier MUST ignore the key (PERMFAIL).
-    publish_keys(dns, "auth.test", {"s1": key_with(f"h={hashes}")})
-    verdict = await run_data(resolver, sign(MESSAGE, signature_algorithm=b"rsa-sha1"), tables=REQUIRED)
+@pytest.mark.parametrize(
+    "tags, refused, reason, accepted",
+    [
+        # h=: a key published for sha256 only vouches for no rsa-sha1 signature
+        ("h=sha256", {"signature_algorithm": b"rsa-sha1"},
+         "inappropriate hash algorithm: the key allows h=sha256", {}),
+        ("h=sha256 : sha512", {"signature_algorithm": b"rsa-sha1"},
+         "inappropriate hash algorithm: the key allows h=sha256:sha512", {}),
+        # t=s: the i= domain MUST be d= itself, no subdomain
+        ("t=s", {"identity": b"@news.auth.test"},
+         "domain mismatch: the key's t=s forbids an i= below d=", {"identity": b"alice@auth.test"}),
+        ("t=y:s", {"identity": b"@news.auth.test"},
+         "domain mismatch: the key's t=s forbids an i= below d=", {"identity": b"alice@auth.test"}),
+    ],
+)
+async def test_a_signature_the_key_does_not_allow_is_permerror(
+    resolver: Resolver, dns: DNSServer, tags: str, refused: dict[str, bytes], reason: str,
+    accepted: dict[str, bytes],
+) -> None:
+    # RFC 6376 §3.6.1 and §6.1.2: the verifier MUST ignore such a key (PERMFAIL).
+    publish_keys(dns, "auth.test", {"s1": key_with(tags)})
+    raw = sign(MESSAGE, **refused)
+    verdict = await run_data(resolver, raw, tables=REQUIRED)
     assert verdict.action is Action.REJECT and verdict.result == "dkim=required auth.test:permerror"
     assert str(verdict.reply) == "550 5.7.20 No passing DKIM signature found for auth.test"
     (header,) = headers_named(verdict, "Authentication-Results")
+    identity = refused.get("identity", b"@auth.test").decode()
+    algorithm = refused.get("signature_algorithm", b"rsa-sha256").decode()
     assert unfold(header).startswith(
-        f"{HOSTNAME}; dkim=permerror (inappropriate hash algorithm: the key allows h={hashes.replace(' ', '')})"
-        " header.d=auth.test header.i=@auth.test header.s=s1 header.a=rsa-sha1 header.b=")
-    # the hash it allows passes
-    verdict = await run_data(resolver, sign(MESSAGE), tables=REQUIRED)
+        f"{HOSTNAME}; dkim=permerror ({reason}) header.d=auth.test header.i={identity} header.s=s1"
+        f" header.a={algorithm} header.b=")
+    # what the key allows passes
+    verdict = await run_data(resolver, sign(MESSAGE, **accepted), tables=REQUIRED)
     assert verdict.action is Action.CONTINUE and verdict.result == "dkim=pass auth.test:pass"
 
 
