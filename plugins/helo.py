@@ -50,6 +50,7 @@ __all__ = [
     "host_finding",
     "parse_literal",
     "valid_hostname",
+    "without_root",
 ]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -157,6 +158,14 @@ def valid_hostname(name: str) -> bool:
     return all(_LABEL.match(label) for label in labels) and not labels[-1].isdigit()
 
 
+def without_root(name: str) -> str:
+    """``name`` without one trailing dot (the DNS root), as Postfix's HELO
+    restrictions take it ("truncate hostnames ending in dot but not
+    dot-dot"): ``mx.example.org.`` is ``mx.example.org``, and
+    ``mailserver.`` is still not fully qualified."""
+    return name[:-1] if name.endswith(".") and not name.endswith("..") else name
+
+
 def parse_literal(text: str) -> IPAddress:
     """The address in an RFC 5321 address literal: ``[192.0.2.1]`` or
     ``[IPv6:2001:db8::1]``.  Raises ValueError for anything else, including
@@ -224,6 +233,7 @@ def classify(
             pass
         else:
             return _ip_finding(bare, client_ip, own_networks, bracketed=False)
+    hostname = without_root(hostname)
     if not valid_hostname(hostname):
         return Finding.INVALID
     name = hostname.lower()
@@ -357,16 +367,17 @@ async def _check_helo(
     if found is not None:
         judged.append((found, _verdict(found, actions, hostname, client_ip, f"helo={found}")))
     if resolver is not None and not any(v.refuses for _, v in judged):
-        want_host = resolve and valid_hostname(hostname)
+        name = without_root(hostname)
+        want_host = resolve and valid_hostname(name)
         want_reverse = fcrdns and reverse is None
         host: tuple[Answer, int] | None = None
-        if want_host and want_reverse and not resolver.is_cached(hostname, "A", "AAAA"):
-            host, reverse = await asyncio.gather(resolver.a_aaaa_ttl(hostname), check_fcrdns(resolver, client_ip))
+        if want_host and want_reverse and not resolver.is_cached(name, "A", "AAAA"):
+            host, reverse = await asyncio.gather(resolver.a_aaaa_ttl(name), check_fcrdns(resolver, client_ip))
         else:
             # A cached answer comes without waiting, so asking in turn loses
             # nothing and saves a task per lookup.
             if want_host:
-                host = await resolver.a_aaaa_ttl(hostname)
+                host = await resolver.a_aaaa_ttl(name)
             if want_reverse:
                 reverse = await check_fcrdns(resolver, client_ip)
         if want_reverse and reverse is not None:

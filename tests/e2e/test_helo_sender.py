@@ -68,11 +68,21 @@ def outside(gw: GatewayThread, ip: str = OUTSIDE_IP) -> socket.socket:
     ("gw.test.example", "550 5.7.1 <gw.test.example>: Helo command rejected: Host name or address is our own"),
     ("nohost.mail.test", "550 5.7.1 <nohost.mail.test>: Helo command rejected: Host not found"),
     ("nodata.mail.test", "550 5.7.1 <nodata.mail.test>: Helo command rejected: Host not found"),
+    # One trailing dot is the root, as Postfix takes it: judged as without.
+    ("mailserver.", "504 5.5.2 <mailserver.>: Helo command rejected: need fully-qualified hostname"),
+    ("nohost.mail.test.", "550 5.7.1 <nohost.mail.test.>: Helo command rejected: Host not found"),
+    ("good.mail.test..", "501 5.5.2 <good.mail.test..>: Helo command rejected: Invalid name"),
 ])
 def test_bad_helo_is_refused(gw: GatewayThread, name: str, reply: str) -> None:
     with outside(gw) as sock:
         assert command(sock, f"EHLO {name}") == reply
         assert command(sock, "MAIL FROM:<bob@good.mail.test>") == "503 5.5.1 Error: send HELO/EHLO first"
+
+
+def test_helo_with_the_root_dot_is_a_good_name(gw: GatewayThread) -> None:
+    with outside(gw) as sock:
+        assert command(sock, "EHLO good.mail.test.").startswith("250-gw.test.example")
+        assert command(sock, "MAIL FROM:<bob@good.mail.test>") == "250 2.1.0 Ok"
 
 
 @pytest.mark.parametrize("fault", ["servfail", "timeout"])
