@@ -149,7 +149,14 @@ class SMTPSession(_AiosmtpdSMTP):
         # Replies are small: wait for the socket only when the client stops
         # reading and the buffer backs up (saves a round through the loop).
         if self.transport.get_write_buffer_size() > _READ_LIMIT:
-            await self._writer.drain()
+            # As long as a read may wait (Postfix's smtpd_timeout bounds
+            # its writes too): a client that reads nothing must not hold
+            # its session, and its place, forever.
+            self.deadline.arm(self.settings.command_timeout, self._timed_out)
+            try:
+                await self._writer.drain()
+            finally:
+                self.deadline.disarm()
 
     def _timed_out(self) -> None:
         """The client sent nothing within the limit: Postfix's 421, and the
@@ -158,7 +165,12 @@ class SMTPSession(_AiosmtpdSMTP):
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.write(replies.TIMEOUT.format(hostname=self.hostname).wire())
-            transport.close()
+            if transport.get_write_buffer_size():
+                # The client has not read its replies all this time either:
+                # a close would wait for it to read them, forever.
+                transport.abort()
+            else:
+                transport.close()
 
     def close_idle(self) -> None:
         """For shutdown: say goodbye if waiting between transactions."""

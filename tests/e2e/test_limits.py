@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from gateway.config import READ_BUFFER
 from tests.fixtures.gateway import OUTSIDE_IP, recv_reply
 
 
@@ -195,3 +196,38 @@ def test_data_timeout_is_on_silence_not_on_a_whole_message(start_gateway, postfi
         assert recv_reply(sock).startswith(b"250 2.0.0 Ok")
     (message,) = postfix.wait_for_messages("alice")
     assert message.endswith(b"line 7\n")
+
+
+def _held_by_a_client_that_stops_reading(gw, backlog: int) -> socket.socket:
+    """A connection whose client sends EHLO after EHLO without reading a
+    reply, until more than ``backlog`` bytes of replies wait in the gateway
+    beyond what the kernel holds; then it stops sending too."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", gw.port))
+    sock.settimeout(5)
+    assert recv_reply(sock).startswith(b"220 ")
+    (session,) = gw.gateway.sessions
+    deadline = time.monotonic() + 20
+    while session.transport.get_write_buffer_size() <= backlog:
+        assert time.monotonic() < deadline, "the gateway's replies never backed up"
+        sock.sendall(b"EHLO client.example.net\r\n" * 20)
+        time.sleep(0.001)
+    return sock
+
+
+# A few replies waiting; or so many that the gateway waits for the socket.
+@pytest.mark.parametrize("backlog", [0, READ_BUFFER])
+def test_a_client_that_stops_reading_is_timed_out(start_gateway, postfix, backlog) -> None:
+    # As Postfix's smtpd_timeout limits each write too: a client that does
+    # not read its replies loses its session after command_timeout, and its
+    # place with it.
+    gw = start_gateway(f"127.0.0.1:{postfix.port}", command_timeout=1.0, max_connections_per_ip=1)
+    with _held_by_a_client_that_stops_reading(gw, backlog):
+        deadline = time.monotonic() + 8
+        while True:
+            with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as other:
+                if recv_reply(other).startswith(b"220 "):
+                    break
+            assert time.monotonic() < deadline, "the client that stopped reading kept its place"
+            time.sleep(0.2)
