@@ -234,7 +234,8 @@ def may_be_ip(text: str) -> bool:
 
 def is_hostname(text: str) -> bool:
     """Whether ``text`` is a host name as Postfix's XCLIENT takes it for
-    ``NAME`` (no address literal, not all digits, at most 255 octets)."""
+    ``NAME`` (no address literal, not all digits, at most 255 octets),
+    but for a final dot: a DNS name may end in one, XCLIENT may not."""
     return _HOSTNAME.match(text) is not None
 
 

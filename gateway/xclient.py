@@ -70,8 +70,10 @@ def session_changes(arg: str) -> dict[str, Any]:
                 raise ValueError
             elif name in ("NAME", "REVERSE_NAME"):
                 # Only what the next hop's own XCLIENT takes: a value it
-                # refused would make it unavailable for this client.
-                if not unavailable and not is_hostname(value):
+                # refused would make it unavailable for this client.  That
+                # includes a DNS name's final dot, which Postfix's
+                # valid_hostname() calls a misplaced delimiter.
+                if not unavailable and (value.endswith(".") or not is_hostname(value)):
                     raise ValueError
                 field = "client_name" if name == "NAME" else "reverse_name"
                 changes[field] = "unknown" if unavailable else value

@@ -682,7 +682,9 @@ def test_a_command_that_is_not_utf8_gets_postfixs_500(gateway, gateway_errors) -
 
 
 @pytest.mark.parametrize("attribute", ["NAME=a+20b", "NAME=-", "NAME=12.34", "NAME=" + "a" * 256, "PORT=-1", "PORT=65536",
-                                       "HELO=" + "\u00e4" * 128],  # 256 octets
+                                       "HELO=" + "\u00e4" * 128,  # 256 octets
+                                       # A DNS name's final dot: "misplaced delimiter" to Postfix.
+                                       "NAME=mail.example.net.", "REVERSE_NAME=mail.example.net."],
                          ids=lambda attribute: attribute[:16])
 def test_xclient_values_the_next_hop_would_refuse_are_refused(gateway, attribute: str) -> None:
     # Taken, they made Postfix refuse our XCLIENT, and every MAIL of the
