@@ -203,9 +203,7 @@ class Gateway:
             log.warning("shutdown_timeout (%gs) is over: %d session(s) closed with 421",
                         self.settings.shutdown_timeout, len(self.sessions))
         for session in list(self.sessions):
-            if session.transport is not None:
-                session.transport.write(replies.SHUTTING_DOWN.format(hostname=self.settings.hostname).wire())
-                session.transport.close()
+            session.hang_up(replies.SHUTTING_DOWN.format(hostname=self.settings.hostname))
 
 
 def bind(host: str, port: int, *, reuse_port: bool) -> socket.socket:

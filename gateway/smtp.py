@@ -101,6 +101,8 @@ class SMTPSession(_AiosmtpdSMTP):
         self._junk_commands = 0
         self._idle = False
         self._finishing = False
+        #: _cleanup() is over: the session is forgotten once the connection is too.
+        self._cleaned = False
         self._helo_tags: list[Verdict] = []
         self._counted_ip: str | None = None
         # Judged once, on the client the connection comes from (after a
@@ -122,6 +124,8 @@ class SMTPSession(_AiosmtpdSMTP):
         if self._handler_coroutine is not None and not self._finishing:
             self._handler_coroutine.cancel()
         self.transport = None
+        if self._cleaned:
+            self.gateway.forget(self)
 
     def data_received(self, data: bytes) -> None:
         asyncio.StreamReaderProtocol.data_received(self, data)
@@ -159,22 +163,29 @@ class SMTPSession(_AiosmtpdSMTP):
                 self.deadline.disarm()
 
     def _timed_out(self) -> None:
-        """The client sent nothing within the limit: Postfix's 421, and the
-        session ends (closing the connection cancels whatever was under way,
-        so a half-received message is never passed on)."""
+        """The client sent nothing within the limit (or read nothing, or
+        has not read the last replies of a session that is over): Postfix's
+        421, and the session ends (closing the connection cancels whatever
+        was under way, so a half-received message is never passed on)."""
+        self.hang_up(replies.TIMEOUT.format(hostname=self.hostname))
+
+    def hang_up(self, reply: Reply) -> None:
+        """Say ``reply`` (unless the connection is closing already) and
+        close it, dropping what the client has still not read: a close
+        waits until the client has read everything, forever for one that
+        reads nothing (and Python 3.12's Server.wait_closed() with it)."""
         transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.write(replies.TIMEOUT.format(hostname=self.hostname).wire())
-            if transport.get_write_buffer_size():
-                # The client has not read its replies all this time either:
-                # a close would wait for it to read them, forever.
-                transport.abort()
-            else:
-                transport.close()
+        if transport is None:
+            return
+        if not transport.is_closing():
+            transport.write(reply.wire())
+            transport.close()
+        if transport.get_write_buffer_size():
+            transport.abort()
 
     def close_idle(self) -> None:
         """For shutdown: say goodbye if waiting between transactions."""
-        if self._idle and self.transport is not None:
+        if self._idle and self.transport is not None and not self.transport.is_closing():
             self.transport.write(replies.SHUTTING_DOWN.format(hostname=self.hostname).wire())
             self.transport.close()
 
@@ -373,6 +384,11 @@ class SMTPSession(_AiosmtpdSMTP):
         self._release_slot()
         if self.transport is not None:
             self.transport.close()
+            if self.transport.get_write_buffer_size():
+                # The close waits for the client to read its last replies
+                # (the 221, a 421): for as long as a read from it may wait,
+                # not forever.  The session stays listed until then.
+                self.deadline.arm(self.settings.command_timeout, self._timed_out)
         ready = self._upstream_ready
         if self.gateway.registry.calls["disconnect"] or (ready is not None and not ready.done()):
             await asyncio.shield(self._cleanup())
@@ -390,11 +406,14 @@ class SMTPSession(_AiosmtpdSMTP):
 
     async def _cleanup(self) -> None:
         """Disconnect hooks and the next hop's goodbye; the session stays
-        listed until this is done so a graceful shutdown waits for it."""
+        listed until this is done and its connection closed, so a graceful
+        shutdown waits for both (and time limits are checked meanwhile)."""
         try:
             await self._close_upstream()
         finally:
-            self.gateway.forget(self)
+            self._cleaned = True
+            if self.transport is None:
+                self.gateway.forget(self)
 
     async def _close_upstream(self) -> None:
         try:

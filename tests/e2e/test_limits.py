@@ -231,3 +231,33 @@ def test_a_client_that_stops_reading_is_timed_out(start_gateway, postfix, backlo
                     break
             assert time.monotonic() < deadline, "the client that stopped reading kept its place"
             time.sleep(0.2)
+
+
+def _gateway_holds(gw, client: socket.socket) -> bool:
+    """Whether the gateway's end of ``client``'s connection is still open
+    (the kernel's table of TCP sockets, /proc/net/tcp)."""
+    ours = f"0100007F:{gw.port:04X} 0100007F:{client.getsockname()[1]:04X} 01"
+    with open("/proc/net/tcp") as table:
+        return any(ours in line for line in table)
+
+
+def test_a_connection_does_not_outlive_its_session_unread(start_gateway, postfix) -> None:
+    # After QUIT the place is free at once; the connection itself waits for
+    # the client to read its last replies, but no longer than command_timeout:
+    # else a client could hold any number of connections past the limits.
+    gw = start_gateway(f"127.0.0.1:{postfix.port}", command_timeout=1.0)
+    with _held_by_a_client_that_stops_reading(gw, 0) as sock:
+        sock.sendall(b"QUIT\r\n")
+        deadline = time.monotonic() + 8
+        while _gateway_holds(gw, sock):
+            assert time.monotonic() < deadline, "the gateway kept the connection of a session that was over"
+            time.sleep(0.2)
+
+
+def test_a_graceful_stop_closes_the_connection_of_a_client_that_reads_nothing(start_gateway, postfix) -> None:
+    # A close would wait for the client to read its replies; Python 3.12's
+    # Server.wait_closed() waits for every close, so the stop would never end.
+    gw = start_gateway(f"127.0.0.1:{postfix.port}", shutdown_timeout=1.0)
+    with _held_by_a_client_that_stops_reading(gw, 0) as sock:
+        gw.stop()
+        assert not _gateway_holds(gw, sock)
