@@ -678,13 +678,17 @@ class SMTPSession(_AiosmtpdSMTP):
         if arg is None:
             await self.reply(replies.SYNTAX_RCPT)
             return
-        if not envelope.utf8 and not arg.isascii():
-            await self.reply(replies.UTF8_NOT_DECLARED)
-            return
         try:
-            address, params, params_text = parse_path(arg, "TO", utf8=envelope.utf8)
+            # As at MAIL: UTF-8 is address syntax only where SMTPUTF8 was
+            # offered; a transaction that could have declared it and did not
+            # is told so below.  (ASCII reads alike in either grammar.)
+            utf8 = envelope.utf8 or (not arg.isascii() and self._offered("smtputf8"))
+            address, params, params_text = parse_path(arg, "TO", utf8=utf8)
         except PathError as exc:
             await self.reply(_path_reply(exc, replies.SYNTAX_RCPT, replies.BAD_RECIPIENT_SYNTAX))
+            return
+        if not envelope.utf8 and not arg.isascii():
+            await self.reply(replies.UTF8_NOT_DECLARED)
             return
         allowed: dict[str, Callable[[str | None], bool]] = {}
         if self._offered("dsn"):

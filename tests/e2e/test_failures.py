@@ -255,3 +255,18 @@ def test_only_what_the_next_hop_honours_is_offered_and_passed_on(start_gateway) 
             assert smtp.mail("bob@example.org", ["BODY=8BITMIME"]) == (555, b"5.5.4 Unsupported option: BODY")
             assert smtp.mail("bob@example.org", ["SIZE=100"])[0] == 250
         assert b"MAIL FROM:<bob@example.org>" in mta.commands  # without SIZE=
+
+
+def test_without_smtputf8_a_utf8_address_is_a_syntax_error(start_gateway) -> None:
+    # Nobody was offered SMTPUTF8, so nobody can be told to declare it: a
+    # UTF-8 address is bad syntax, in RCPT as in MAIL (RFC 6531 §3.7.4.1
+    # keeps 553 5.6.7 for a transaction that could have declared it).
+    with BadMTA("silent-at-data-end") as mta:
+        gw = start_gateway(f"127.0.0.1:{mta.port}")
+        with gw.client(xclient=OUTSIDE_IP) as smtp:
+            assert not smtp.has_extn("smtputf8")
+            smtp.command_encoding = "utf-8"  # as a client that sends UTF-8 regardless
+            assert smtp.mail("b\u00f6b@example.org") == (501, b"5.1.7 Bad sender address syntax")
+            assert smtp.mail("bob@example.org")[0] == 250
+            assert smtp.rcpt("\u00fc@example.com") == (501, b"5.1.3 Bad recipient address syntax")
+        assert not any(b"RCPT" in line for line in mta.commands)
