@@ -381,14 +381,14 @@ class SMTPUpstream:
             return f"no reply within {self._limit:g}s"
         return str(exc)
 
-    async def _ehlo(self, smtp: SMTPProtocol, name: str, *, ours: bool) -> None:
-        response = await self._send(smtp, b"EHLO %b\r\n" % name.encode("utf-8", "surrogateescape"))
+    async def _ehlo(self, smtp: SMTPProtocol, name: str, *, ours: bool, verb: bytes = b"EHLO") -> None:
+        response = await self._send(smtp, b"%b %b\r\n" % (verb, name.encode("utf-8", "surrogateescape")))
         if response.code != 250:
             if not ours and response.code >= 400 and response.code != 421:
                 # The client's own name, judged by the MTA's HELO
                 # restrictions (smtpd_delay_reject = no): its answer.
                 raise ClientRefused(Reply.parse(response.code, response.message))
-            raise UpstreamError(f"EHLO refused: {response.code} {response.message}")
+            raise UpstreamError(f"{verb.decode()} refused: {response.code} {response.message}")
         self.extensions, xclient = _offer(response.message)
         if ours:
             # After XCLIENT Postfix judges the new client, whom it does not
@@ -458,10 +458,15 @@ class SMTPUpstream:
                 await self.introduce(session)
                 return
             # Postfix answers 220 and restarts the dialogue; older servers
-            # (and smtp-sink) answer 250.  EHLO again, as the client, either way.
+            # (and smtp-sink) answer 250.  Greet again, as the client did,
+            # either way: Postfix takes the protocol from that greeting
+            # whatever PROTO said, for its Received header's "with SMTP" or
+            # "with ESMTP" (after HELO it offers nothing, so the message
+            # goes by DATA, as the client's own would).
             if response.code // 100 != 2:
                 raise UpstreamError(f"XCLIENT refused: {response.code} {response.message}")
-            await self._ehlo(smtp, session.helo or self._settings.hostname, ours=False)
+            await self._ehlo(smtp, session.helo or self._settings.hostname, ours=False,
+                             verb=b"EHLO" if session.protocol == "ESMTP" else b"HELO")
         except (aiosmtplib.SMTPException, OSError) as exc:
             raise self._failed("XCLIENT", exc) from exc
         except UpstreamError:

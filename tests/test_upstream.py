@@ -123,8 +123,9 @@ def test_a_multiline_reply_read_again_is_read_alike() -> None:
 
 
 async def _next_hop_offering(extensions: list[str]) -> tuple[asyncio.Server, asyncio.Event]:
-    """A next hop that greets, answers EHLO with ``extensions``, XCLIENT as
-    Postfix does, and QUIT; the event is set once its session has ended."""
+    """A next hop that greets, answers EHLO with ``extensions``, HELO,
+    XCLIENT as Postfix does, and QUIT; the event is set once its session
+    has ended."""
     ended = asyncio.Event()
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -135,6 +136,8 @@ async def _next_hop_offering(extensions: list[str]) -> tuple[asyncio.Server, asy
                     lines = ["mta.example.org", *extensions]
                     writer.write("".join(f"250{'-' if i < len(lines) - 1 else ' '}{text}\r\n"
                                          for i, text in enumerate(lines)).encode())
+                elif line.upper().startswith(b"HELO"):
+                    writer.write(b"250 mta.example.org\r\n")
                 elif line.upper().startswith(b"XCLIENT"):
                     offers = any(e.startswith("XCLIENT") for e in extensions)
                     writer.write(b"220 mta.example.org ESMTP\r\n" if offers

@@ -1,6 +1,8 @@
 """Through the gateway to the real Postfix: what arrives, and what the client
 hears, must be what Postfix alone would give."""
 
+import smtplib
+
 from tests.fixtures.gateway import OUTSIDE_IP, TRUSTED_IP, recv_reply
 from tests.fixtures.postfix import QUEUED
 
@@ -63,6 +65,22 @@ def test_postfix_records_the_real_client_via_xclient(gateway, postfix) -> None:
     assert record["name"] == "unknown"
     (delivered,) = postfix.wait_for_messages("alice")
     assert b"from mx.client.example.net (unknown [203.0.113.7])" in delivered
+
+
+def test_a_client_that_says_helo_is_received_with_smtp_as_by_postfix(gateway, postfix) -> None:
+    # RFC 5321 §4.4: the Received header's "with" names the protocol the
+    # client spoke. Postfix takes the one of the greeting that follows
+    # XCLIENT, whatever PROTO said: the gateway must greet as the client did.
+    smtp = smtplib.SMTP("127.0.0.1", gateway.port, local_hostname="mx.client.example.net", timeout=10)
+    with smtp:
+        assert smtp.docmd("XCLIENT", f"ADDR={OUTSIDE_IP} NAME=[UNAVAILABLE]")[0] == 220
+        assert smtp.helo("mx.client.example.net")[0] == 250
+        assert smtp.sendmail("bob@example.org", ["alice@example.com"], MESSAGE) == {}
+    (delivered,) = postfix.wait_for_messages("alice")
+    assert b"from mx.client.example.net (unknown [203.0.113.7])\n\tby postfix.test (Postfix) with SMTP id" in delivered
+    assert body_of(delivered) == MESSAGE.replace(b"\r\n", b"\n")
+    commands = postfix.wait_for_commands(OUTSIDE_IP)
+    assert commands["helo"] == "1"
 
 
 def test_user_unknown_reply_is_postfix_verbatim(gateway, postfix) -> None:
