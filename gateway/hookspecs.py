@@ -46,6 +46,11 @@ How the gateway calls hooks
   and scores of every verdict are kept.  A TAG verdict without headers of
   its own puts ``X-Smtpgate-Tag: PLUGIN: RESULT`` on the message; ACCEPT
   allow-lists the client only at connect, elsewhere it is recorded only.
+* A refusal with ``disconnect=True`` ends the session once its reply is
+  sent, at every stage; a DEFER's reply then goes with code 421 (keeping
+  its enhanced code and text), the code that tells a client the
+  connection is closing (RFC 5321 §3.8).  Nothing of an open transaction
+  is delivered.
 * A hook that raises (anything: ``SystemExit`` and ``CancelledError``
   too) or overruns its budget counts as ``451 4.3.0`` (at connect ``421
   4.3.0`` and a close, as a greeting may not be a 451): the client retries

@@ -103,6 +103,8 @@ class SMTPSession(_AiosmtpdSMTP):
         self._finishing = False
         #: _cleanup() is over: the session is forgotten once the connection is too.
         self._cleaned = False
+        #: A refusal with ``disconnect`` is being answered: the session ends after its reply.
+        self._hang_up_after_reply = False
         self._helo_tags: list[Verdict] = []
         self._counted_ip: str | None = None
         # Judged once, on the client the connection comes from (after a
@@ -150,6 +152,8 @@ class SMTPSession(_AiosmtpdSMTP):
             # tricks is cut off after max_errors, not after max_recipients.
             self._errors += 1
         self._writer.write(reply.wire())
+        if self._hang_up_after_reply:
+            raise _Close
         # Replies are small: wait for the socket only when the client stops
         # reading and the buffer backs up (saves a round through the loop).
         if self.transport.get_write_buffer_size() > _READ_LIMIT:
@@ -488,10 +492,18 @@ class SMTPSession(_AiosmtpdSMTP):
         return scoring.header_fields(self.gateway.policy.scoring, _scored(self.session, envelope))
 
     def _refused(self, stage: str, verdict: Verdict, **log_fields: Any) -> Reply:
-        assert verdict.reply is not None
-        decisions.decision(self.session, stage, verdict.action.name.lower(), verdict.reply,
+        """The reply a refusal verdict is answered with.  With ``disconnect``
+        the session ends once it is sent; a DEFER's then goes with code 421,
+        which tells the client so (RFC 5321 §3.8), as at connect."""
+        reply = verdict.reply
+        assert reply is not None
+        if verdict.disconnect:
+            self._hang_up_after_reply = True
+            if reply.is_temporary and reply.code != 421:
+                reply = Reply(421, reply.enhanced, reply.text)
+        decisions.decision(self.session, stage, verdict.action.name.lower(), reply,
                            plugin=verdict.plugin, result=verdict.result, **log_fields)
-        return verdict.reply
+        return reply
 
     # --- the next hop ------------------------------------------------------
 
@@ -900,6 +912,9 @@ class SMTPSession(_AiosmtpdSMTP):
     async def _lookup(self, stage: str, arg: str, default: Reply) -> None:
         # Never forwarded: the next hop would disclose its mailboxes.
         verdict = await self._stage(stage, session=self.session, argument=arg)
+        if verdict.refuses:
+            await self.reply(self._refused(stage, verdict))
+            return
         reply = verdict.reply or default
         decisions.decision(self.session, stage, verdict.action.name.lower(), reply, plugin=verdict.plugin)
         await self.reply(reply)

@@ -50,7 +50,8 @@ class Verdict:
     :param score: added to the transaction's score.
     :param result: a short machine-readable finding for logs and headers,
         e.g. ``"spf=fail"`` or ``"listed zen.example"``.
-    :param disconnect: close the session after sending the reply.
+    :param disconnect: for DEFER and REJECT, close the session after
+        sending the reply (a DEFER's with code 421), at any stage.
     """
 
     action: Action = Action.CONTINUE

@@ -73,6 +73,50 @@ def test_data_refusal_never_reaches_postfix_and_the_session_goes_on(gw, postfix)
     assert b"EICAR" not in delivered
 
 
+def _transaction(gw, ip: str) -> socket.socket:
+    """A raw connection from ``ip`` with a transaction open for alice."""
+    sock = gw.raw()
+    assert say(sock, f"XCLIENT ADDR={ip}".encode()).startswith(b"220 ")
+    assert say(sock, b"EHLO c.example.net").startswith(b"250-")
+    assert say(sock, b"MAIL FROM:<bob@example.org>") == b"250 2.1.0 Ok\r\n"
+    assert say(sock, b"RCPT TO:<alice@example.com>") == b"250 2.1.5 Ok\r\n"
+    return sock
+
+
+@pytest.mark.parametrize("rcpt, reply", [
+    ("hangup@example.com", b"550 5.7.1 Recipient refused; goodbye\r\n"),
+    # A DEFER that closes says so with 421 (RFC 5321 §3.8).
+    ("later@example.com", b"421 4.7.1 Recipient held; come back later\r\n"),
+])
+def test_a_refusal_with_disconnect_ends_the_session_at_rcpt(gw, postfix, rcpt, reply) -> None:
+    with _transaction(gw, "203.0.113.9") as sock:
+        assert say(sock, f"RCPT TO:<{rcpt}>".encode()) == reply
+        sock.settimeout(5)
+        assert sock.recv(100) == b""
+    # Postfix saw the transaction abandoned, with no message.
+    postfix.wait_for_log(r"disconnect from unknown\[203\.0\.113\.9\]")
+    assert postfix.messages("alice") == []
+
+
+def test_a_refusal_with_disconnect_ends_the_session_at_data(gw, postfix) -> None:
+    with _transaction(gw, "203.0.113.10") as sock:
+        assert say(sock, b"DATA").startswith(b"354 ")
+        assert say(sock, b"Subject: x\r\n\r\nHANGUP\r\n.") == b"554 5.7.0 Message refused; goodbye\r\n"
+        sock.settimeout(5)
+        assert sock.recv(100) == b""
+    postfix.wait_for_log(r"disconnect from unknown\[203\.0\.113\.10\]")
+    assert postfix.messages("alice") == []
+
+
+def test_a_refusal_with_disconnect_ends_the_session_at_vrfy(gw) -> None:
+    sock = gw.raw()
+    with sock:
+        assert say(sock, b"EHLO c.example.net").startswith(b"250-")
+        assert say(sock, b"VRFY hangup") == b"550 5.7.1 Not you again\r\n"
+        sock.settimeout(5)
+        assert sock.recv(100) == b""
+
+
 def test_disconnect_hook_runs(gw) -> None:
     with gw.client(xclient="203.0.113.8"):
         pass
