@@ -157,34 +157,31 @@ class Gateway:
         """Whether a connection from ``peer`` must begin with a PROXY header."""
         return self.settings.proxy_protocol and (not self._proxy or ip_in(peer, self._proxy))
 
-    async def admit(self, ip: str) -> Reply | None:
+    async def admit(self, ip: str | None) -> Reply | None:
         """Count a new client; the reply to refuse it with if over a limit.
+        With ``ip`` None it counts against ``max_connections`` only: a
+        connection whose client is not known yet (it is to send a PROXY
+        header), or a front proxy in ``xclient_hosts``.
 
         The limits hold for all workers together (gateway/limits.py).
         """
         if self.closing:
             return replies.SERVICE_BUSY.format(hostname=self.settings.hostname)
         counts, settings = self.counts, self.settings
-        full = await counts.admit(counts.bucket(ip), settings.max_connections, settings.max_connections_per_ip)
+        bucket = None if ip is None else counts.bucket(ip)
+        full = await counts.admit(bucket, settings.max_connections, settings.max_connections_per_ip)
         if full == "total":
             return replies.SERVICE_BUSY.format(hostname=settings.hostname)
         if full == "address":
             return replies.TOO_MANY_CONNECTIONS.format(hostname=settings.hostname, ip=ip)
         return None
 
-    async def admit_unnamed(self) -> Reply | None:
-        """Count a connection whose client is not known yet (it is to send
-        a PROXY header) against ``max_connections``; ``release_unnamed``
-        once the header is in or the wait is over."""
-        if self.closing or await self.counts.admit(None, self.settings.max_connections):
-            return replies.SERVICE_BUSY.format(hostname=self.settings.hostname)
-        return None
-
-    def release_unnamed(self) -> None:
-        self.counts.add_unnamed(-1)
-
-    def release(self, ip: str) -> None:
-        self.counts.add(self.counts.bucket(ip), -1)
+    def release(self, ip: str | None) -> None:
+        """Stop counting a connection :meth:`admit` counted under ``ip``."""
+        if ip is None:
+            self.counts.add_unnamed(-1)
+        else:
+            self.counts.add(self.counts.bucket(ip), -1)
 
     async def drain(self) -> None:
         """Let open sessions finish, within ``shutdown_timeout``."""

@@ -106,6 +106,9 @@ class SMTPSession(_AiosmtpdSMTP):
         #: A refusal with ``disconnect`` is being answered: the session ends after its reply.
         self._hang_up_after_reply = False
         self._helo_tags: list[Verdict] = []
+        #: Whether this connection counts against the limits, and under
+        #: which address (None: in the total only).
+        self._counted = False
         self._counted_ip: str | None = None
         # Judged once, on the client the connection comes from (after a
         # PROXY header: the client behind the balancer, as Postfix does), so
@@ -223,7 +226,7 @@ class SMTPSession(_AiosmtpdSMTP):
         if self.gateway.expects_proxy(peer_ip):
             # Connections still waiting for their header count against the
             # total, so a flood of silent ones cannot go past the limit.
-            busy = await self.gateway.admit_unnamed()
+            busy = await self.gateway.admit(None)
             if busy is not None:
                 log.warning("client %s: %s", peer_ip, busy)
                 await self.reply(busy)
@@ -234,7 +237,7 @@ class SMTPSession(_AiosmtpdSMTP):
             except TimeoutError:
                 proxy = None
             finally:
-                self.gateway.release_unnamed()
+                self.gateway.release(None)
             if not proxy or not proxy.valid:
                 log.warning("client %s: invalid or missing PROXY header", peer_ip)
                 return False
@@ -248,12 +251,17 @@ class SMTPSession(_AiosmtpdSMTP):
             peer_ip=peer_ip,
             trusted=client.trusted,
         )
-        limit = await self.gateway.admit(client.text)
+        # A host allowed XCLIENT is a front proxy speaking for many clients:
+        # as Postfix exempts it from smtpd_client_connection_count_limit, it
+        # counts in the total only, or one proxy would cap the whole site
+        # behind it at max_connections_per_ip.
+        counted_ip = None if client.xclient else client.text
+        limit = await self.gateway.admit(counted_ip)
         if limit is not None:
             decisions.decision(self.session, "connect", "defer", limit)
             await self.reply(limit)
             return False
-        self._counted_ip = client.text
+        self._counted, self._counted_ip = True, counted_ip
         if self.settings.peername_lookup:
             if client.loopback:
                 # As every hosts file says; no query leaves the machine.
@@ -404,9 +412,9 @@ class SMTPSession(_AiosmtpdSMTP):
 
     def _release_slot(self) -> None:
         """Stop counting this connection against the limits (once)."""
-        if self._counted_ip is not None:
+        if self._counted:
             self.gateway.release(self._counted_ip)
-            self._counted_ip = None
+            self._counted = False
 
     async def _cleanup(self) -> None:
         """Disconnect hooks and the next hop's goodbye; the session stays

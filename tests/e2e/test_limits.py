@@ -125,7 +125,8 @@ def test_the_221_is_sent_only_once_the_place_is_free(gateway, monkeypatch) -> No
 
 
 def test_connections_per_client_ip(start_gateway, postfix) -> None:
-    gw = start_gateway(f"127.0.0.1:{postfix.port}", max_connections_per_ip=2)
+    # Not an XCLIENT host: those count in the total only (below).
+    gw = start_gateway(f"127.0.0.1:{postfix.port}", max_connections_per_ip=2, xclient_hosts=[])
     first, second = gw.raw(), gw.raw()
     third = socket.create_connection(("127.0.0.1", gw.port), timeout=5)
     try:
@@ -135,15 +136,37 @@ def test_connections_per_client_ip(start_gateway, postfix) -> None:
         for s in (first, second, third):
             s.close()
     # Slots are given back when clients leave.
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        s = socket.create_connection(("127.0.0.1", gw.port), timeout=5)
-        with s:
-            if recv_reply(s).startswith(b"220 "):
-                break
+    _wait_for_a_free_place(gw, 5, "connection slots were not released")
+
+
+def _wait_for_a_free_place(gw, within: float, failure: str) -> None:
+    """Connect until the gateway greets with 220 (bounded by ``within`` s)."""
+    deadline = time.monotonic() + within
+    while True:
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as sock:
+            if recv_reply(sock).startswith(b"220 "):
+                return
+        assert time.monotonic() < deadline, failure
         time.sleep(0.05)
-    else:
-        pytest.fail("connection slots were not released")
+
+
+def test_a_front_proxy_allowed_xclient_counts_in_the_total_only(start_gateway, postfix) -> None:
+    # As Postfix exempts XCLIENT hosts from its per-client connection limit:
+    # a proxy speaks for many clients, and max_connections_per_ip would cap
+    # the whole site behind it.  The total still holds.
+    gw = start_gateway(f"127.0.0.1:{postfix.port}", max_connections_per_ip=1, max_connections=3)
+    held = [gw.raw() for _ in range(3)]  # each got its 220
+    try:
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as fourth:
+            assert recv_reply(fourth) == b"421 4.7.0 gw.test.example Error: too many connections\r\n"
+        for sock in held:
+            sock.sendall(b"XCLIENT ADDR=203.0.113.7\r\n")
+            assert recv_reply(sock).startswith(b"220 ")
+    finally:
+        for sock in held:
+            sock.close()
+    # Their places are given back, in the total.
+    _wait_for_a_free_place(gw, 5, "connection places were not released")
 
 
 def test_command_timeout(start_gateway, postfix) -> None:
@@ -222,15 +245,9 @@ def test_a_client_that_stops_reading_is_timed_out(start_gateway, postfix, backlo
     # As Postfix's smtpd_timeout limits each write too: a client that does
     # not read its replies loses its session after command_timeout, and its
     # place with it.
-    gw = start_gateway(f"127.0.0.1:{postfix.port}", command_timeout=1.0, max_connections_per_ip=1)
+    gw = start_gateway(f"127.0.0.1:{postfix.port}", command_timeout=1.0, max_connections_per_ip=1, xclient_hosts=[])
     with _held_by_a_client_that_stops_reading(gw, backlog):
-        deadline = time.monotonic() + 8
-        while True:
-            with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as other:
-                if recv_reply(other).startswith(b"220 "):
-                    break
-            assert time.monotonic() < deadline, "the client that stopped reading kept its place"
-            time.sleep(0.2)
+        _wait_for_a_free_place(gw, 8, "the client that stopped reading kept its place")
 
 
 def _gateway_holds(gw, client: socket.socket) -> bool:
