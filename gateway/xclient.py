@@ -20,10 +20,11 @@ __all__ = ["Refused", "session_changes"]
 #: Postfix's limit on one attribute's value.
 VALUE_MAX = 255
 
-_XTEXT = re.compile(r"\+([0-9A-F]{2})")
-#: What the command line itself may not carry (smtp.py): xtext must not
-#: smuggle it in, into our logs, a plugin's HELO or the next hop's XCLIENT.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_XTEXT = re.compile(rb"\+([0-9A-F]{2})")
+#: What the command line itself may not carry (smtp.py), and the C1
+#: controls: xtext must not smuggle them in, into our logs, a plugin's HELO
+#: or the next hop's XCLIENT.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _UNAVAILABLE = ("[UNAVAILABLE]", "[TEMPUNAVAIL]")
 
 
@@ -36,7 +37,12 @@ class Refused(Exception):
 
 
 def _xtext_decode(value: str) -> str:
-    return _XTEXT.sub(lambda m: chr(int(m[1], 16)), value)
+    """xtext's ``+XX`` are octets, and the octets are UTF-8, as the rest
+    of the command line is: ``b+C3+BCcher.example`` is ``bücher.example``.
+    Raises ValueError (UnicodeDecodeError) for octets that are no UTF-8."""
+    if "+" not in value:
+        return value
+    return _XTEXT.sub(lambda m: bytes((int(m[1], 16),)), value.encode()).decode()
 
 
 def session_changes(arg: str) -> dict[str, Any]:
@@ -53,9 +59,9 @@ def session_changes(arg: str) -> dict[str, Any]:
     for item in items:
         name, eq, value = item.partition("=")
         name = name.upper()
-        value = _xtext_decode(value)
-        unavailable = value.upper() in _UNAVAILABLE
         try:
+            value = _xtext_decode(value)
+            unavailable = value.upper() in _UNAVAILABLE
             if not eq or _CONTROL.search(value):
                 raise ValueError
             if name == "ADDR":

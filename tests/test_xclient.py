@@ -32,6 +32,10 @@ def test_names_port_helo_and_proto() -> None:
     }
 
 
+def test_xtext_octets_are_utf_8() -> None:
+    assert session_changes("HELO=b+C3+BCcher.example")["helo"] == "b\u00fccher.example"
+
+
 def test_an_ipv4_mapped_address_is_the_ipv4_client() -> None:
     assert session_changes("ADDR=IPV6:::ffff:192.0.2.9")["client_ip"] == ipaddress.ip_address("192.0.2.9")
 
@@ -55,6 +59,8 @@ def test_unavailable_values_are_unknown() -> None:
     # xtext may encode any byte, a line break too: one for our log lines
     ("HELO=mx.example.net+0D+0Aforged=yes", "HELO=mx.example.net+0D+0Aforged=yes"),
     ("HELO=a+00b", "HELO=a+00b"),
+    ("HELO=a+C2+85b", "HELO=a+C2+85b"),  # U+0085, a C1 control (NEXT LINE)
+    ("HELO=a+FFb", "HELO=a+FFb"),  # no UTF-8
     ("NAME=[UNAVAILABLE]+09", "NAME=[UNAVAILABLE]+09"),
 ])
 def test_a_bad_attribute_is_named(arg: str, attribute: str) -> None:

@@ -202,6 +202,9 @@ def test_xclient_syntax(sock) -> None:
     assert say(sock, b"XCLIENT LOGIN=alice") == b"501 5.5.4 Bad XCLIENT attribute: LOGIN=alice\r\n"
     # xtext encodes any byte: a line break must not reach a log line or a plugin.
     assert say(sock, b"XCLIENT HELO=mx+0D+0Aforged") == b"501 5.5.4 Bad XCLIENT attribute: HELO=mx+0D+0Aforged\r\n"
+    # Its octets are UTF-8: U+0085 (NEXT LINE) is a control too, and 0xFF no text.
+    for bad in (b"HELO=mx+C2+85forged", b"HELO=mx+FF"):
+        assert say(sock, b"XCLIENT " + bad) == b"501 5.5.4 Bad XCLIENT attribute: " + bad + b"\r\n"
     for unknown in (b"[UNAVAILABLE]", b"[TEMPUNAVAIL]"):
         assert say(sock, b"XCLIENT ADDR=" + unknown + b" NAME=[UNAVAILABLE]") == (
             b"501 5.5.4 Bad XCLIENT attribute: ADDR=" + unknown + b": the client's address is required\r\n"
