@@ -23,7 +23,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from aiosmtpd.proxy_protocol import get_proxy
 from aiosmtpd.smtp import SMTP as _AiosmtpdSMTP
@@ -58,6 +58,15 @@ class _Close(Exception):
     """End the session after the reply that was just sent."""
 
 
+class _ClientReader(asyncio.StreamReader):
+    """asyncio's reader, with a way to put bytes back in front."""
+
+    def unread(self, data: bytes) -> None:
+        # asyncio has no public call for it; its buffer is this bytearray
+        # in every CPython since 3.4 (test_data_properties.py would notice).
+        self._buffer[:0] = data  # type: ignore[attr-defined]
+
+
 class SMTPSession(_AiosmtpdSMTP):
     """One client connection."""
 
@@ -70,7 +79,7 @@ class SMTPSession(_AiosmtpdSMTP):
         self.loop = loop
         asyncio.StreamReaderProtocol.__init__(
             self,
-            asyncio.StreamReader(limit=_READ_LIMIT, loop=loop),
+            _ClientReader(limit=_READ_LIMIT, loop=loop),
             client_connected_cb=self._cb_client_connected,
             loop=loop,
         )
@@ -826,12 +835,18 @@ class SMTPSession(_AiosmtpdSMTP):
         limit and the bare-newline policy are applied only once the whole
         message is in, so the client is at a command boundary for the reply.
         """
-        reader = self._reader
+        reader = cast(_ClientReader, self._reader)  # made in __init__
         limit = self.settings.max_message_size
         deadline, timeout, timed_out = self.deadline, self.settings.data_timeout, self._timed_out
         buf = bytearray()
         # The stream so far ends a line: the message's first byte starts one.
-        tail = b"\r\n"
+        # That line end goes in front of the message too, so that reading up
+        # to the whole end marker finds an empty message's (".\r\n" at once)
+        # and nothing shorter: a separator of ".\r\n" alone returned at every
+        # line that ends in a dot, a read per four bytes for "x.\r\n" lines.
+        reader.unread(b"\r\n")
+        virtual = 2
+        tail = b""
         total = 0
         #: Dots that start a line on the wire, the end marker's included:
         #: dot-stuffing, which the message's size leaves out (RFC 1870 §3).
@@ -842,12 +857,16 @@ class SMTPSession(_AiosmtpdSMTP):
             deadline.arm(timeout, timed_out)
             self._silence = timeout
             try:
-                piece = await reader.readuntil(b".\r\n")
+                piece = await reader.readuntil(b"\r\n.\r\n")
             except asyncio.LimitOverrunError as exc:
+                # Short of the marker's length, so a marker that begins in
+                # what is left is found by the next read.
                 piece = await reader.readexactly(exc.consumed)
             finally:
                 self._silence = 0.0
                 deadline.disarm()
+            if virtual:
+                tail, piece, virtual = piece[:virtual], piece[virtual:], 0
             total += len(piece)
             if dots >= 0:
                 dots += piece.count(b"\r\n.")

@@ -345,3 +345,29 @@ def test_the_model_on_known_cases() -> None:
     assert model(b"..ab\r\n.\r\n", "reject", max_size=5) == Outcome(message=b".ab\r\n")
     assert model(b"..abc\r\n.\r\n", "reject", max_size=5) == Outcome(reply=replies.MESSAGE_TOO_BIG)
     assert dot_ends(b"a\n.\nb\r\n.\r\n") == {"rfc5321": 10, "bare LF too": 4, "bare CR too": 4}
+
+
+def test_lines_that_end_in_a_dot_cost_no_read_each() -> None:
+    # Read up to ".\r\n" alone, a stream of "x.\r\n" lines took a read per
+    # four bytes (a 10 MB message, seconds of CPU); up to the whole end
+    # marker, the reads depend on the buffer, not the lines.
+    reads = 0
+    readuntil = asyncio.StreamReader.readuntil
+
+    async def counted(self: asyncio.StreamReader, separator: bytes = b"\n") -> bytes:
+        nonlocal reads
+        reads += 1
+        return await readuntil(self, separator)
+
+    lines = b"x.\r\n" * 10_000
+    with mock.patch.object(asyncio.StreamReader, "readuntil", counted):
+        result, rest = asyncio.run(read_data(lines + b".\r\nQUIT\r\n", [], gateway_settings("reject"), 65536))
+    assert result == (lines, None) and rest == b"QUIT\r\n"
+    assert reads == 1
+
+
+def test_an_empty_message_ends_at_once() -> None:
+    # The line end of the DATA command is the end marker's first CRLF: a
+    # client that sends ".\r\n" and waits must get its reply.
+    result, rest = asyncio.run(read_data(b".\r\nQUIT\r\n", [], gateway_settings("reject"), 65536))
+    assert result == (b"", None) and rest == b"QUIT\r\n"
