@@ -64,7 +64,7 @@ def _load(path: str | None, say: _Say | None = None, **overrides: object) -> Pol
         raise
     policy = policy.with_overrides(**overrides)
     registry = load_plugins(policy, Context(policy.gateway))  # validates every plugin table
-    for risk in relay_risks(policy, {p.name for p in registry.plugins}):
+    for risk in relay_risks(policy, {p.name for p in registry.plugins}) + limit_risks(policy):
         (say or _Say()).warning(f"{policy.source}: warning: {risk}")
     return policy
 
@@ -76,6 +76,22 @@ def _plugin_problems(source: str, tables: Mapping[str, Any]) -> list[Problem]:
         load_plugins(policy, Context(policy.gateway))
     except PolicyError as exc:
         return exc.problems
+    return []
+
+
+#: Postfix's default line_length_limit: its smtpd cuts a longer command.
+POSTFIX_LINE_LIMIT = 2048
+
+
+def limit_risks(policy: Policy) -> list[str]:
+    """Valid limits that Postfix as the next hop does not keep by default."""
+    settings = policy.gateway
+    if settings.max_line_length > POSTFIX_LINE_LIMIT and settings.upstream_endpoint.maildir is None:
+        return [
+            f"gateway.max_line_length ({settings.max_line_length}) is over {POSTFIX_LINE_LIMIT}, Postfix's "
+            "default line_length_limit: a longer command reaches Postfix cut short and loses its last "
+            "parameters (raise line_length_limit in its main.cf to match)"
+        ]
     return []
 
 

@@ -70,6 +70,21 @@ def test_lint_warns_of_proxy_headers_from_anyone_where_some_clients_may_relay(tm
     assert smtpgate("lint", str(policy)).stderr == ""
 
 
+def test_lint_warns_of_command_lines_longer_than_postfix_takes(tmp_path: Path) -> None:
+    policy = policy_file(tmp_path, '[gateway]\nhostname = "gw.example.org"\nupstream = "127.0.0.1:10025"\n'
+                         'max_line_length = 4096\n')
+    run = smtpgate("lint", str(policy))
+    assert run.returncode == 0 and run.stdout == f"{policy}: ok\n"
+    assert run.stderr.splitlines() == [
+        f"{policy}: warning: gateway.max_line_length (4096) is over 2048, Postfix's default "
+        "line_length_limit: a longer command reaches Postfix cut short and loses its last parameters "
+        "(raise line_length_limit in its main.cf to match)",
+    ]
+    # Delivering into a Maildir, no MTA reads the commands.
+    policy.write_text(policy.read_text().replace('"127.0.0.1:10025"', '"maildir:mail"'))
+    assert smtpgate("lint", str(policy)).stderr == ""
+
+
 def test_shipped_policies_give_no_warning() -> None:
     run = smtpgate("lint", *sorted(map(str, (ROOT / "policies").glob("*.toml"))))
     assert run.returncode == 0 and run.stderr == ""
