@@ -126,6 +126,8 @@ def test_relay_denied_for_outside_client(postfix: PostfixInstance) -> None:
         code, reply = client.rcpt("someone@remote.test")
     assert (code, reply) == (554, b"5.7.1 <someone@remote.test>: Relay access denied")
 
+    # Postfix logs the rejection after it answers: wait for the line.
+    postfix.wait_for_log(r"reject: RCPT .*<someone@remote\.test>")
     [rejection] = postfix.rejections()
     assert rejection["addr"] == "203.0.113.7"
     assert rejection["reply"].startswith("554 5.7.1 ")
