@@ -431,8 +431,14 @@ def parse_table(
     """
     if not isinstance(table, dict):
         return None, [Problem(source, prefix, "expected a table")]
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    try:
+        fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        hints = typing.get_type_hints(cls)
+    except Exception as exc:
+        # A plugin's Options that is no dataclass, or whose annotations name
+        # what its module imports only for type checkers: said as a problem
+        # of the plugin's table, not as a traceback.
+        return None, [Problem(source, prefix, f"an Options dataclass the loader can read ({exc!r}) (a bug in the plugin)")]
     # A plugin author's mistake, said whether or not this policy sets the
     # key: a later policy that did would be refused out of the blue.
     untyped = {name for name in fields if not _supported(hints[name])}

@@ -212,3 +212,39 @@ def test_an_option_type_the_loader_cannot_check_is_named_even_unset(table) -> No
     (problem,) = info.value.problems
     assert problem.key == "plugins.listy.names"
     assert problem.expected == "an option type the loader takes, not list[str] (a bug in the plugin)"
+
+
+class PlainOptions(Plugin):
+    class Options:  # not a dataclass: the author forgot @dataclass
+        level: int = 1
+
+    @hookimpl
+    def rcpt(self):
+        return None
+
+
+class UnresolvedOptions(Plugin):
+    @dataclass(frozen=True)
+    class Options:
+        # A name imported only under TYPE_CHECKING: the annotation cannot
+        # be resolved when the loader reads it.
+        level: "Decimal | None" = None  # noqa: F821
+
+    @hookimpl
+    def rcpt(self):
+        return None
+
+
+@pytest.mark.parametrize("cls,why", [
+    (PlainOptions, "a dataclass"),
+    (UnresolvedOptions, "NameError"),
+], ids=["not-a-dataclass", "unresolved-annotation"])
+@pytest.mark.parametrize("table", [{}, {"enabled": False}], ids=["enabled", "disabled"])
+def test_options_the_loader_cannot_read_are_a_named_problem(cls, why, table) -> None:
+    # Once, a traceback from dataclasses or typing, and exit 1 from lint.
+    with pytest.raises(PolicyError) as info:
+        load({"odd": table}, {"odd": cls})
+    (problem,) = info.value.problems
+    assert problem.key == "plugins.odd"
+    assert problem.expected.startswith("an Options dataclass the loader can read (")
+    assert why in problem.expected and problem.expected.endswith("(a bug in the plugin)")

@@ -399,3 +399,45 @@ def test_no_acknowledged_message_is_lost_across_reloads_and_a_worker_crash(serve
     assert set(acked) <= delivered
     # Reloads cut nobody off; only sessions on the killed worker may fail.
     assert len(failed) <= 4, failed
+
+
+def third_party_plugins(tmp_path: Path, **modules: str) -> dict[str, str]:
+    """An environment in which a distribution ``thirdparty`` is installed
+    (on PYTHONPATH) with one plugin per module: ``NAME = tp_NAME:Plugin``."""
+    site = tmp_path / "site"
+    dist = site / "thirdparty-1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdparty\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(
+        "[smtpgate.plugins]\n" + "".join(f"{name} = tp_{name}:Plugin\n" for name in modules)
+    )
+    for name, source in modules.items():
+        (site / f"tp_{name}.py").write_text(source)
+    return {**ENV, "PYTHONPATH": os.pathsep.join([str(site), ENV["PYTHONPATH"]])}
+
+
+NOT_A_DATACLASS = """\
+import gateway
+
+class Plugin(gateway.Plugin):
+    class Options:
+        level: int = 1
+
+    @gateway.hookimpl
+    async def mail(self, envelope):
+        return None
+"""
+
+
+def test_a_third_party_plugin_with_unreadable_options_stops_serve_before_it_listens(tmp_path: Path) -> None:
+    env = third_party_plugins(tmp_path, odd=NOT_A_DATACLASS)
+    policy = tmp_path / "odd.toml"
+    policy.write_text('[gateway]\nhostname = "gw.test.example"\n[plugins.odd]\n')
+    port = free_port()
+    run = subprocess.run([*SMTPGATE, "serve", "--policy", str(policy), "--listen", f"127.0.0.1:{port}"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=30, env=env)
+    assert run.returncode == 2, run.stderr
+    assert f"{policy}: plugins.odd: an Options dataclass the loader can read (" in run.stderr
+    assert "Traceback" not in run.stderr and "listening on" not in run.stderr
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2)
