@@ -98,11 +98,13 @@ def load_plugins(
 
     def load(name: str, *, required: bool = True) -> type | None:
         # Imported on demand.  A broken plugin the policy does not name, or
-        # names only to disable it, is no reason to stop.
+        # names only to disable it, is no reason to stop.  SystemExit too:
+        # a module that calls sys.exit() as it is imported is broken, not
+        # a request to end the gateway.
         if name not in classes:
             try:
                 classes[name] = available[name][0]()
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 classes[name] = None
                 if name in policy.plugins and required:
                     problems.append(Problem(policy.source, f"plugins.{name}",

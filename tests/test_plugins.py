@@ -84,23 +84,35 @@ def test_option_errors_name_the_plugin_key() -> None:
     assert str(info.value.problems[0]).startswith("p.toml: plugins.a.colour: unknown key")
 
 
-def test_a_broken_plugin_is_an_error_only_where_the_policy_names_it(monkeypatch, caplog) -> None:
+@pytest.mark.parametrize("name,value,source,why", [
+    ("broken", "no_such_module_anywhere:Plugin", None, "ModuleNotFoundError("),
+    # sys.exit() at import (a missing licence, a wrong Python) is SystemExit,
+    # no Exception: it ended lint and serve with its bare message, exit 1,
+    # even for a policy that never names the plugin.
+    ("quits", "tp_quits:Plugin", "import sys\nsys.exit('no licence key')\n", "SystemExit('no licence key')"),
+], ids=["missing-module", "sys-exit"])
+def test_a_broken_plugin_is_an_error_only_where_the_policy_names_it(
+    monkeypatch, tmp_path, caplog, name, value, source, why
+) -> None:
     from importlib.metadata import EntryPoint
 
     import gateway.plugins as plugins_module
 
+    if source is not None:
+        (tmp_path / f"{value.split(':')[0]}.py").write_text(source)
+        monkeypatch.syspath_prepend(str(tmp_path))
     real = plugins_module.installed()
-    broken = EntryPoint("broken", "no_such_module_anywhere:Plugin", "smtpgate.plugins")
-    monkeypatch.setattr(plugins_module, "installed", lambda: {**real, "broken": broken})
+    broken = EntryPoint(name, value, "smtpgate.plugins")
+    monkeypatch.setattr(plugins_module, "installed", lambda: {**real, name: broken})
     with caplog.at_level(logging.WARNING, "smtpgate"):
         registry = load({}, {})
-    assert "broken" not in {p.name for p in registry.plugins}
-    assert "plugin broken (no_such_module_anywhere:Plugin" in caplog.text
+    assert name not in {p.name for p in registry.plugins}
+    assert f"plugin {name} ({value}" in caplog.text and why in caplog.text
     with pytest.raises(PolicyError) as info:
-        load({"broken": {}}, {})
+        load({name: {}}, {})
     (problem,) = info.value.problems
-    assert problem.key == "plugins.broken"
-    assert problem.expected.startswith("an importable plugin (no_such_module_anywhere:Plugin")
+    assert problem.key == f"plugins.{name}"
+    assert problem.expected.startswith(f"an importable plugin ({value}") and why in problem.expected
 
 
 @pytest.mark.parametrize("plugin,finding", [

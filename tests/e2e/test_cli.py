@@ -43,11 +43,11 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 15.0) -> N
 def serve(tmp_path: Path):
     procs: list[subprocess.Popen] = []
 
-    def start(*args: str) -> tuple[subprocess.Popen, int]:
+    def start(*args: str, env: dict[str, str] = ENV) -> tuple[subprocess.Popen, int]:
         port = free_port()
         proc = subprocess.Popen(
             [*SMTPGATE, "serve", "--listen", f"127.0.0.1:{port}", *args],
-            cwd=tmp_path, stderr=subprocess.PIPE, text=True, start_new_session=True, env=ENV,
+            cwd=tmp_path, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env,
         )
         procs.append(proc)
         wait_for_port(port, proc)
@@ -429,15 +429,42 @@ class Plugin(gateway.Plugin):
 """
 
 
-def test_a_third_party_plugin_with_unreadable_options_stops_serve_before_it_listens(tmp_path: Path) -> None:
-    env = third_party_plugins(tmp_path, odd=NOT_A_DATACLASS)
-    policy = tmp_path / "odd.toml"
-    policy.write_text('[gateway]\nhostname = "gw.test.example"\n[plugins.odd]\n')
+def refused_before_listening(tmp_path: Path, policy_text: str, env: dict[str, str]) -> str:
+    """Run serve on ``policy_text``; assert it exits 2 and never listens;
+    return what it said, the policy file's name as ``POLICY``."""
+    policy = tmp_path / "refused.toml"
+    policy.write_text(policy_text)
     port = free_port()
     run = subprocess.run([*SMTPGATE, "serve", "--policy", str(policy), "--listen", f"127.0.0.1:{port}"],
                          capture_output=True, text=True, cwd=tmp_path, timeout=30, env=env)
     assert run.returncode == 2, run.stderr
-    assert f"{policy}: plugins.odd: an Options dataclass the loader can read (" in run.stderr
     assert "Traceback" not in run.stderr and "listening on" not in run.stderr
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2)
+    return run.stderr.replace(str(policy), "POLICY")
+
+
+def test_a_third_party_plugin_with_unreadable_options_stops_serve_before_it_listens(tmp_path: Path) -> None:
+    env = third_party_plugins(tmp_path, odd=NOT_A_DATACLASS)
+    said = refused_before_listening(tmp_path, '[gateway]\nhostname = "gw.test.example"\n[plugins.odd]\n', env)
+    assert "POLICY: plugins.odd: an Options dataclass the loader can read (" in said
+
+
+QUITS_ON_IMPORT = "import sys\nsys.exit('no licence key')\n"
+
+
+def test_a_plugin_that_exits_on_import_stops_only_a_policy_that_names_it(serve, tmp_path: Path) -> None:
+    env = third_party_plugins(tmp_path, quits=QUITS_ON_IMPORT)
+    said = refused_before_listening(tmp_path, '[gateway]\nhostname = "gw.test.example"\n[plugins.quits]\n', env)
+    assert "POLICY: plugins.quits: an importable plugin (tp_quits:Plugin (thirdparty 1.0): " \
+           "SystemExit('no licence key'))" in said
+    # A policy that leaves it out serves, and says which plugin was skipped.
+    other = tmp_path / "other.toml"
+    other.write_text('[gateway]\nhostname = "gw.test.example"\nlocal_domains = ["example.com"]\n')
+    proc, port = serve("--policy", str(other), env=env)
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="mail.example.org", timeout=10) as client:
+        assert client.sendmail("bob@example.org", ["alice@example.com"], b"Subject: hi\r\n\r\nhello\r\n") == {}
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(15) == 0
+    assert "plugin quits (tp_quits:Plugin (thirdparty 1.0)) does not import: SystemExit('no licence key')" \
+        in proc.stderr.read()
