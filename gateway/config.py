@@ -294,7 +294,8 @@ class GatewaySettings:
 class DNSSettings:
     """The ``[dns]`` table, shared by every DNS-using plugin."""
 
-    #: ``"IP"`` or ``"IP:PORT"``; empty means the system resolver.
+    #: ``"IP"`` or ``"IP:PORT"``; empty means the system resolver
+    #: (127.0.0.1 where /etc/resolv.conf names none).
     nameservers: tuple[str, ...] = ()
     timeout: float = 5.0
 

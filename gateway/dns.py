@@ -307,7 +307,8 @@ class Resolver:
     """Asynchronous stub resolver with a TTL cache and in-flight de-duplication.
 
     :param nameservers: ``"IP"``, ``"IP:PORT"`` or ``"[V6]:PORT"``; empty means
-        the system's (/etc/resolv.conf).
+        the system's (/etc/resolv.conf; 127.0.0.1 if it names none, as
+        the C library's resolver takes it).
     :param timeout: seconds one question may take in all (retries and TCP
         fallback included) before it is TEMPFAIL; with several nameservers
         each gets an equal share before the next is asked.
@@ -355,7 +356,15 @@ class Resolver:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         servers = [_parse_nameserver(ns) for ns in nameservers]
-        self._dns = dns.asyncresolver.Resolver(configure=not servers)
+        try:
+            self._dns = dns.asyncresolver.Resolver(configure=not servers)
+        except dns.resolver.NoResolverConfiguration as exc:
+            # No nameserver line in /etc/resolv.conf, or no file: the C
+            # library's resolver then asks the local server (resolv.conf(5)),
+            # and so do we -- dnspython raised, and every worker died at start.
+            log.warning("the system names no DNS server (%s): asking 127.0.0.1, as the C library does", exc)
+            self._dns = dns.asyncresolver.Resolver(configure=False)
+            self._dns.nameservers = ["127.0.0.1"]
         if servers:
             self._dns.nameservers = servers
         self._dns.cache = None  # ours, see above

@@ -8,6 +8,7 @@ uses a fake clock instead of sleeping.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
 from collections.abc import Awaitable
@@ -387,6 +388,23 @@ def test_nameserver_forms(text: str, address: str, port: int) -> None:
 def test_bad_nameservers(text: str) -> None:
     with pytest.raises(ValueError):
         Resolver([text])
+
+
+
+@pytest.mark.parametrize("why", ["no nameservers", "cannot open /etc/resolv.conf"])
+def test_a_system_without_nameservers_means_the_local_one(monkeypatch, caplog, why: str) -> None:
+    # As the C library's resolver takes it (resolv.conf(5)).  dnspython
+    # raised instead, so every worker of an empty [dns] died as it started,
+    # and was replaced, and died, while serve had said it was listening.
+    def unconfigured(self, filename="/etc/resolv.conf"):
+        raise dns_resolver.NoResolverConfiguration(why)
+
+    monkeypatch.setattr(dns_resolver.BaseResolver, "read_resolv_conf", unconfigured)
+    with caplog.at_level(logging.WARNING, "smtpgate"):
+        resolver = Resolver([], timeout=2.0)
+    assert resolver._dns.nameservers == ["127.0.0.1"]
+    assert resolver._dns.timeout == 2.0
+    assert caplog.messages == [f"the system names no DNS server ({why}): asking 127.0.0.1, as the C library does"]
 
 
 # -------------------------------------------------------------------- DKIM
