@@ -644,18 +644,22 @@ def dkim_dnsfunc(resolver: Resolver) -> DkimDnsFunc:
     asks ``resolver``.
 
     dkimpy calls it as ``await f(name: bytes, timeout=5)`` and wants the first
-    TXT record with its strings joined, as bytes, or None if there is none.  A
+    TXT record with its strings joined, as bytes, or None if there is none.
+    Without ``timeout`` (as the dkim plugin calls it) a lookup takes as long
+    as ``resolver`` lets any question take: ``[dns] timeout``.  A
     TEMPFAIL raises ``dkim.DnsTimeoutError`` (a DKIMException), so callers
     using ``dkim.asyncsupport.DKIM`` directly can tell "temperror" from
     "no key"; ``verify_async`` itself turns it into False.  ``name`` may also
     be ``str`` (authheaders passes str for DMARC).
     """
 
-    async def dnsfunc(name: bytes | str, timeout: float = 5) -> bytes | None:
+    async def dnsfunc(name: bytes | str, timeout: float | None = None) -> bytes | None:
         qname = name.decode("utf-8", "replace") if isinstance(name, bytes) else name
         # A cached key (the usual case) needs no task and no timer.
         answer = resolver.cached(qname, "TXT")
-        if answer is None:
+        if answer is None and timeout is None:
+            answer = await resolver.query(qname, "TXT")  # bounded by the resolver's timeout
+        elif answer is None:
             try:
                 answer = await asyncio.wait_for(resolver.query(qname, "TXT"), timeout)
             except TimeoutError:

@@ -468,6 +468,17 @@ async def test_dkim_tempfail_raises_dns_error(resolver: Resolver, dns: DNSServer
     assert not await dkim.asyncsupport.verify_async(sign(pem), dnsfunc=dnsfunc)
 
 
+
+async def test_dkim_key_lookups_get_the_dns_timeout_of_the_policy(dns: DNSServer, rsa_key: tuple[bytes, str]) -> None:
+    # [dns] timeout is every check's; the dkim plugin asks without a
+    # timeout of its own, and once got dkimpy's default of 5 s instead:
+    # temperror for a key that arrived in 5.5 s, within the policy's 8.
+    _, public = rsa_key
+    publish_key(dns, public)
+    dns.delay("dkim.test", 5.5)
+    (record, took) = await timed(dkim_dnsfunc(Resolver([dns.nameserver], timeout=8.0))(b"s1._domainkey.dkim.test."))
+    assert record is not None and record.startswith(b"v=DKIM1;") and took >= 5.4
+
 async def test_dkim_key_from_zone_file(resolver: Resolver) -> None:
     record = await dkim_dnsfunc(resolver)(b"sel._domainkey.test.example.")
     assert record is not None and record.startswith(b"v=DKIM1;")
