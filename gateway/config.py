@@ -517,6 +517,13 @@ def _supported(hint: Any) -> bool:
     return False
 
 
+def _finite(number: int | float) -> bool:
+    try:
+        return math.isfinite(number)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
 def _coerce(value: Any, hint: Any) -> Any:
     """Check ``value`` against a type hint; lists become tuples."""
     origin = typing.get_origin(hint)
@@ -531,7 +538,9 @@ def _coerce(value: Any, hint: Any) -> Any:
     if hint is float:
         # TOML has nan and inf; no setting means either (a nan timeout
         # fires at once, a nan threshold compares false with everything).
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        # An integer beyond a float's range (TOML integers have no bound)
+        # is no finite number either.
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value):
             return float(value)
         raise TypeError(f"expected a finite number, got {value!r}")
     if hint is str:

@@ -124,6 +124,9 @@ def test_semantic_checks(tmp_path: Path) -> None:
     # The SMTP front reads at most 64 KiB at once: a longer line could not be taken.
     ("[gateway]\nmax_line_length = 100000\n", "gateway.max_line_length: expected 512 (RFC 5321 §4.5.3.1.4) to 65536"),
     ("[scoring]\ntag = 10\ndefer = nan\nreject = 5\n", "scoring.defer: expected a finite number, got nan"),
+    # An integer too large for a float ended in an OverflowError traceback.
+    ("[gateway]\nhook_timeout = 1" + "0" * 400 + "\n", "gateway.hook_timeout: expected a finite number, got 1" + "0" * 400),
+    ("[scoring]\nreject = -1" + "0" * 400 + "\n", "scoring.reject: expected a finite number, got -1" + "0" * 400),
     ("[scoring]\nreject = 0\n", "scoring.reject: a threshold above 0"),
     ("[scoring]\ntag = -1\n", "scoring.tag: a threshold above 0"),
     ('[gateway]\nhostname = "mx"\n', "gateway.hostname: expected a fully qualified host name (with a dot, not an address)"),
