@@ -380,6 +380,8 @@ def load_policy(path: str | Path) -> Policy:
         raise PolicyError([Problem(name, "(syntax)", f"UTF-8 text (byte {exc.start}: {exc.reason})")]) from None
     except tomllib.TOMLDecodeError as exc:
         raise PolicyError([Problem(name, "(syntax)", f"valid TOML: {exc}")]) from None
+    except ValueError as exc:  # an integer of more digits than int() takes (4300)
+        raise PolicyError([Problem(name, "(syntax)", f"valid TOML with numbers Python can read ({exc})")]) from None
     except RecursionError:  # tomllib parses nested arrays and tables recursively
         raise PolicyError([Problem(name, "(syntax)", "TOML nested less deeply")]) from None
     return policy_from_dict(data, name)

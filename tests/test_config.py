@@ -223,6 +223,14 @@ def test_toml_nested_too_deeply_is_a_policy_error(tmp_path: Path) -> None:
     assert problems(path) == [f"{path}: (syntax): TOML nested less deeply"]
 
 
+
+def test_an_integer_longer_than_python_reads_is_a_policy_error(tmp_path: Path) -> None:
+    # tomllib raises a plain ValueError past 4300 digits (CPython's limit
+    # on converting text to int): a traceback, exit 1.
+    path = write(tmp_path, "[gateway]\nmax_recipients = 1" + "0" * 5000 + "\n")
+    (line,) = problems(path)
+    assert line.startswith(f"{path}: (syntax): valid TOML with numbers Python can read (Exceeds the limit (4300 digits)")
+
 @pytest.mark.parametrize("text", [
     "::1", "::1:25",  # IPv6 without brackets: is ":25" its port or its last group?
     "[[::1]]:25", "::1]:25", "[127.0.0.1]:25", "smtp://x:25", "a b:25", " 127.0.0.1:25",
