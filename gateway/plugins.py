@@ -182,6 +182,10 @@ def load_plugins(
         except pluggy.PluginValidationError as exc:
             problems.append(Problem(policy.source, f"plugins.{name}", f"valid hook implementations: {exc}"))
             continue
+        except Exception as exc:  # pluggy reads every attribute: a property may raise
+            log.error("plugin %s (%s) cannot be registered", name, origin, exc_info=True)
+            problems.append(Problem(policy.source, f"plugins.{name}", f"a plugin pluggy can register ({exc!r})"))
+            continue
         loaded.append(LoadedPlugin(name, instance, origin, ()))
     if not problems:
         try:

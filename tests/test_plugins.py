@@ -175,13 +175,27 @@ def test_a_disabled_plugin_need_not_be_given_its_required_options() -> None:
     assert "needs" not in {p.name for p in registry.plugins}
 
 
-def test_a_plugin_whose_constructor_raises_is_a_named_problem(caplog) -> None:
+class RaisingProperty(A):
+    """pluggy reads every attribute of a plugin as it registers it."""
+
+    @property
+    def connected(self) -> bool:
+        raise RuntimeError("not connected yet")
+
+
+@pytest.mark.parametrize("cls,expected,logged", [
+    (CannotWork, "a plugin that starts (RuntimeError('no licence file'))", "RuntimeError: no licence file"),
+    # Once, the RuntimeError's traceback from inside pluggy, and exit 1.
+    (RaisingProperty, "a plugin pluggy can register (RuntimeError('not connected yet'))",
+     "RuntimeError: not connected yet"),
+], ids=["constructor", "registration"])
+def test_a_plugin_that_raises_as_it_is_set_up_is_a_named_problem(caplog, cls, expected, logged) -> None:
     with caplog.at_level(logging.ERROR, "smtpgate"), pytest.raises(PolicyError) as info:
-        load({"cannot": {}}, {"cannot": CannotWork})
+        load({"cannot": {}}, {"cannot": cls})
     (problem,) = info.value.problems
     assert problem.key == "plugins.cannot"
-    assert problem.expected == "a plugin that starts (RuntimeError('no licence file'))"
-    assert "plugin cannot" in caplog.text and "RuntimeError: no licence file" in caplog.text
+    assert problem.expected == expected
+    assert "plugin cannot" in caplog.text and logged in caplog.text
 
 
 def test_a_plugin_of_ours_maps_findings_to_actions_through_the_policy() -> None:
