@@ -101,7 +101,14 @@ a default must be in the table.  For checks beyond types, give the class a
 ``check(self) -> dict[str, str]`` returning ``{key: "expected ..."}``; a
 ``ValueError`` from ``__post_init__`` is reported too, but names only the
 table.  Every problem is reported as ``FILE: plugins.NAME.KEY: ...`` and
-nothing starts.  ``enabled`` is the gateway's own key.
+nothing starts.  ``enabled`` is the gateway's own key.  So is a plugin
+that cannot be loaded, as ``FILE: plugins.NAME: ...``: a module that does
+not import (an exception or ``sys.exit()`` at import), an ``Options`` that
+is no dataclass or whose hints name what the module imports only for type
+checkers, a constructor or an attribute pluggy reads at registration that
+raises.  Every installed plugin is imported at start to see whether it
+runs by default; one the policy does not enable that fails to import is
+only logged.
 
 Findings and actions
 --------------------
