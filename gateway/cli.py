@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -147,6 +148,10 @@ def _positive(text: str) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # A reload asked for while we start (systemd counts the unit as started
+    # at once) waits for the supervisor, which takes SIGHUP from the blocked
+    # set; by default it would end the process, silently, as a clean exit.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     from .server import run  # the server's imports are not needed by lint
 
     logsetup.configure(args.log_format, args.log_level)

@@ -20,7 +20,9 @@ then only watches them:
   policy while open sessions finish under the old one (gateway/server.py).
 
 Signals are blocked and taken with ``sigtimedwait``, so no code runs in a
-signal handler and none can arrive unseen between two checks.
+signal handler and none can arrive unseen between two checks.  ``serve``
+blocks SIGHUP from its start, so a reload asked for while it loads the
+policy and plugins is done once the workers run, instead of ending it.
 """
 
 from __future__ import annotations
@@ -205,7 +207,9 @@ class Supervisor:
                 if other is not slot:
                     other.sock.close()
             early = _record_signals()
-            signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
+            # Without the signals we watch, which a worker takes itself (serve
+            # blocks SIGHUP from its start, see cli.py).
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._mask - _WATCHED)
             _die_with(self._parent)
             self._work(self.policy, slot.sock, self._counts.row(slot.index), early)
         except BaseException:

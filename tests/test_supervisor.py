@@ -80,10 +80,10 @@ sys.exit(Supervisor(policy, [socket.socket()], work, lambda: policy).run())
 """
 
 
-def supervise_until(needle: str, **popen) -> str:
-    """Run SCRIPT's supervisor until its log shows ``needle``, then SIGTERM
-    it; its whole log.  It must exit 0: stopped while it waited."""
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(SCRIPT)], cwd=ROOT,
+def supervise_until(needle: str, script: str = SCRIPT, **popen) -> str:
+    """Run ``script``'s supervisor until its log shows ``needle``, then
+    SIGTERM it; its whole log.  It must exit 0: stopped while it waited."""
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], cwd=ROOT,
                             stderr=subprocess.PIPE, text=True, **popen)
     log = ""
     try:
@@ -128,3 +128,14 @@ def test_workers_are_replaced_even_if_sigchld_was_ignored_by_whoever_started_us(
     # SIG_IGN survives exec: a careless service manager hands it down.
     log = supervise_until("starts in 0.5 s", preexec_fn=lambda: signal.signal(signal.SIGCHLD, signal.SIG_IGN))
     assert "its replacement starts in 0.5 s" in log  # the second death was seen too
+
+
+def test_workers_take_the_signals_the_parent_watches_whoever_blocked_them() -> None:
+    # serve blocks SIGHUP from its start, so a reload asked for while it
+    # loads its plugins waits for the supervisor; a worker that inherited
+    # the block would never reload (nor stop, for a blocked SIGTERM).
+    tell = ('import signal; print("worker blocks", sorted(s.name for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])),'
+            ' file=sys.stderr, flush=True); raise RuntimeError("done")')
+    log = supervise_until("its replacement starts", SCRIPT.replace('raise RuntimeError("this worker cannot start")', tell),
+                          preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, signal.SIGTERM}))
+    assert "worker blocks []" in log

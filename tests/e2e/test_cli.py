@@ -468,3 +468,56 @@ def test_a_plugin_that_exits_on_import_stops_only_a_policy_that_names_it(serve, 
     assert proc.wait(15) == 0
     assert "plugin quits (tp_quits:Plugin (thirdparty 1.0)) does not import: SystemExit('no licence key')" \
         in proc.stderr.read()
+
+
+#: A plugin whose module takes its time to import, as a big dependency
+#: can: it says when it has begun, then waits (at most 10 s) for a file.
+SLOW_IMPORT = """\
+import os, pathlib, time
+from dataclasses import dataclass
+import gateway
+
+here = pathlib.Path(os.environ["SLOW_IMPORT_DIR"])
+(here / "importing").touch()
+for _ in range(1000):
+    if (here / "go").exists():
+        break
+    time.sleep(0.01)
+
+class Plugin(gateway.Plugin):
+    @dataclass(frozen=True)
+    class Options:
+        pass
+"""
+
+
+def test_a_sighup_while_serve_starts_is_a_reload_not_its_end(tmp_path: Path) -> None:
+    # systemd counts a unit as started at once: `systemctl reload` right
+    # after `start` sent SIGHUP while serve was still loading its plugins,
+    # and its default action ended serve, silently, as a clean exit that
+    # Restart=on-failure does not restart.
+    env = {**third_party_plugins(tmp_path, slow=SLOW_IMPORT), "SLOW_IMPORT_DIR": str(tmp_path)}
+    policy = tmp_path / "slow.toml"
+    policy.write_text('[gateway]\nhostname = "gw.test.example"\nupstream = "maildir:maildir"\n'
+                      'local_domains = ["example.com"]\n[plugins.slow]\n')
+    port = free_port()
+    proc = subprocess.Popen([*SMTPGATE, "serve", "--policy", str(policy), "--listen", f"127.0.0.1:{port}",
+                             "--workers", "1"], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env=env)
+    try:
+        deadline = time.monotonic() + 15
+        while not (tmp_path / "importing").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGHUP)
+        (tmp_path / "go").touch()
+        wait_for_port(port, proc)
+        with smtplib.SMTP("127.0.0.1", port, local_hostname="mail.example.org", timeout=10) as client:
+            assert client.sendmail("bob@example.org", ["alice@example.com"], b"Subject: hi\r\n\r\nhello\r\n") == {}
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(15) == 0
+        assert f"reloading {policy} in 1 worker(s)" in proc.stderr.read()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        proc.stderr.close()
