@@ -32,6 +32,7 @@ import binascii
 import functools
 import logging
 import re
+import types
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -270,6 +271,32 @@ def _compress_whitespace(content: bytes) -> bytes:
     return _WSP_RUN.sub(b" ", content)
 
 
+#: The pattern of dkimpy's whitespace removal (see _sub).
+_WHITESPACE = rb"\s+"
+
+
+def _sub(pattern: Any, repl: Any, string: Any, count: int = 0, flags: int = 0) -> Any:
+    """``re.sub`` as dkimpy's module calls it, but for one use.
+
+    dkimpy takes the whitespace out of the b= and bh= values with
+    ``re.sub(br"\\s+", b"", value)``, each twice per signature.  The
+    pattern has no first byte to look for, so the matcher is started at
+    every byte: about 68,000 instructions for the b= value of a 2048-bit
+    key, against 5,000 for ``bytes.split``, which splits at the same six
+    ASCII whitespace bytes that ``\\s`` matches in a bytes pattern
+    (tests/test_dkim.py compares them).
+    """
+    if type(pattern) is bytes and pattern == _WHITESPACE and repl == b"" and type(string) is bytes and not (count or flags):
+        return b"".join(string.split())
+    return re.sub(pattern, repl, string, count, flags)
+
+
+#: The ``re`` module as dkimpy's module sees it: the same functions, but
+#: ``sub`` (the stdlib's own ``re`` is left alone for everyone else).
+_DKIMPY_RE = types.ModuleType(re.__name__, re.__doc__)
+_DKIMPY_RE.__dict__.update({k: v for k, v in vars(re).items() if not k.startswith("__")})
+_DKIMPY_RE.sub = _sub  # type: ignore[attr-defined]
+dkim.re = _DKIMPY_RE
 dkim.rfc822_parse = _rfc822_parse
 dkim.select_headers = _select_headers
 dkim.parse_tag_value = _parse_tag_value

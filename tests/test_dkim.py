@@ -805,6 +805,32 @@ def test_faster_signature_value_pattern_removes_what_dkimpys_removes() -> None:
     assert _RE_BTAG.sub(b"\\1", b" a=1; b=xyz; c=2") == b" a=1; b=; c=2"
 
 
+def test_whitespace_removal_gives_what_dkimpys_pattern_gives() -> None:
+    import random
+    import re
+
+    from plugins.dkim import _sub
+
+    every_byte = [bytes([b]) for b in range(256)] + [b"a" + bytes([b]) + b"b" for b in range(256)]
+    rng = random.Random(19)
+    pieces = (b" ", b"\t", b"\r\n", b"\n", b"\r", b"\x0b", b"\x0c", b"\x1c", b"\x85", b"\xa0", b"A", b"9", b"+", b"=")
+    generated = [_fragments(rng, pieces, rng.randrange(0, 30)) for _ in range(3000)]
+    for value in [b"", sign(MESSAGE)] + every_byte + generated:
+        assert _sub(rb"\s+", b"", value) == re.sub(rb"\s+", b"", value), value
+    # Any other call is the stdlib's.
+    assert _sub(rb"\s+", b"-", b"a  b") == b"a-b"
+    assert _sub(r"\s+", "", "a \u2003b") == "ab"
+    assert _sub(rb"\s+", b"", b"a b c", 1) == b"ab c"
+
+
+def test_dkimpy_sees_the_faster_whitespace_removal_and_the_rest_of_re() -> None:
+    import re
+
+    assert dkim.re.sub is dkim_plugin._sub
+    assert dkim.re.match is re.match and dkim.re.split is re.split and dkim.re.findall is re.findall
+    assert re.sub is not dkim_plugin._sub  # the stdlib module is left alone
+
+
 def test_header_selection_gives_dkimpys_fields() -> None:
     import random
 
