@@ -31,6 +31,7 @@ import asyncio
 import binascii
 import functools
 import logging
+import operator
 import re
 import types
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -170,8 +171,29 @@ _DKIMPY_RE_BTAG = dkim.RE_BTAG
 #: makes the matcher backtrack at each one: about 44 us a signature, against
 #: 5 us for this equivalent.  FWS matches exactly the runs of whitespace, so
 #: "FWS before each character" is "a run of whitespace and base64 that ends
-#: in base64".
-_RE_BTAG = re.compile(rb"([;\s]b\s*=)(?:[\sa-zA-Z0-9+/=]*[a-zA-Z0-9+/=])?(?:\r?\n\Z)?")
+#: in base64".  The pattern starts at the "b" and looks behind it for the
+#: ";" or blank: a first byte to look for, so the matcher is started at
+#: each "b" of the field rather than at each byte (45,000 instructions a
+#: signature before, 30,000 after).  The removed text is the same: the
+#: byte before a match is never the last of the match before it.
+_BTAG_PATTERN = re.compile(rb"(b(?<=[;\s]b)\s*=)(?:[\sa-zA-Z0-9+/=]*[a-zA-Z0-9+/=])?(?:\r?\n\Z)?")
+
+
+class _BTag:
+    """dkimpy's ``RE_BTAG``, which it only ever uses as ``sub(b"\\1",
+    value)``.  A template is expanded for each match by a Python function
+    the stdlib makes afresh for each call (another 15,000 instructions a
+    signature); ``itemgetter(1)`` gives the same group in C."""
+
+    pattern = _BTAG_PATTERN.pattern
+
+    @staticmethod
+    def sub(repl: Any, string: bytes, count: int = 0) -> bytes:
+        return _BTAG_PATTERN.sub(_FIRST_GROUP if repl == b"\\1" else repl, string, count)
+
+
+_FIRST_GROUP = operator.itemgetter(1)
+_RE_BTAG = _BTag()
 _DKIMPY_RFC822_PARSE = dkim.rfc822_parse
 _DKIMPY_SELECT_HEADERS = dkim.select_headers
 _DKIMPY_STRIP_TRAILING = dkim.canonicalization.strip_trailing_whitespace
