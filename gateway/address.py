@@ -10,6 +10,7 @@ wrote it, so the next hop receives the same bytes.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -175,6 +176,17 @@ def _closing_bracket(text: str) -> int:
     raise PathError("unterminated path")
 
 
+#: Distinct mailboxes whose parse is kept (see _parse_mailbox).
+MAILBOX_CACHE_SIZE = 1024
+
+
+# A site sees the same senders and recipients over and over, and the
+# mailbox pattern costs about 14,000 instructions an address (MAIL and
+# RCPT of every message).  The parse depends only on the arguments and an
+# Address is immutable, so one is shared; the least recently used is
+# dropped past MAILBOX_CACHE_SIZE.  A refused address raises every time
+# (lru_cache keeps no exception).
+@functools.lru_cache(maxsize=MAILBOX_CACHE_SIZE)
 def _parse_mailbox(inner: str, keyword: str, utf8: bool) -> Address:
     pattern = _MAILBOX_UTF8 if utf8 else _MAILBOX
     m = pattern.match(inner)

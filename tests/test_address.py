@@ -135,3 +135,29 @@ def test_the_closing_bracket_is_found_past_quoted_strings(text: str) -> None:
             _closing_bracket(text)
     else:
         assert _closing_bracket(text) == expected
+
+
+def test_a_mailbox_is_parsed_once_and_a_refused_one_every_time() -> None:
+    from gateway.address import MAILBOX_CACHE_SIZE, _parse_mailbox
+
+    _parse_mailbox.cache_clear()
+    first, _, _ = parse_path("FROM:<cached@example.com>", "FROM")
+    again, _, _ = parse_path("FROM:<cached@example.com> SIZE=10", "FROM")
+    assert again is first and _parse_mailbox.cache_info().hits == 1
+    # The keyword and SMTPUTF8 are part of what is cached: Postmaster
+    # without a domain is a recipient only.
+    assert parse_path("TO:<Postmaster>", "TO")[0].local == "Postmaster"
+    with pytest.raises(PathError):
+        parse_path("FROM:<Postmaster>", "FROM")
+    assert parse_path("FROM:<ü@example.com>", "FROM", utf8=True)[0].local == "ü"
+    with pytest.raises(PathError):
+        parse_path("FROM:<ü@example.com>", "FROM")
+    # Refused addresses are not kept, so they raise again.
+    for _ in range(2):
+        with pytest.raises(PathError):
+            parse_path("FROM:<a@@example.com>", "FROM")
+    # Bounded: the least recently used mailbox goes.
+    for i in range(MAILBOX_CACHE_SIZE + 1):
+        parse_path(f"FROM:<a{i}@example.com>", "FROM")
+    assert _parse_mailbox.cache_info().currsize == MAILBOX_CACHE_SIZE
+    assert parse_path("FROM:<cached@example.com>", "FROM")[0] is not first
