@@ -240,3 +240,27 @@ async def test_headers_that_cannot_be_written_are_the_plugins_failure(headers, c
         out = await run_stage([call("tags", tags)], {"session": None}, 1.0, "S1")
     assert (out.action, out.reply.code, out.plugin, out.result) == (Action.DEFER, 451, "tags", "error: bad return value")
     assert "plugin=tags hook=tags returned headers" in caplog.text
+
+
+def test_awaitable_agrees_with_inspect() -> None:
+    import asyncio
+    import inspect
+
+    from gateway.pipeline import _awaitable
+    from gateway.verdict import CONTINUE
+
+    class Waits:
+        def __await__(self):  # type: ignore[no-untyped-def]
+            yield
+
+    async def hook() -> None:
+        return None
+
+    coroutine = hook()
+    loop = asyncio.new_event_loop()
+    try:
+        for value in (None, CONTINUE, 0, (), coroutine, loop.create_future(), Waits()):
+            assert _awaitable(value) == inspect.isawaitable(value), value
+    finally:
+        coroutine.close()
+        loop.close()
