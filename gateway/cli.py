@@ -50,6 +50,7 @@ class _Say:
         if self._silent:
             return
         if self._log is None:
+            logsetup.flush()  # after the log lines before it, as they were logged
             print(line, file=sys.stderr)
         else:
             self._log.log(level, "%s", line)

@@ -1,17 +1,27 @@
-"""One log line per decision, Postfix-like text or JSON, on stderr."""
+"""One log line per decision, Postfix-like text or JSON, on stderr.
+
+Lines are written by a thread of their own (:class:`LineWriter`), never by
+the event loop: a stderr that is read slowly (journald rate-limiting, a
+full pipe to a log shipper) must not stall every session of a worker, as
+a blocking ``write`` there would.
+"""
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
+import os
 import sys
+import threading
 import time
+import weakref
 from typing import Any
 
 from .replies import Reply
 from .session import Envelope, Session
 
-__all__ = ["decision", "configure"]
+__all__ = ["decision", "configure", "flush", "LineWriter"]
 
 _decisions = logging.getLogger("smtpgate.decision")
 
@@ -143,8 +153,134 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
+class LineWriter(logging.Handler):
+    """Formats a record where it is logged, and leaves the writing to a
+    thread, so the caller never waits for the reader of ``fd``.
+
+    At most ``max_pending`` lines wait; past that, new lines are dropped
+    and counted, and a warning says how many once the reader catches up:
+    a log that cannot keep up must cost lines, not mail.  The thread
+    starts with the first line in each process, as a forked worker
+    inherits no thread, and the lines its parent had not written yet are
+    the parent's to write.
+    """
+
+    def __init__(self, fd: int = 2, *, max_pending: int = 10_000) -> None:
+        super().__init__()
+        self.fd = fd
+        self.max_pending = max_pending
+        self._fresh()
+        _WRITERS.add(self)
+
+    def _fresh(self) -> None:
+        self._lines: collections.deque[str | threading.Event] = collections.deque()
+        self._wake = threading.Event()
+        self._starting = threading.Lock()
+        self._thread: threading.Thread | None = None
+        # Two counts, each with one writer (the loggers, the thread), so
+        # neither needs a lock.
+        self._dropped = 0
+        self._reported = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + "\n"
+        except Exception:  # noqa: BLE001 - as StreamHandler: reported, never raised into the caller
+            self.handleError(record)
+            return
+        if len(self._lines) >= self.max_pending:
+            self._dropped += 1
+            return
+        self._put(line)
+
+    def _put(self, item: str | threading.Event) -> None:
+        self._lines.append(item)
+        if self._thread is None:
+            with self._starting:
+                if self._thread is None:
+                    thread = threading.Thread(target=self._run, name="smtpgate-log", daemon=True)
+                    thread.start()
+                    self._thread = thread
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait until the lines logged so far are written, at most
+        ``timeout`` seconds (a reader that never reads cannot hold an
+        exit forever)."""
+        if self._thread is None or threading.current_thread() is self._thread:
+            return
+        written = threading.Event()
+        self._put(written)
+        written.wait(timeout)
+
+    def _run(self) -> None:
+        lines, wake = self._lines, self._wake
+        while True:
+            wake.wait()
+            wake.clear()
+            batch: list[str] = []
+            while lines:
+                item = lines.popleft()
+                if isinstance(item, str):
+                    batch.append(item)
+                    if len(batch) < 256:
+                        continue
+                self._write(batch)
+                batch = []
+                if isinstance(item, threading.Event):
+                    item.set()
+            self._write(batch)
+            dropped = self._dropped - self._reported
+            if dropped:
+                self._reported += dropped
+                self._write([self.format(logging.LogRecord(
+                    "smtpgate.log", logging.WARNING, __file__, 0,
+                    "%d log lines dropped: more than %d were waiting for stderr to be read",
+                    (dropped, self.max_pending), None,
+                )) + "\n"])
+
+    def _write(self, batch: list[str]) -> None:
+        if not batch:
+            return
+        data = "".join(batch).encode("utf-8", "backslashreplace")
+        try:
+            while data:
+                data = data[os.write(self.fd, data):]
+        except OSError:
+            pass  # stderr closed or gone: nowhere left to say so
+
+
+_WRITERS: weakref.WeakSet[LineWriter] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for writer in list(_WRITERS):
+        writer._fresh()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def _writer() -> LineWriter | None:
+    return next((h for h in logging.getLogger("smtpgate").handlers if isinstance(h, LineWriter)), None)
+
+
+def flush() -> None:
+    """Write out what was logged so far: before a worker's ``os._exit``,
+    which skips logging's own shutdown, and before a line printed to
+    stderr directly, so it comes after them."""
+    writer = _writer()
+    if writer is not None:
+        writer.flush()
+
+
 def configure(fmt: str = "text", level: str = "info") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a stand-in stderr (io.UnsupportedOperation is an OSError)
+        fd = 2
+    handler = LineWriter(fd)
     if fmt == "json":
         handler.setFormatter(JSONFormatter())
     else:

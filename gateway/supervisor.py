@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from . import log as logsetup
 from .config import Policy, PolicyError, Problem
 from .limits import Counts, SharedCounts
 
@@ -216,6 +217,7 @@ class Supervisor:
             log.exception("worker failed")
             code = 1
         finally:
+            logsetup.flush()  # os._exit skips logging's own shutdown
             os._exit(code)
 
     def _close_sockets(self) -> None:

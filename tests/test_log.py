@@ -138,3 +138,107 @@ def test_a_percent_sign_in_a_reply_is_logged_as_it_is(caplog) -> None:
     (record,) = caplog.records
     assert record.getMessage().endswith('reply="452 4.3.1 disk 100%s full %(x)s"')
     assert log.TextFormatter().format(record).endswith('reply="452 4.3.1 disk 100%s full %(x)s"')
+
+
+def _line(text: str) -> logging.LogRecord:
+    return logging.LogRecord("smtpgate.test", logging.INFO, __file__, 1, text, (), None)
+
+
+def _read_all(fd: int) -> str:
+    import os
+
+    os.set_blocking(fd, False)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode()
+
+
+def test_lines_past_the_limit_are_dropped_and_counted_never_waited_for() -> None:
+    import os
+    import threading
+    import time
+
+    reader, writer_fd = os.pipe()
+    os.set_blocking(writer_fd, True)
+    try:
+        writer = log.LineWriter(writer_fd, max_pending=50)
+        writer.setFormatter(logging.Formatter("%(message)s"))
+
+
+        def log_them() -> None:
+            for n in range(5000):  # ~70 KiB: more than the pipe takes
+                writer.emit(_line(f"line {n:04d} " + "x" * 4))
+
+        logger = threading.Thread(target=log_them, daemon=True)
+        logger.start()
+        # Every emit comes back at once, though nothing reads the pipe yet.
+        logger.join(5)
+        assert not logger.is_alive()
+        text = ""
+        deadline = time.monotonic() + 10
+        while "log lines dropped" not in text and time.monotonic() < deadline:
+            text += _read_all(reader)
+            time.sleep(0.01)
+        writer.flush()
+        text += _read_all(reader)
+    finally:
+        os.close(reader)
+        os.close(writer_fd)
+    lines = text.splitlines()
+    kept = [line for line in lines if line.startswith("line ")]
+    warnings = [line for line in lines if "dropped" in line]
+    counts = [int(warning.split()[0]) for warning in warnings]
+    assert warnings == [f"{n} log lines dropped: more than 50 were waiting for stderr to be read" for n in counts]
+    assert len(kept) + sum(counts) == 5000
+    assert counts and all(counts)
+    # What was kept is in order, and the first lines were kept.
+    assert kept == sorted(kept) and kept[0] == "line 0000 xxxx"
+
+
+def test_flush_returns_once_everything_logged_is_written() -> None:
+    import os
+
+    reader, writer_fd = os.pipe()
+    try:
+        writer = log.LineWriter(writer_fd)
+        writer.setFormatter(log.TextFormatter())
+        for n in range(100):
+            writer.emit(_line(f"line {n}"))
+        writer.flush()
+        text = _read_all(reader)
+    finally:
+        os.close(reader)
+        os.close(writer_fd)
+    assert [line.rsplit(" ", 1)[-1] for line in text.splitlines()] == [str(n) for n in range(100)]
+
+
+def test_a_forked_child_writes_its_own_lines_not_its_parents() -> None:
+    import os
+
+    reader, writer_fd = os.pipe()
+    try:
+        writer = log.LineWriter(writer_fd)
+        writer.setFormatter(logging.Formatter("%(process)d %(message)s"))
+        writer.emit(_line("parent before"))
+        writer.flush()
+        pid = os.fork()
+        if pid == 0:  # the child: its own thread, none of the parent's lines
+            writer.emit(_line("child"))
+            writer.flush()
+            os._exit(0)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        writer.emit(_line("parent after"))
+        writer.flush()
+        text = _read_all(reader)
+    finally:
+        os.close(reader)
+        os.close(writer_fd)
+    assert sorted(line.split(" ", 1)[1] for line in text.splitlines()) == ["child", "parent after", "parent before"]
+    assert f"{pid} child" in text

@@ -521,3 +521,30 @@ def test_a_sighup_while_serve_starts_is_a_reload_not_its_end(tmp_path: Path) -> 
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
         proc.stderr.close()
+
+
+def test_a_stderr_nobody_reads_does_not_stall_the_sessions(serve, tmp_path: Path) -> None:
+    # A full stderr pipe (a log shipper fallen behind, journald throttling)
+    # holds up whoever writes to it.  The lines below are several times a
+    # pipe's 64 KiB; written on the event loop, the replies would stop with
+    # the pipe full.
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[gateway]\nhostname = "gw.test.example"\nlocal_domains = ["example.com"]\nmax_errors = 2000\n')
+    proc, port = serve("--workers", "1", "--policy", str(policy))
+    helo = ".".join(["a" * 60] * 4)  # a long helo= in every line
+    refused = 1000
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        recv_reply(sock)
+        for line in (f"EHLO {helo}".encode(), b"MAIL FROM:<bob@example.org>"):
+            sock.sendall(line + b"\r\n")
+            recv_reply(sock)
+        for n in range(refused):
+            sock.sendall(f"RCPT TO:<u{n}@elsewhere.example>\r\n".encode())
+            assert recv_reply(sock).startswith(b"554 5.7.1 <u")
+        sock.sendall(b"QUIT\r\n")
+        assert recv_reply(sock).startswith(b"221 ")
+    tail = StderrTail(proc)
+    tail.wait_for("rcpt reject:", count=refused)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 0
+    assert tail.read().rstrip().endswith("INFO stopped")
