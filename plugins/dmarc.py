@@ -215,7 +215,9 @@ def _found_at(at: str, answer: Answer) -> Discovery | None:
         return Discovery("temperror", at=at, error=f"_dmarc.{at}: {answer.error or 'DNS error'}")
     records = [r for r in answer.records if _VERSION.match(r)]
     if len(records) > 1:
-        return Discovery("permerror", at=at, error=f"_dmarc.{at}: {len(records)} DMARC records")
+        # §6.6.3 step 5: discovery ends here and "DMARC processing is not
+        # applied" -- no policy at all, not the organisational domain's.
+        return Discovery("none", at=at, error=f"_dmarc.{at}: {len(records)} DMARC records, no policy applied")
     if records:
         try:
             return Discovery("found", parse_record(records[0]), at)

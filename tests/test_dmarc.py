@@ -155,7 +155,9 @@ def test_alignment(domain: str, author: str, mode: str, expected: bool) -> None:
         ("news.auth.test", "found", "auth.test", "reject"),  # the org domain's record
         ("strict.auth.test", "found", "strict.auth.test", "reject"),
         ("notdmarc.auth.test", "found", "auth.test", "reject"),  # v=DMARC2 is not a record
-        ("twodmarc.auth.test", "permerror", "twodmarc.auth.test", ""),
+        # RFC 7489 §6.6.3 step 5: more than one record ends discovery, with
+        # no policy (not the organisational domain's either)
+        ("twodmarc.auth.test", "none", "twodmarc.auth.test", ""),
         ("badpolicy.auth.test", "permerror", "badpolicy.auth.test", ""),
         ("nodmarc.test", "none", "", ""),
     ],
@@ -542,6 +544,19 @@ async def test_temperror(resolver: Resolver, keys: DNSServer) -> None:
 async def test_no_record_is_none(resolver: Resolver, keys: DNSServer) -> None:
     verdict = await transaction(resolver, message("x@thirdparty.test"), sender="bounce@thirdparty.test", ip=BAD_IP)
     assert dmarc_clause(verdict) == "dmarc=none header.from=thirdparty.test"
+
+
+async def test_two_records_are_no_policy(resolver: Resolver, keys: DNSServer) -> None:
+    # RFC 7489 §6.6.3 step 5: "DMARC processing is not applied" -- neither
+    # record's p=, nor auth.test's sp=quarantine, and no permerror to act on.
+    plugins = {"spf": {}, "dmarc": {"actions": {"permerror": "reject"}}}
+    verdict = await transaction(
+        resolver, message("ceo@twodmarc.auth.test"), sender="bounce@thirdparty.test", ip=BAD_IP, plugins=plugins
+    )
+    assert verdict.action is Action.CONTINUE and verdict.result == "dmarc=none twodmarc.auth.test"
+    assert dmarc_clause(verdict) == (
+        "dmarc=none (_dmarc.twodmarc.auth.test: 2 DMARC records, no policy applied) header.from=twodmarc.auth.test"
+    )
 
 
 async def test_trusted_clients_are_not_checked(resolver: Resolver, keys: DNSServer) -> None:

@@ -174,3 +174,28 @@ def test_a_signature_without_from_is_reported_as_permerror(
     (results,) = header_values(delivered, "Authentication-Results")
     assert "; dkim=permerror (From field not signed) header.d=auth.test header.s=s1 " in results
     assert results.endswith("; dmarc=pass (p=reject sp=quarantine dis=none) header.from=auth.test")
+
+
+def delivered_results(gateway: GatewayThread, postfix: PostfixInstance, raw: bytes, sender: str = "bounce@thirdparty.test",
+                      ip: str = SPOOFER_IP) -> tuple[list[tuple[int, bytes]], str]:
+    """Send ``raw``; the replies and, when it arrived, the one
+    Authentication-Results header Postfix delivered."""
+    replies = send(gateway, ip, sender, raw)
+    if replies[-1][0] != 250:
+        return replies, ""
+    (delivered,) = postfix.wait_for_messages("alice")
+    (results,) = header_values(delivered, "Authentication-Results")
+    return replies, results
+
+
+def test_two_dmarc_records_apply_no_policy(start_gateway: Callable[..., GatewayThread], postfix: PostfixInstance,
+                                           dns: DNSServer) -> None:
+    # RFC 7489 §6.6.3 step 5: twodmarc.auth.test publishes p=reject and
+    # p=none; neither applies, nor auth.test's sp=quarantine: dmarc=none,
+    # which a policy that refuses permerror does not refuse.
+    gateway = start_auth_gateway(start_gateway, postfix, dns, {"spf": {}, "dmarc": {"actions": {"permerror": "reject"}}})
+    replies, results = delivered_results(gateway, postfix, message("ceo@twodmarc.auth.test"))
+    assert [code for code, _ in replies] == [250, 250, 250]
+    assert results.endswith(
+        "; dmarc=none (_dmarc.twodmarc.auth.test: 2 DMARC records, no policy applied) header.from=twodmarc.auth.test"
+    )
