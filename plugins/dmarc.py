@@ -145,6 +145,8 @@ def aligned(domain: str, author: str, mode: str) -> bool:
 
 _VERSION = re.compile(r"\s*v\s*=\s*DMARC1\s*(?:;|\Z)", re.IGNORECASE)
 _POLICIES = ("none", "quarantine", "reject")
+#: RFC 7489 §6.4: ``dmarc-percent = "pct" *WSP "=" *WSP 1*3DIGIT``.
+_PCT = re.compile(r"[0-9]{1,3}\Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +167,8 @@ def parse_record(text: str) -> DmarcRecord:
     An invalid or missing ``p=`` (or invalid ``sp=``) makes the record
     ``p=none`` when it names a report address (``rua=``), else unusable
     (RFC 7489 §6.6.3 step 6).  Bad ``adkim``/``aspf``/``pct`` values fall
-    back to their defaults; unknown tags are ignored.
+    back to their defaults (§6.3: syntax errors in the rest of the record
+    are discarded for default values); unknown tags are ignored.
     """
     tags: dict[str, str] = {}
     for part in text.split(";"):
@@ -181,7 +184,9 @@ def parse_record(text: str) -> DmarcRecord:
     adkim = tags.get("adkim", "r").lower()
     aspf = tags.get("aspf", "r").lower()
     pct_text = tags.get("pct", "100")
-    pct = int(pct_text) if pct_text.isdigit() and int(pct_text) <= 100 else 100
+    # str.isdigit() and int() take digits of every script ("٥٠" is 50, "¹"
+    # raises): the grammar's DIGIT is ASCII only.
+    pct = int(pct_text) if _PCT.match(pct_text) and int(pct_text) <= 100 else 100
     return DmarcRecord(
         p, sp, adkim if adkim in ("r", "s") else "r", aspf if aspf in ("r", "s") else "r", pct
     )

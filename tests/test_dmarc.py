@@ -110,6 +110,14 @@ def dmarc_clause(verdict: Verdict) -> str:
         ("v=DMARC1; p=bogus; rua=mailto:d@auth.test", DmarcRecord("none", "none")),  # RFC 7489 §6.6.3 step 6
         ("v=DMARC1; rua=mailto:d@auth.test", DmarcRecord("none", "none")),
         ("v=DMARC1; p=reject; p=none", DmarcRecord("reject", "reject")),  # first one counts
+        # pct = 1*3DIGIT, ASCII digits (RFC 7489 §6.4, RFC 5234 B.1); anything
+        # else is a syntax error, discarded for the default (§6.3), not a
+        # number Python reads in another script, nor a reason to drop the record
+        ("v=DMARC1; p=reject; pct=\u0665\u0660", DmarcRecord("reject", "reject")),  # Arabic-Indic 50
+        ("v=DMARC1; p=reject; pct=\u00b9", DmarcRecord("reject", "reject")),  # superscript one
+        ("v=DMARC1; p=reject; pct=\uff15", DmarcRecord("reject", "reject")),  # fullwidth five
+        ("v=DMARC1; p=reject; pct=0050", DmarcRecord("reject", "reject")),  # four digits
+        ("v=DMARC1; p=reject; pct=050", DmarcRecord("reject", "reject", pct=50)),
     ],
 )
 def test_parse_record(text: str, record: DmarcRecord) -> None:

@@ -199,3 +199,15 @@ def test_two_dmarc_records_apply_no_policy(start_gateway: Callable[..., GatewayT
     assert results.endswith(
         "; dmarc=none (_dmarc.twodmarc.auth.test: 2 DMARC records, no policy applied) header.from=twodmarc.auth.test"
     )
+
+
+@pytest.mark.parametrize("domain", ["indicpct.auth.test", "superpct.auth.test"])
+def test_a_pct_in_other_digits_is_the_default(
+    dmarc_gateway: GatewayThread, postfix: PostfixInstance, domain: str
+) -> None:
+    # pct=٠ and pct=¹ are no 1*3DIGIT (RFC 7489 §6.4): discarded for the
+    # default, 100 (§6.3), so p=reject applies to every failing message --
+    # not pct=0 (all sampled out, tagged) nor a record dropped as permerror.
+    replies = send(dmarc_gateway, SPOOFER_IP, "bounce@thirdparty.test", message(f"ceo@{domain}"))
+    assert replies[-1] == (550, f"5.7.1 Rejected by DMARC policy for {domain}".encode())
+    nothing_else_arrived(dmarc_gateway, postfix)
