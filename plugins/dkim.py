@@ -16,7 +16,9 @@ signature field is unusable: syntax, missing tags, expired),
 too costly to use, a key whose ``h=`` does not allow the signature's
 hash or whose ``t=s`` forbids its ``i=``, or ``h=`` without From, RFC
 6376 §6.1.1),
-``temperror`` (the key lookup failed).  The message's finding is ``pass``
+``temperror`` (the key lookup failed); one that did not pass under a key
+flagged ``t=y`` is ``neutral`` and counts as no signature (RFC 6376
+§3.6.1).  The message's finding is ``pass``
 (a signature passed), ``fail``, ``temperror``, ``permerror`` or ``none``
 (no signature) -- and ``required`` / ``required_temperror`` when a
 From domain (of any address of any From field) is in ``required_domains``
@@ -344,6 +346,9 @@ class DkimResult:
     algorithm: str = ""
     b: str = ""
     reason: str = ""
+    #: The signature did not pass under a key flagged ``t=y``: reported, but
+    #: counted as no signature at all (:func:`_in_testing`).
+    testing: bool = False
 
 
 # ------------------------------------------------------------------ verifying
@@ -405,21 +410,40 @@ def _key_name(sig: Mapping[bytes, bytes]) -> bytes:
 
 
 @functools.lru_cache(maxsize=1024)
-def _key_limits(record: bytes) -> tuple[frozenset[bytes] | None, bool]:
+def _key_limits(record: bytes) -> tuple[frozenset[bytes] | None, bool, bool]:
     """What a key record restricts its use to (RFC 6376 §3.6.1), tags
     dkimpy does not read: the hash algorithms it allows (``h=``, None for
-    any) and whether its ``t=`` has the flag ``s`` (no ``i=`` below
-    ``d=``).  Called only for a record :func:`_parse_key` took, so its
-    tag list parses."""
+    any), whether its ``t=`` has the flag ``s`` (no ``i=`` below ``d=``)
+    and the flag ``y`` (the domain is testing DKIM).  Called only for a
+    record :func:`_parse_key` took, so its tag list parses."""
     tags = _parse_tag_value(record)
     allowed = tags.get(b"h")
     hashes = None if allowed is None else frozenset(name.strip().lower() for name in allowed.split(b":"))
-    return hashes, b"s" in {flag.strip().lower() for flag in tags.get(b"t", b"").split(b":")}
+    flags = {flag.strip().lower() for flag in tags.get(b"t", b"").split(b":")}
+    return hashes, b"s" in flags, b"y" in flags
 
 
-def _key_from(sig: Mapping[bytes, bytes], record: bytes | None | dkim.DnsTimeoutError) -> Key | DkimResult:
+def _in_testing(result: DkimResult) -> DkimResult:
+    """A result other than ``pass`` under a key flagged ``t=y``.
+
+    §3.6.1: verifiers MUST NOT treat mail from a signer in testing mode
+    differently from unsigned mail, "even should the signature fail to
+    verify".  So it is no ``fail`` or ``permerror`` a policy (or a filter
+    downstream reading ``dkim=fail``) could punish: RFC 8601's ``neutral``,
+    the result for a signature that gave no conclusion, with what went
+    wrong in the comment for the signer who is testing.  A pass stays a
+    pass: it proves the same under any key.
+    """
+    return DkimResult(
+        "neutral", result.domain, result.selector, result.identity, result.algorithm, result.b,
+        f"testing key t=y, {result.result}: {result.reason}", testing=True,
+    )
+
+
+def _key_from(sig: Mapping[bytes, bytes], record: bytes | None | dkim.DnsTimeoutError) -> tuple[Key, bool] | DkimResult:
     """The signature's public key from its key record (or the failed
-    lookup), or the result that ends its verification."""
+    lookup), with whether the key is flagged ``t=y``; or the result that
+    ends its verification."""
     if isinstance(record, dkim.DnsTimeoutError):
         return _described("temperror", sig, f"key lookup failed: {record}")
     if not record:
@@ -428,20 +452,23 @@ def _key_from(sig: Mapping[bytes, bytes], record: bytes | None | dkim.DnsTimeout
         key = _parse_key(record)
     except (dkim.DKIMException, binascii.Error, ValueError, TypeError, KeyError, IndexError) as exc:
         return _described("permerror", sig, f"unusable key: {exc}")
-    hashes, strict = _key_limits(record)
+    hashes, strict, testing = _key_limits(record)
+    refused = None
     if hashes is not None and sig[b"a"].rpartition(b"-")[2].lower() not in hashes:
         # §6.1.2: the verifier MUST ignore the key and return PERMFAIL
         # (inappropriate hash algorithm): a key published for sha256 only
         # must not vouch for a signature made with a weaker hash.
         allowed = b":".join(sorted(hashes)).decode("ascii", "replace")
-        return _described("permerror", sig, f"inappropriate hash algorithm: the key allows h={allowed}")
-    if strict and b"i" in sig and sig[b"i"].rpartition(b"@")[2].lower() != sig[b"d"].lower():
+        refused = _described("permerror", sig, f"inappropriate hash algorithm: the key allows h={allowed}")
+    elif strict and b"i" in sig and sig[b"i"].rpartition(b"@")[2].lower() != sig[b"d"].lower():
         # t=s: the i= domain MUST be d= itself, not a subdomain of it.
-        return _described("permerror", sig, "domain mismatch: the key's t=s forbids an i= below d=")
-    return key
+        refused = _described("permerror", sig, "domain mismatch: the key's t=s forbids an i= below d=")
+    if refused is not None:
+        return _in_testing(refused) if testing else refused
+    return key, testing
 
 
-async def _fetch_key(sig: Mapping[bytes, bytes], dnsfunc: DkimDnsFunc) -> Key | DkimResult:
+async def _fetch_key(sig: Mapping[bytes, bytes], dnsfunc: DkimDnsFunc) -> tuple[Key, bool] | DkimResult:
     try:
         record: bytes | None | dkim.DnsTimeoutError = await dnsfunc(_key_name(sig))
     except dkim.DnsTimeoutError as exc:
@@ -449,7 +476,7 @@ async def _fetch_key(sig: Mapping[bytes, bytes], dnsfunc: DkimDnsFunc) -> Key | 
     return _key_from(sig, record)
 
 
-def _cached_key(sig: Mapping[bytes, bytes], resolver: Resolver) -> Key | DkimResult | None:
+def _cached_key(sig: Mapping[bytes, bytes], resolver: Resolver) -> tuple[Key, bool] | DkimResult | None:
     """:func:`_fetch_key` from the resolver's cache, or None if not cached."""
     qname = _key_name(sig).decode("utf-8", "replace")
     answer = resolver.cached(qname, "TXT")
@@ -520,7 +547,7 @@ def _parse(raw: bytes, fields: Sequence[tuple[str, str]], crlf: bool = False) ->
     return _Parsed(verifier, prepared)
 
 
-def _finish(parsed: _Parsed, keys: Sequence[Key | DkimResult]) -> tuple[DkimResult, ...]:
+def _finish(parsed: _Parsed, keys: Sequence[tuple[Key, bool] | DkimResult]) -> tuple[DkimResult, ...]:
     """Each signature's result, given the keys of :attr:`_Parsed.signatures`."""
     verifier = parsed.verifier
     results = []
@@ -534,18 +561,19 @@ def _finish(parsed: _Parsed, keys: Sequence[Key | DkimResult]) -> tuple[DkimResu
         if isinstance(key, DkimResult):
             results.append(key)
             continue
-        verifier.pk, verifier.keysize, verifier.ktag, verifier.seqtlsrpt = key
+        (verifier.pk, verifier.keysize, verifier.ktag, verifier.seqtlsrpt), testing = key
         try:
             # The dnsfunc argument is for ARC; a signature's key is set above.
             ok = verifier.verify_sig_process(sig, include_headers, sigheaders[idx], None)
         except dkim.ValidationError as exc:  # body hash mismatch, wrong service type
-            results.append(_described("fail", sig, str(exc).split(" (")[0]))
+            result = _described("fail", sig, str(exc).split(" (")[0])
         except dkim.DKIMException as exc:  # key too small, bad c=...
-            results.append(_described("permerror", sig, str(exc)))
+            result = _described("permerror", sig, str(exc))
         except (KeyError, ValueError, TypeError) as exc:
-            results.append(_described("neutral", sig, f"bad signature: {exc!r}"))
+            result = _described("neutral", sig, f"bad signature: {exc!r}")
         else:
-            results.append(_described("pass", sig) if ok else _described("fail", sig, "signature did not verify"))
+            result = _described("pass", sig) if ok else _described("fail", sig, "signature did not verify")
+        results.append(_in_testing(result) if testing and result.result != "pass" else result)
     return tuple(results)
 
 
@@ -652,12 +680,14 @@ def dkim_decision(
     """
     if isinstance(authors, str):
         authors = (authors,) if authors else ()
-    if any(r.result == "pass" for r in results):
+    # A signature that failed under a testing key counts as none (_in_testing).
+    counted = [r for r in results if not r.testing]
+    if any(r.result == "pass" for r in counted):
         finding = "pass"
-    elif not results:
+    elif not counted:
         finding = "none"
     else:
-        finding = next((f for f in ("temperror", "fail") if any(r.result == f for r in results)), "permerror")
+        finding = next((f for f in ("temperror", "fail") if any(r.result == f for r in counted)), "permerror")
     author = authors[0] if authors else ""
     reject = DKIM_REJECTED.format(finding=finding) if finding == "pass" else DKIM_NO_PASS.format(domain=author or "sender")
     defer = None

@@ -404,7 +404,7 @@ def key_with(tags: str) -> str:
         # t=s: the i= domain MUST be d= itself, no subdomain
         ("t=s", {"identity": b"@news.auth.test"},
          "domain mismatch: the key's t=s forbids an i= below d=", {"identity": b"alice@auth.test"}),
-        ("t=y:s", {"identity": b"@news.auth.test"},
+        ("t=s:x", {"identity": b"@news.auth.test"},  # an unknown flag is ignored (t=y: see below)
          "domain mismatch: the key's t=s forbids an i= below d=", {"identity": b"alice@auth.test"}),
     ],
 )
@@ -427,6 +427,43 @@ async def test_a_signature_the_key_does_not_allow_is_permerror(
     # what the key allows passes
     verdict = await run_data(resolver, sign(MESSAGE, **accepted), tables=REQUIRED)
     assert verdict.action is Action.CONTINUE and verdict.result == "dkim=pass auth.test:pass"
+
+
+@pytest.mark.parametrize("flags", ["y", "y:s", " Y "])
+async def test_a_signature_failing_under_a_testing_key_counts_as_unsigned(
+    resolver: Resolver, dns: DNSServer, flags: str
+) -> None:
+    # RFC 6376 §3.6.1, t=y: "Verifiers MUST NOT treat messages from Signers
+    # in testing mode differently from unsigned email, even should the
+    # signature fail to verify."  Reported (neutral, with what went wrong,
+    # for the signer), but no finding a policy could punish.
+    publish_keys(dns, "auth.test", {"s1": key_with(f"t={flags}")})
+    tampered = sign(MESSAGE).replace(b"good", b"bad")
+    strict = {"dkim": {"actions": {"fail": "reject", "permerror": "reject", "none": 1.0}}}
+    verdict = await run_data(resolver, tampered, tables=strict)
+    assert verdict.action is Action.CONTINUE and verdict.result == "dkim=none auth.test:neutral"
+    assert verdict.score == 1.0  # what unsigned mail gets
+    (header,) = headers_named(verdict, "Authentication-Results")
+    assert unfold(header).startswith(
+        f"{HOSTNAME}; dkim=neutral (testing key t=y, fail: body hash mismatch) header.d=auth.test header.i=@auth.test")
+    # required_domains: as unsigned mail, refused for want of a passing signature
+    verdict = await run_data(resolver, tampered, tables=REQUIRED)
+    assert verdict.action is Action.REJECT and verdict.result == "dkim=required auth.test:neutral"
+    assert str(verdict.reply) == "550 5.7.20 No passing DKIM signature found for auth.test"
+    # a signature that verifies under a testing key still passes
+    verdict = await run_data(resolver, sign(MESSAGE), tables=REQUIRED)
+    assert verdict.action is Action.CONTINUE and verdict.result == "dkim=pass auth.test:pass"
+
+
+async def test_a_key_restriction_broken_under_a_testing_key_counts_as_unsigned(resolver: Resolver, dns: DNSServer) -> None:
+    publish_keys(dns, "auth.test", {"s1": key_with("t=y; h=sha256")})
+    raw = sign(MESSAGE, signature_algorithm=b"rsa-sha1")
+    verdict = await run_data(resolver, raw, tables={"dkim": {"actions": {"permerror": "reject"}}})
+    assert verdict.action is Action.CONTINUE and verdict.result == "dkim=none auth.test:neutral"
+    (header,) = headers_named(verdict, "Authentication-Results")
+    assert unfold(header).startswith(
+        f"{HOSTNAME}; dkim=neutral (testing key t=y, permerror: inappropriate hash algorithm: the key allows"
+        " h=sha256) header.d=auth.test")
 
 
 async def test_an_internationalised_signing_domain_is_a_label_for_lookup_and_comparison(

@@ -15,7 +15,7 @@ from tests.e2e.test_auth import AUTHSERV_ID, MX_IP, SPOOFER_IP, header_values, s
 from tests.fixtures.dnsserver import DNSServer
 from tests.fixtures.gateway import GatewayThread
 from tests.fixtures.postfix import PostfixInstance
-from tests.test_dkim import sign, sign_by_hand
+from tests.test_dkim import key_record, key_with, publish_keys, sign, sign_by_hand
 
 pytestmark = pytest.mark.e2e
 
@@ -211,3 +211,21 @@ def test_a_pct_in_other_digits_is_the_default(
     replies = send(dmarc_gateway, SPOOFER_IP, "bounce@thirdparty.test", message(f"ceo@{domain}"))
     assert replies[-1] == (550, f"5.7.1 Rejected by DMARC policy for {domain}".encode())
     nothing_else_arrived(dmarc_gateway, postfix)
+
+
+def test_a_failing_signature_under_a_testing_key_is_not_punished(
+    start_gateway: Callable[..., GatewayThread], postfix: PostfixInstance, dns: DNSServer
+) -> None:
+    # RFC 6376 §3.6.1: a signer whose key says t=y is testing; a signature
+    # of it that fails is treated as no signature.  A policy refusing
+    # dkim=fail lets it through, and the header says neutral, not fail.
+    gateway = start_auth_gateway(start_gateway, postfix, dns, {"spf": {}, "dkim": {"actions": {"fail": "reject"}}})
+    publish_keys(dns, "auth.test", {"s1": key_record(), "t1": key_with("t=y")})
+    tampered = sign(message("alice@auth.test"), selector="t1").replace(b"Please pay today.", b"Please pay me today.")
+    replies, results = delivered_results(gateway, postfix, tampered, "alice@auth.test", MX_IP)
+    assert [code for code, _ in replies] == [250, 250, 250]
+    assert results.startswith(
+        f"{AUTHSERV_ID}; spf=pass smtp.mailfrom=alice@auth.test; dkim=neutral (testing key t=y, fail: body hash"
+        " mismatch) header.d=auth.test header.i=@auth.test header.s=t1 header.a=rsa-sha256 header.b="
+    )
+    assert ";" not in results.rpartition("header.b=")[2]  # the only dkim= clause, the last
