@@ -17,7 +17,8 @@ per message and shared with the ``dkim`` plugin.
 
 When neither aligns, the record's policy applies: ``p=`` for the domain
 that published it, ``sp=`` for its subdomains (when the record was found at
-the organisational domain).  ``pct=`` is honoured by default (RFC 7489
+the organisational domain), ``np=`` for its subdomains that do not exist
+(RFC 9091: no A, AAAA or MX records).  ``pct=`` is honoured by default (RFC 7489
 §6.6.4: mail outside the sample gets the next milder policy).  The finding is
 ``reject``, ``quarantine`` or ``fail`` (``p=none``); the others are
 ``pass``, ``none`` (no record), ``temperror``, ``permerror`` (an unusable
@@ -158,6 +159,9 @@ class DmarcRecord:
     adkim: str = "r"
     aspf: str = "r"
     pct: int = 100
+    #: RFC 9091 ``np=``, the policy for subdomains that do not exist; ""
+    #: when absent (or invalid): ``sp`` applies to them as to the others.
+    np: str = ""
 
 
 @functools.lru_cache(maxsize=1024)
@@ -166,7 +170,7 @@ def parse_record(text: str) -> DmarcRecord:
 
     An invalid or missing ``p=`` (or invalid ``sp=``) makes the record
     ``p=none`` when it names a report address (``rua=``), else unusable
-    (RFC 7489 §6.6.3 step 6).  Bad ``adkim``/``aspf``/``pct`` values fall
+    (RFC 7489 §6.6.3 step 6).  Bad ``adkim``/``aspf``/``pct``/``np`` values fall
     back to their defaults (§6.3: syntax errors in the rest of the record
     are discarded for default values); unknown tags are ignored.
     """
@@ -183,12 +187,14 @@ def parse_record(text: str) -> DmarcRecord:
         p = sp = "none"
     adkim = tags.get("adkim", "r").lower()
     aspf = tags.get("aspf", "r").lower()
+    np = tags.get("np", "").lower()
     pct_text = tags.get("pct", "100")
     # str.isdigit() and int() take digits of every script ("٥٠" is 50, "¹"
     # raises): the grammar's DIGIT is ASCII only.
     pct = int(pct_text) if _PCT.match(pct_text) and int(pct_text) <= 100 else 100
     return DmarcRecord(
-        p, sp, adkim if adkim in ("r", "s") else "r", aspf if aspf in ("r", "s") else "r", pct
+        p, sp, adkim if adkim in ("r", "s") else "r", aspf if aspf in ("r", "s") else "r", pct,
+        np if np in _POLICIES else "",
     )
 
 
@@ -198,12 +204,17 @@ class Discovery:
 
     :param status: ``found``, ``none``, ``temperror`` or ``permerror``.
     :param at: the domain whose ``_dmarc`` record was used.
+    :param exists: whether the author domain exists (RFC 9091 §2.1), asked
+        only when it decides the policy: the record was found at the
+        organisational domain and its ``np=`` differs from ``sp=``.  True
+        when not asked, None when the DNS could not say.
     """
 
     status: str
     record: DmarcRecord | None = None
     at: str = ""
     error: str = ""
+    exists: bool | None = True
 
 
 def _places(domain: str) -> tuple[str, ...]:
@@ -231,13 +242,39 @@ def _found_at(at: str, answer: Answer) -> Discovery | None:
     return None
 
 
+def _needs_existence(domain: str, found: Discovery) -> bool:
+    """Whether the policy for ``domain`` depends on its existence: its
+    record is its organisational domain's, with an ``np=`` unlike ``sp=``
+    (RFC 9091 §4.1: np is for non-existent subdomains, never the domain
+    that published it)."""
+    record = found.record
+    return record is not None and found.at != domain and record.np not in ("", record.sp)
+
+
+#: RFC 9091 §2.1: what tells whether a domain exists for DMARC.
+_EXISTENCE_TYPES = ("A", "AAAA", "MX")
+
+
+def _existence(answers: Sequence[Answer]) -> bool | None:
+    """RFC 9091 §2.1: a domain is non-existent when A, AAAA and MX all get
+    NXDOMAIN or NODATA (a name with only a TXT record does not exist for
+    DMARC); None when one failed and none had records."""
+    if any(answer.ok for answer in answers):
+        return True
+    return None if any(answer.temporary for answer in answers) else False
+
+
 async def find_record(resolver: Resolver, domain: str) -> Discovery:
     """The DMARC record for author domain ``domain``: its own, else its
-    organisational domain's.  Answers come from the shared resolver, so a
-    record is asked for once per TTL, not once per message."""
+    organisational domain's, with whether ``domain`` exists when the
+    record's ``np=`` makes that matter.  Answers come from the shared
+    resolver, so a record is asked for once per TTL, not once per message."""
     for at in _places(domain):
         found = _found_at(at, await resolver.txt(f"_dmarc.{at}"))
         if found is not None:
+            if _needs_existence(domain, found):
+                answers = await resolver.query_all([(domain, rdtype) for rdtype in _EXISTENCE_TYPES])
+                found = replace(found, exists=_existence(answers))
             return found
     return Discovery("none")
 
@@ -257,8 +294,16 @@ def _cached_record(resolver: Resolver, domain: str) -> tuple[Discovery | None, i
             return None, 0
         ttl = min(ttl, answer.ttl)
         found = _found_at(at, answer)
-        if found is not None:
-            return found, ttl
+        if found is None:
+            continue
+        if _needs_existence(domain, found):
+            answers = [resolver.cached(domain, rdtype) for rdtype in _EXISTENCE_TYPES]
+            if any(a is None for a in answers):
+                return None, 0
+            known = [a for a in answers if a is not None]
+            ttl = min(ttl, *(a.ttl for a in known))
+            found = replace(found, exists=_existence(known))
+        return found, ttl
     return Discovery("none"), ttl
 
 
@@ -272,7 +317,8 @@ class DmarcResult:
     :param result: the RFC 8601 ``dmarc=`` result: ``pass``, ``fail``,
         ``none``, ``temperror`` or ``permerror``.
     :param finding: what the policy's ``actions`` see (:data:`FINDINGS`).
-    :param policy: the requested policy that applied (``p`` or ``sp``).
+    :param policy: the requested policy that applied (``p``, ``sp``, or
+        ``np`` for a subdomain that does not exist).
     :param disposition: the policy after ``pct`` sampling.
     :param authors: of how many checks this is the strictest: one per
         From domain, and one for From fields that gave none
@@ -312,6 +358,9 @@ def evaluate(
         return DmarcResult(discovery.status, discovery.status, domain, reason=discovery.error)
     record = discovery.record
     policy = record.p if discovery.at == domain else record.sp
+    absent = discovery.at != domain and record.np != "" and discovery.exists is False
+    if absent:
+        policy = record.np  # RFC 9091 §4.1
     spf_aligned = spf_result is not None and aligned(spf_result.domain, domain, record.aspf)
     dkim_aligned = [r for r in dkim_results if aligned(r.domain, domain, record.adkim)]
     if (spf_aligned and spf_result is not None and spf_result.result == "pass") or any(
@@ -322,13 +371,16 @@ def evaluate(
         r.result == "temperror" for r in dkim_aligned
     ):
         return DmarcResult("temperror", "temperror", domain, record, policy, reason="aligned identifier not verified: DNS error")
+    if discovery.exists is None:
+        # np= or sp= depends on an answer the DNS did not give.
+        return DmarcResult("temperror", "temperror", domain, record, policy, reason="existence of the From domain not known: DNS error")
     disposition = policy
-    reason = ""
+    reasons = ["From domain does not exist"] if absent else []
     if honour_pct and record.pct < 100 and sample * 100 >= record.pct:
         disposition = {"reject": "quarantine", "quarantine": "none"}.get(policy, policy)
-        reason = f"outside pct={record.pct} sample"
+        reasons.append(f"outside pct={record.pct} sample")
     finding = {"reject": "reject", "quarantine": "quarantine"}.get(disposition, "fail")
-    return DmarcResult("fail", finding, domain, record, policy, disposition, reason)
+    return DmarcResult("fail", finding, domain, record, policy, disposition, ", ".join(reasons))
 
 
 #: Which result decides for a message with several From domains, the
@@ -404,7 +456,7 @@ def ar_result(result: DmarcResult) -> Any:
     comment, the published policies and the disposition applied."""
     notes = []
     if result.record is not None:
-        notes.append(f"p={result.record.p} sp={result.record.sp}")
+        notes.append(f"p={result.record.p} sp={result.record.sp}" + (f" np={result.record.np}" if result.record.np else ""))
         if result.disposition:
             notes.append(f"dis={result.disposition}")
     if result.reason:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import re
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -118,6 +119,10 @@ def dmarc_clause(verdict: Verdict) -> str:
         ("v=DMARC1; p=reject; pct=\uff15", DmarcRecord("reject", "reject")),  # fullwidth five
         ("v=DMARC1; p=reject; pct=0050", DmarcRecord("reject", "reject")),  # four digits
         ("v=DMARC1; p=reject; pct=050", DmarcRecord("reject", "reject", pct=50)),
+        # RFC 9091 §4.1 np=, the policy for subdomains that do not exist;
+        # an invalid one is discarded (sp= then applies to them too)
+        ("v=DMARC1; p=reject; sp=none; np=Quarantine", DmarcRecord("reject", "none", np="quarantine")),
+        ("v=DMARC1; p=reject; sp=none; np=maybe", DmarcRecord("reject", "none")),
     ],
 )
 def test_parse_record(text: str, record: DmarcRecord) -> None:
@@ -174,6 +179,28 @@ async def test_find_record(resolver: Resolver, dns: DNSServer, domain: str, stat
     dns.add_zone("nodmarc.test", '@ IN TXT "v=spf1 -all"')
     found = await find_record(resolver, domain)
     assert (found.status, found.at, found.record.p if found.record else "") == (status, at, p)
+
+
+@pytest.mark.parametrize(
+    "domain, exists",
+    [
+        ("np.test", True),  # its own record: np= is not for it, nothing asked
+        ("ghost.np.test", False),  # NXDOMAIN
+        ("txtonly.np.test", False),  # NODATA for A, AAAA and MX (RFC 9091 §2.1)
+        ("www.np.test", True),  # A
+        ("v6.np.test", True),  # AAAA
+        ("mail.np.test", True),  # MX
+        ("news.auth.test", True),  # auth.test has no np=: nothing asked
+    ],
+)
+async def test_find_record_asks_whether_the_author_domain_exists_for_np(
+    resolver: Resolver, dns: DNSServer, domain: str, exists: bool
+) -> None:
+    found = await find_record(resolver, domain)
+    assert found.status == "found" and found.exists is exists
+    asked = sum(dns.query_count(domain, rdtype) for rdtype in ("A", "AAAA", "MX"))
+    assert asked == (3 if domain.endswith(".np.test") else 0)
+    assert dmarc.cached_record(resolver, domain) == found
 
 
 async def test_find_record_tempfail_and_cache(resolver: Resolver, dns: DNSServer) -> None:
@@ -273,6 +300,51 @@ def test_pct(p: str, sample: float, honour: bool, finding: str, disposition: str
     record = Discovery("found", DmarcRecord(p, p, pct=50), "auth.test")
     outcome = evaluate(ar.Author("auth.test"), record, None, [], sample=sample, honour_pct=honour)
     assert (outcome.finding, outcome.disposition, outcome.policy) == (finding, disposition, p)
+
+
+NP = DmarcRecord("reject", "none", np="quarantine")
+
+
+@pytest.mark.parametrize(
+    "discovery, result, finding, policy",
+    [
+        (Discovery("found", NP, "np.test", exists=False), "fail", "quarantine", "quarantine"),
+        (Discovery("found", NP, "np.test", exists=True), "fail", "fail", "none"),
+        (Discovery("found", NP, "np.test", exists=None), "temperror", "temperror", "none"),
+        (Discovery("found", DmarcRecord("reject", "none"), "np.test", exists=False), "fail", "fail", "none"),
+    ],
+)
+def test_np_applies_to_a_subdomain_that_does_not_exist(
+    discovery: Discovery, result: str, finding: str, policy: str
+) -> None:
+    outcome = evaluate(ar.Author("ghost.np.test"), discovery, None, [])
+    assert (outcome.result, outcome.finding, outcome.policy) == (result, finding, policy)
+    if finding == "quarantine":
+        assert dmarc.ar_result(outcome).result_comment == (
+            "p=reject sp=none np=quarantine dis=quarantine From domain does not exist")
+        sampled = evaluate(ar.Author("ghost.np.test"), replace(discovery, record=replace(NP, pct=0)), None, [])
+        assert sampled.reason == "From domain does not exist, outside pct=0 sample"
+    # a pass is a pass, whatever the existence of the domain
+    passed = evaluate(ar.Author("ghost.np.test"), discovery, spf_result("ghost.np.test"), [])
+    assert passed.finding == "pass"
+
+
+async def test_np_through_the_plugins(resolver: Resolver, keys: DNSServer) -> None:
+    verdict = await transaction(resolver, message("ceo@ghost.np.test"), sender="bounce@thirdparty.test", ip=BAD_IP)
+    assert verdict.action is Action.REJECT
+    assert str(verdict.reply) == "550 5.7.1 Rejected by DMARC policy for ghost.np.test"
+    verdict = await transaction(resolver, message("ceo@www.np.test"), sender="bounce@thirdparty.test", ip=BAD_IP)
+    assert verdict.action is Action.CONTINUE
+    assert dmarc_clause(verdict) == "dmarc=fail (p=reject sp=none np=reject dis=none) header.from=www.np.test"
+
+
+async def test_np_with_the_existence_unknown_is_temperror(resolver: Resolver, keys: DNSServer) -> None:
+    keys.servfail("ghost.np.test")
+    plugins = {"dmarc": {"actions": {"temperror": "defer"}}}
+    verdict = await transaction(
+        resolver, message("ceo@ghost.np.test"), sender="bounce@thirdparty.test", ip=BAD_IP, plugins=plugins
+    )
+    assert str(verdict.reply) == "451 4.7.1 Temporary error evaluating DMARC policy for ghost.np.test, try again later"
 
 
 def test_no_record_and_no_author() -> None:

@@ -229,3 +229,14 @@ def test_a_failing_signature_under_a_testing_key_is_not_punished(
         " mismatch) header.d=auth.test header.i=@auth.test header.s=t1 header.a=rsa-sha256 header.b="
     )
     assert ";" not in results.rpartition("header.b=")[2]  # the only dkim= clause, the last
+
+
+def test_np_refuses_a_subdomain_that_does_not_exist(dmarc_gateway: GatewayThread, postfix: PostfixInstance) -> None:
+    # np.test: p=reject sp=none np=reject (RFC 9091).  ghost.np.test has no
+    # A, AAAA or MX (NXDOMAIN): np applies; www.np.test exists: sp=none.
+    replies = send(dmarc_gateway, SPOOFER_IP, "bounce@thirdparty.test", message("ceo@ghost.np.test"))
+    assert replies[-1] == (550, b"5.7.1 Rejected by DMARC policy for ghost.np.test")
+    replies, results = delivered_results(dmarc_gateway, postfix, message("ceo@www.np.test", message_id="barrier@np.test"))
+    assert [code for code, _ in replies] == [250, 250, 250]
+    assert results.endswith("; dmarc=fail (p=reject sp=none np=reject dis=none) header.from=www.np.test")
+    assert "refused@thirdparty.test" not in postfix.maillog()
