@@ -5,6 +5,10 @@ a sender domain that cannot receive mail marks forged or broken mail.  The
 checks and replies follow Postfix's ``reject_non_fqdn_sender`` and
 ``reject_unknown_sender_domain``:
 
+* an internationalised domain must be U-labels (IDNA2008) separated by
+  ASCII dots, as RFC 6531 §3.3 writes it: one that only UTS #46 mapping
+  would make a domain (``good。mail。test``, fullwidth letters) is refused
+  as bad syntax, never mapped;
 * the domain must be fully qualified (it has a dot);
 * it must exist for mail: an MX record, or failing that an A or AAAA
   record (the implicit MX of RFC 5321 §5.1);
@@ -25,9 +29,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import string
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import idna
 
 from gateway import Address, Envelope, Plugin, Reply, Session, Verdict, hookimpl, then
 from gateway.actions import ActionOptions, ActionSpec, check_actions, decide
@@ -40,6 +47,7 @@ __all__ = [
     "SenderPlugin",
     "check_sender",
     "domain_finding",
+    "is_idna2008",
     "is_null_mx",
     "lookup_domain",
     "syntax_finding",
@@ -49,6 +57,9 @@ __all__ = [
 class Finding(enum.StrEnum):
     """What is wrong with a sender address."""
 
+    #: The domain is not U-labels and ASCII dots (RFC 6531 §3.3, RFC 5890):
+    #: ``bob@good。mail。test``, possible only with SMTPUTF8.
+    INVALID_DOMAIN = "invalid_domain"
     #: The domain has no dot: ``MAIL FROM:<root@localhost>``.
     NOT_FQDN = "not_fqdn"
     #: No such domain, or neither MX nor A/AAAA records.
@@ -65,6 +76,7 @@ FINDINGS = tuple(str(f) for f in Finding)
 
 #: Used for every finding the policy's ``actions`` table does not name.
 DEFAULT_ACTIONS: Mapping[str, ActionSpec] = {
+    "invalid_domain": "reject",
     "not_fqdn": "reject",
     "not_found": "reject",
     "tempfail": "defer",
@@ -73,6 +85,7 @@ DEFAULT_ACTIONS: Mapping[str, ActionSpec] = {
 }
 
 # --- replies (Postfix's wording; candidates for gateway/replies.py) ----------
+SENDER_INVALID_DOMAIN = Reply(501, "5.1.7", "<{address}>: Sender address rejected: Invalid domain name")
 SENDER_NOT_FQDN = Reply(504, "5.5.2", "<{address}>: Sender address rejected: need fully-qualified address")
 SENDER_NOT_FOUND = Reply(550, "5.1.8", "<{address}>: Sender address rejected: Domain not found")
 SENDER_TEMPFAIL = Reply(450, "4.1.8", "<{address}>: Sender address rejected: Domain not found")
@@ -82,6 +95,7 @@ SENDER_ADDRESS_LITERAL = Reply(550, "5.7.1", "<{address}>: Sender address reject
 #: finding -> (reply for "reject", reply for "defer"); None: the core's 451
 #: twin of the reject reply, or no reject at all for ``tempfail``.
 REPLIES: Mapping[Finding, tuple[Reply | None, Reply | None]] = {
+    Finding.INVALID_DOMAIN: (SENDER_INVALID_DOMAIN, None),
     Finding.NOT_FQDN: (SENDER_NOT_FQDN, None),
     Finding.NOT_FOUND: (SENDER_NOT_FOUND, SENDER_TEMPFAIL),
     Finding.TEMPFAIL: (None, SENDER_TEMPFAIL),
@@ -90,14 +104,39 @@ REPLIES: Mapping[Finding, tuple[Reply | None, Reply | None]] = {
 }
 
 
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
+def is_idna2008(domain: str) -> bool:
+    """Whether ``domain`` is labels separated by ``"."``, each LDH or an
+    IDNA2008 U-label (RFC 5890 §2.3.2.1), ASCII letters in either case.
+
+    Nothing is mapped: UTS #46 (which the resolver applies to what it is
+    asked) would read ``。`` as a dot and ``ｇ`` as ``g``, but RFC 5891 §5.2
+    and RFC 5895 leave mapping to what a user types; an SMTP client sends
+    the name itself (RFC 6531 §3.3).  Only ASCII case is folded, as the DNS
+    folds it (RFC 4343); ``Ü`` is no U-label.
+    """
+    try:
+        idna.encode(domain.translate(_ASCII_LOWER), strict=True)  # strict: only "." separates labels
+    except UnicodeError:  # idna.IDNAError is one
+        return False
+    return True
+
+
 def syntax_finding(address: Address) -> Finding | None:
     """What the address itself says, before any DNS question; None for the
     null sender and for a fully qualified domain."""
     if address.is_null:
         return None
-    if address.domain.startswith("["):
+    domain = address.domain
+    if domain.startswith("["):
         return Finding.ADDRESS_LITERAL
-    if "." not in address.domain:
+    if not domain.isascii() and not is_idna2008(domain):
+        # Before the dot test: good。mail。test is no domain at all, not
+        # an unqualified one.
+        return Finding.INVALID_DOMAIN
+    if "." not in domain:
         return Finding.NOT_FQDN
     return None
 

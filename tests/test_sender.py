@@ -70,6 +70,36 @@ def test_syntax_finding(path: str, expected: Finding | None) -> None:
     assert syntax_finding(sender(path)) == expected
 
 
+@pytest.mark.parametrize("domain, expected", [
+    ("stra\u00dfe.mail.test", None),  # a U-label (IDNA2008)
+    ("Stra\u00dfe.MAIL.test", None),  # ASCII letters in any case, as DNS takes them
+    ("xn--strae-oqa.mail.test", None),
+    ("b\u00fccher", Finding.NOT_FQDN),  # a U-label, but one label
+    # Dots other than "." (U+3002 IDEOGRAPHIC FULL STOP, U+FF0E FULLWIDTH
+    # FULL STOP, U+FF61): IDNA2003 and UTS #46 map them to ".", but in SMTP
+    # only "." separates labels (RFC 5321 §4.1.2, RFC 6531 §3.3), and in
+    # a label they are DISALLOWED (RFC 5892): no domain, not one unqualified.
+    ("good\u3002mail\u3002test", Finding.INVALID_DOMAIN),
+    ("good\uff0email\uff0etest", Finding.INVALID_DOMAIN),
+    ("good\uff61mail.test", Finding.INVALID_DOMAIN),
+    # other code points UTS #46 would map, or that IDNA2008 disallows
+    ("\uff47ood.mail.test", Finding.INVALID_DOMAIN),  # fullwidth g
+    ("B\u00dcCHER.mail.test", Finding.INVALID_DOMAIN),  # a capital Ü
+    ("x\u2603.mail.test", Finding.INVALID_DOMAIN),  # a snowman
+])
+def test_an_internationalised_domain_must_be_u_labels(domain: str, expected: Finding | None) -> None:
+    address = parse_path(f"FROM:<bob@{domain}>", "FROM", utf8=True)[0]
+    assert syntax_finding(address) == expected
+
+
+async def test_an_invalid_domain_is_refused_as_bad_syntax_unasked(resolver: Resolver, dns: DNSServer) -> None:
+    address = parse_path("FROM:<bob@good\u3002mail\u3002test>", "FROM", utf8=True)[0]
+    verdict = await settle(check_sender(address, resolver))
+    assert verdict.action is Action.REJECT and verdict.result == "sender=invalid_domain"
+    assert str(verdict.reply) == "501 5.1.7 <bob@good\u3002mail\u3002test>: Sender address rejected: Invalid domain name"
+    assert dns.query_count("good.mail.test", "MX") == 0
+
+
 @pytest.mark.parametrize("answer, expected", [
     (mx("0 ."), True),
     (mx("10 ."), True),

@@ -182,6 +182,23 @@ def test_internationalised_sender_domain_is_looked_up_by_idna2008(gw: GatewayThr
         assert command(sock, "RCPT TO:<alice@example.com>").startswith("250 ")
 
 
+@pytest.mark.parametrize("domain", [
+    "good\u3002mail\u3002test",  # IDEOGRAPHIC FULL STOPs
+    "\uff47ood.mail.test",  # a fullwidth g, which UTS #46 would map to good.mail.test
+])
+def test_a_sender_domain_that_is_no_idna2008_name_is_bad_syntax(gw: GatewayThread, postfix: Any, domain: str) -> None:
+    # In SMTP only "." separates labels (RFC 5321 §4.1.2, RFC 6531 §3.3) and
+    # a U-label is IDNA2008's (RFC 5890): the client must send good.mail.test,
+    # mapping is for what a user types (RFC 5895), not what a server reads.
+    with outside(gw) as sock:
+        assert command(sock, "EHLO good.mail.test").startswith("250")
+        assert command(sock, f"MAIL FROM:<bob@{domain}> SMTPUTF8") == (
+            f"501 5.1.7 <bob@{domain}>: Sender address rejected: Invalid domain name"
+        )
+        assert command(sock, "MAIL FROM:<bob@good.mail.test> SMTPUTF8") == "250 2.1.0 Ok"
+    assert domain not in postfix.maillog()
+
+
 @pytest.mark.parametrize("address, code, text", [
     ("bob@missing.mail.test", 550, "5.1.8 <bob@missing.mail.test>: Sender address rejected: Domain not found"),
     ("bob@nodata.mail.test", 550, "5.1.8 <bob@nodata.mail.test>: Sender address rejected: Domain not found"),
