@@ -261,16 +261,20 @@ def _reply_text(text: str, limit: int = 200) -> str:
     return text[: limit - 3] + "..." if len(text) > limit else text
 
 
-def _replies(result: SpfResult) -> tuple[Reply, Reply | None]:
+def _replies(result: SpfResult, mail_from: str = "") -> tuple[Reply, Reply | None]:
     """(reply if refused, temporary reply if deferred) for ``result``;
     made once per distinct result (:data:`_REPLIES`), as most are never
-    sent."""
-    return _REPLIES(result)
+    sent.  ``mail_from``: the MAIL FROM address as the client sent it."""
+    return _REPLIES((result, mail_from))
 
 
-def _make_replies(result: SpfResult) -> tuple[Reply, Reply | None]:
+def _make_replies(result: SpfResult, mail_from: str = "") -> tuple[Reply, Reply | None]:
+    # The address as sent (Alice@Auth.Test, a U-label domain), as Postfix
+    # quotes it before "Sender address rejected" and logs it (from=<...>);
+    # result.sender has the domain as checked, which {domain} names.
+    sender = mail_from or result.sender
     fields = {
-        "identity": result.sender if result.identity == "mailfrom" else result.helo,
+        "identity": sender if result.identity == "mailfrom" else result.helo,
         "what": "Sender address" if result.identity == "mailfrom" else "Helo command",
         "domain": result.domain,
         "ip": result.ip,
@@ -291,8 +295,10 @@ def _make_replies(result: SpfResult) -> tuple[Reply, Reply | None]:
     return SPF_REJECTED.format(**fields), None
 
 
-_REPLIES = ar.Memo(
-    _make_replies, lambda r: len(r.sender) + len(r.helo) + len(r.domain) + len(r.ip) + len(r.explanation)
+_REPLIES: ar.Memo[tuple[SpfResult, str], tuple[Reply, Reply | None]] = ar.Memo(
+    lambda key: _make_replies(*key),
+    lambda key: len(key[1]) + len(key[0].sender) + len(key[0].helo) + len(key[0].domain) + len(key[0].ip)
+    + len(key[0].explanation),
 )
 
 
@@ -300,7 +306,7 @@ def spf_decision(outcome: SpfOutcome, actions: Mapping[str, ActionSpec]) -> Verd
     """The MAIL verdict for ``outcome`` under ``actions``; its ``result``
     reads ``spf=fail`` (``spf=fail helo`` when the HELO check decided)."""
     deciding = outcome.deciding
-    reject, defer = _replies(deciding)
+    reject, defer = _replies(deciding, outcome.mail_from)
     label = f"spf={deciding.result}" + (" helo" if deciding.identity == "helo" and outcome.helo is not None else "")
     return decide(deciding.result, actions, reject=reject, defer=defer, result=label)
 

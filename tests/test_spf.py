@@ -125,6 +125,19 @@ async def test_fail_reply(plugin: spf.SpfPlugin) -> None:
     )
 
 
+@pytest.mark.parametrize("sender", ["Alice@Auth.Test", "alice@AUTH.test"])
+async def test_fail_reply_quotes_the_address_as_sent(plugin: spf.SpfPlugin, sender: str) -> None:
+    # As Postfix quotes it in "<address>: Sender address rejected" and in its
+    # log (from=<...>), and as the sender plugin does; the domain checked
+    # follows, as SPF read it.
+    verdict = await settle(plugin.mail(session(BAD_IP), envelope(sender)))
+    assert verdict is not None and verdict.action is Action.REJECT
+    assert str(verdict.reply) == (
+        f"550 5.7.23 <{sender}>: Sender address rejected: SPF fail - not authorized by auth.test for 203.0.113.66"
+    )
+    assert verdict.result == "spf=fail"
+
+
 async def test_quoted_at_in_the_local_part_gets_the_fail_reply(plugin: spf.SpfPlugin) -> None:
     verdict = await settle(plugin.mail(session(BAD_IP), envelope('"ceo@thirdparty.test"@auth.test')))
     assert verdict is not None and verdict.action is Action.REJECT

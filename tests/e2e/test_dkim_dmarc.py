@@ -240,3 +240,15 @@ def test_np_refuses_a_subdomain_that_does_not_exist(dmarc_gateway: GatewayThread
     assert [code for code, _ in replies] == [250, 250, 250]
     assert results.endswith("; dmarc=fail (p=reject sp=none np=reject dis=none) header.from=www.np.test")
     assert "refused@thirdparty.test" not in postfix.maillog()
+
+
+def test_the_spf_fail_reply_quotes_the_sender_as_sent(
+    start_gateway: Callable[..., GatewayThread], postfix: PostfixInstance, dns: DNSServer
+) -> None:
+    # As Postfix's own "<address>: Sender address rejected" and its log's
+    # from=<...> quote it; the domain SPF checked is named after "by".
+    gateway = start_auth_gateway(start_gateway, postfix, dns, {"spf": {}})
+    replies = send(gateway, SPOOFER_IP, "CEO@Auth.Test", message("ceo@auth.test"))
+    assert replies == [(550, f"5.7.23 <CEO@Auth.Test>: Sender address rejected: SPF fail - not authorized by auth.test"
+                             f" for {SPOOFER_IP}".encode())]
+    assert postfix.clients() == []
