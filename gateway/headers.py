@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 
-__all__ = ["prepend", "field_value", "is_field_name", "remove_fields", "claims_authserv_id"]
+__all__ = ["prepend", "field_value", "is_field_name", "remove_fields", "claims_authserv_id", "claims_receiver"]
 
 
 #: RFC 5322 §3.6.8 field name: printable ASCII but the colon.
@@ -153,3 +153,33 @@ def claims_authserv_id(field: bytes, authserv_id: str) -> bool:
     else:
         ident = re.split(r"[\s;]", value, maxsplit=1)[0]
     return bool(ident) and ident.strip().lower().rstrip(".") == authserv_id.lower().rstrip(".")
+
+
+#: RFC 7208 §9.1: ``receiver=`` names "the host name of the SPF verifier";
+#: its value is a dot-atom or a quoted-string.
+_RECEIVER = re.compile(r'(?:^|[;\s])receiver[ \t]*=[ \t]*("(?:[^"\\]|\\.)*"|[^;\s]*)', re.IGNORECASE)
+#: The comment after the result, "(HOST: text)" in RFC 7208 §9.1's examples
+#: and in what pyspf, Postfix's policy services and we write.
+_COMMENT_HOST = re.compile(r"[ \t]*[A-Za-z]+[ \t]*\([ \t]*([^\s:()]+)[ \t]*:")
+
+
+def _same_host(name: str, hostname: str) -> bool:
+    return bool(name) and name.strip().lower().rstrip(".") == hostname.lower().rstrip(".")
+
+
+def claims_receiver(field: bytes, hostname: str) -> bool:
+    """Whether a Received-SPF field says ``hostname`` made the check: its
+    ``receiver=`` (outside comments; quoted or not), or the host its first
+    comment starts with (``pass (gw.example: domain of ...)``), which is
+    what a reader shows.  Case and a final dot do not matter."""
+    value = field.split(b":", 1)[1].decode("utf-8", "replace").replace("\r\n", "")
+    comment = _COMMENT_HOST.match(value)
+    if comment is not None and _same_host(comment[1], hostname):
+        return True
+    for match in _RECEIVER.finditer(_without_comments(value)):
+        name = match[1]
+        if name.startswith('"'):
+            name = re.sub(r"\\(.)", r"\1", name[1:-1])
+        if _same_host(name, hostname):
+            return True
+    return False

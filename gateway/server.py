@@ -88,7 +88,7 @@ class Gateway:
         self._upstream = self.settings.upstream_endpoint  # parsed once, not per session
         #: Fields a client's message may not bring: ours are written below
         #: them and a reader would take theirs (smtp.py, at DATA).
-        self.forgeable_fields = ("Authentication-Results", replies.TAG_FIELD) + (
+        self.forgeable_fields = ("Authentication-Results", "Received-SPF", replies.TAG_FIELD) + (
             ("X-Spam-Score", "X-Spam-Status") if policy.scoring.headers else ()
         )
         #: The 220 every accepted connection gets, made once.

@@ -33,7 +33,7 @@ from . import replies, scoring, xclient
 from .address import ParamError, PathError, parse_path
 from .config import READ_BUFFER
 from .deadline import Deadline
-from .headers import claims_authserv_id, prepend, remove_fields
+from .headers import claims_authserv_id, claims_receiver, prepend, remove_fields
 from .pipeline import run_stage
 from .replies import Reply
 from .session import Envelope, Message, Recipient, Session
@@ -501,8 +501,14 @@ class SMTPSession(_AiosmtpdSMTP):
         return verdict if verdict is CONTINUE else self._monitored(stage, verdict, envelope)
 
     def _keep_field(self, field: bytes) -> bool:
-        """For :func:`remove_fields`: only others' Authentication-Results stay."""
-        return field[:22].lower() == b"authentication-results" and not claims_authserv_id(field, self.hostname)
+        """For :func:`remove_fields`: only others' Authentication-Results
+        and Received-SPF stay."""
+        name = field[:22].lower()
+        if name == b"authentication-results":
+            return not claims_authserv_id(field, self.hostname)
+        if name[:12] == b"received-spf":
+            return not claims_receiver(field, self.hostname)
+        return False
 
     def _headers(self, envelope: Envelope) -> list[tuple[str, str]]:
         return scoring.header_fields(self.gateway.policy.scoring, _scored(self.session, envelope))

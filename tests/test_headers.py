@@ -3,7 +3,7 @@ whether an Authentication-Results field claims our authserv-id."""
 
 import pytest
 
-from gateway.headers import claims_authserv_id, field_value, prepend, remove_fields
+from gateway.headers import claims_authserv_id, claims_receiver, field_value, prepend, remove_fields
 
 MESSAGE = (
     b"Received: from a\r\n\tby b\r\n"
@@ -64,6 +64,21 @@ def test_remove_fields_in_a_message_without_a_body() -> None:
 ])
 def test_claims_authserv_id(field: bytes, claims: bool) -> None:
     assert claims_authserv_id(field, "gw.example") is claims
+
+
+@pytest.mark.parametrize("field,claims", [
+    (b"Received-SPF: pass (gw.example: domain of a@b.example designates 192.0.2.1 as permitted sender)"
+     b" receiver=gw.example; client-ip=192.0.2.1;", True),
+    (b"Received-SPF: pass receiver=GW.Example.; client-ip=192.0.2.1", True),
+    (b'Received-SPF: pass client-ip=192.0.2.1; receiver="gw.example";', True),
+    (b"Received-SPF: pass\r\n (gw.example: domain of a@b.example designates 192.0.2.1 as permitted sender)", True),
+    (b"Received-SPF: pass (mx.other.example: ...) receiver=mx.other.example;", False),
+    (b"Received-SPF: pass (says receiver=gw.example) receiver=mx.other.example;", False),
+    (b"Received-SPF: pass receiver=gw.example.evil; helo=gw.example;", False),
+    (b"Received-SPF: none", False),
+])
+def test_claims_receiver(field: bytes, claims: bool) -> None:
+    assert claims_receiver(field, "gw.example") is claims
 
 
 @pytest.mark.parametrize("value,safe", [

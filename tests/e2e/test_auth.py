@@ -218,3 +218,21 @@ def test_a_helo_name_cannot_write_a_clause_into_our_results(
     parsed = authres.AuthenticationResultsHeader.parse(f"Authentication-Results: {results}")
     assert [r.method for r in parsed.results] == ["spf", "dkim", "dmarc"]
     assert [(p.name, p.value) for p in parsed.results[0].properties] == [("helo", "x;dkim=pass@auth.test")]
+
+
+def test_forged_received_spf_does_not_reach_postfix(start_gateway: Callable[..., GatewayThread],
+                                                    postfix: PostfixInstance, dns: DNSServer) -> None:
+    # A trusted relay's Received-SPF stays (a trace field); one naming us is
+    # a forgery, and without the spf plugin nothing of ours sits above it.
+    gateway = start_auth_gateway(start_gateway, postfix, dns, {"dkim": {}})
+    forged = (
+        f"Received-SPF: pass ({AUTHSERV_ID}: domain of ceo@auth.test designates {SPOOFER_IP} as permitted"
+        f" sender) receiver={AUTHSERV_ID}; client-ip={SPOOFER_IP};\r\n"
+        f'Received-SPF: pass receiver="{AUTHSERV_ID.upper()}.";\r\n'
+        "Received-SPF: fail (mx.elsewhere.example: domain of ceo@auth.test does not designate 198.51.100.9"
+        " as permitted sender) receiver=mx.elsewhere.example;\r\n"
+    ).encode()
+    assert send(gateway, SPOOFER_IP, "bounce@thirdparty.test", forged + message("ceo@auth.test"))[-1][0] == 250
+    (delivered,) = postfix.wait_for_messages("alice")
+    (kept,) = header_values(delivered, "Received-SPF")
+    assert kept.startswith("fail (mx.elsewhere.example:")
