@@ -13,7 +13,9 @@ from typing import Any
 
 from . import __version__
 from . import log as logsetup
-from .config import DNSSettings, GatewaySettings, Policy, PolicyError, Problem, ScoringSettings, load_policy
+from .config import (
+    DNSSettings, GatewaySettings, Policy, PolicyError, Problem, ScoringSettings, ascii_int, load_policy,
+)
 from .plugin import Context
 from .plugins import installed, load_plugins
 
@@ -140,7 +142,7 @@ def _report(exc: PolicyError, say: _Say | None = None) -> int:
 
 def _positive(text: str) -> int:
     try:
-        value = int(text)
+        value = ascii_int(text)
     except ValueError:
         value = 0
     if value < 1:

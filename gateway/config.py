@@ -35,6 +35,7 @@ __all__ = [
     "load_policy",
     "ip_in",
     "parse_table",
+    "ascii_int",
 ]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -45,6 +46,18 @@ def ip_in(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, networks: tuple[Net
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return any(ip in net for net in networks)
+
+
+def ascii_int(text: str) -> int:
+    """``text`` as a number written in ASCII digits only; ValueError else.
+
+    int() also reads other scripts' digits ("\uff15\uff13" is 53), a sign,
+    spaces and underscores: a port or a count written so is a typo, or a
+    value meant to look like another than it is, never what was meant.
+    """
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"expected ASCII digits, got {text!r}")
+    return int(text)
 
 
 @dataclass(frozen=True)
@@ -91,17 +104,27 @@ class Endpoint:
         bracketed = host.startswith("[") and host.endswith("]")
         if bracketed:
             host = host[1:-1]
-        if not (sep and port.isascii() and port.isdigit() and 0 < int(port) < 65536 and _endpoint_host(host, bracketed)):
+        number = _port(port)
+        if not (sep and number and _endpoint_host(host, bracketed)):
             raise ValueError(
                 "expected HOST:PORT" + (" or maildir:DIR" if maildir_ok else "") + " ([V6]:PORT for IPv6)"
             )
-        return cls(host=host, port=int(port))
+        return cls(host=host, port=number)
 
     def __str__(self) -> str:
         if self.maildir is not None:
             return f"maildir:{self.maildir}"
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
+
+
+def _port(text: str) -> int:
+    """``text`` as a TCP or UDP port (1 to 65535), or 0 if it is none."""
+    try:
+        number = ascii_int(text)
+    except ValueError:
+        return 0
+    return number if 0 < number < 65536 else 0
 
 
 def _endpoint_host(host: str, bracketed: bool) -> bool:
@@ -158,9 +181,10 @@ def parse_nameserver(text: str) -> tuple[str, int]:
     elif text.count(":") == 1:
         host, _, port = text.partition(":")
     ipaddress.ip_address(host)  # ValueError for a name or garbage
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    number = _port(port)
+    if not number:
         raise ValueError(f"bad port in nameserver {text!r}")
-    return host, int(port)
+    return host, number
 
 
 @dataclass(frozen=True)

@@ -110,3 +110,10 @@ def test_serve_with_json_logs_reports_a_bad_policy_as_json(tmp_path: Path) -> No
     assert run.returncode == 2
     (record,) = [json.loads(line) for line in run.stderr.splitlines()]
     assert (record["level"], record["message"]) == ("error", f"{policy}: gateway.max_recipients: expected a positive integer")
+
+
+def test_workers_are_ascii_digits(tmp_path: Path) -> None:
+    # int() read it as 2.  No policy file: should the count be taken, serve stops there.
+    run = smtpgate("serve", "--workers", "\uff12", "--policy", str(tmp_path / "none.toml"))
+    assert run.returncode == 2
+    assert "--workers: expected a positive integer, got '\uff12'" in run.stderr

@@ -262,3 +262,15 @@ def test_a_wrong_value_inside_a_table_option_names_its_own_key(tmp_path: Path, t
                          cwd=Path(__file__).resolve().parent.parent, timeout=60)
     assert run.returncode == 2
     assert run.stderr.startswith(f"{path}: {key}: expected "), run.stderr
+
+
+@pytest.mark.parametrize("ns", [
+    "127.0.0.1:\uff15\uff13",  # fullwidth "53": int() reads it as 53
+    "[::1]:\u0665\u0663",  # Arabic-Indic "53"
+    "127.0.0.1:\u00b9",  # superscript one: isdigit() says yes, int() refuses
+    "127.0.0.1: 53", "127.0.0.1:+53", "127.0.0.1:5_3",
+])
+def test_a_nameserver_port_is_ascii_digits(tmp_path: Path, ns: str) -> None:
+    path = write(tmp_path, f'[dns]\nnameservers = ["{ns}"]\n')
+    assert problems(path) == [f"{path}: dns.nameservers[0]: expected \"IP\" or \"IP:PORT\", got {ns!r}"]
+
