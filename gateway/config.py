@@ -160,12 +160,60 @@ def default_hostname() -> str:
     return name if _is_fqdn(name) else f"{name.split('.')[0] or 'localhost'}.localdomain"
 
 
-def _loopback_or_any(host: str) -> bool:
+_IP = ipaddress.IPv4Address | ipaddress.IPv6Address
+_LOOPBACK4, _LOOPBACK6 = ipaddress.IPv4Address("127.0.0.1"), ipaddress.IPv6Address("::1")
+
+
+def _address(host: str) -> _IP | None:
+    """``host`` as an address (an IPv4-mapped one as IPv4: a dual-stack
+    socket takes both alike), None for a name."""
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
-        return host == "localhost"
-    return ip.is_loopback or ip.is_unspecified
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _is_local(ip: _IP) -> bool:
+    """Whether ``ip`` is an address of this machine: one a socket can be
+    bound to (nothing is sent)."""
+    if ip.is_loopback:
+        return True
+    family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((str(ip), 0))
+    except OSError:
+        return False
+    return True
+
+
+def connects_to_itself(listen: Endpoint, upstream: Endpoint) -> bool:
+    """Whether connecting to ``upstream`` reaches the socket ``listen``
+    binds: the gateway would relay to itself, each connection opening
+    another.  Names other than ``localhost`` are not looked up: only the
+    same name counts."""
+    if upstream.maildir is not None or upstream.port != listen.port:
+        return False
+    # bind() takes "localhost" as 127.0.0.1 (server.bind: IPv4 for a name);
+    # connect() may take either loopback address for it, and takes a
+    # wildcard address for loopback (Linux's ip_route_connect).
+    bound = _LOOPBACK4 if listen.host == "localhost" else _address(listen.host)
+    if upstream.host == "localhost":
+        targets: set[_IP] = {_LOOPBACK4, _LOOPBACK6}
+    elif (target := _address(upstream.host)) is not None:
+        targets = {(_LOOPBACK4 if target.version == 4 else _LOOPBACK6) if target.is_unspecified else target}
+    else:
+        targets = set()
+    if bound is None or not targets:
+        return listen.host.lower() == upstream.host.lower()
+    if bound.is_unspecified:
+        # IPv6's wildcard takes IPv4 connections too (dual stack, as
+        # server.bind leaves IPV6_V6ONLY to the system, off by default).
+        return any((bound.version == 6 or target.version == 4) and _is_local(target) for target in targets)
+    return bound in targets
 
 
 def parse_nameserver(text: str) -> tuple[str, int]:
@@ -254,9 +302,8 @@ class GatewaySettings:
             except ValueError as exc:
                 bad[key] = str(exc)
         listen, upstream = endpoints.get("listen"), endpoints.get("upstream")
-        if listen is not None and upstream is not None and upstream.maildir is None and upstream.port == listen.port:
-            if upstream.host == listen.host or (_loopback_or_any(listen.host) and _loopback_or_any(upstream.host)):
-                bad["upstream"] = "another address than listen (the gateway would connect to itself)"
+        if listen is not None and upstream is not None and connects_to_itself(listen, upstream):
+            bad["upstream"] = "another address than listen (the gateway would connect to itself)"
         if upstream is not None and upstream.maildir is not None and upstream.maildir.exists() and not upstream.maildir.is_dir():
             bad["upstream"] = f"maildir:DIR with a directory ({upstream.maildir} is not one)"
         for i, domain in enumerate(self.local_domains):

@@ -1,5 +1,7 @@
 import dataclasses
+import ipaddress
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -274,3 +276,47 @@ def test_a_nameserver_port_is_ascii_digits(tmp_path: Path, ns: str) -> None:
     path = write(tmp_path, f'[dns]\nnameservers = ["{ns}"]\n')
     assert problems(path) == [f"{path}: dns.nameservers[0]: expected \"IP\" or \"IP:PORT\", got {ns!r}"]
 
+
+
+def local_address() -> str:
+    """An address of this machine other than loopback (a UDP socket's
+    connect picks the source address and sends nothing)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.254", 9))
+        except OSError:
+            pytest.skip("no route off loopback")
+        address = probe.getsockname()[0]
+    if ipaddress.ip_address(address).is_loopback:
+        pytest.skip("no address off loopback")
+    return str(address)
+
+
+SELF = "gateway.upstream: another address than listen (the gateway would connect to itself)"
+
+
+@pytest.mark.parametrize(("listen", "upstream", "itself"), [
+    # Each loopback address is an address of its own: a socket bound to
+    # 127.0.0.2 does not take connections to 127.0.0.1.
+    ("127.0.0.2", "127.0.0.1", False), ("127.0.0.1", "127.0.0.2", False), ("[::1]", "127.0.0.1", False),
+    ("127.0.0.1", "[::1]", False), ("localhost", "127.0.0.2", False), ("0.0.0.0", "[::1]", False),
+    ("0.0.0.0", "192.0.2.254", False), ("127.0.0.1", "mx.example.com", False),
+    ("127.0.0.1", "127.0.0.1", True), ("[::1]", "[0:0::1]", True), ("localhost", "127.0.0.1", True),
+    ("127.0.0.1", "localhost", True), ("[::1]", "localhost", True), ("mx.example.com", "MX.example.com", True),
+    # A wildcard takes every address of the machine; IPv6's takes IPv4 too.
+    ("0.0.0.0", "127.0.0.2", True), ("0.0.0.0", "localhost", True), ("[::]", "127.0.0.1", True),
+    ("[::]", "[::1]", True), ("0.0.0.0", "LOCAL", True), ("[::]", "LOCAL", True),
+    # Connecting to a wildcard address reaches loopback.
+    ("127.0.0.1", "0.0.0.0", True), ("[::1]", "[::]", True), ("127.0.0.2", "0.0.0.0", False),
+    ("[::ffff:127.0.0.1]", "127.0.0.1", True),
+])
+def test_the_gateway_as_its_own_next_hop(tmp_path: Path, listen: str, upstream: str, itself: bool) -> None:
+    upstream = upstream.replace("LOCAL", local_address()) if "LOCAL" in upstream else upstream
+    path = write(tmp_path, f'[gateway]\nhostname = "gw.example.org"\nlisten = "{listen}:2525"\n'
+                           f'upstream = "{upstream}:2525"\n')
+    if itself:
+        assert problems(path) == [f"{path}: {SELF}"]
+    else:
+        load_policy(path)
+        path.write_text(path.read_text().replace(":2525\"\n", ":2526\"\n", 1))  # another port: never itself
+        load_policy(path)
