@@ -12,8 +12,10 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import math
+import os
 import re
 import socket
+import stat
 import tomllib
 import types
 import typing
@@ -437,15 +439,49 @@ class Policy:
 _TOP = {"gateway", "dns", "scoring", "plugins"}
 
 
+class _NotRegular(OSError):
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _open_regular(path: str | Path) -> typing.BinaryIO:
+    """``path`` opened for reading if it is a regular file (a link to one
+    too); :class:`_NotRegular` otherwise.  Opened without waiting, then
+    judged: a FIFO's open would wait for a writer, /dev/zero would be read
+    until memory ran out, and /dev/null would pass for an empty policy."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _NotRegular(next((kind for test, kind in _KINDS if test(mode)), "a special file"))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def load_policy(path: str | Path) -> Policy:
     """Read and validate a policy file; raises :class:`PolicyError`."""
     name = str(path)
     try:
-        with open(path, "rb") as fh:
+        with _open_regular(path) as fh:
             data = tomllib.load(fh)
     except FileNotFoundError:
         raise PolicyError([Problem(name, "(file)", "no such file")]) from None
-    except OSError as exc:  # a directory, no permission
+    except _NotRegular as exc:
+        raise PolicyError([Problem(name, "(file)", f"a regular file, not {exc.kind}")]) from None
+    except OSError as exc:  # no permission
         raise PolicyError([Problem(name, "(file)", f"a readable file ({exc.strerror})")]) from None
     except UnicodeDecodeError as exc:
         raise PolicyError([Problem(name, "(syntax)", f"UTF-8 text (byte {exc.start}: {exc.reason})")]) from None

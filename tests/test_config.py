@@ -1,5 +1,6 @@
 import dataclasses
 import ipaddress
+import os
 import re
 import socket
 import subprocess
@@ -163,7 +164,7 @@ def test_a_maildir_that_is_a_file(tmp_path: Path) -> None:
 
 
 def test_a_policy_that_is_no_text_file(tmp_path: Path) -> None:
-    assert problems(tmp_path) == [f"{tmp_path}: (file): a readable file (Is a directory)"]
+    assert problems(tmp_path) == [f"{tmp_path}: (file): a regular file, not a directory"]
     binary = tmp_path / "b.toml"
     binary.write_bytes(b"[gateway]\nhostname = \"\xff\"\n")
     (line,) = problems(binary)
@@ -320,3 +321,19 @@ def test_the_gateway_as_its_own_next_hop(tmp_path: Path, listen: str, upstream: 
         load_policy(path)
         path.write_text(path.read_text().replace(":2525\"\n", ":2526\"\n", 1))  # another port: never itself
         load_policy(path)
+
+
+@pytest.mark.parametrize(("make", "kind"), [
+    (lambda path: os.mkfifo(path), "a named pipe (FIFO)"),  # open() waited for a writer
+    (lambda path: os.symlink("/dev/zero", path), "a character device"),  # tomllib read it forever
+    (lambda path: os.symlink("/dev/null", path), "a character device"),  # an empty policy: all defaults
+])
+@pytest.mark.parametrize("command", ["lint", "serve"])
+def test_a_policy_that_is_no_regular_file_is_refused_at_once(tmp_path: Path, make, kind: str, command: str) -> None:
+    path = tmp_path / "policy.toml"
+    make(path)
+    args = [str(path)] if command == "lint" else ["--policy", str(path), "--listen", "127.0.0.1:1"]
+    run = subprocess.run([sys.executable, "-m", "gateway", command, *args], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=10)
+    assert run.returncode == 2
+    assert run.stderr.splitlines() == [f"{path}: (file): a regular file, not {kind}"]
