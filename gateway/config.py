@@ -568,7 +568,7 @@ def parse_table(
         try:
             values[key] = _coerce(value, hints[key])
         except _Inner as exc:
-            problems.append(Problem(source, f"{path}.{exc.path}", exc.why))
+            problems += [Problem(source, f"{path}.{inner}", why) for inner, why in exc.found]
         except TypeError as exc:
             problems.append(Problem(source, path, str(exc)))
     # A key without a default that the table leaves out would otherwise
@@ -600,14 +600,14 @@ def parse_table(
 
 
 class _Inner(TypeError):
-    """A wrong value inside a table option: where (``softfail``, or
-    ``x.codes`` for a table of tables) and what was expected, so the
-    problem names the key itself, not the option that holds it."""
+    """Wrong values inside a table option: for each, where (``softfail``,
+    or ``x.codes`` for a table of tables) and what was expected, so each
+    problem names the key itself, not the option that holds it, and one
+    round of lint shows every one of them."""
 
-    def __init__(self, path: str, why: str) -> None:
-        super().__init__(f"{path}: {why}")
-        self.path = path
-        self.why = why
+    def __init__(self, found: list[tuple[str, str]]) -> None:
+        super().__init__("; ".join(f"{path}: {why}" for path, why in found))
+        self.found = found
 
 
 def _supported(hint: Any) -> bool:
@@ -633,17 +633,35 @@ def _finite(number: int | float) -> bool:
         return False
 
 
+_WHAT = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+
+
+def _expected(hint: Any) -> str:
+    """What a value of ``hint`` is, in the words of the problems."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return f"one of {', '.join(map(repr, typing.get_args(hint)))}"
+    if origin is tuple:
+        return "a list"
+    if origin is dict:
+        return "a table"
+    if origin in (typing.Union, types.UnionType):
+        words = [_expected(arg) for arg in typing.get_args(hint) if arg is not type(None)]
+        return " or ".join(filter(None, (", ".join(words[:-1]), words[-1])))
+    return _WHAT[hint]
+
+
 def _coerce(value: Any, hint: Any) -> Any:
     """Check ``value`` against a type hint; lists become tuples."""
     origin = typing.get_origin(hint)
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise TypeError(f"expected true or false, got {value!r}")
+        raise TypeError(f"expected {_expected(hint)}, got {value!r}")
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise TypeError(f"expected an integer, got {value!r}")
+        raise TypeError(f"expected {_expected(hint)}, got {value!r}")
     if hint is float:
         # TOML has nan and inf; no setting means either (a nan timeout
         # fires at once, a nan threshold compares false with everything).
@@ -651,20 +669,19 @@ def _coerce(value: Any, hint: Any) -> Any:
         # is no finite number either.
         if isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value):
             return float(value)
-        raise TypeError(f"expected a finite number, got {value!r}")
+        raise TypeError(f"expected {_expected(hint)}, got {value!r}")
     if hint is str:
         if isinstance(value, str):
             return value
-        raise TypeError(f"expected a string, got {value!r}")
+        raise TypeError(f"expected {_expected(hint)}, got {value!r}")
     if origin is Literal:
-        choices = typing.get_args(hint)
-        if value in choices:
+        if value in typing.get_args(hint):
             return value
-        raise TypeError(f"expected one of {', '.join(map(repr, choices))}, got {value!r}")
+        raise TypeError(f"expected {_expected(hint)}, got {value!r}")
     if origin is tuple:
         args = typing.get_args(hint)
         if not isinstance(value, (list, tuple)):
-            raise TypeError(f"expected a list, got {value!r}")
+            raise TypeError(f"expected {_expected(hint)}, got {value!r}")
         item = args[0]
         out = []
         for i, v in enumerate(value):
@@ -676,24 +693,32 @@ def _coerce(value: Any, hint: Any) -> Any:
     if origin is dict:
         key_t, val_t = typing.get_args(hint)
         if not isinstance(value, dict):
-            raise TypeError(f"expected a table, got {value!r}")
+            raise TypeError(f"expected {_expected(hint)}, got {value!r}")
         out_d = {}
+        found: list[tuple[str, str]] = []
         for k, v in value.items():
             try:
                 out_d[_coerce(k, key_t)] = _coerce(v, val_t)
             except _Inner as exc:
-                raise _Inner(f"{k}.{exc.path}", exc.why) from None
+                found += [(f"{k}.{path}", why) for path, why in exc.found]
             except TypeError as exc:
-                raise _Inner(str(k), str(exc)) from None
+                found.append((str(k), str(exc)))
+        if found:
+            raise _Inner(found)
         return out_d
     if origin in (typing.Union, types.UnionType):
-        errors = []
-        for arg in typing.get_args(hint):
-            if arg is type(None):
-                continue
+        arms = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        for arg in arms:
             try:
                 return _coerce(value, arg)
-            except TypeError as exc:
-                errors.append(str(exc))
-        raise TypeError(" or ".join(errors))
+            except TypeError:
+                pass
+        # A list (or table) where one of the types is a list (a table): its
+        # own problem says which item is wrong.  Otherwise every type once,
+        # and the value once.
+        shape = tuple if isinstance(value, list) else dict if isinstance(value, dict) else None
+        shaped = [arg for arg in arms if shape is not None and typing.get_origin(arg) is shape]
+        if len(shaped) == 1:
+            return _coerce(value, shaped[0])
+        raise TypeError(f"expected {_expected(hint)}, got {value!r}")
     raise TypeError(f"unsupported option type {hint!r}")  # a plugin author's bug

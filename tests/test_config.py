@@ -264,7 +264,8 @@ def test_a_wrong_value_inside_a_table_option_names_its_own_key(tmp_path: Path, t
     run = subprocess.run([sys.executable, "-m", "gateway", "lint", str(path)], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parent.parent, timeout=60)
     assert run.returncode == 2
-    assert run.stderr.startswith(f"{path}: {key}: expected "), run.stderr
+    assert run.stderr.startswith(f"{path}: {key}: "), run.stderr
+    assert "expected " in run.stderr
 
 
 @pytest.mark.parametrize("ns", [
@@ -337,3 +338,27 @@ def test_a_policy_that_is_no_regular_file_is_refused_at_once(tmp_path: Path, mak
                          cwd=tmp_path, timeout=10)
     assert run.returncode == 2
     assert run.stderr.splitlines() == [f"{path}: (file): a regular file, not {kind}"]
+
+
+def test_a_key_of_several_types_says_them_once(tmp_path: Path) -> None:
+    # Each type's whole sentence, joined by "or", repeated the value as
+    # often as the key has types ("expected a string, got True or expected
+    # a finite number, got True").
+    path = write(tmp_path, "[scoring]\nreject = \"high\"\n"
+                 "[plugins.spf]\nactions = { fail = true }\n"
+                 "[plugins.sender]\nactions = { not_found = [1] }\n"
+                 "[plugins.helo]\nactions = { bare_ip = { reject = 1 } }\n"
+                 "[plugins.dnsbl.zones.x]\nzone = { a = 1 }\n"
+                 "[plugins.dnsbl.zones.y]\ndomains = [\"sender\", 2]\n")
+    run = lint(path)
+    assert run.returncode == 2
+    assert run.stderr.replace(f"{path}: ", "").splitlines() == [
+        "scoring.reject: expected a finite number, got 'high'",
+        "plugins.spf.actions.fail: expected a string or a finite number, got True",
+        "plugins.sender.actions.not_found: expected a string or a finite number, got [1]",
+        "plugins.helo.actions.bare_ip: expected a string or a finite number, got {'reject': 1}",
+        "plugins.dnsbl.zones.x.zone: expected a string, true or false, an integer, a finite number or a list, "
+        "got {'a': 1}",
+        # A list, where one of the types is a list: which item is wrong.
+        "plugins.dnsbl.zones.y.domains: item 1: expected a string, got 2",
+    ]
