@@ -100,38 +100,43 @@ def limit_risks(policy: Policy) -> list[str]:
 
 
 def relay_risks(policy: Policy, enabled: set[str]) -> list[str]:
-    """Valid settings that let anyone relay unless the next hop refuses."""
+    """Valid settings that let anyone relay unless the next hop refuses,
+    or pass for another client than it is."""
+    settings = policy.gateway
     risks = []
     if "relay" not in enabled:
         risks.append("plugins.relay is disabled: the next hop must refuse relaying itself")
     risks += [
         f"gateway.trusted_networks[{i}] ({net}) trusts every client to relay"
-        for i, net in enumerate(policy.gateway.trusted)
+        for i, net in enumerate(settings.trusted)
         if net.prefixlen == 0
     ]
-    if policy.gateway.trusted:
-        # XCLIENT ADDR= names the client every check judges, the relay
-        # check's trusted_networks included.
-        risks += [
-            f"gateway.xclient_hosts[{i}] ({net}) lets every client claim an address "
-            "in trusted_networks with XCLIENT, and relay"
-            for i, net in enumerate(policy.gateway.xclient)
-            if net.prefixlen == 0
-        ]
-        if policy.gateway.proxy_protocol and not policy.gateway.proxy_hosts:
-            # The header names the client every check judges, as XCLIENT does.
-            risks.append(
-                "gateway.proxy_protocol takes a PROXY header from every peer: a client that reaches "
-                "this port directly can claim an address in trusted_networks, and relay "
-                "(gateway.proxy_hosts names the balancers)"
-            )
-        risks += [
-            f"gateway.proxy_hosts[{i}] ({net}) lets every client claim an address "
-            "in trusted_networks with a PROXY header, and relay"
-            for i, net in enumerate(policy.gateway.proxy)
-            if net.prefixlen == 0
-        ]
+    # XCLIENT ADDR= and a PROXY header name the client every check judges:
+    # claiming an address on a DNS allow list, or one the SPF record of a
+    # forged sender allows, is worth as much to a spammer as relaying, so
+    # these are risks whether or not trusted_networks lets anyone relay.
+    relay = bool(settings.trusted)
+    risks += [
+        f"gateway.xclient_hosts[{i}] ({net}) lets every client {_claim(' with XCLIENT', relay)}"
+        for i, net in enumerate(settings.xclient)
+        if net.prefixlen == 0
+    ]
+    if settings.proxy_protocol and not settings.proxy_hosts:
+        risks.append(
+            "gateway.proxy_protocol takes a PROXY header from every peer: a client that reaches this port "
+            f"directly can {_claim('', relay)} (gateway.proxy_hosts names the balancers)"
+        )
+    risks += [
+        f"gateway.proxy_hosts[{i}] ({net}) lets every client {_claim(' with a PROXY header', relay)}"
+        for i, net in enumerate(settings.proxy)
+        if net.prefixlen == 0
+    ]
     return risks
+
+
+def _claim(how: str, relay: bool) -> str:
+    said = f"claim any address{how}, and pass the checks that judge it (DNS block and allow lists, SPF)"
+    return said + ("; an address in trusted_networks, and relay" if relay else "")
 
 
 def _report(exc: PolicyError, say: _Say | None = None) -> int:

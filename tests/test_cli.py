@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -43,31 +45,39 @@ def test_lint_warns_of_settings_that_open_the_relay(tmp_path: Path) -> None:
     ]
 
 
-def test_lint_warns_of_xclient_from_anyone_where_some_clients_may_relay(tmp_path: Path) -> None:
+def test_lint_warns_of_xclient_from_anyone(tmp_path: Path) -> None:
     # Any client may then say XCLIENT ADDR=192.0.2.1 and relay.
     policy = policy_file(tmp_path, '[gateway]\nhostname = "gw.example.org"\n'
                          'trusted_networks = ["192.0.2.0/24"]\nxclient_hosts = ["127.0.0.1", "::/0"]\n')
     assert lint_warnings(policy) == [
-        "gateway.xclient_hosts[1] (::/0) lets every client claim an address "
-        "in trusted_networks with XCLIENT, and relay",
+        "gateway.xclient_hosts[1] (::/0) lets every client claim any address with XCLIENT, and pass the "
+        "checks that judge it (DNS block and allow lists, SPF); an address in trusted_networks, and relay",
     ]
-    # Trusting nobody, a claimed address relays nowhere.
+    # Trusting nobody, a claimed address still passes the DNS lists and SPF:
+    # a spammer names an address its forged sender's SPF record allows.
     policy.write_text('[gateway]\nhostname = "gw.example.org"\nxclient_hosts = ["0.0.0.0/0"]\n')
-    assert lint_warnings(policy) == []
-
-
-def test_lint_warns_of_proxy_headers_from_anyone_where_some_clients_may_relay(tmp_path: Path) -> None:
-    policy = policy_file(tmp_path, '[gateway]\nhostname = "gw.example.org"\n'
-                         'trusted_networks = ["192.0.2.0/24"]\nproxy_protocol = true\n')
     assert lint_warnings(policy) == [
-        "gateway.proxy_protocol takes a PROXY header from every peer: a client that "
-        "reaches this port directly can claim an address in trusted_networks, and relay "
-        "(gateway.proxy_hosts names the balancers)",
+        "gateway.xclient_hosts[0] (0.0.0.0/0) lets every client claim any address with XCLIENT, and pass the "
+        "checks that judge it (DNS block and allow lists, SPF)",
+    ]
+
+
+@pytest.mark.parametrize("trusted", ["", 'trusted_networks = ["192.0.2.0/24"]\n'])
+def test_lint_warns_of_proxy_headers_from_anyone(tmp_path: Path, trusted: str) -> None:
+    # A client that reaches the port directly names itself in the header:
+    # an address on a DNS allow list, or one the SPF record of the sender
+    # it forges allows, whether or not some addresses may relay.
+    relay = "; an address in trusted_networks, and relay" if trusted else ""
+    policy = policy_file(tmp_path, f'[gateway]\nhostname = "gw.example.org"\n{trusted}proxy_protocol = true\n')
+    assert lint_warnings(policy) == [
+        "gateway.proxy_protocol takes a PROXY header from every peer: a client that reaches this port directly "
+        "can claim any address, and pass the checks that judge it (DNS block and allow lists, SPF)"
+        f"{relay} (gateway.proxy_hosts names the balancers)",
     ]
     policy.write_text(policy.read_text() + 'proxy_hosts = ["10.1.2.3", "0.0.0.0/0"]\n')
     assert lint_warnings(policy) == [
-        "gateway.proxy_hosts[1] (0.0.0.0/0) lets every client claim an address "
-        "in trusted_networks with a PROXY header, and relay",
+        "gateway.proxy_hosts[1] (0.0.0.0/0) lets every client claim any address with a PROXY header, and pass "
+        f"the checks that judge it (DNS block and allow lists, SPF){relay}",
     ]
     policy.write_text(policy.read_text().replace(', "0.0.0.0/0"', ""))
     assert lint_warnings(policy) == []
