@@ -40,6 +40,7 @@ import dns.exception
 import dns.message
 import dns.name
 import dns.nameserver
+import dns.rcode
 import dns.rdata
 import dns.rdatatype
 import dns.rdtypes.txtbase
@@ -287,6 +288,41 @@ def _negative_ttl(response: dns.message.Message | None) -> int:
     return min([ttl] + [rrset.ttl for rrset in response.answer])
 
 
+_BESIDE_THE_CHAIN = frozenset({dns.rdatatype.DNAME, dns.rdatatype.RRSIG})
+
+
+def _not_about(response: dns.message.Message, qname: dns.name.Name) -> str | None:
+    """Why a negative response (NXDOMAIN, or NOERROR without the records
+    asked for) says nothing of ``qname``, or None if it is the "no" it
+    looks like.
+
+    dnspython takes any NOERROR response without the records for "no
+    data".  But one that holds only another name's records, or the SOA of
+    a zone that does not hold the name, answers another question (a broken
+    server, a confused middlebox); and a CNAME chain whose target gets
+    neither records nor its zone's SOA was never followed to its end.
+    Taken as "no such domain", such an answer refuses a sender (550) for
+    a fault that a retry may not meet: it must be a temporary failure."""
+    try:
+        chain = response.resolve_chaining()  # type: ignore[attr-defined]
+    except Exception as exc:  # a loop, or records for NXDOMAIN
+        return f"{type(exc).__name__} in the answer for {qname}"
+    end: dns.name.Name = chain.canonical_name
+    on_chain = {rrset.name for rrset in chain.cnames} | {qname, end}
+    # A DNAME (RFC 6672) is owned by a name above the chain, whose CNAMEs
+    # it made; signatures go with what they sign.
+    stray = next((rrset.name for rrset in response.answer
+                  if rrset.name not in on_chain and rrset.rdtype not in _BESIDE_THE_CHAIN), None)
+    if stray is not None:
+        return f"answer for {stray} instead of {qname}"
+    soas = [rrset.name for rrset in response.authority if rrset.rdtype == dns.rdatatype.SOA]
+    if soas and not any(end.is_subdomain(zone) for zone in soas):
+        return f"negative answer with the SOA of {soas[0]}, not of a zone above {end}"
+    if chain.cnames and not soas and response.rcode() == dns.rcode.NOERROR:
+        return f"CNAME chain ends at {end} without an answer"
+    return None
+
+
 @functools.lru_cache(maxsize=4096)
 def _query_key(name: str, rdtype: str) -> _Key:
     """The cache key of a question.  Memoised: parsing the name was a
@@ -493,6 +529,9 @@ class Resolver:
         except dns.resolver.NXDOMAIN as exc:
             responses = exc.responses()  # type: ignore[no-untyped-call]
             response = next(iter(responses.values()), None)
+            wrong = None if response is None else _not_about(response, qname)
+            if wrong is not None:
+                return Answer(Status.TEMPFAIL, error=wrong)
             return Answer(Status.NXDOMAIN, ttl=min(_negative_ttl(response), MAX_NEGATIVE_TTL))
         except (dns.exception.Timeout, TimeoutError):
             return Answer(Status.TEMPFAIL, error=f"timeout after {self.timeout:g}s")
@@ -502,6 +541,9 @@ class Resolver:
         except Exception as exc:  # a hostile or broken server must not crash a session
             return Answer(Status.TEMPFAIL, error=f"{type(exc).__name__}: {exc}")
         if result.rrset is None:
+            wrong = _not_about(result.response, qname)
+            if wrong is not None:
+                return Answer(Status.TEMPFAIL, error=wrong)
             return Answer(Status.NODATA, ttl=min(_negative_ttl(result.response), MAX_NEGATIVE_TTL))
         rdata = tuple(result.rrset)
         ttl = min(result.chaining_result.minimum_ttl, MAX_TTL)

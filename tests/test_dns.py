@@ -18,6 +18,7 @@ import dkim
 import dkim.asyncsupport
 import dns.message as dns_message  # aliased: the `dns` fixture shadows the package name
 import dns.resolver as dns_resolver
+import dns.rrset as dns_rrset
 import pytest
 import spf
 
@@ -102,6 +103,65 @@ async def test_tempfail(resolver: Resolver, dns: DNSServer, fault: str) -> None:
     answer = await resolver.query(name, "A")
     assert answer.status is Status.TEMPFAIL and answer.temporary
     assert ("REFUSED" if fault != "servfail" else "SERVFAIL") in answer.error
+
+
+# What a recursive resolver says of a name with no data, or none at all,
+# comes with the SOA of a zone above the name (RFC 2308).  An answer that
+# holds only another name's records, or a CNAME and nothing of its target,
+# says nothing of the name: dnspython reads it as "no data", and a sender
+# domain was refused as not found (550) for a server's fault.
+@pytest.mark.parametrize(("rdtype", "why"), [
+    ("MX", "answer for test.example. instead of good.mail.test."),  # the MX records of another name
+    ("A", "answer for test.example. instead of good.mail.test."),
+    ("AAAA", "negative answer with the SOA of test.example., not of a zone above good.mail.test."),
+])
+async def test_an_answer_for_another_name_is_tempfail(resolver: Resolver, dns: DNSServer, rdtype: str, why: str) -> None:
+    dns.answer_for("good.mail.test", "test.example")
+    assert await resolver.query("good.mail.test", rdtype) == Answer(Status.TEMPFAIL, error=why)
+
+
+async def test_a_negative_answer_for_another_name_is_tempfail(resolver: Resolver, dns: DNSServer) -> None:
+    dns.answer_for("good.mail.test", "nothing.test.example")  # NXDOMAIN, with test.example's SOA
+    assert await resolver.query("good.mail.test", "MX") == Answer(
+        Status.TEMPFAIL, error="negative answer with the SOA of test.example., not of a zone above good.mail.test.")
+
+
+async def test_a_cname_chain_that_ends_without_an_answer_is_tempfail(resolver: Resolver, dns: DNSServer) -> None:
+    # The target is in no zone served here: the server gives the CNAME alone,
+    # as a resolver that did not (or could not) follow it would.
+    dns.add_zone("broken.test", "www IN CNAME www.unserved.example.\n")
+    for rdtype in ("MX", "A", "AAAA"):
+        assert await resolver.query("www.broken.test", rdtype) == Answer(
+            Status.TEMPFAIL, error="CNAME chain ends at www.unserved.example. without an answer")
+    # A chain that ends in a name without data, said with its zone's SOA, is NODATA.
+    assert await resolver.query("outside.test.example", "MX") == Answer(Status.NODATA, ttl=120)
+
+
+def test_a_negative_answer_through_a_dname_is_about_the_name() -> None:
+    # The loopback server does not synthesise DNAMEs (RFC 6672): a response
+    # as a resolver gives it, where the DNAME's owner is above the chain.
+    query = dns_message.make_query("a.old.example", "MX")
+    response = dns_message.make_response(query)
+    response.answer.append(dns_rrset.from_text("old.example.", 300, "IN", "DNAME", "new.example."))
+    response.answer.append(dns_rrset.from_text("a.old.example.", 300, "IN", "CNAME", "a.new.example."))
+    response.authority.append(dns_rrset.from_text("new.example.", 300, "IN", "SOA", "ns.new.example. h.new.example. 1 2 3 4 60"))
+    response = dns_message.from_wire(response.to_wire())  # as it arrives, indexed
+    assert gdns._not_about(response, query.question[0].name) is None
+
+
+@pytest.mark.parametrize("broken", ["answer_for", "cname"])
+async def test_a_server_answering_another_name_defers_a_sender_not_refuses_it(
+    resolver: Resolver, dns: DNSServer, broken: str,
+) -> None:
+    from plugins.sender import Finding, lookup_domain
+
+    if broken == "answer_for":
+        dns.answer_for("good.mail.test", "test.example")
+        domain = "good.mail.test"
+    else:
+        dns.add_zone("broken.test", "www IN CNAME www.unserved.example.\n")
+        domain = "www.broken.test"
+    assert await lookup_domain(resolver, domain) is Finding.TEMPFAIL  # not NOT_FOUND: 450, not 550
 
 
 async def test_timeout_is_tempfail_within_the_timeout(dns: DNSServer) -> None:
