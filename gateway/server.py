@@ -259,8 +259,11 @@ class Service:
             task.cancel()
 
 
-async def serve(service: Service, sock: socket.socket, stop: asyncio.Event) -> None:
-    """Serve on ``sock`` until ``stop`` is set, then shut down gracefully."""
+async def serve(
+    service: Service, sock: socket.socket, stop: asyncio.Event, ready: Callable[[], None] | None = None,
+) -> None:
+    """Serve on ``sock`` until ``stop`` is set, then shut down gracefully.
+    ``ready`` is called once connections are taken."""
     loop = asyncio.get_running_loop()
     # create_server calls listen() again (default 100): keep bind()'s deeper
     # queue, so a burst of connections waits in the kernel rather than being
@@ -269,6 +272,8 @@ async def serve(service: Service, sock: socket.socket, stop: asyncio.Event) -> N
     # blamed it for 15 % had met the malloc effect _steady_malloc prevents).
     server = await loop.create_server(service.protocol, sock=sock, backlog=1024)
     service.start()
+    if ready is not None:
+        ready()
     try:
         await stop.wait()
     finally:
@@ -292,7 +297,10 @@ def _steady_malloc() -> None:
         ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, 1 << 20)
 
 
-def run_worker(policy: Policy, sock: socket.socket, counts: Counts, early: set[int], load: Callable[[], Policy]) -> None:
+def run_worker(
+    policy: Policy, sock: socket.socket, counts: Counts, early: set[int], load: Callable[[], Policy],
+    ready: Callable[[], None] | None = None,
+) -> None:
     """A worker's life: serve until SIGTERM or SIGINT; reload on SIGHUP.
 
     The supervisor runs it in each child; bench/worker.py runs it alone,
@@ -300,6 +308,8 @@ def run_worker(policy: Policy, sock: socket.socket, counts: Counts, early: set[i
 
     :param early: signals that arrived before the event loop took over.
     :param load: reads and checks the policy file again (for SIGHUP).
+    :param ready: called once the worker serves (the supervisor's sign
+        that its start-up went well).
     """
     _steady_malloc()
 
@@ -324,7 +334,7 @@ def run_worker(policy: Policy, sock: socket.socket, counts: Counts, early: set[i
             stop.set()
         elif signal.SIGHUP in early:
             on_hup()
-        await serve(service, sock, stop)
+        await serve(service, sock, stop, ready)
         # A second SIGTERM (a process-group kill on top of the parent's
         # forwarded one) must not hit a closed loop's wakeup fd while we exit.
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -384,7 +394,7 @@ def run(policy: Policy, workers: int, load: Callable[[bool], Policy]) -> int:
     log.info("smtpgate %s listening on %s, next hop %s, %d worker(s)",
              __version__, endpoint, policy.gateway.upstream_endpoint, workers)
 
-    def work(policy: Policy, sock: socket.socket, counts: Counts, early: set[int]) -> None:
-        run_worker(policy, sock, counts, early, lambda: load(False))
+    def work(policy: Policy, sock: socket.socket, counts: Counts, early: set[int], ready: Callable[[], None]) -> None:
+        run_worker(policy, sock, counts, early, lambda: load(False), ready)
 
     return Supervisor(policy, socks, work, lambda: load(True)).run()

@@ -3,7 +3,14 @@
 The parent binds one SO_REUSEPORT socket per worker, forks the workers and
 then only watches them:
 
-* A worker that dies (a crash, the OOM killer, a stray ``kill``) is
+* A worker that dies before it serves (its plugins or resolver cannot be
+  built there: the parent's own check of the policy builds no resolver)
+  while no worker has served yet ends ``serve``: every worker of that
+  policy would fail alike, and a gateway that restarts its workers for
+  ever behind a "listening" line looks up to systemd while it refuses
+  every client.  Its exit status is the worker's: 2 for a policy problem
+  (``FILE: key: expected ...``), 1 otherwise.
+* A worker that dies later (a crash, the OOM killer, a stray ``kill``) is
   replaced on the same socket.  The parent keeps every socket open, so the
   connections the kernel had queued for the dead worker wait for its
   successor instead of being reset.  A worker that dies within
@@ -57,8 +64,13 @@ _WATCHED = frozenset({signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGH
 _STOP = (signal.SIGTERM, signal.SIGINT)
 
 #: What a worker runs: the policy, its socket, its row of the shared
-#: connection counts, and the signals that arrived while it started.
-Work = Callable[[Policy, socket.socket, Counts, "set[int]"], None]
+#: connection counts, the signals that arrived while it started, and what
+#: to call once it serves.
+Work = Callable[[Policy, socket.socket, Counts, "set[int]", Callable[[], None]], None]
+
+#: A worker's exit status when its start-up found a policy problem (as
+#: ``smtpgate lint`` and ``serve`` exit with for one).
+POLICY_PROBLEM = 2
 
 
 @dataclass
@@ -71,6 +83,9 @@ class _Slot:
     quick_deaths: int = 0
     #: When the replacement of a dead worker is to start.
     due: float | None = None
+    #: Our end of the pipe the running worker writes to once it serves
+    #: (-1: none open).
+    ready_fd: int = -1
 
 
 class Supervisor:
@@ -93,6 +108,9 @@ class Supervisor:
         self._mask: set[int | signal.Signals] = set()
         self.stopping = False
         self.status = 0
+        #: Some worker has served: from then on, one that dies is replaced.
+        self.served = False
+        self._failure = "a worker failed"
 
     def run(self) -> int:
         """Start the workers and watch them; the exit code once all are gone."""
@@ -111,8 +129,12 @@ class Supervisor:
                 self._start_due()
         finally:
             self._close_sockets()
+            for slot in self.slots:
+                if slot.ready_fd >= 0:
+                    os.close(slot.ready_fd)
+                    slot.ready_fd = -1
             signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
-        log.info("stopped%s", "" if self.status == 0 else f" (exit {self.status}: a worker failed)")
+        log.info("stopped%s", "" if self.status == 0 else f" (exit {self.status}: {self._failure})")
         return self.status
 
     def _wait(self) -> signal.struct_siginfo | None:
@@ -163,13 +185,45 @@ class Supervisor:
             # Its connections died with it; the other workers must not count them.
             self._counts.clear(slot.index)
             code = os.waitstatus_to_exitcode(status)
+            served = self._served(slot)
             if self.stopping:
                 # Killed by the stop signal we passed on (before it could
                 # set up its handler) is a clean stop too.
-                if code != 0 and -code not in _STOP:
+                if code != 0 and -code not in _STOP and not self.status:
                     self.status = 1
                 continue
+            if not served and not any(self._served(other) for other in self.slots):
+                self._give_up(slot, pid, code)
+                continue
             self._schedule(slot, pid, code)
+
+    def _served(self, slot: _Slot) -> bool:
+        """Whether some worker has served, reading ``slot``'s pipe: its
+        worker wrote there once it did (nothing, and the end of the pipe,
+        if it died before)."""
+        if slot.ready_fd >= 0:
+            try:
+                said = os.read(slot.ready_fd, 1)
+            except BlockingIOError:  # alive, and not serving yet
+                return self.served
+            os.close(slot.ready_fd)
+            slot.ready_fd = -1
+            if said:
+                self.served = True
+        return self.served
+
+    def _give_up(self, slot: _Slot, pid: int, code: int) -> None:
+        """Stop ``serve``: the worker in ``slot`` died before any served."""
+        how = f"was killed by {_signal_name(-code)}" if code < 0 else f"exited with status {code}"
+        log.error("worker %d (pid %d) %s before serving: smtpgate could not start: stopping (the worker's "
+                  "error is above)", slot.index, pid, how)
+        self.status = POLICY_PROBLEM if code == POLICY_PROBLEM else 1
+        self._failure = "smtpgate could not start"
+        self.stopping = True
+        self._close_sockets()
+        for other in self.slots:
+            other.due = None
+        self._tell(signal.SIGTERM)
 
     def _schedule(self, slot: _Slot, pid: int, code: int, why: str = "") -> None:
         lived = time.monotonic() - slot.started
@@ -193,26 +247,44 @@ class Supervisor:
         slot.due = None
         slot.started = time.monotonic()
         try:
+            ours, theirs = os.pipe()
+        except OSError as exc:
+            self._schedule(slot, 0, 0, why=f"could not be started ({exc.strerror})")
+            return
+        try:
             pid = os.fork()
         except OSError as exc:
             # Out of memory or processes: the workers that run go on, and
             # this one is tried again later, as after a quick death.
+            os.close(ours)
+            os.close(theirs)
             self._schedule(slot, 0, 0, why=f"could not be started ({exc.strerror})")
             return
         if pid:
-            slot.pid = pid
+            os.close(theirs)
+            os.set_blocking(ours, False)
+            slot.pid, slot.ready_fd = pid, ours
             return
         code = 0
         try:
+            os.close(ours)
             for other in self.slots:
                 if other is not slot:
                     other.sock.close()
+                    if other.ready_fd >= 0:
+                        os.close(other.ready_fd)
             early = _record_signals()
             # Without the signals we watch, which a worker takes itself (serve
             # blocks SIGHUP from its start, see cli.py).
             signal.pthread_sigmask(signal.SIG_SETMASK, self._mask - _WATCHED)
             _die_with(self._parent)
-            self._work(self.policy, slot.sock, self._counts.row(slot.index), early)
+            self._work(self.policy, slot.sock, self._counts.row(slot.index), early, _ready_call(theirs))
+        except PolicyError as exc:
+            # Its plugins failed where the parent's check did not build them
+            # as the worker does (with a resolver): said as lint says it.
+            for problem in exc.problems:
+                log.error("%s", problem)
+            code = POLICY_PROBLEM
         except BaseException:
             log.exception("worker failed")
             code = 1
@@ -223,6 +295,24 @@ class Supervisor:
     def _close_sockets(self) -> None:
         for slot in self.slots:
             slot.sock.close()
+
+
+def _ready_call(fd: int) -> Callable[[], None]:
+    """What a worker calls once it serves: a byte down its pipe to the
+    parent, once."""
+
+    def ready() -> None:
+        nonlocal fd
+        if fd >= 0:
+            try:
+                os.write(fd, b"!")
+            except OSError:  # the parent is gone: nobody to tell
+                pass
+            finally:
+                os.close(fd)
+                fd = -1
+
+    return ready
 
 
 def policy_for_reload(load: Callable[[], Policy], running: Policy) -> Policy | None:

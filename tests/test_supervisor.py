@@ -73,8 +73,9 @@ supervisor.FIRST_DELAY = 0.25  # the doubling is what is tested, not the seconds
 logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
 policy = policy_from_dict({"gateway": {"hostname": "gw.test.example"}}, "<test>")
 
-def work(policy, sock, counts, early):
-    raise RuntimeError("this worker cannot start")
+def work(policy, sock, counts, early, ready):
+    ready()  # it serves, then dies: a fault of its running, not of its start
+    raise RuntimeError("this worker dies")
 
 sys.exit(Supervisor(policy, [socket.socket()], work, lambda: policy).run())
 """
@@ -102,12 +103,59 @@ def supervise_until(needle: str, script: str = SCRIPT, **popen) -> str:
     return log
 
 
-def test_a_worker_that_cannot_start_is_retried_ever_more_slowly_until_stopped() -> None:
+def test_a_worker_that_dies_soon_is_retried_ever_more_slowly_until_stopped() -> None:
     # Deaths at about 0, 0.25 and 0.75 s; then it would wait 1 s, but is stopped.
     log = supervise_until("starts in 1 s")
     waits = [line.rsplit("starts ", 1)[1] for line in log.splitlines() if "its replacement starts" in line]
     assert waits == ["in 0.25 s", "in 0.5 s", "in 1 s"]
-    assert log.count("RuntimeError: this worker cannot start") == 3
+    assert log.count("RuntimeError: this worker dies") == 3
+
+
+def supervise(script: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=20)
+
+
+CANNOT_START = SCRIPT.replace("    ready()  # it serves, then dies: a fault of its running, not of its start\n", "")
+
+
+@pytest.mark.parametrize(("raised", "status"), [
+    ('RuntimeError("no resolver")', 1),
+    ('PolicyError([Problem("p.toml", "plugins.x", "a plugin that starts (OSError())")])', 2),
+])
+def test_a_worker_that_fails_before_any_served_stops_the_supervisor(raised: str, status: int) -> None:
+    # Every worker of this policy fails alike: restarting them for ever
+    # (with a "listening" line logged) hid that nothing would ever serve.
+    run = supervise(CANNOT_START.replace('RuntimeError("this worker dies")', raised)
+                    .replace("from gateway.config import", "from gateway.config import PolicyError, Problem,")
+                    .replace("[socket.socket()]", "[socket.socket(), socket.socket()]"))
+    assert run.returncode == status, run.stderr
+    assert "its replacement starts" not in run.stderr
+    assert "before serving: smtpgate could not start: stopping (the worker's error is above)\n" in run.stderr
+    assert run.stderr.endswith(f"\nstopped (exit {status}: smtpgate could not start)\n")
+    assert ("no resolver" if status == 1 else "p.toml: plugins.x: a plugin that starts (OSError())") in run.stderr
+
+
+def test_once_a_worker_has_served_one_that_fails_to_start_is_retried(tmp_path: Path) -> None:
+    # Something of its own (memory, a file) failed; the serving worker
+    # goes on, and its sibling is tried again.
+    first = f"""
+def work(policy, sock, counts, early, ready):
+    import time
+    try:
+        os.close(os.open({str(tmp_path / "first")!r}, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        while not os.path.exists({str(tmp_path / "served")!r}):
+            time.sleep(0.01)
+        raise RuntimeError("the second cannot start")
+    ready()
+    open({str(tmp_path / "served")!r}, "w").close()
+    while not early:  # until SIGTERM
+        time.sleep(0.05)
+"""
+    script = SCRIPT[:SCRIPT.index("def work")] + first + SCRIPT[SCRIPT.index("sys.exit"):]
+    log = supervise_until("starts in 0.5 s", script.replace("[socket.socket()]", "[socket.socket(), socket.socket()]"))
+    assert "could not start" not in log and log.count("RuntimeError: the second cannot start") == 2
 
 
 def test_a_worker_that_cannot_be_forked_is_tried_again_later(supervisor, monkeypatch, caplog) -> None:
@@ -136,6 +184,6 @@ def test_workers_take_the_signals_the_parent_watches_whoever_blocked_them() -> N
     # the block would never reload (nor stop, for a blocked SIGTERM).
     tell = ('import signal; print("worker blocks", sorted(s.name for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])),'
             ' file=sys.stderr, flush=True); raise RuntimeError("done")')
-    log = supervise_until("its replacement starts", SCRIPT.replace('raise RuntimeError("this worker cannot start")', tell),
+    log = supervise_until("its replacement starts", SCRIPT.replace('raise RuntimeError("this worker dies")', tell),
                           preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, signal.SIGTERM}))
     assert "worker blocks []" in log

@@ -548,3 +548,48 @@ def test_a_stderr_nobody_reads_does_not_stall_the_sessions(serve, tmp_path: Path
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(15) == 0
     assert tail.read().rstrip().endswith("INFO stopped")
+
+
+#: A plugin that starts in serve's own check, which builds no resolver,
+#: and fails in every worker, which does: a third-party plugin that opens
+#: its connection (a database, a socket) only where it will serve fails so.
+FAILS_IN_A_WORKER = """\
+from dataclasses import dataclass
+import gateway
+
+class Plugin(gateway.Plugin):
+    @dataclass(frozen=True)
+    class Options:
+        pass
+
+    def __init__(self, options, context, name):
+        super().__init__(options, context, name)
+        if context.resolver is not None:
+            raise RuntimeError("cannot reach the reputation database")
+
+    @gateway.hookimpl
+    async def mail(self, envelope):
+        return None
+"""
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_worker_that_cannot_start_stops_serve_instead_of_being_restarted_forever(
+    tmp_path: Path, workers: str,
+) -> None:
+    # It logged "listening on", then a worker's traceback and "its
+    # replacement starts in 1 s", 2 s, ... 30 s, for ever: a service that
+    # looked up to its supervisor (systemd) and refused every client.
+    env = third_party_plugins(tmp_path, fails=FAILS_IN_A_WORKER)
+    policy = tmp_path / "fails.toml"
+    policy.write_text('[gateway]\nhostname = "gw.test.example"\nupstream = "maildir:maildir"\n[plugins.fails]\n')
+    port = free_port()
+    run = subprocess.run([*SMTPGATE, "serve", "--policy", str(policy), "--listen", f"127.0.0.1:{port}",
+                          "--workers", workers], capture_output=True, text=True, cwd=tmp_path, timeout=30, env=env)
+    assert run.returncode == 2, run.stderr
+    said = run.stderr.replace(str(policy), "POLICY")
+    assert "POLICY: plugins.fails: a plugin that starts (RuntimeError('cannot reach the reputation database'))" in said
+    assert "could not start: stopping" in said
+    assert "its replacement starts" not in said
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2)
