@@ -88,6 +88,8 @@ _UNDER_WAY = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK, errn
 _SEPARATORS = (b" ", b"-", b"\r", b"\n")
 #: aiosmtplib's limit on one reply line.
 _MAX_REPLY_LINE = 8192
+#: The positive replies that take a sender or a recipient.
+_TAKEN = frozenset({250, 251})
 
 
 class _NextHopProtocol(SMTPProtocol):
@@ -475,7 +477,8 @@ class SMTPUpstream:
         self._identity = identity
 
     async def command(self, line: str) -> Reply:
-        """Send one command line as it is; the reply as the MTA gave it."""
+        """Send one MAIL or RCPT line as it is; the reply as the MTA gave
+        it, or UpstreamError for a positive one that takes nothing."""
         smtp = self._smtp
         if smtp is None:
             raise UpstreamError(self._lost)
@@ -488,6 +491,13 @@ class SMTPUpstream:
             raise self._failed(line.split(" ", 1)[0], exc) from exc
         if response.code == 421:
             self._drop()
+        elif response.code < 400 and response.code not in _TAKEN:
+            # RFC 5321 §4.3.2: a sender or a recipient is taken with 250 or
+            # 251.  A 221 or a 354 says nothing of where it went (Postfix's
+            # proxy takes any 2yz): passed on, it would open a transaction
+            # that delivers to nobody knows where.  The dialogue is in doubt.
+            self._drop()
+            raise UpstreamError(f"{line[:4]}: answered {response.code} {response.message}, not 250")
         return _reply(response.code, response.message)
 
     async def data(self, envelope: Envelope, message: bytes, *, crlf: bool = False) -> Reply:

@@ -89,6 +89,27 @@ def test_a_next_hop_out_of_step_is_never_taken_for_delivery(start_gateway, mode:
             assert smtp.data(MSG) == (451, b"4.4.1 Error: next hop failed during the transaction, try again later")
 
 
+@pytest.mark.parametrize("stage", ["mail", "rcpt"])
+@pytest.mark.parametrize("odd", [b"221 2.0.0 Bye\r\n", b"354 go ahead\r\n", b"252 2.1.5 maybe\r\n"])
+def test_a_sender_or_recipient_is_taken_only_with_250_or_251(start_gateway, stage: str, odd: bytes) -> None:
+    # RFC 5321 §4.3.2: any other 2yz or 3yz says nothing of the address and
+    # leaves the dialogue in doubt.  The client, which pipelined the rest of
+    # its transaction, must hear a 4yz and never reach DATA.
+    with BadMTA(f"odd-at-{stage}", final=odd) as mta:
+        gw = start_gateway(f"127.0.0.1:{mta.port}")
+        with gw.raw() as sock:
+            for line in (f"XCLIENT ADDR={OUTSIDE_IP}", "EHLO c.example.net"):
+                sock.sendall(line.encode() + b"\r\n")
+                assert recv_reply(sock)[:1] == b"2"
+            sock.sendall(b"MAIL FROM:<bob@example.org>\r\nRCPT TO:<alice@example.com>\r\nDATA\r\n")
+            if stage == "rcpt":
+                assert recv_reply(sock) == b"250 ok\r\n"
+            assert recv_reply(sock) == b"421 4.4.1 gw.test.example Error: next hop unavailable, try again later\r\n"
+            assert sock.recv(100) == b""  # closed: nothing pipelined goes on
+        assert not [c for c in mta.commands if c[:4].upper() in (b"DATA", b"BDAT")]
+        assert mta.received == []
+
+
 def test_a_refused_bdat_ends_that_connection(start_gateway) -> None:
     # RFC 3030 says a server reads a chunk it refuses; one that does not
     # would take the chunk's lines for commands.  What was sent is sent, but
