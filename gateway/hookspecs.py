@@ -190,7 +190,9 @@ def helo(session: Session, hostname: str) -> Verdict | None:
     :param hostname: the argument (never empty: the gateway answers a bare
         HELO with 501 itself).
     :returns: ``None`` to accept; a DEFER or REJECT verdict refuses the
-        command, and the client stays without a HELO (MAIL gets 503).
+        command, and the client stays without a HELO (its next MAIL gets
+        503); a transaction under way goes on, as only an accepted HELO
+        resets it.
     """
 
 

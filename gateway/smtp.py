@@ -585,12 +585,15 @@ class SMTPSession(_AiosmtpdSMTP):
         if arg is None or " " in arg:
             await self.reply(replies.SYNTAX_HELO.format(command=command))
             return
-        await self._reset_transaction()
         verdict = await self._stage("helo", session=self.session, hostname=arg)
         if verdict.refuses:
+            # Only an acceptable greeting resets the state (RFC 5321 §4.1.4),
+            # so a transaction under way goes on; but the next one needs a
+            # greeting we accept, which a refused name cannot become.
             self._greeted = False
             await self.reply(self._refused("helo", verdict))
             return
+        await self._reset_transaction()
         # A new HELO replaces what the previous one contributed, so saying
         # EHLO twice cannot count a score twice.
         if self._helo_tags:

@@ -226,3 +226,26 @@ def test_xclient_inside_a_transaction_is_refused(gateway, postfix) -> None:
             b"554 5.7.1 <friend@remote.example>: Relay access denied\r\n"
         )
     assert "friend@remote.example" not in postfix.maillog()
+
+
+HELO_REFUSED = b"550 5.7.1 <[127.0.0.1]>: Helo command rejected: You are not localhost\r\n"
+
+
+def test_a_refused_helo_leaves_the_transaction_as_it_was(start_gateway, postfix) -> None:
+    # RFC 5321 §4.1.4: only an acceptable EHLO resets the state (Postfix's
+    # refused HELO returns before its mail_reset()).  What the refusal does
+    # hold: no new transaction without an acceptable greeting, and no other
+    # name is acceptable any more (the helo plugin's rule).
+    gw = start_gateway(f"127.0.0.1:{postfix.port}", plugins={"helo": {}})
+    with gw.raw() as s:
+        assert say(s, b"XCLIENT ADDR=" + OUTSIDE_IP.encode())[:4] == b"220 "
+        assert say(s, b"EHLO good.example.net")[:4] == b"250-"
+        assert say(s, b"MAIL FROM:<bob@example.org>") == b"250 2.1.0 Ok\r\n"
+        assert say(s, b"RCPT TO:<alice@example.com>") == b"250 2.1.5 Ok\r\n"
+        assert say(s, b"EHLO [127.0.0.1]") == HELO_REFUSED
+        assert say(s, b"RCPT TO:<carol@example.com>") == b"250 2.1.5 Ok\r\n"
+        assert say(s, b"DATA")[:4] == b"354 "
+        assert say(s, b"Subject: still here\r\n\r\nbody\r\n.").startswith(b"250 2.0.0 Ok: ")
+        assert say(s, b"EHLO good.example.net") == HELO_REFUSED
+        assert say(s, b"MAIL FROM:<bob@example.org>") == b"503 5.5.1 Error: send HELO/EHLO first\r\n"
+    assert len(postfix.wait_for_messages("alice")) == len(postfix.wait_for_messages("carol")) == 1
