@@ -189,7 +189,8 @@ def _out_of_step(buffer: bytes | bytearray, end: int) -> aiosmtplib.SMTPResponse
 
 
 class Upstream(Protocol):
-    #: ESMTP extensions the next hop offers, lower-case keywords.
+    #: ESMTP extensions the next hop offers an EHLO client, lower-case
+    #: keywords: what the SMTP front offers and lets clients use.
     extensions: frozenset[str]
 
     async def connect(self) -> None: ...
@@ -264,6 +265,9 @@ class SMTPUpstream:
         self._xclient_attrs: frozenset[str] = frozenset()
         #: Whether this connection has had our own EHLO.
         self._greeted = False
+        #: The connection was last greeted with a HELO client's HELO: it
+        #: takes no extension, whatever :attr:`extensions` says.
+        self._helo = False
         #: keep_awake() is in force; and its NOOP under way, if any.
         self._awake = False
         self._nudge: asyncio.Task[None] | None = None
@@ -311,6 +315,7 @@ class SMTPUpstream:
             raise
         self._smtp = smtp
         self._identity = None
+        self._helo = False
         self._lost = "not connected"
 
     async def _open(self, loop: asyncio.AbstractEventLoop, smtp: SMTPProtocol) -> None:
@@ -391,6 +396,12 @@ class SMTPUpstream:
                 # restrictions (smtpd_delay_reject = no): its answer.
                 raise ClientRefused(Reply.parse(response.code, response.message))
             raise UpstreamError(f"{verb.decode()} refused: {response.code} {response.message}")
+        self._helo = verb == b"HELO"
+        if self._helo:
+            # What the last EHLO offered stays the offer: should this client
+            # say EHLO after all, it is offered what a client that said EHLO
+            # first would be (its next transaction greets the MTA with EHLO).
+            return
         self.extensions, xclient = _offer(response.message)
         if ours:
             # After XCLIENT Postfix judges the new client, whom it does not
@@ -518,7 +529,7 @@ class SMTPUpstream:
         if not crlf:
             message = _crlf(message)
         try:
-            if "chunking" in self.extensions:
+            if "chunking" in self.extensions and not self._helo:
                 response = await self._send(smtp, b"BDAT %d LAST\r\n%b" % (len(message), message), final=True)
                 if response.code >= 400:
                     # Whether it read the chunk or will take it for commands

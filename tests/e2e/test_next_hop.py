@@ -3,6 +3,7 @@ commands each message costs the MTA, and what happens when what the
 gateway remembers about the MTA is out of date."""
 
 import logging
+import smtplib
 import time
 from collections.abc import Iterator
 from ipaddress import ip_address
@@ -57,6 +58,29 @@ def test_new_helo_name_in_a_session_reaches_postfix(gateway, postfix) -> None:
     second = next(m for m in messages if b"<carol@example.org>" in m)
     assert b"from first.example.net (unknown [203.0.113.7])" in first
     assert b"from second.example.net (unknown [203.0.113.7])" in second
+
+
+def test_ehlo_after_a_helo_transaction_offers_what_a_first_ehlo_would(gateway, postfix) -> None:
+    # Postfix greeted with the client's HELO offers nothing; that is no
+    # reason to offer the client nothing once it says EHLO itself.
+    with gateway.client(xclient=OUTSIDE_IP) as smtp:
+        offered = smtp.ehlo_resp
+    with smtplib.SMTP("127.0.0.1", gateway.port, local_hostname="client.example.net", timeout=10) as smtp:
+        assert smtp.docmd("XCLIENT", f"ADDR={SECOND_IP} NAME=[UNAVAILABLE]")[0] == 220
+        assert smtp.helo()[0] == 250
+        assert smtp.sendmail("bob@example.org", ["alice@example.com"], MESSAGE) == {}
+        assert smtp.ehlo() == (250, offered)
+        assert smtp.mail("b\u00f8b@example.org", ["BODY=8BITMIME", "SMTPUTF8"]) == (250, b"2.1.0 Ok")
+        assert smtp.rcpt("carol@example.com", ["NOTIFY=NEVER"]) == (250, b"2.1.5 Ok")
+        assert smtp.data(MESSAGE)[0] == 250
+    (helo,) = postfix.wait_for_messages("alice")
+    (ehlo,) = postfix.wait_for_messages("carol")
+    assert b"(unknown [203.0.113.8])\n\tby " in helo and b"with SMTP id" in helo
+    assert b"with UTF8SMTP id" in ehlo or b"with ESMTP id" in ehlo
+    # Greeted with HELO, Postfix was sent DATA, not the BDAT it offers
+    # only after EHLO, whatever the gateway now offers its client.
+    by_helo = postfix.wait_for_commands(SECOND_IP)
+    assert by_helo["helo"] == "1" and by_helo["data"] == "1" and "bdat" not in by_helo
 
 
 @pytest.fixture(scope="module")
