@@ -45,6 +45,25 @@ def _xtext_decode(value: str) -> str:
     return _XTEXT.sub(lambda m: bytes((int(m[1], 16),)), value.encode()).decode()
 
 
+def _address(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address as Postfix's XCLIENT reads one: IPv4 dotted-quad, or IPv6
+    behind ``IPV6:`` (any case); ValueError for anything else."""
+    if value[:5].upper() != "IPV6:":
+        return ipaddress.IPv4Address(value)
+    address = ipaddress.IPv6Address(value[5:])
+    if address.scope_id is not None:
+        raise ValueError(f"scoped address {address}")
+    return address
+
+
+def _port(value: str) -> int:
+    """A port as Postfix's XCLIENT reads one (at most five digits), that is
+    a port; ValueError for anything else."""
+    if not (value.isascii() and value.isdigit() and len(value) <= 5 and int(value) <= 65535):
+        raise ValueError
+    return int(value)
+
+
 def session_changes(arg: str) -> dict[str, Any]:
     """The :class:`~gateway.session.Session` fields that ``XCLIENT arg``
     sets, by name; raises :class:`Refused` for the first attribute that is
@@ -86,16 +105,24 @@ def session_changes(arg: str) -> dict[str, Any]:
                 # [TEMPUNAVAIL]: the next hop defers where it would reject.
                 changes["name_tempfail" if name == "NAME" else "reverse_tempfail"] = value.upper() == "[TEMPUNAVAIL]"
             elif name == "PORT":
-                if not unavailable and not (value.isascii() and value.isdigit() and int(value) <= 65535):
-                    raise ValueError
-                changes["client_port"] = 0 if unavailable else int(value)
+                changes["client_port"] = 0 if unavailable else _port(value)
             elif name == "HELO":
                 changes["helo"] = None if unavailable else value
             elif name == "PROTO":
                 if value.upper() not in ("SMTP", "ESMTP"):
                     raise ValueError
                 changes["protocol"] = value.upper()
-            elif name not in ("DESTADDR", "DESTPORT"):
+            elif name in ("DESTADDR", "DESTPORT"):
+                # Not passed on (which of its addresses the next hop was
+                # reached at is ours to say), but what Postfix's XCLIENT
+                # refuses, [TEMPUNAVAIL] included, no front proxy may say.
+                if value.upper() == "[UNAVAILABLE]":
+                    pass
+                elif name == "DESTADDR":
+                    _address(value)
+                else:
+                    _port(value)
+            else:
                 # LOGIN too: we take no word for who authenticated.
                 raise ValueError
         except ValueError:

@@ -40,6 +40,12 @@ def test_an_ipv4_mapped_address_is_the_ipv4_client() -> None:
     assert session_changes("ADDR=IPV6:::ffff:192.0.2.9")["client_ip"] == ipaddress.ip_address("192.0.2.9")
 
 
+def test_destination_attributes_are_checked_and_dropped() -> None:
+    assert session_changes("DESTADDR=192.0.2.1 DESTPORT=25") == {}
+    assert session_changes("DESTADDR=ipv6:2001:db8::25 DESTPORT=[UNAVAILABLE]") == {}
+    assert session_changes("DESTADDR=[unavailable] DESTPORT=00025") == {}
+
+
 def test_unavailable_values_are_unknown() -> None:
     assert session_changes("NAME=[UNAVAILABLE] PORT=[UNAVAILABLE] HELO=[UNAVAILABLE]") == {
         "client_name": "unknown", "name_tempfail": False, "client_port": 0, "helo": None,
@@ -62,6 +68,18 @@ def test_unavailable_values_are_unknown() -> None:
     ("HELO=a+C2+85b", "HELO=a+C2+85b"),  # U+0085, a C1 control (NEXT LINE)
     ("HELO=a+FFb", "HELO=a+FFb"),  # no UTF-8
     ("NAME=[UNAVAILABLE]+09", "NAME=[UNAVAILABLE]+09"),
+    # Not forwarded, but held to Postfix's syntax all the same.
+    ("DESTADDR=bogus", "DESTADDR=bogus"),
+    ("DESTADDR=192.0.2", "DESTADDR=192.0.2"),
+    ("DESTADDR=IPV6:192.0.2.1", "DESTADDR=IPV6:192.0.2.1"),
+    ("DESTADDR=[TEMPUNAVAIL]", "DESTADDR=[TEMPUNAVAIL]"),
+    ("DESTADDR=IPV6:fe80::1%eth0", "DESTADDR=IPV6:fe80::1%eth0"),
+    ("DESTADDR", "DESTADDR"),
+    ("DESTPORT=x", "DESTPORT=x"),
+    ("DESTPORT=-1", "DESTPORT=-1"),
+    ("DESTPORT=000025", "DESTPORT=000025"),  # six digits
+    ("DESTPORT=65536", "DESTPORT=65536"),
+    ("DESTPORT=[TEMPUNAVAIL]", "DESTPORT=[TEMPUNAVAIL]"),
 ])
 def test_a_bad_attribute_is_named(arg: str, attribute: str) -> None:
     assert refusal(arg) == f"501 5.5.4 Bad XCLIENT attribute: {attribute}"

@@ -148,6 +148,7 @@ XCLIENT_BAD = [
     "NAME=" + "a" * 300, "HELO=" + "a" * 300,
     # Every check judges the address; and we take no word for who logged in.
     "ADDR=[UNAVAILABLE]", "ADDR=[TEMPUNAVAIL]", "LOGIN=user",
+    "DESTADDR=bogus", "DESTPORT=x",
 ]
 #: (verb, arguments, kind): the commands the gateway answers alone.
 SIMPLE = [

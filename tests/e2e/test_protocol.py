@@ -1,10 +1,13 @@
 """Protocol hygiene through a real socket: exact codes for misuse."""
 
 import smtplib
+import socket
+from collections.abc import Iterator
 
 import pytest
 
 from tests.fixtures.gateway import OUTSIDE_IP, TRUSTED_IP, recv_reply
+from tests.fixtures.postfix import PostfixInstance
 
 
 def say(sock, line: bytes) -> bytes:
@@ -211,6 +214,37 @@ def test_xclient_syntax(sock) -> None:
         )
     assert say(sock, b"XCLIENT ADDR=IPV6:2001:db8::1 NAME=mail.example.net HELO=mx.example.net").startswith(b"220 ")
     assert say(sock, b"MAIL FROM:<a@example.org>") == b"503 5.5.1 Error: send HELO/EHLO first\r\n"
+
+
+@pytest.fixture(scope="module")
+def postfix_dual_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostfixInstance]:
+    """A Postfix that takes IPv6 clients too, as one behind a dual-stack
+    gateway must (the shared one is IPv4 only)."""
+    with PostfixInstance(tmp_path_factory.mktemp("postfix-dual"), extra_main_cf={"inet_protocols": "all"}) as pf:
+        yield pf
+
+
+def _xclient_code(port: int, attribute: str) -> int:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        recv_reply(s)
+        assert say(s, b"EHLO gw.test.example")[:4] == b"250-"
+        return int(say(s, b"XCLIENT " + attribute.encode())[:3])
+
+
+@pytest.mark.parametrize("attribute", [
+    "DESTADDR=192.0.2.1", "DESTADDR=IPV6:2001:db8::25", "DESTADDR=ipv6:2001:db8::25", "DESTADDR=[UNAVAILABLE]",
+    "DESTADDR=[unavailable]", "DESTADDR=bogus", "DESTADDR=192.0.2", "DESTADDR=192.0.2.256", "DESTADDR=IPV6:192.0.2.1",
+    "DESTADDR=IPV6:[2001:db8::25]", "DESTADDR=IPV6:fe80::1%eth0", "DESTADDR=[TEMPUNAVAIL]",
+    "DESTPORT=25", "DESTPORT=00025", "DESTPORT=65535", "DESTPORT=[UNAVAILABLE]", "DESTPORT=x", "DESTPORT=-1",
+    "DESTPORT=+25", "DESTPORT=000025", "DESTPORT=123456", "DESTPORT=[TEMPUNAVAIL]",
+    "PORT=00025", "PORT=000025",
+])
+def test_xclient_takes_what_postfix_takes(gateway, postfix_dual_stack, attribute: str) -> None:
+    # Postfix's own XCLIENT is the reference for what a front proxy may say
+    # (XCLIENT_README): 220 where it takes the value, 501 5.5.4 where not.
+    expected = _xclient_code(postfix_dual_stack.port, attribute)
+    assert expected in (220, 501)
+    assert _xclient_code(gateway.port, attribute) == expected
 
 
 def test_xclient_inside_a_transaction_is_refused(gateway, postfix) -> None:
