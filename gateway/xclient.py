@@ -89,8 +89,10 @@ def session_changes(arg: str) -> dict[str, Any]:
                     # keeping the previous one would let this client pass as
                     # that one, trusted perhaps.
                     raise Refused(replies.XCLIENT_NO_ADDR.format(attribute=item))
-                text = value[5:] if value.upper().startswith("IPV6:") else value
-                changes["client_ip"] = client_address(ipaddress.ip_address(text))
+                # The syntax is Postfix's (XCLIENT_README), IPv6 only behind
+                # IPV6:: a front proxy gets the answers from us that the
+                # Postfix it was written for would give it.
+                changes["client_ip"] = client_address(_address(value))
             elif len(value.encode()) > VALUE_MAX:
                 raise ValueError
             elif name in ("NAME", "REVERSE_NAME"):

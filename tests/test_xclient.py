@@ -54,7 +54,11 @@ def test_unavailable_values_are_unknown() -> None:
 
 @pytest.mark.parametrize("arg,attribute", [
     ("ADDR=not-an-ip", "ADDR=not-an-ip"),
-    ("ADDR=fe80::1%eth0", "ADDR=fe80::1%eth0"),  # names no host beyond a link
+    ("ADDR=IPV6:fe80::1%eth0", "ADDR=IPV6:fe80::1%eth0"),  # names no host beyond a link
+    # As Postfix reads ADDR: IPv6 only behind IPV6:, and nothing else there.
+    ("ADDR=2001:db8::1", "ADDR=2001:db8::1"),
+    ("ADDR=::ffff:192.0.2.9", "ADDR=::ffff:192.0.2.9"),
+    ("ADDR=IPV6:192.0.2.9", "ADDR=IPV6:192.0.2.9"),
     ("NAME=bad_name!", "NAME=bad_name!"),
     ("PORT=65536", "PORT=65536"),
     ("PORT=\u0663", "PORT=\u0663"),  # a digit, but not ASCII

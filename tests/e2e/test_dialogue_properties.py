@@ -134,7 +134,7 @@ RCPT_PARAMS = [
     "NOTIFY=bogus", "ORCPT=rfc822;alice@example.com", "ORCPT=bad", "FOO=1",
 ]
 XCLIENT_GOOD = [
-    f"ADDR={OUTSIDE_IP}", f"ADDR={TRUSTED_IP}", "ADDR=127.0.0.1", "ADDR=::ffff:192.0.2.9",
+    f"ADDR={OUTSIDE_IP}", f"ADDR={TRUSTED_IP}", "ADDR=127.0.0.1", "ADDR=IPV6:::ffff:192.0.2.9",
     "NAME=mail.example.net", "NAME=[UNAVAILABLE]", "NAME=[TEMPUNAVAIL]", "REVERSE_NAME=mail.example.net",
     "REVERSE_NAME=[TEMPUNAVAIL]", "PORT=2525", "PORT=[UNAVAILABLE]", "HELO=mx.example.net",
     "HELO=[UNAVAILABLE]", "PROTO=ESMTP", "PROTO=smtp", "DESTADDR=192.0.2.1", "DESTPORT=25",
@@ -148,7 +148,7 @@ XCLIENT_BAD = [
     "NAME=" + "a" * 300, "HELO=" + "a" * 300,
     # Every check judges the address; and we take no word for who logged in.
     "ADDR=[UNAVAILABLE]", "ADDR=[TEMPUNAVAIL]", "LOGIN=user",
-    "DESTADDR=bogus", "DESTPORT=x",
+    "DESTADDR=bogus", "DESTPORT=x", "ADDR=::ffff:192.0.2.9",
 ]
 #: (verb, arguments, kind): the commands the gateway answers alone.
 SIMPLE = [

@@ -238,6 +238,9 @@ def _xclient_code(port: int, attribute: str) -> int:
     "DESTPORT=25", "DESTPORT=00025", "DESTPORT=65535", "DESTPORT=[UNAVAILABLE]", "DESTPORT=x", "DESTPORT=-1",
     "DESTPORT=+25", "DESTPORT=000025", "DESTPORT=123456", "DESTPORT=[TEMPUNAVAIL]",
     "PORT=00025", "PORT=000025",
+    # XCLIENT_README: an IPv6 address is prefixed with IPV6:, and only it.
+    "ADDR=192.0.2.9", "ADDR=IPV6:2001:db8::9", "ADDR=ipv6:2001:db8::9", "ADDR=IPV6:::ffff:192.0.2.9",
+    "ADDR=2001:db8::9", "ADDR=::ffff:192.0.2.9", "ADDR=IPV6:192.0.2.9", "ADDR=IPV6:fe80::1%eth0",
 ])
 def test_xclient_takes_what_postfix_takes(gateway, postfix_dual_stack, attribute: str) -> None:
     # Postfix's own XCLIENT is the reference for what a front proxy may say
