@@ -49,6 +49,12 @@ __all__ = ["SMTPSession"]
 log = logging.getLogger("smtpgate.smtp")
 
 _READ_LIMIT = READ_BUFFER
+#: Replies held for a pipelining client: at most a write buffer's worth
+#: (Postfix's VSTREAM_BUFSIZE), and for at most as long as Postfix holds
+#: them, so slow checks of a long group do not run into its timeouts.
+_HELD_MAX = 4096
+_HELD_SECONDS = 10.0
+_LF = ord("\n")
 #: Postfix's XCLIENT refuses longer values ("attribute value too long").
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
@@ -76,12 +82,14 @@ class SMTPSession(_AiosmtpdSMTP):
         # set up only what its transport methods below rely on.
         loop = asyncio.get_running_loop()
         self.loop = loop
+        self._input = _ClientReader(limit=_READ_LIMIT, loop=loop)
         asyncio.StreamReaderProtocol.__init__(
-            self,
-            _ClientReader(limit=_READ_LIMIT, loop=loop),
-            client_connected_cb=self._cb_client_connected,
-            loop=loop,
+            self, self._input, client_connected_cb=self._cb_client_connected, loop=loop,
         )
+        #: Replies not yet sent, while the client's next command is here
+        #: already; and since when.
+        self._held = bytearray()
+        self._held_since = 0.0
         self.gateway = gateway
         self.settings = gateway.settings
         self.hostname = self.settings.hostname
@@ -162,7 +170,25 @@ class SMTPSession(_AiosmtpdSMTP):
             # smtpd_hard_error_limit: a client guessing mailboxes or relay
             # tricks is cut off after max_errors, not after max_recipients.
             self._errors += 1
-        self._writer.write(reply.wire())
+        wire = reply.wire()
+        waiting = self._input._buffer  # type: ignore[attr-defined]  # (see unread)
+        # A byte value (an LF) is found without the buffer protocol that a
+        # bytes needle costs; most clients leave nothing waiting anyway.
+        if waiting and _LF in waiting and not self._hang_up_after_reply:
+            # RFC 2920 §3.1, as Postfix does it: while the client's next
+            # command is here already, this reply waits to go with the
+            # next, so a pipelined group is answered by one send(), not one
+            # each.
+            held, now = self._held, self.loop.time()
+            if not held:
+                self._held_since = now
+            if len(held) + len(wire) <= _HELD_MAX and now - self._held_since < _HELD_SECONDS:
+                held += wire
+                return
+        if self._held:
+            self._write(wire)
+        else:
+            self.transport.write(wire)
         if self._hang_up_after_reply:
             raise _Close
         # Replies are small: wait for the socket only when the client stops
@@ -176,6 +202,21 @@ class SMTPSession(_AiosmtpdSMTP):
                 await self._writer.drain()
             finally:
                 self.deadline.disarm()
+
+    def _write(self, data: bytes) -> None:
+        """``data`` after the replies held back, if any."""
+        held = self._held
+        if held:
+            # The transport may keep what it is given: a new buffer from here on.
+            self._held = bytearray()
+            held += data
+            self.transport.write(held)
+        else:
+            self.transport.write(data)
+
+    def _flush(self) -> None:
+        if self._held and self.transport is not None and not self.transport.is_closing():
+            self._write(b"")
 
     def _timed_out(self) -> None:
         """The client sent nothing within the limit (or read nothing, or
@@ -193,7 +234,7 @@ class SMTPSession(_AiosmtpdSMTP):
         if transport is None:
             return
         if not transport.is_closing():
-            transport.write(reply.wire())
+            self._write(reply.wire())
             transport.close()
         if transport.get_write_buffer_size():
             transport.abort()
@@ -201,7 +242,7 @@ class SMTPSession(_AiosmtpdSMTP):
     def close_idle(self) -> None:
         """For shutdown: say goodbye if waiting between transactions."""
         if self._idle and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(replies.SHUTTING_DOWN.format(hostname=self.hostname).wire())
+            self._write(replies.SHUTTING_DOWN.format(hostname=self.hostname).wire())
             self.transport.close()
 
     # --- the session -------------------------------------------------------
@@ -403,6 +444,8 @@ class SMTPSession(_AiosmtpdSMTP):
         self._finishing = True
         self._release_slot()
         if self.transport is not None:
+            if self._held:  # the replies to what was pipelined before a QUIT, a 421
+                self._flush()
             self.transport.close()
             if self.transport.get_write_buffer_size():
                 # The close waits for the client to read its last replies
@@ -777,6 +820,10 @@ class SMTPSession(_AiosmtpdSMTP):
             await self.reply(replies.NO_RECIPIENTS)
             return
         await self.reply(replies.START_DATA)
+        # The message is read next, and a client that sent some of it with
+        # DATA may wait for this 354 before it sends the rest.
+        if self._held:
+            self._flush()
         # The next hop hears nothing until the message is in and judged.
         self.upstream.keep_awake()
         try:

@@ -286,3 +286,70 @@ def test_a_refused_helo_leaves_the_transaction_as_it_was(start_gateway, postfix)
         assert say(s, b"EHLO good.example.net") == HELO_REFUSED
         assert say(s, b"MAIL FROM:<bob@example.org>") == b"503 5.5.1 Error: send HELO/EHLO first\r\n"
     assert len(postfix.wait_for_messages("alice")) == len(postfix.wait_for_messages("carol")) == 1
+
+
+def _replies_sent(monkeypatch) -> list[bytes]:
+    """What the gateway (in this process) passes to send() from now on,
+    its replies only: its commands to the next hop are left out."""
+    sent: list[bytes] = []
+    send = socket.socket.send
+
+    def counting(sock: socket.socket, data: bytes, *flags: int) -> int:
+        if bytes(data[:3]).isdigit():
+            sent.append(bytes(data))
+        return send(sock, data, *flags)
+
+    monkeypatch.setattr(socket.socket, "send", counting)
+    return sent
+
+
+def test_the_replies_to_a_pipelined_group_go_out_together(gateway, postfix, monkeypatch) -> None:
+    # RFC 2920 §3.1, as Postfix does it: while the next command is here
+    # already, a reply waits for it; the group costs one send(), not one each.
+    with gateway.raw() as s:
+        assert say(s, b"XCLIENT ADDR=" + OUTSIDE_IP.encode())[:4] == b"220 "
+        assert say(s, b"EHLO client.example.net")[:4] == b"250-"
+        sent = _replies_sent(monkeypatch)
+        s.sendall(b"MAIL FROM:<bob@example.org>\r\nRCPT TO:<alice@example.com>\r\n"
+                  b"RCPT TO:<nobody@example.com>\r\nDATA\r\n")
+        replies = [recv_reply(s) for _ in range(4)]
+        assert replies[:2] == [b"250 2.1.0 Ok\r\n", b"250 2.1.5 Ok\r\n"]
+        assert replies[2].startswith(b"550 5.1.1 <nobody@example.com>: ")
+        assert replies[3] == b"354 End data with <CR><LF>.<CR><LF>\r\n"
+        assert sent == [b"".join(replies)]
+        s.sendall(b"Subject: pipelined\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+        assert recv_reply(s).startswith(b"250 2.0.0 Ok: ")
+        assert recv_reply(s) == b"221 2.0.0 Bye\r\n"
+        assert len(sent) == 2
+    postfix.wait_for_messages("alice")
+
+
+def test_replies_held_for_a_pipelined_group_are_bounded(start_gateway, postfix, monkeypatch) -> None:
+    gw = start_gateway(f"127.0.0.1:{postfix.port}", max_junk_commands=1000)
+    with gw.raw() as s:
+        sent = _replies_sent(monkeypatch)
+        s.sendall(b"NOOP\r\n" * 500)
+        assert [recv_reply(s) for _ in range(500)] == [b"250 2.0.0 Ok\r\n"] * 500
+        # At most 4096 octets held, then sent with the reply that would overflow them.
+        assert 2 <= len(sent) <= 4 and max(map(len, sent)) <= 4096 + len(b"250 2.0.0 Ok\r\n")
+
+
+def test_a_354_is_not_held_back_by_message_text_sent_with_data(gateway, postfix) -> None:
+    # DATA ends a group (RFC 2920 §3.1), but a client that sends the start
+    # of its message with it, then waits for the 354, must still get it.
+    with gateway.raw(timeout=3) as s:
+        for line in (b"XCLIENT ADDR=" + OUTSIDE_IP.encode(), b"EHLO client.example.net",
+                     b"MAIL FROM:<bob@example.org>", b"RCPT TO:<alice@example.com>"):
+            assert say(s, line)[:1] == b"2"
+        s.sendall(b"DATA\r\nSubject: early\r\n")
+        assert recv_reply(s) == b"354 End data with <CR><LF>.<CR><LF>\r\n"
+        assert say(s, b"\r\nbody\r\n.").startswith(b"250 2.0.0 Ok: ")
+    postfix.wait_for_messages("alice")
+
+
+def test_replies_held_when_the_session_ends_are_sent_first(gateway) -> None:
+    # A QUIT in the middle of a group ends the session with replies held.
+    with gateway.raw() as s:
+        s.sendall(b"NOOP\r\nQUIT\r\nNOOP\r\n")
+        assert [recv_reply(s), recv_reply(s)] == [b"250 2.0.0 Ok\r\n", b"221 2.0.0 Bye\r\n"]
+        assert s.recv(100) == b""
