@@ -159,7 +159,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # A reload asked for while we start (systemd counts the unit as started
     # at once) waits for the supervisor, which takes SIGHUP from the blocked
     # set; by default it would end the process, silently, as a clean exit.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    # SIGCHLD and SIGIO (a worker died, a worker reported) are blocked here
+    # too, before any thread starts: the log's writer thread inherits the
+    # mask, and a signal the supervisor waits for that went to a thread
+    # that does not block it would be lost (SIGCHLD) or end the process
+    # (SIGIO) whenever the supervisor was not waiting at that moment.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, signal.SIGCHLD, signal.SIGIO})
     from .server import run  # the server's imports are not needed by lint
 
     logsetup.configure(args.log_format, args.log_level)

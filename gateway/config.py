@@ -10,6 +10,7 @@ each plugin's own ``Options`` dataclass (see :mod:`gateway.plugins`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import ipaddress
 import math
 import os
@@ -413,6 +414,10 @@ class ScoringSettings:
         return any(v is not None for v in (self.reject, self.defer, self.tag))
 
 
+#: Bytes of :attr:`Policy.digest`.
+DIGEST_SIZE = hashlib.sha256().digest_size
+
+
 @dataclass(frozen=True)
 class Policy:
     """A loaded policy: core settings plus the raw plugin tables, in order."""
@@ -423,6 +428,9 @@ class Policy:
     scoring: ScoringSettings = field(default_factory=ScoringSettings)
     #: ``{name: table}`` in the order the file lists them.
     plugins: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: SHA-256 of the file's bytes: a worker tells the parent which content
+    #: of the file it put in force by it (gateway/supervisor.py).
+    digest: bytes = field(default=bytes(DIGEST_SIZE), compare=False, repr=False)
 
     def with_overrides(self, **gateway: Any) -> Policy:
         """A copy with some ``[gateway]`` keys replaced (command-line flags)."""
@@ -476,7 +484,8 @@ def load_policy(path: str | Path) -> Policy:
     name = str(path)
     try:
         with _open_regular(path) as fh:
-            data = tomllib.load(fh)
+            raw = fh.read()
+        data = tomllib.loads(raw.decode())
     except FileNotFoundError:
         raise PolicyError([Problem(name, "(file)", "no such file")]) from None
     except _NotRegular as exc:
@@ -491,7 +500,7 @@ def load_policy(path: str | Path) -> Policy:
         raise PolicyError([Problem(name, "(syntax)", f"valid TOML with numbers Python can read ({exc})")]) from None
     except RecursionError:  # tomllib parses nested arrays and tables recursively
         raise PolicyError([Problem(name, "(syntax)", "TOML nested less deeply")]) from None
-    return policy_from_dict(data, name)
+    return dataclasses.replace(policy_from_dict(data, name), digest=hashlib.sha256(raw).digest())
 
 
 def policy_from_dict(data: Mapping[str, Any], source: str) -> Policy:

@@ -24,7 +24,7 @@ from .plugin import Context
 from .plugins import load_plugins
 from .replies import Reply
 from .smtp import SMTPSession
-from .supervisor import Supervisor, policy_for_reload
+from .supervisor import Reporter, Supervisor, policy_for_reload
 from .upstream import NextHopMemory, Upstream, make_upstream
 
 if TYPE_CHECKING:
@@ -299,7 +299,7 @@ def _steady_malloc() -> None:
 
 def run_worker(
     policy: Policy, sock: socket.socket, counts: Counts, early: set[int], load: Callable[[], Policy],
-    ready: Callable[[], None] | None = None,
+    ready: Callable[[], None] | None = None, reloaded: Callable[[Policy | None], None] | None = None,
 ) -> None:
     """A worker's life: serve until SIGTERM or SIGINT; reload on SIGHUP.
 
@@ -310,6 +310,8 @@ def run_worker(
     :param load: reads and checks the policy file again (for SIGHUP).
     :param ready: called once the worker serves (the supervisor's sign
         that its start-up went well).
+    :param reloaded: called after each SIGHUP with what :func:`reload`
+        returned (so the supervisor knows which policy its workers run).
     """
     _steady_malloc()
 
@@ -325,7 +327,9 @@ def run_worker(
 
         def on_hup() -> None:
             if not stop.is_set():
-                reload(service, load)
+                policy = reload(service, load)
+                if reloaded is not None:
+                    reloaded(policy)
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
@@ -344,12 +348,14 @@ def run_worker(
     asyncio.run(main())
 
 
-def reload(service: Service, load: Callable[[], Policy], extra: Mapping[str, type] | None = None) -> None:
-    """Put the policy file's current content in force for new connections,
-    or log why not and keep the running policy."""
+def reload(
+    service: Service, load: Callable[[], Policy], extra: Mapping[str, type] | None = None,
+) -> Policy | None:
+    """Put the policy file's current content in force for new connections
+    and return it, or log why not, keep the running policy and return None."""
     policy = policy_for_reload(load, service.gateway.policy)
     if policy is None:
-        return
+        return None
     # Collectable again, so the running policy's objects go once its
     # sessions end (what is frozen never is).
     gc.unfreeze()
@@ -364,12 +370,13 @@ def reload(service: Service, load: Callable[[], Policy], extra: Mapping[str, typ
         # logged by the loader): said as the supervisor says them.
         for problem in exc.problems:
             log.error("reload refused, the running policy stays: %s", problem)
-        return
+        return None
     except Exception:
         log.exception("reload failed, the running policy stays")
-        return
+        return None
     service.replace(gateway)
     log.info("policy %s in force for new connections", policy.source)
+    return policy
 
 
 def run(policy: Policy, workers: int, load: Callable[[bool], Policy]) -> int:
@@ -394,7 +401,7 @@ def run(policy: Policy, workers: int, load: Callable[[bool], Policy]) -> int:
     log.info("smtpgate %s listening on %s, next hop %s, %d worker(s)",
              __version__, endpoint, policy.gateway.upstream_endpoint, workers)
 
-    def work(policy: Policy, sock: socket.socket, counts: Counts, early: set[int], ready: Callable[[], None]) -> None:
-        run_worker(policy, sock, counts, early, lambda: load(False), ready)
+    def work(policy: Policy, sock: socket.socket, counts: Counts, early: set[int], report: Reporter) -> None:
+        run_worker(policy, sock, counts, early, lambda: load(False), report.serving, report.reloaded)
 
     return Supervisor(policy, socks, work, lambda: load(True)).run()

@@ -25,6 +25,12 @@ then only watches them:
   error is logged and the running policy stays), then passes the signal on;
   each worker reads the file again and hands new connections to the new
   policy while open sessions finish under the old one (gateway/server.py).
+  The parent's check builds no resolver, so plugins may still fail in the
+  workers, which then keep the policy they ran.  Workers started from
+  then on must run what the others run, not a policy that fails in every
+  worker: each worker says down a pipe which file content it put in force
+  (its digest) or that it refused, and the parent takes a checked content
+  for its new workers only once a worker has put it in force.
 
 Signals are blocked and taken with ``sigtimedwait``, so no code runs in a
 signal handler and none can arrive unseen between two checks.  ``serve``
@@ -36,19 +42,20 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import logging
 import os
 import signal
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import log as logsetup
-from .config import Policy, PolicyError, Problem
+from .config import DIGEST_SIZE, Policy, PolicyError, Problem
 from .limits import Counts, SharedCounts
 
-__all__ = ["Supervisor", "policy_for_reload", "STEADY", "FIRST_DELAY", "MAX_DELAY"]
+__all__ = ["Supervisor", "Reporter", "policy_for_reload", "STEADY", "FIRST_DELAY", "MAX_DELAY"]
 
 log = logging.getLogger("smtpgate.server")
 
@@ -60,17 +67,24 @@ STEADY = 10.0
 FIRST_DELAY = 1.0
 MAX_DELAY = 30.0
 
-_WATCHED = frozenset({signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+# SIGIO: a worker wrote down its pipe (O_ASYNC), see _Slot.report_fd.
+_WATCHED = frozenset({signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGIO})
 _STOP = (signal.SIGTERM, signal.SIGINT)
 
 #: What a worker runs: the policy, its socket, its row of the shared
-#: connection counts, the signals that arrived while it started, and what
-#: to call once it serves.
-Work = Callable[[Policy, socket.socket, Counts, "set[int]", Callable[[], None]], None]
+#: connection counts, the signals that arrived while it started, and its
+#: end of the pipe to the parent.
+Work = Callable[[Policy, socket.socket, Counts, "set[int]", "Reporter"], None]
 
 #: A worker's exit status when its start-up found a policy problem (as
 #: ``smtpgate lint`` and ``serve`` exit with for one).
 POLICY_PROBLEM = 2
+
+#: What a worker writes down its pipe: it serves; a reload put the file
+#: content with the digest that follows in force; a reload was refused.
+SERVING = b"!"
+APPLIED = b"+"
+REFUSED = b"-"
 
 
 @dataclass
@@ -83,15 +97,17 @@ class _Slot:
     quick_deaths: int = 0
     #: When the replacement of a dead worker is to start.
     due: float | None = None
-    #: Our end of the pipe the running worker writes to once it serves
-    #: (-1: none open).
-    ready_fd: int = -1
+    #: Our end of the pipe the running worker reports on (-1: none open).
+    report_fd: int = -1
+    #: What it wrote there that is not a whole report yet.
+    heard: bytearray = field(default_factory=bytearray)
 
 
 class Supervisor:
     """Runs ``work`` in one child process per socket until told to stop.
 
-    :param policy: the policy new workers start with.
+    :param policy: the policy new workers start with, until a worker puts
+        a reloaded one in force.
     :param socks: one listening socket per worker.
     :param work: what a worker runs (gateway.server's worker main).
     :param check: reads and validates the policy file again for SIGHUP;
@@ -111,6 +127,10 @@ class Supervisor:
         #: Some worker has served: from then on, one that dies is replaced.
         self.served = False
         self._failure = "a worker failed"
+        #: Policies checked at a SIGHUP that no worker has put in force
+        #: yet, by digest, oldest first.
+        self._offers: dict[bytes, Policy] = {}
+        self._refusal_said = False
 
     def run(self) -> int:
         """Start the workers and watch them; the exit code once all are gone."""
@@ -123,16 +143,21 @@ class Supervisor:
                 self._start(slot)
             while not self.stopping or any(slot.pid for slot in self.slots):
                 info = self._wait()
-                if info is not None and info.si_signo != signal.SIGCHLD:
+                self._hear_all()
+                if info is not None and info.si_signo not in (signal.SIGCHLD, signal.SIGIO):
                     self._signal(signal.Signals(info.si_signo))
                 self._reap()
                 self._start_due()
         finally:
             self._close_sockets()
             for slot in self.slots:
-                if slot.ready_fd >= 0:
-                    os.close(slot.ready_fd)
-                    slot.ready_fd = -1
+                if slot.report_fd >= 0:
+                    os.close(slot.report_fd)
+                    slot.report_fd = -1
+            # A SIGIO still pending (the last worker's pipe closing) would
+            # end the process once unblocked: SIGIO's default action.
+            while signal.sigtimedwait({signal.SIGIO}, 0) is not None:
+                pass
             signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
         log.info("stopped%s", "" if self.status == 0 else f" (exit {self.status}: {self._failure})")
         return self.status
@@ -160,7 +185,11 @@ class Supervisor:
         policy = policy_for_reload(self._check, self.policy)
         if policy is None:
             return
-        self.policy = policy  # for workers started from now on
+        # Not yet for workers started from now on: its plugins may still
+        # fail where they are built with a resolver (see _applied).
+        self._offers.pop(policy.digest, None)  # as new: offers are taken in order
+        self._offers[policy.digest] = policy
+        self._refusal_said = False
         log.info("reloading %s in %d worker(s)", policy.source, sum(1 for s in self.slots if s.pid))
         self._tell(signal.SIGHUP)
 
@@ -181,36 +210,77 @@ class Supervisor:
             slot = next((s for s in self.slots if s.pid == pid), None)
             if slot is None:
                 continue
+            self._hear_all()  # what it said before it died too
             slot.pid = 0
             # Its connections died with it; the other workers must not count them.
             self._counts.clear(slot.index)
             code = os.waitstatus_to_exitcode(status)
-            served = self._served(slot)
+            if slot.report_fd >= 0:  # the pipe outlived it: nothing more will come
+                os.close(slot.report_fd)
+                slot.report_fd = -1
             if self.stopping:
                 # Killed by the stop signal we passed on (before it could
                 # set up its handler) is a clean stop too.
                 if code != 0 and -code not in _STOP and not self.status:
                     self.status = 1
                 continue
-            if not served and not any(self._served(other) for other in self.slots):
+            if not self.served:
                 self._give_up(slot, pid, code)
                 continue
             self._schedule(slot, pid, code)
 
-    def _served(self, slot: _Slot) -> bool:
-        """Whether some worker has served, reading ``slot``'s pipe: its
-        worker wrote there once it did (nothing, and the end of the pipe,
-        if it died before)."""
-        if slot.ready_fd >= 0:
+    def _hear_all(self) -> None:
+        for slot in self.slots:
+            self._hear(slot)
+
+    def _hear(self, slot: _Slot) -> None:
+        """Take in what the worker in ``slot`` has said down its pipe (at
+        the end of the pipe, the worker is gone: close it)."""
+        while slot.report_fd >= 0:
             try:
-                said = os.read(slot.ready_fd, 1)
-            except BlockingIOError:  # alive, and not serving yet
-                return self.served
-            os.close(slot.ready_fd)
-            slot.ready_fd = -1
-            if said:
+                chunk = os.read(slot.report_fd, 4096)
+            except BlockingIOError:  # alive, and nothing more said yet
+                break
+            if not chunk:
+                os.close(slot.report_fd)
+                slot.report_fd = -1
+            slot.heard += chunk
+        while slot.heard:
+            size = 1 + DIGEST_SIZE if slot.heard[:1] == APPLIED else 1
+            if len(slot.heard) < size:
+                return  # the rest is on its way
+            report = bytes(slot.heard[:size])
+            del slot.heard[:size]
+            if report == SERVING:
                 self.served = True
-        return self.served
+            elif report == REFUSED:
+                self._refused(slot)
+            else:
+                self._applied(slot, report[1:])
+
+    def _applied(self, slot: _Slot, digest: bytes) -> None:
+        """The worker in ``slot`` put the file content with ``digest`` in
+        force: from now on new workers get it too."""
+        if digest not in self._offers:
+            # Offered before one a worker has put in force since, or read
+            # by the worker after an edit the parent never checked: what
+            # the parent has is known to start, so it stays.
+            return
+        # Older offers go with it: a worker reads the file as it is at its
+        # SIGHUP, so none of them can be put in force from now on.
+        offers = list(self._offers)
+        for older in offers[:offers.index(digest)]:
+            del self._offers[older]
+        self.policy = self._offers.pop(digest)
+        log.info("worker %d put %s in force: workers started from now on get it too", slot.index,
+                 self.policy.source)
+
+    def _refused(self, slot: _Slot) -> None:
+        if self._offers and not self._refusal_said:
+            self._refusal_said = True  # once per SIGHUP: each worker has logged its own error
+            log.error("worker %d (pid %d) refused the reload (its error is above): the running policy stays, "
+                      "also for workers started from now on, unless a worker puts %s in force",
+                      slot.index, slot.pid, next(reversed(self._offers.values())).source)
 
     def _give_up(self, slot: _Slot, pid: int, code: int) -> None:
         """Stop ``serve``: the worker in ``slot`` died before any served."""
@@ -246,6 +316,7 @@ class Supervisor:
     def _start(self, slot: _Slot) -> None:
         slot.due = None
         slot.started = time.monotonic()
+        slot.heard.clear()
         try:
             ours, theirs = os.pipe()
         except OSError as exc:
@@ -262,8 +333,10 @@ class Supervisor:
             return
         if pid:
             os.close(theirs)
-            os.set_blocking(ours, False)
-            slot.pid, slot.ready_fd = pid, ours
+            # A report wakes the parent with SIGIO, as a death does with SIGCHLD.
+            fcntl.fcntl(ours, fcntl.F_SETOWN, self._parent)
+            fcntl.fcntl(ours, fcntl.F_SETFL, fcntl.fcntl(ours, fcntl.F_GETFL) | os.O_NONBLOCK | os.O_ASYNC)
+            slot.pid, slot.report_fd = pid, ours
             return
         code = 0
         try:
@@ -271,14 +344,14 @@ class Supervisor:
             for other in self.slots:
                 if other is not slot:
                     other.sock.close()
-                    if other.ready_fd >= 0:
-                        os.close(other.ready_fd)
+                    if other.report_fd >= 0:
+                        os.close(other.report_fd)
             early = _record_signals()
             # Without the signals we watch, which a worker takes itself (serve
             # blocks SIGHUP from its start, see cli.py).
             signal.pthread_sigmask(signal.SIG_SETMASK, self._mask - _WATCHED)
             _die_with(self._parent)
-            self._work(self.policy, slot.sock, self._counts.row(slot.index), early, _ready_call(theirs))
+            self._work(self.policy, slot.sock, self._counts.row(slot.index), early, Reporter(theirs))
         except PolicyError as exc:
             # Its plugins failed where the parent's check did not build them
             # as the worker does (with a resolver): said as lint says it.
@@ -297,22 +370,34 @@ class Supervisor:
             slot.sock.close()
 
 
-def _ready_call(fd: int) -> Callable[[], None]:
-    """What a worker calls once it serves: a byte down its pipe to the
-    parent, once."""
+class Reporter:
+    """A worker's end of its pipe to the parent."""
 
-    def ready() -> None:
-        nonlocal fd
-        if fd >= 0:
-            try:
-                os.write(fd, b"!")
-            except OSError:  # the parent is gone: nobody to tell
-                pass
-            finally:
-                os.close(fd)
-                fd = -1
+    def __init__(self, fd: int) -> None:
+        # Never blocking: a parent that reads nothing (stopped) must not
+        # stall the sessions; it loses reports, not mail.
+        os.set_blocking(fd, False)
+        self._fd = fd
 
-    return ready
+    def serving(self) -> None:
+        """Once the worker takes connections: its start-up went well."""
+        self._say(SERVING)
+
+    def reloaded(self, policy: Policy | None) -> None:
+        """After a SIGHUP: the policy now in force for new connections,
+        or None when the worker kept the one it ran."""
+        self._say(REFUSED if policy is None else APPLIED + policy.digest)
+
+    def _say(self, report: bytes) -> None:
+        if self._fd < 0:
+            return
+        try:
+            os.write(self._fd, report)  # whole or not at all: under PIPE_BUF
+        except BlockingIOError:
+            pass
+        except OSError:  # the parent is gone: nobody to tell
+            os.close(self._fd)
+            self._fd = -1
 
 
 def policy_for_reload(load: Callable[[], Policy], running: Policy) -> Policy | None:

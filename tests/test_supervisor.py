@@ -1,5 +1,6 @@
 """The parent process: replacing dead workers, and how soon."""
 
+import hashlib
 import logging
 import os
 import select
@@ -9,12 +10,13 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from gateway.config import policy_from_dict
-from gateway.supervisor import FIRST_DELAY, MAX_DELAY, STEADY, Supervisor
+from gateway.config import Policy, policy_from_dict
+from gateway.supervisor import FIRST_DELAY, MAX_DELAY, SERVING, STEADY, Supervisor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,8 +75,8 @@ supervisor.FIRST_DELAY = 0.25  # the doubling is what is tested, not the seconds
 logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
 policy = policy_from_dict({"gateway": {"hostname": "gw.test.example"}}, "<test>")
 
-def work(policy, sock, counts, early, ready):
-    ready()  # it serves, then dies: a fault of its running, not of its start
+def work(policy, sock, counts, early, report):
+    report.serving()  # it serves, then dies: a fault of its running, not of its start
     raise RuntimeError("this worker dies")
 
 sys.exit(Supervisor(policy, [socket.socket()], work, lambda: policy).run())
@@ -116,7 +118,7 @@ def supervise(script: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=20)
 
 
-CANNOT_START = SCRIPT.replace("    ready()  # it serves, then dies: a fault of its running, not of its start\n", "")
+CANNOT_START = SCRIPT.replace("    report.serving()  # it serves, then dies: a fault of its running, not of its start\n", "")
 
 
 @pytest.mark.parametrize(("raised", "status"), [
@@ -140,7 +142,7 @@ def test_once_a_worker_has_served_one_that_fails_to_start_is_retried(tmp_path: P
     # Something of its own (memory, a file) failed; the serving worker
     # goes on, and its sibling is tried again.
     first = f"""
-def work(policy, sock, counts, early, ready):
+def work(policy, sock, counts, early, report):
     import time
     try:
         os.close(os.open({str(tmp_path / "first")!r}, os.O_CREAT | os.O_EXCL))
@@ -148,7 +150,7 @@ def work(policy, sock, counts, early, ready):
         while not os.path.exists({str(tmp_path / "served")!r}):
             time.sleep(0.01)
         raise RuntimeError("the second cannot start")
-    ready()
+    report.serving()
     open({str(tmp_path / "served")!r}, "w").close()
     while not early:  # until SIGTERM
         time.sleep(0.05)
@@ -187,3 +189,55 @@ def test_workers_take_the_signals_the_parent_watches_whoever_blocked_them() -> N
     log = supervise_until("its replacement starts", SCRIPT.replace('raise RuntimeError("this worker dies")', tell),
                           preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, signal.SIGTERM}))
     assert "worker blocks []" in log
+
+
+def told(supervisor: Supervisor, *reports: bytes) -> None:
+    """What the parent makes of ``reports`` down worker 0's pipe."""
+    read, write = os.pipe()
+    os.set_blocking(read, False)
+    slot = supervisor.slots[0]
+    slot.report_fd, slot.pid = read, 4242
+    try:
+        for report in reports:
+            os.write(write, report)
+            supervisor._hear_all()
+    finally:
+        os.close(write)
+        supervisor._hear_all()
+        slot.pid = 0  # no signal may reach the pid made up
+    assert slot.report_fd == -1  # closed at the end of the pipe
+
+
+def offered(supervisor: Supervisor, hostname: str) -> Policy:
+    policy = replace(policy_from_dict({"gateway": {"hostname": hostname}}, "p.toml"),
+                     digest=hashlib.sha256(hostname.encode()).digest())
+    supervisor._check = lambda: policy
+    supervisor._reload()
+    return policy
+
+
+def test_a_reload_is_for_new_workers_only_once_a_worker_has_put_it_in_force(supervisor, caplog) -> None:
+    running = supervisor.policy
+    with caplog.at_level(logging.INFO, "smtpgate.server"):
+        new = offered(supervisor, "new.example")
+        assert supervisor.policy is running
+        told(supervisor, b"-")
+        assert supervisor.policy is running
+        told(supervisor, b"+" + new.digest[:5], new.digest[5:])  # a report may arrive in pieces
+    assert supervisor.policy is new
+    assert caplog.messages[1:] == [
+        "worker 0 (pid 4242) refused the reload (its error is above): the running policy stays, also for "
+        "workers started from now on, unless a worker puts p.toml in force",
+        "worker 0 put p.toml in force: workers started from now on get it too",
+    ]
+
+
+def test_of_two_reloads_in_a_row_the_one_a_worker_put_in_force_counts(supervisor) -> None:
+    # A worker reads the file at its SIGHUP: two SIGHUPs close together may
+    # reach it as one, and a worker may report for the first after another
+    # reported for the second.
+    first, second = offered(supervisor, "first.example"), offered(supervisor, "second.example")
+    told(supervisor, b"+" + second.digest, b"+" + first.digest, SERVING)
+    assert supervisor.policy is second and supervisor.served
+    told(supervisor, b"+" + hashlib.sha256(b"an edit never checked").digest())
+    assert supervisor.policy is second

@@ -593,3 +593,44 @@ def test_a_worker_that_cannot_start_stops_serve_instead_of_being_restarted_forev
     assert "its replacement starts" not in said
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2)
+
+
+def test_a_reload_that_fails_in_every_worker_is_not_what_their_replacements_get(serve, tmp_path: Path) -> None:
+    # The parent checks a reloaded policy without a resolver, so this one
+    # passed there and failed in each worker, which kept its policy; the
+    # parent kept the new one all the same, and every worker that died
+    # after was replaced by one that failed to start, for ever.
+    env = third_party_plugins(tmp_path, fails=FAILS_IN_A_WORKER)
+    policy = tmp_path / "policy.toml"
+    write_policy(policy, "before.example", "example.com")
+    proc, port = serve("--workers", "2", "--policy", str(policy), env=env)
+    log = StderrTail(proc)
+
+    write_policy(policy, "after.example", "example.com", "[plugins.fails]\n")
+    proc.send_signal(signal.SIGHUP)
+    log.wait_for("reload refused, the running policy stays: ", count=2)  # each worker
+    log.wait_for("refused the reload (its error is above): the running policy stays, also for workers "
+                 "started from now on")
+    victim = max(children(proc.pid))
+    os.kill(victim, signal.SIGKILL)
+    log.wait_for("its replacement starts")
+    time.sleep(1.5)  # a replacement that fails would have been tried again by now
+    assert len(children(proc.pid)) == 2 and victim not in children(proc.pid)
+    for _ in range(10):  # whichever worker takes it: both run the policy from before
+        with smtplib.SMTP("127.0.0.1", port, local_hostname="client.example.net", timeout=10) as smtp:
+            assert smtp.ehlo("client.example.net")[1].startswith(b"before.example")
+    text = log.read()
+    assert "cannot reach the reputation database" in text
+    assert text.count("its replacement starts") == 1 and "exited with status 2" not in text
+
+    # A reload that takes is what replacements get from then on.
+    write_policy(policy, "third.example", "example.com")
+    proc.send_signal(signal.SIGHUP)
+    log.wait_for("in force for new connections", count=2)
+    os.kill(max(children(proc.pid)), signal.SIGKILL)
+    log.wait_for("its replacement starts", count=2)
+    for _ in range(10):
+        with smtplib.SMTP("127.0.0.1", port, local_hostname="client.example.net", timeout=10) as smtp:
+            assert smtp.ehlo("client.example.net")[1].startswith(b"third.example")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 0
