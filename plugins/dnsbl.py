@@ -68,7 +68,7 @@ from gateway import (
 )
 from gateway.actions import ACTION_NAMES, ActionOptions, ActionSpec, check_actions, decide
 from gateway.address import is_domain, may_be_ip, to_ascii_domain
-from gateway.config import parse_table
+from gateway.config import parse_table, toml_key
 from gateway.dns import Answer, Resolver, Status, TtlMemo, dnsbl_name
 from gateway.verdict import Action, combine
 
@@ -378,9 +378,6 @@ class Breaker:
 
 # ------------------------------------------------------------------ options
 
-#: What a value in a zone table may be (the zone table is validated against
-#: :class:`Zone` by the plugin; see ``Options.check``).
-ZoneValue = str | bool | int | float | tuple[str, ...]
 ZoneType = Literal["client", "allow", "rhs"]
 Identity = Literal["client", "helo", "sender"]
 
@@ -453,18 +450,16 @@ def _action_problem(finding: str, action: ActionSpec) -> str:
     return ""
 
 
-def _key(name: str) -> str:
-    """A zone name as a TOML key in messages: quoted when it has dots."""
-    return f'"{name}"' if "." in name else name
-
-
-def parse_zones(tables: Mapping[str, Mapping[str, Any]]) -> tuple[tuple[tuple[str, Zone], ...], dict[str, str]]:
+def parse_zones(tables: Mapping[str, Any]) -> tuple[tuple[tuple[str, Zone], ...], dict[str, str]]:
     """Validate the ``zones`` table: ``((name, Zone), ...)`` in order, with
     ``zone`` filled in, and the problems as ``{key: expected}``."""
     zones: list[tuple[str, Zone]] = []
     bad: dict[str, str] = {}
     for name, table in tables.items():
-        prefix = f"zones.{_key(name)}"
+        prefix = f"zones.{toml_key(name)}"
+        if not isinstance(table, Mapping):
+            bad[prefix] = f"expected a table, got {table!r}"
+            continue
         # The outer parse turned lists into tuples; parse_table wants lists.
         raw = {k: list(v) if isinstance(v, tuple) else v for k, v in table.items()}
         zone, problems = parse_table(Zone, raw, prefix, "")
@@ -578,8 +573,10 @@ class DnsblPlugin(Plugin):
     class Options(ActionOptions):
         DEFAULT_ACTIONS = DEFAULT_ACTIONS
 
-        #: ``{name: zone table}``; see :class:`Zone`.
-        zones: dict[str, dict[str, ZoneValue]] = field(default_factory=dict)
+        #: ``{name: zone table}``.  Checked by parse_zones, not the loader:
+        #: against :class:`Zone`, key by key, so each wrong value is a
+        #: problem of its own, and one wrong zone hides no other's.
+        zones: dict[str, Any] = field(default_factory=dict)
         #: Hold refusals back until RCPT (Postfix's smtpd_delay_reject).
         delay_reject: bool = True
         #: Local parts a listed client may still write to (at the local

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import Endpoint, GatewaySettings, PolicyError, load_policy
+from gateway.config import Endpoint, GatewaySettings, PolicyError, load_policy, parse_table
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -357,8 +357,21 @@ def test_a_key_of_several_types_says_them_once(tmp_path: Path) -> None:
         "plugins.spf.actions.fail: expected a string or a finite number, got True",
         "plugins.sender.actions.not_found: expected a string or a finite number, got [1]",
         "plugins.helo.actions.bare_ip: expected a string or a finite number, got {'reject': 1}",
-        "plugins.dnsbl.zones.x.zone: expected a string, true or false, an integer, a finite number or a list, "
-        "got {'a': 1}",
-        # A list, where one of the types is a list: which item is wrong.
-        "plugins.dnsbl.zones.y.domains: item 1: expected a string, got 2",
+        "plugins.dnsbl.zones.x.zone: expected a string, got {'a': 1}",
+        "plugins.dnsbl.zones.y.domains: item 1: expected one of 'sender', 'helo', got 2",
+    ]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shaped:
+    names: str | tuple[str, ...] = ""
+    table: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def test_a_list_where_one_of_the_types_is_a_list_says_which_item_is_wrong() -> None:
+    _, found = parse_table(_Shaped, {"names": ["a", 2], "table": {"a.b": "x", "c": 1}}, "plugins.p", "p.toml")
+    assert [str(p) for p in found] == [
+        "p.toml: plugins.p.names: item 1: expected a string, got 2",
+        # A key with a dot, quoted: the path names the table it is about.
+        'p.toml: plugins.p.table."a.b": expected an integer, got \'x\'',
     ]

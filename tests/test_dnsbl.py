@@ -358,6 +358,28 @@ def test_policy_errors_in_zone_values() -> None:
     }
 
 
+def test_each_wrong_zone_value_is_one_problem_named_by_its_own_key() -> None:
+    # The zone tables' values were typed as one union for all keys: a wrong
+    # type got "expected a string, true or false, an integer, a finite
+    # number or a list" under a key path without quotes, and hid every
+    # other problem of every zone (an unknown key, an action misspelt).
+    found = problems({"zones": {
+        "x.example.org": {"zone": {"a": 1}, "action": "rejekt", "colour": "red"},
+        "y.example.org": {"codes": [1, "127.0.0.2"], "type": "blok", "score": "high"},
+        "bad": 3,
+    }})
+    assert found == {
+        'plugins.dnsbl.zones."x.example.org".zone': "expected a string, got {'a': 1}",
+        'plugins.dnsbl.zones."x.example.org".action': "one of reject, defer, tag, accept, continue or a score",
+        'plugins.dnsbl.zones."x.example.org".colour':
+            "unknown key (expected one of: action, bitmask, codes, domains, reply, score, type, zone)",
+        'plugins.dnsbl.zones."y.example.org".codes': "item 0: expected a string, got 1",
+        'plugins.dnsbl.zones."y.example.org".type': "expected one of 'client', 'allow', 'rhs', got 'blok'",
+        'plugins.dnsbl.zones."y.example.org".score': "expected a finite number, got 'high'",
+        "plugins.dnsbl.zones.bad": "expected a table, got 3",
+    }
+
+
 def test_loaded_through_its_entry_point() -> None:
     policy = policy_from_dict({"plugins": {"dnsbl": {"zones": {**BL, **WL, **RHS}}}}, "p.toml")
     registry = load_plugins(policy, Context(SETTINGS))
