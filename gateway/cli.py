@@ -160,10 +160,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # at once) waits for the supervisor, which takes SIGHUP from the blocked
     # set; by default it would end the process, silently, as a clean exit.
     # SIGCHLD and SIGIO (a worker died, a worker reported) are blocked here
-    # too, before any thread starts: the log's writer thread inherits the
-    # mask, and a signal the supervisor waits for that went to a thread
-    # that does not block it would be lost (SIGCHLD) or end the process
-    # (SIGIO) whenever the supervisor was not waiting at that moment.
+    # too, before any thread starts: a thread inherits the mask (the log's
+    # writer blocks every signal itself), and a signal the supervisor waits
+    # for that went to a thread that does not block it would be lost
+    # (SIGCHLD) or end the process (SIGIO) whenever the supervisor was not
+    # waiting at that moment.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, signal.SIGCHLD, signal.SIGIO})
     from .server import run  # the server's imports are not needed by lint
 

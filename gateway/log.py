@@ -12,6 +12,7 @@ import collections
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -198,11 +199,24 @@ class LineWriter(logging.Handler):
         if self._thread is None:
             with self._starting:
                 if self._thread is None:
-                    thread = threading.Thread(target=self._run, name="smtpgate-log", daemon=True)
-                    thread.start()
-                    self._thread = thread
+                    self._thread = self._start()
         if not self._wake.is_set():
             self._wake.set()
+
+    def _start(self) -> threading.Thread:
+        thread = threading.Thread(target=self._run, name="smtpgate-log", daemon=True)
+        # The thread is born with every signal blocked (a thread inherits
+        # its creator's mask): the supervisor takes SIGCHLD, SIGTERM, SIGHUP
+        # and SIGIO with sigtimedwait while they are blocked in its own
+        # thread, and the kernel gives a process's signal to any thread
+        # that does not block it -- where it would be lost, or end the
+        # process by its default action.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            thread.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        return thread
 
     def flush(self, timeout: float = 5.0) -> None:
         """Wait until the lines logged so far are written, at most

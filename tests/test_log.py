@@ -3,6 +3,7 @@
 import ipaddress
 import json
 import logging
+from pathlib import Path
 
 from gateway import log
 from gateway.address import Address
@@ -242,3 +243,27 @@ def test_a_forked_child_writes_its_own_lines_not_its_parents() -> None:
         os.close(writer_fd)
     assert sorted(line.split(" ", 1)[1] for line in text.splitlines()) == ["child", "parent after", "parent before"]
     assert f"{pid} child" in text
+
+
+def test_the_writer_thread_blocks_every_signal() -> None:
+    # The supervisor takes its signals with sigtimedwait while they are
+    # blocked; the kernel gives a process's signal to any thread that does
+    # not block it, so the writer thread must block them all, whatever the
+    # mask of the thread that started it.
+    import os
+    import signal
+
+    reader, writer_fd = os.pipe()
+    try:
+        writer = log.LineWriter(writer_fd)
+        writer.emit(_line("start the thread"))
+        writer.flush()
+        status = Path(f"/proc/self/task/{writer._thread.native_id}/status").read_text()
+    finally:
+        os.close(reader)
+        os.close(writer_fd)
+    blocked = int(next(line for line in status.splitlines() if line.startswith("SigBlk:")).split()[1], 16)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGIO):
+        assert blocked & (1 << (sig - 1)), sig.name
+    # The thread that started it keeps its own mask.
+    assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, set())
