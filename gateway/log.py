@@ -154,6 +154,10 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
+#: Seconds the writer lets lines gather before it writes them.
+_GATHER = 0.02
+
+
 class LineWriter(logging.Handler):
     """Formats a record where it is logged, and leaves the writing to a
     thread, so the caller never waits for the reader of ``fd``.
@@ -232,6 +236,10 @@ class LineWriter(logging.Handler):
         lines, wake = self._lines, self._wake
         while True:
             wake.wait()
+            # Lines come in bursts (a session's commands): letting them
+            # gather for a moment makes one wake-up and one write of many,
+            # where each would otherwise cost its own.
+            time.sleep(_GATHER)
             wake.clear()
             batch: list[str] = []
             while lines:
