@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import string
+import unicodedata
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -104,23 +104,27 @@ REPLIES: Mapping[Finding, tuple[Reply | None, Reply | None]] = {
 }
 
 
-_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
-
-
 def is_idna2008(domain: str) -> bool:
-    """Whether ``domain`` is labels separated by ``"."``, each LDH or an
-    IDNA2008 U-label (RFC 5890 §2.3.2.1), ASCII letters in either case.
+    """Whether ``domain`` is labels separated by ``"."``, each an ASCII
+    label or an IDNA2008 U-label (RFC 5890 §2.3.2.1) once case is folded
+    and the label is in NFC.
 
-    Nothing is mapped: UTS #46 (which the resolver applies to what it is
-    asked) would read ``。`` as a dot and ``ｇ`` as ``g``, but RFC 5891 §5.2
-    and RFC 5895 leave mapping to what a user types; an SMTP client sends
-    the name itself (RFC 6531 §3.3).  Only ASCII case is folded, as the DNS
-    folds it (RFC 4343); ``Ü`` is no U-label.
+    Nothing else is mapped: UTS #46 (which the resolver applies to what it
+    is asked) would read ``。`` as a dot and ``ｇ`` as ``g``, but RFC 5891
+    §5.2 and RFC 5895 leave mapping to what a user types; an SMTP client
+    sends the name itself (RFC 6531 §3.3).  Case and normalisation are
+    different: the DNS ignores case (RFC 4343) and IDNA2008 lookups take
+    the NFC form (RFC 5891 §5.2), so ``BÜCHER.example`` is the domain
+    ``bücher.example``, as Postfix and the resolver read it.  ASCII labels
+    were judged by the address parser already.
     """
-    try:
-        idna.encode(domain.translate(_ASCII_LOWER), strict=True)  # strict: only "." separates labels
-    except UnicodeError:  # idna.IDNAError is one
-        return False
+    for label in domain.split("."):
+        if label.isascii():
+            continue
+        try:
+            idna.encode(unicodedata.normalize("NFC", label.lower()), strict=True)
+        except UnicodeError:  # idna.IDNAError is one
+            return False
     return True
 
 

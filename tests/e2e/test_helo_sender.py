@@ -173,12 +173,16 @@ def test_null_sender_reaches_postfix(gw: GatewayThread, postfix: Any) -> None:
     assert delivered.startswith(b"Return-Path: <>")
 
 
-def test_internationalised_sender_domain_is_looked_up_by_idna2008(gw: GatewayThread, postfix: Any) -> None:
+@pytest.mark.parametrize("domain", [
+    "stra\u00dfe.mail.test",
+    "STRA\u1e9eE.Mail.Test",  # with a capital sharp s: the same domain, the DNS ignores case
+])
+def test_internationalised_sender_domain_is_looked_up_by_idna2008(gw: GatewayThread, postfix: Any, domain: str) -> None:
     # straße.mail.test is xn--strae-oqa.mail.test (IDNA2008), which has an MX;
     # IDNA2003 would ask for strasse.mail.test, which does not exist.
     with outside(gw) as sock:
         assert command(sock, "EHLO good.mail.test").startswith("250")
-        assert command(sock, "MAIL FROM:<bob@stra\u00dfe.mail.test> SMTPUTF8") == "250 2.1.0 Ok"
+        assert command(sock, f"MAIL FROM:<bob@{domain}> SMTPUTF8") == "250 2.1.0 Ok"
         assert command(sock, "RCPT TO:<alice@example.com>").startswith("250 ")
 
 
