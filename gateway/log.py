@@ -12,6 +12,7 @@ import collections
 import json
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -251,26 +252,35 @@ class LineWriter(logging.Handler):
                 self._write(batch)
                 batch = []
                 if isinstance(item, threading.Event):
+                    self._report_dropped()  # before a flush returns: an exit must not lose it
                     item.set()
             self._write(batch)
-            dropped = self._dropped - self._reported
-            if dropped:
-                self._reported += dropped
-                self._write([self.format(logging.LogRecord(
-                    "smtpgate.log", logging.WARNING, __file__, 0,
-                    "%d log lines dropped: more than %d were waiting for stderr to be read",
-                    (dropped, self.max_pending), None,
-                )) + "\n"])
+            self._report_dropped()
+
+    def _report_dropped(self) -> None:
+        dropped = self._dropped - self._reported
+        if dropped:
+            self._reported += dropped
+            self._write([self.format(logging.LogRecord(
+                "smtpgate.log", logging.WARNING, __file__, 0,
+                "%d log lines dropped: more than %d were waiting for stderr to be read",
+                (dropped, self.max_pending), None,
+            )) + "\n"])
 
     def _write(self, batch: list[str]) -> None:
         if not batch:
             return
-        data = "".join(batch).encode("utf-8", "backslashreplace")
-        try:
-            while data:
+        data = memoryview("".join(batch).encode("utf-8", "backslashreplace"))
+        while data:
+            try:
                 data = data[os.write(self.fd, data):]
-        except OSError:
-            pass  # stderr closed or gone: nowhere left to say so
+            except BlockingIOError:
+                # A stderr someone made non-blocking (it is shared with the
+                # parent and whatever started us): wait for room, as a
+                # blocking write would, rather than lose the batch.
+                select.select([], [self.fd], [], 1.0)
+            except OSError:
+                return  # stderr closed or gone: nowhere left to say so
 
 
 _WRITERS: weakref.WeakSet[LineWriter] = weakref.WeakSet()

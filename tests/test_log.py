@@ -267,3 +267,37 @@ def test_the_writer_thread_blocks_every_signal() -> None:
         assert blocked & (1 << (sig - 1)), sig.name
     # The thread that started it keeps its own mask.
     assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, set())
+
+
+def test_a_non_blocking_stderr_loses_no_line() -> None:
+    # stderr is shared with whatever started us, which may have made it
+    # non-blocking; a full pipe then answers EAGAIN, which is "wait", not
+    # "gone".
+    import os
+    import threading
+    import time
+
+    reader, writer_fd = os.pipe()
+    os.set_blocking(writer_fd, False)
+    received = bytearray()
+    try:
+        writer = log.LineWriter(writer_fd)
+        writer.setFormatter(logging.Formatter("%(message)s"))
+        for n in range(3000):  # ~90 KiB: more than the pipe holds
+            writer.emit(_line(f"line {n:05d} " + "x" * 16))
+
+        def read_later() -> None:
+            time.sleep(0.3)  # the pipe is full by now
+            deadline = time.monotonic() + 10
+            while received.count(b"\n") < 3000 and time.monotonic() < deadline:
+                received.extend(os.read(reader, 65536))
+
+        thread = threading.Thread(target=read_later, daemon=True)
+        thread.start()
+        writer.flush(timeout=10)
+        thread.join(10)
+    finally:
+        os.close(reader)
+        os.close(writer_fd)
+    lines = received.decode().splitlines()
+    assert lines == [f"line {n:05d} " + "x" * 16 for n in range(3000)]
