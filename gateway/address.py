@@ -50,7 +50,6 @@ _DOMAIN = re.compile(rf"(?:{_LABEL}(?:\.{_LABEL})*|{_LITERAL})\Z")
 _HOST_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _HOSTNAME = re.compile(rf"(?=.{{1,255}}\Z)(?=.*[A-Za-z_-]){_HOST_LABEL}(?:\.{_HOST_LABEL})*\.?\Z")
 _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
-_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e\x80-\U0010ffff]+\Z")
 
 
 class PathError(ValueError):
@@ -58,13 +57,12 @@ class PathError(ValueError):
 
 
 class ParamError(PathError):
-    """A parameter after the path is not RFC 5321 syntax: ``name`` is its
-    keyword, upper-cased, or the whole token if that is no keyword."""
+    """A parameter after the path has no RFC 5321 keyword: ``token`` is
+    the parameter as the client wrote it."""
 
-    def __init__(self, name: str, *, keyword_ok: bool) -> None:
-        super().__init__(f"bad parameter {name!r}")
-        self.name = name
-        self.keyword_ok = keyword_ok
+    def __init__(self, token: str) -> None:
+        super().__init__(f"bad parameter {token!r}")
+        self.token = token
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,10 +208,10 @@ def _parse_params(text: str) -> Params:
         if not token:
             continue
         name, eq, value = token.partition("=")
+        # A value is judged by the parameter it belongs to (as Postfix
+        # does): an unknown parameter is refused whatever its value.
         if not _KEYWORD.match(name):
-            raise ParamError(token, keyword_ok=False)
-        if eq and not _VALUE.match(value):
-            raise ParamError(name.upper(), keyword_ok=True)
+            raise ParamError(token)
         out.append((name.upper(), value if eq else None))
     return tuple(out)
 

@@ -125,8 +125,20 @@ SYNTAX_VRFY = Reply(501, "5.5.4", "Syntax: VRFY address")
 SYNTAX_NOARG = Reply(501, "5.5.4", "Syntax: {command}")
 BAD_SENDER_SYNTAX = Reply(501, "5.1.7", "Bad sender address syntax")
 BAD_RECIPIENT_SYNTAX = Reply(501, "5.1.3", "Bad recipient address syntax")
-BAD_PARAMETER = Reply(501, "5.5.4", "Bad {name} parameter value")
-UNSUPPORTED_PARAMETER = Reply(555, "5.5.4", "Unsupported option: {name}")
+#: Postfix's replies to MAIL and RCPT parameters: an unknown one (or a
+#: known one with a value it does not take) is named as the client wrote
+#: it; a known one with a bad value has its own wording.
+UNSUPPORTED_PARAMETER = Reply(555, "5.5.4", "Unsupported option: {option}")
+BAD_SIZE = Reply(501, "5.5.4", "Bad message size syntax")
+SIZE_OVERFLOW = Reply(552, "5.3.4", "Message size exceeds file system imposed limit")
+BAD_RET = Reply(501, "5.5.4", "Bad RET parameter syntax")
+BAD_ENVID = Reply(501, "5.5.4", "Bad ENVID parameter syntax")
+BAD_NOTIFY = Reply(501, "5.5.4", "Error: Bad NOTIFY parameter syntax")
+BAD_ORCPT = Reply(501, "5.5.4", "Error: Bad ORCPT parameter syntax")
+#: A DSN parameter from a client not offered DSN (Postfix's answer where
+#: smtpd_discard_ehlo_keywords withholds it).
+DSN_DISABLED = Reply(501, "5.7.1", "DSN support is disabled")
+MULTIPLE_AUTH = Reply(503, "5.5.4", "Error: multiple AUTH= options")
 #: Every command but QUIT after a 554 greeting (RFC 5321 §3.1), as Postfix
 #: words it with smtpd_delay_reject = no.
 ACCESS_DENIED = Reply(503, "5.7.0", "Error: access denied for {client}")

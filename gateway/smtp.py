@@ -111,6 +111,9 @@ class SMTPSession(_AiosmtpdSMTP):
         self._upstream_ready: asyncio.Task[None] | None = None
         self._upstream_txn = False
         self._greeted = False
+        #: The extensions that take parameters offered at the last EHLO
+        #: (none after HELO): what the client's MAIL and RCPT are judged by.
+        self._offer: frozenset[str] = frozenset()
         #: The 554 that replaced the greeting (RFC 5321 §3.1), if any.
         self._refusal: Reply | None = None
         self._errors = 0
@@ -651,9 +654,11 @@ class SMTPSession(_AiosmtpdSMTP):
         self.session.protocol = "ESMTP" if esmtp else "SMTP"
         self._greeted = True
         if not esmtp:
+            self._offer = frozenset()
             await self.reply(_helo_reply(self.hostname))
             return
         upstream = await self._upstream_extensions()
+        self._offer = upstream & _WITH_PARAMETERS
         await self.reply(_ehlo_reply(
             self.hostname, self.settings.max_message_size, self._xclient_allowed,
             "8bitmime" in upstream, "dsn" in upstream, "smtputf8" in upstream,
@@ -661,15 +666,6 @@ class SMTPSession(_AiosmtpdSMTP):
 
     def _offered(self, extension: str) -> bool:
         return self.session.esmtp and extension in self.upstream.extensions
-
-    def _check_params(self, params: tuple[tuple[str, str | None], ...], allowed: dict[str, Callable[[str | None], bool]]) -> Reply | None:
-        for name, value in params:
-            check = allowed.get(name)
-            if check is None or not self.session.esmtp:
-                return replies.UNSUPPORTED_PARAMETER.format(name=name)
-            if not check(value):
-                return replies.BAD_PARAMETER.format(name=name)
-        return None
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         if not self._greeted:
@@ -681,20 +677,13 @@ class SMTPSession(_AiosmtpdSMTP):
         if arg is None:
             await self.reply(replies.SYNTAX_MAIL)
             return
-        offered_utf8 = self._offered("smtputf8")
+        offered_utf8 = "smtputf8" in self._offer
         try:
             sender, params, params_text = parse_path(arg, "FROM", utf8=offered_utf8)
         except PathError as exc:
             await self.reply(_path_reply(exc, replies.SYNTAX_MAIL, replies.BAD_SENDER_SYNTAX))
             return
-        dsn = self._offered("dsn")
-        bad = self._check_params(params, {
-            "SIZE": lambda v: v is not None and v.isascii() and v.isdigit(),
-            **({"BODY": lambda v: v is not None and v.upper() in ("7BIT", "8BITMIME")} if self._offered("8bitmime") else {}),
-            **({"SMTPUTF8": lambda v: v is None} if offered_utf8 else {}),
-            **({"RET": lambda v: v is not None and v.upper() in ("FULL", "HDRS"),
-                "ENVID": lambda v: v is not None} if dsn else {}),
-        })
+        bad = _mail_params_reply(params_text, self._offer, self.session.esmtp)
         if bad is not None:
             await self.reply(bad)
             return
@@ -762,7 +751,7 @@ class SMTPSession(_AiosmtpdSMTP):
             # As at MAIL: UTF-8 is address syntax only where SMTPUTF8 was
             # offered; a transaction that could have declared it and did not
             # is told so below.  (ASCII reads alike in either grammar.)
-            utf8 = envelope.utf8 or (not arg.isascii() and self._offered("smtputf8"))
+            utf8 = envelope.utf8 or (not arg.isascii() and "smtputf8" in self._offer)
             address, params, params_text = parse_path(arg, "TO", utf8=utf8)
         except PathError as exc:
             await self.reply(_path_reply(exc, replies.SYNTAX_RCPT, replies.BAD_RECIPIENT_SYNTAX))
@@ -770,13 +759,7 @@ class SMTPSession(_AiosmtpdSMTP):
         if not envelope.utf8 and not arg.isascii():
             await self.reply(replies.UTF8_NOT_DECLARED)
             return
-        allowed: dict[str, Callable[[str | None], bool]] = {}
-        if self._offered("dsn"):
-            allowed = {
-                "NOTIFY": lambda v: v is not None and _valid_notify(v),
-                "ORCPT": lambda v: v is not None and ";" in v,
-            }
-        bad = self._check_params(params, allowed)
+        bad = _rcpt_params_reply(params_text, self._offer, self.session.esmtp)
         if bad is not None:
             await self.reply(bad)
             return
@@ -1041,7 +1024,7 @@ def _path_reply(exc: PathError, syntax: Reply, bad_address: Reply) -> Reply:
     command's syntax, the address, or one parameter (as Postfix tells them
     apart; an empty ``SIZE=`` is no bad address)."""
     if isinstance(exc, ParamError):
-        return (replies.BAD_PARAMETER if exc.keyword_ok else replies.UNSUPPORTED_PARAMETER).format(name=exc.name)
+        return replies.UNSUPPORTED_PARAMETER.format(option=exc.token)
     return syntax if str(exc).startswith("expected") else bad_address
 
 
@@ -1090,8 +1073,100 @@ def _scored(session: Session, envelope: Envelope, pending: Sequence[Verdict] = (
     return (*session.tags, *envelope.tags, *pending)
 
 
+#: The extensions whose MAIL or RCPT parameters we may offer.
+_WITH_PARAMETERS = frozenset({"8bitmime", "dsn", "smtputf8"})
+#: Postfix's largest SIZE= (an off_t); larger is an overflow, not too big.
+_MAX_OFF_T = 2**63 - 1
+_XTEXT = re.compile(r"(?:[^+]|\+[0-9A-Fa-f]{2})*\Z")
+
+
+def _xtext(value: str) -> str | None:
+    """RFC 3461 xtext decoded, or None if a ``+`` is not followed by two
+    hex digits."""
+    if _XTEXT.match(value) is None:
+        return None
+    return re.sub(r"\+([0-9A-Fa-f]{2})", lambda m: chr(int(m[1], 16)), value)
+
+
+def _mail_params_reply(params_text: str, offer: frozenset[str], esmtp: bool) -> Reply | None:
+    """Postfix's reply to MAIL's parameters, or None if it takes them.
+
+    Each parameter is judged as Postfix's smtpd judges it, so a client
+    hears the same code and words as from Postfix itself: a parameter not
+    offered, unknown, or with a value its extension does not define is an
+    "Unsupported option" named as written; a known one with a bad value (or
+    given twice, where the value could not be told apart) has its own
+    reply.  After HELO nothing is offered, so nothing is taken.
+    """
+    ret = envid = auth = False
+    if params_text and not esmtp:
+        return replies.UNSUPPORTED_PARAMETER.format(option=params_text.split(" ", 1)[0])
+    for token in filter(None, params_text.split(" ")):
+        upper = token.upper()
+        if upper in ("BODY=8BITMIME", "BODY=7BIT") and "8bitmime" in offer:
+            continue
+        if upper == "SMTPUTF8" and "smtputf8" in offer:
+            continue
+        if upper.startswith("SIZE="):
+            value = token[5:]
+            if not (value.isascii() and value.isdigit()):
+                return replies.BAD_SIZE
+            if int(value) > _MAX_OFF_T:
+                return replies.SIZE_OVERFLOW
+        elif upper.startswith("AUTH="):
+            # RFC 4954 §5: from a client that has not authenticated it is
+            # ignored (by Postfix too); a mailbox is taken once, <> any time.
+            if auth:
+                return replies.MULTIPLE_AUTH
+            auth = token[5:] != "<>"
+        elif upper.startswith("RET="):
+            if "dsn" not in offer:
+                return replies.DSN_DISABLED
+            if ret or upper[4:] not in ("FULL", "HDRS"):
+                return replies.BAD_RET
+            ret = True
+        elif upper.startswith("ENVID="):
+            if "dsn" not in offer:
+                return replies.DSN_DISABLED
+            # Postfix reads the decoded value as a C string: up to a NUL.
+            decoded = (_xtext(token[6:]) or "").partition("\0")[0]
+            if envid or not decoded or not all(" " <= c <= "~" for c in decoded):
+                return replies.BAD_ENVID
+            envid = True
+        else:
+            return replies.UNSUPPORTED_PARAMETER.format(option=token)
+    return None
+
+
+def _rcpt_params_reply(params_text: str, offer: frozenset[str], esmtp: bool) -> Reply | None:
+    """Postfix's reply to RCPT's parameters, or None if it takes them
+    (see _mail_params_reply)."""
+    notify = orcpt = False
+    if params_text and not esmtp:
+        return replies.UNSUPPORTED_PARAMETER.format(option=params_text.split(" ", 1)[0])
+    for token in filter(None, params_text.split(" ")):
+        upper = token.upper()
+        if upper.startswith("NOTIFY="):
+            if "dsn" not in offer:
+                return replies.DSN_DISABLED
+            if notify or not _valid_notify(upper[7:]):
+                return replies.BAD_NOTIFY
+            notify = True
+        elif upper.startswith("ORCPT="):
+            if "dsn" not in offer:
+                return replies.DSN_DISABLED
+            kind, semicolon, coded = token[6:].partition(";")
+            if orcpt or not semicolon or not kind or _xtext(coded) is None:
+                return replies.BAD_ORCPT
+            orcpt = True
+        else:
+            return replies.UNSUPPORTED_PARAMETER.format(option=token)
+    return None
+
+
 def _valid_notify(value: str) -> bool:
-    items = {v.upper() for v in value.split(",")}
+    # As Postfix reads it: empty items between commas are no items.
+    items = {v for v in value.split(",") if v}
     return items == {"NEVER"} or (bool(items) and items <= {"SUCCESS", "FAILURE", "DELAY"})
 
 

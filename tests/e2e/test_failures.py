@@ -273,7 +273,7 @@ def test_only_what_the_next_hop_honours_is_offered_and_passed_on(start_gateway) 
         gw = start_gateway(f"127.0.0.1:{mta.port}")
         with gw.client(xclient=OUTSIDE_IP) as smtp:
             assert not smtp.has_extn("8bitmime") and smtp.has_extn("size")  # SIZE is our own limit
-            assert smtp.mail("bob@example.org", ["BODY=8BITMIME"]) == (555, b"5.5.4 Unsupported option: BODY")
+            assert smtp.mail("bob@example.org", ["BODY=8BITMIME"]) == (555, b"5.5.4 Unsupported option: BODY=8BITMIME")
             assert smtp.mail("bob@example.org", ["SIZE=100"])[0] == 250
         assert b"MAIL FROM:<bob@example.org>" in mta.commands  # without SIZE=
 
