@@ -711,6 +711,7 @@ class SMTPSession(_AiosmtpdSMTP):
         if size is not None and not self._offered("size"):
             # Our limit, announced by us; a next hop without SIZE would refuse it.
             params_text = " ".join(p for p in params_text.split(" ") if not p.upper().startswith("SIZE="))
+        params_text = self._withheld_dsn(params_text, ("RET=", "ENVID="))
         line = f"MAIL FROM:<{sender.path}>" + (f" {params_text}" if params_text else "")
         reply = await self._forward(line)
         if reply.is_positive:
@@ -719,6 +720,22 @@ class SMTPSession(_AiosmtpdSMTP):
         else:
             decisions.decision(self.session, "mail", "upstream", reply, envelope=envelope)
         await self._relay(reply)
+
+    def _withheld_dsn(self, params_text: str, names: tuple[str, ...]) -> str:
+        """``params_text`` without its DSN parameters when the next hop,
+        told who the client is, withholds DSN from it (Postfix's
+        smtpd_discard_ehlo_keyword_address_maps, as DSN_README suggests
+        for outside clients) after we offered it at EHLO, before we knew.
+        Passed on, they would meet a 501 that bounces the message; dropped,
+        the message goes as from a client never offered DSN, which is what
+        the next hop's owner chose for this client."""
+        if not params_text or "dsn" not in self._offer or "dsn" in self.upstream.extensions:
+            return params_text
+        kept = [p for p in params_text.split(" ") if not p.upper().startswith(names)]
+        if len(kept) != len(params_text.split(" ")):
+            log.info("session %s: next hop withholds DSN from this client: not passing on %s",
+                     self.session.id, " ".join(p for p in params_text.split(" ") if p.upper().startswith(names)))
+        return " ".join(kept)
 
     async def _relay(self, reply: Reply) -> None:
         """The next hop's reply, verbatim; its 421 closes our session too
@@ -782,6 +799,7 @@ class SMTPSession(_AiosmtpdSMTP):
             if verdict.refuses:
                 await self.reply(self._refused("rcpt", verdict, envelope=envelope, rcpt=address.mailbox))
                 return
+        params_text = self._withheld_dsn(params_text, ("NOTIFY=", "ORCPT="))
         line = f"RCPT TO:<{address.path}>" + (f" {params_text}" if params_text else "")
         reply = await self._forward(line)
         if reply.is_positive:

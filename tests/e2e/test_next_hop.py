@@ -293,3 +293,31 @@ def test_a_keepalive_the_next_hop_refuses_is_reported_as_such(start_gateway, tmp
         (line,) = [line for line in caplog.text.splitlines() if "next hop failed during DATA: NOOP" in line]
         assert "421 4.7.0" in line  # Postfix's own answer, "too many errors"
         assert postfix.messages("alice") == []
+
+
+def test_dsn_the_next_hop_withholds_from_the_client_does_not_cost_its_message(start_gateway, tmp_path, caplog) -> None:
+    # Postfix's DSN_README: no DSN for outside clients (against probes of
+    # where mail ends up), by smtpd_discard_ehlo_keyword_address_maps.
+    # The gateway, which Postfix still offers DSN, offers it at EHLO before
+    # it knows who the client will be to Postfix; the client's DSN request
+    # met "501 5.7.1 DSN support is disabled" at MAIL or RCPT and the
+    # message bounced.  It goes now as from a client not offered DSN.
+    (tmp_path / "discard.cidr").write_text(f"{OUTSIDE_IP} silent-discard, dsn\n")
+    with PostfixInstance(tmp_path / "pf", extra_main_cf={
+        "smtpd_discard_ehlo_keyword_address_maps": f"cidr:{tmp_path / 'discard.cidr'}",
+    }) as postfix:
+        gateway = start_gateway(f"127.0.0.1:{postfix.port}")
+        with caplog.at_level(logging.INFO, "smtpgate"):
+            for client in (OUTSIDE_IP, SECOND_IP):
+                with gateway.client(xclient=client) as smtp:
+                    assert smtp.has_extn("dsn")
+                    assert smtp.mail("bob@example.org", ["RET=HDRS", "ENVID=x"]) == (250, b"2.1.0 Ok")
+                    assert smtp.rcpt("alice@example.com", ["NOTIFY=SUCCESS", "ORCPT=rfc822;alice@example.com"]) == (
+                        250, b"2.1.5 Ok")
+                    assert smtp.data(MESSAGE)[0] == 250
+        assert len(postfix.wait_for_messages("alice", count=2)) == 2
+        # The client Postfix offers DSN to keeps its request: a success notice.
+        postfix.wait_for_log(r"sender delivery status notification: ")
+        postfix.settle()
+        assert postfix.maillog().count("sender delivery status notification: ") == 1
+    assert "next hop withholds DSN from this client: not passing on RET=HDRS ENVID=x" in caplog.text
