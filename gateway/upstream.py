@@ -105,6 +105,23 @@ class _NextHopProtocol(SMTPProtocol):
     message, so the one-line reply, the common one, is read in one step.
     """
 
+    #: The start of what the next hop sent when no reply was awaited (a
+    #: late or extra reply); once set, the connection is used no more.
+    stray = b""
+
+    def data_received(self, data: bytes) -> None:
+        waiter = self._response_waiter
+        if waiter is not None and (not self._response_pending or waiter.done()):
+            # aiosmtplib drops it, so that it is not read as the next
+            # command's reply; but a reply split across segments would
+            # then have its last line read as that reply, and one still on
+            # its way when the next command goes would be taken for its
+            # reply (a 250 for a message the next hop refused).  The
+            # dialogue is out of step: no command goes on this connection.
+            self.stray = self.stray or bytes(data[:80])
+            return
+        super().data_received(data)
+
     async def read_response(self, timeout: float | None = None) -> aiosmtplib.SMTPResponse:
         if timeout is not None:
             return await super().read_response(timeout)
@@ -254,7 +271,7 @@ class SMTPUpstream:
         self._settings = settings
         self._memory = memory if memory is not None else NextHopMemory()
         self._deadline = deadline
-        self._smtp: SMTPProtocol | None = None
+        self._smtp: _NextHopProtocol | None = None
         self._waiting: SMTPProtocol | None = None
         self._timed_out = False
         self._limit = settings.upstream_timeout  # of the wait under way, for the log
@@ -283,7 +300,11 @@ class SMTPUpstream:
         message, for us and for the MTA.
         """
         if self._smtp is not None and self._smtp.is_connected:
-            return
+            if not self._smtp.stray:
+                return
+            # Between transactions: a new connection, rather than a 421.
+            log.warning("next hop %s spoke out of turn: %r; reconnecting", self._endpoint, self._smtp.stray)
+            self._drop()
         # aiosmtplib's protocol (reply parsing, a lost connection failing the
         # read) without its client object, whose connect() would cost a lock,
         # a check of our host name and a wait_for task for the connection and
@@ -346,7 +367,7 @@ class SMTPUpstream:
             sock.close()
             raise
 
-    async def _send(self, smtp: SMTPProtocol, payload: bytes, *, final: bool = False) -> aiosmtplib.SMTPResponse:
+    async def _send(self, smtp: _NextHopProtocol, payload: bytes, *, final: bool = False) -> aiosmtplib.SMTPResponse:
         """Write ``payload`` (commands, or BDAT and its bytes) and read the reply;
         ``final``: the reply to a whole message, which may take longer
         (``upstream_data_timeout``, RFC 5321 §4.5.3.2.6).
@@ -355,6 +376,8 @@ class SMTPUpstream:
         run two regular expressions over every message to fix line ends and
         stuff dots that are right already; the session is ours alone.
         """
+        if smtp.stray:
+            raise aiosmtplib.SMTPResponseException(-1, f"a reply no command asked for (out of step): {smtp.stray!r}")
         smtp.write(payload)  # SMTPServerDisconnected if the connection is gone
         limit = self._settings.upstream_data_timeout if final else self._settings.upstream_timeout
         self._limit = limit
@@ -388,7 +411,7 @@ class SMTPUpstream:
             return f"no reply within {self._limit:g}s"
         return str(exc)
 
-    async def _ehlo(self, smtp: SMTPProtocol, name: str, *, ours: bool, verb: bytes = b"EHLO") -> None:
+    async def _ehlo(self, smtp: _NextHopProtocol, name: str, *, ours: bool, verb: bytes = b"EHLO") -> None:
         response = await self._send(smtp, b"%b %b\r\n" % (verb, name.encode("utf-8", "surrogateescape")))
         if response.code != 250:
             if not ours and response.code >= 400 and response.code != 421:

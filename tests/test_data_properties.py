@@ -192,6 +192,7 @@ class RecordingWire:
         self.writes: list[bytes] = []
         self.transport = None
         self.is_connected = True
+        self.stray = b""  # the next hop never speaks out of turn here
 
     def write(self, data: bytes) -> None:
         self.writes.append(bytes(data))

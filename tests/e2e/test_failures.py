@@ -291,3 +291,18 @@ def test_without_smtputf8_a_utf8_address_is_a_syntax_error(start_gateway) -> Non
             assert smtp.mail("bob@example.org")[0] == 250
             assert smtp.rcpt("\u00fc@example.com") == (501, b"5.1.3 Bad recipient address syntax")
         assert not any(b"RCPT" in line for line in mta.commands)
+
+
+def test_a_reply_no_command_asked_for_ends_that_connection(start_gateway) -> None:
+    # A late or extra reply (here after the reply to BDAT LAST) puts the
+    # dialogue out of step: left on the connection, it or its remainder
+    # would be read as the reply to a later command, a 250 for a message
+    # the next hop refused.  The next transaction gets a new connection.
+    with BadMTA("extra-after-bdat", delay=0.1, final=b"250 2.0.0 Ok: one more\r\n") as mta:
+        gw = start_gateway(f"127.0.0.1:{mta.port}")
+        with gw.client(xclient=OUTSIDE_IP) as smtp:
+            assert smtp.sendmail("bob@example.org", ["alice@example.com"], MSG) == {}
+            time.sleep(0.5)  # the extra reply is in
+            assert smtp.sendmail("bob@example.org", ["alice@example.com"], MSG) == {}
+        assert mta.sessions == 2
+        assert len(mta.received) == 2
