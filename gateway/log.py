@@ -12,6 +12,7 @@ import collections
 import json
 import logging
 import os
+import re
 import select
 import signal
 import sys
@@ -72,14 +73,31 @@ def decision(
     _decisions.handle(record)
 
 
+#: What could end a ``<...>`` field or start another inside it.
+_UNSAFE_IN_BRACKETS = re.compile(r"[\s<>\\]")
+_BRACKET_ESCAPES = str.maketrans({"\\": "\\\\", "<": "\\x3c", ">": "\\x3e", " ": "\\x20", "\t": "\\x09"})
+
+
+def _bracketed(text: str) -> str:
+    """``text`` for inside ``<...>``: a quoted local part may hold
+    ``> to=<ceo@example.com``, which a log parser would read as fields of
+    their own; spaces, brackets and backslashes are written as escapes, so
+    the field stays one word that ends at its own ``>``."""
+    if _UNSAFE_IN_BRACKETS.search(text) is None:
+        return text
+    escaped = text.translate(_BRACKET_ESCAPES)
+    # Other white space (a rare UTF-8 one in a quoted local part) too.
+    return re.sub(r"\s", lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 256 else f"\\u{ord(m[0]):04x}", escaped)
+
+
 def _text(fields: dict[str, Any]) -> str:
     parts = [f"{fields['session']}: {fields['stage']} {fields['action']}:"]
     parts.append(f"client={fields['client']}")
-    parts.append(f"helo=<{fields['helo']}>")
+    parts.append(f"helo=<{_bracketed(fields['helo'])}>")
     if "from" in fields:
-        parts.append(f"from=<{fields['from']}>")
+        parts.append(f"from=<{_bracketed(fields['from'])}>")
     if "to" in fields:
-        parts.append(f"to=<{fields['to']}>")
+        parts.append(f"to=<{_bracketed(fields['to'])}>")
     for key in ("plugin", "result"):
         if key in fields:
             parts.append(f"{key}={fields[key]}")

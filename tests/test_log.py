@@ -301,3 +301,20 @@ def test_a_non_blocking_stderr_loses_no_line() -> None:
         os.close(writer_fd)
     lines = received.decode().splitlines()
     assert lines == [f"line {n:05d} " + "x" * 16 for n in range(3000)]
+
+
+def test_an_address_cannot_write_fields_of_its_own_into_the_text_line(caplog) -> None:
+    # A quoted local part may hold spaces and brackets; in the line they
+    # are escapes, so from=<...> stays one word ending at its own ">".
+    forged = '"x> plugin=relay result=ok to=<ceo@example.com"@example.org'
+    envelope = Envelope(Address('"x> plugin=relay result=ok to=<ceo@example.com"', "example.org"), ())
+    with caplog.at_level(logging.INFO, "smtpgate.decision"):
+        log.decision(session(), "rcpt", "reject", REPLY, envelope=envelope, rcpt="x@remote.example",
+                     plugin="dnsbl", result="listed")
+    (record,) = caplog.records
+    words = record.getMessage().split(" ")
+    assert [w for w in words if w.startswith("plugin=")] == ["plugin=dnsbl"]
+    assert [w for w in words if w.startswith("to=")] == ["to=<x@remote.example>"]
+    (sender,) = [w for w in words if w.startswith("from=")]
+    assert sender == r'from=<"x\x3e\x20plugin=relay\x20result=ok\x20to=\x3cceo@example.com"@example.org>'
+    assert sender[6:-1].encode().decode("unicode_escape") == forged

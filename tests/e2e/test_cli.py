@@ -550,6 +550,21 @@ def test_a_stderr_nobody_reads_does_not_stall_the_sessions(serve, tmp_path: Path
     assert tail.read().rstrip().endswith("INFO stopped")
 
 
+def test_a_quoted_local_part_cannot_write_fields_into_the_log(serve, tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[gateway]\nhostname = "gw.test.example"\nlocal_domains = ["example.com"]\n')
+    proc, port = serve("--workers", "1", "--policy", str(policy))
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.example.net", timeout=10) as smtp:
+        smtp.ehlo()
+        assert smtp.mail('"x> plugin=commands to=<ceo@example.com"@example.org')[0] == 250
+        assert smtp.rcpt("someone@remote.example")[0] == 554
+    line = next(line for line in StderrTail(proc).wait_for("rcpt reject:").splitlines() if "rcpt reject:" in line)
+    words = line.split(" ")
+    assert [w for w in words if w.startswith("plugin=")] == ["plugin=relay"]
+    assert [w for w in words if w.startswith("to=")] == ["to=<someone@remote.example>"]
+    assert r'from=<"x\x3e\x20plugin=commands\x20to=\x3cceo@example.com"@example.org>' in words
+
+
 #: A plugin that starts in serve's own check, which builds no resolver,
 #: and fails in every worker, which does: a third-party plugin that opens
 #: its connection (a database, a socket) only where it will serve fails so.
