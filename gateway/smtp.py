@@ -188,10 +188,7 @@ class SMTPSession(_AiosmtpdSMTP):
             if len(held) + len(wire) <= _HELD_MAX and now - self._held_since < _HELD_SECONDS:
                 held += wire
                 return
-        if self._held:
-            self._write(wire)
-        else:
-            self.transport.write(wire)
+        self._write(wire)
         if self._hang_up_after_reply:
             raise _Close
         # Replies are small: wait for the socket only when the client stops
@@ -447,8 +444,7 @@ class SMTPSession(_AiosmtpdSMTP):
         self._finishing = True
         self._release_slot()
         if self.transport is not None:
-            if self._held:  # the replies to what was pipelined before a QUIT, a 421
-                self._flush()
+            self._flush()  # the replies to what was pipelined before a QUIT, a 421
             self.transport.close()
             if self.transport.get_write_buffer_size():
                 # The close waits for the client to read its last replies
@@ -823,8 +819,7 @@ class SMTPSession(_AiosmtpdSMTP):
         await self.reply(replies.START_DATA)
         # The message is read next, and a client that sent some of it with
         # DATA may wait for this 354 before it sends the rest.
-        if self._held:
-            self._flush()
+        self._flush()
         # The next hop hears nothing until the message is in and judged.
         self.upstream.keep_awake()
         try:
